@@ -34,6 +34,7 @@ import argparse
 import base64
 import collections
 import datetime
+import gzip
 import hashlib
 import http.client
 import json
@@ -45,16 +46,21 @@ import signal
 import socket
 import ssl
 import stat
+import struct
 import subprocess
 import sys
 import tarfile
 import tempfile
+import threading
 import time
 import traceback
 import typing
 import urllib.parse
 import xml.dom.minidom
+import xml.etree.ElementTree
+import xml.parsers.expat
 import xmlrpc.client
+import zlib
 
 try:  # the official client; dom0 ships it, elsewhere: pip install XenAPI
     import XenAPI
@@ -828,7 +834,7 @@ class Xapi:
             except (CONNECTION_ERRORS + (xmlrpc.client.Fault,)) as exc:
                 if attempt + 1 >= attempts:
                     raise XapiCallFailed(method, one_line(exc))
-                log.warning("XAPI %s: %s; retrying", method, one_line(exc))
+                log.info("XAPI %s: %s; retrying", method, one_line(exc))
                 time.sleep(self.BACKOFF * (2 ** attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -1397,20 +1403,42 @@ class ExportStalled(ExportFailed):
     """{} made no progress for {} seconds (stall_timeout): aborted"""
 
 
+#: The sentence real xe prints for an API error (the datamodel's doc string), mapped
+#: back to its code, for the errors the tool acts on; others print "Error code: X".
+XE_ERROR_SENTENCES = {
+    "Another operation involving the object is currently in progress": "OTHER_OPERATION_IN_PROGRESS",
+    "this VDI is in use by some other operation": "VDI_IN_USE",
+    "The uuid you supplied was invalid": "UUID_INVALID",
+    "You gave an invalid object reference": "HANDLE_INVALID",
+    "This function is no longer available": "MESSAGE_REMOVED",
+    "The SR backend does not support the operation": "SR_OPERATION_NOT_SUPPORTED",
+    "The SR is full": "SR_FULL",
+    "not in an appropriate power state": "VM_BAD_POWER_STATE",
+    "The credentials given by the user are incorrect": "SESSION_AUTHENTICATION_FAILED",
+    "The server failed to handle your request, due to an internal error": "INTERNAL_ERROR",
+}
+
+
 class XeFailed(VmBackupError):
     """xe {} failed (exit {}): {}"""
 
     def __init__(self, argv, rc, stderr):
-        VmBackupError.__init__(self, argv[1] if len(argv) > 1 else "?", rc,
-                               one_line(stderr) or "no message")
         self.argv, self.rc, self.stderr = argv, rc, stderr
+        text = one_line(stderr) or "no message"
+        if self.code and self.code not in text:
+            text = self.code + ": " + text
+        VmBackupError.__init__(self, argv[1] if len(argv) > 1 else "?", rc, text)
 
     @property
     def code(self):
-        """The XAPI error code in xe's message, if it printed one."""
-        match = re.search(r"Error code: (\S+)", self.stderr) or \
-            re.search(r"\b([A-Z][A-Z0-9]+(?:_[A-Z0-9]+)+)\b", self.stderr)
-        return match.group(1) if match else ""
+        """The XAPI error code behind xe's message, if it can be told."""
+        match = re.search(r"Error code: (\S+)", self.stderr)
+        if match:
+            return match.group(1)
+        for sentence, code in XE_ERROR_SENTENCES.items():
+            if sentence in self.stderr:
+                return code
+        return ""
 
 
 class Obj(typing.NamedTuple):
@@ -1716,8 +1744,8 @@ class XeTransport(Transport):
         if not endpoint.is_local:
             # The password goes to xe in a 0600 file (-pwf), never on its command line.
             fd, self.pw_file = tempfile.mkstemp(prefix="vmbackup-xe-")
-            with os.fdopen(fd, "w") as handle:
-                handle.write((password or "") + "\n")
+            with os.fdopen(fd, "w") as handle:  # xe's -pwf: user, then password
+                handle.write("%s\n%s\n" % (xapi.username, password or ""))
             self.connect_args = ["-s", endpoint.host, "-u", xapi.username, "-pwf", self.pw_file]
             if endpoint.port:
                 self.connect_args[2:2] = ["-p", str(endpoint.port)]
@@ -2006,6 +2034,7 @@ class VmLog(logging.LoggerAdapter):
         self.warnings = []
 
     def process(self, msg, kwargs):
+        kwargs.setdefault("extra", {})["vm"] = self.prefix
         return self.prefix + msg, kwargs
 
     def warning(self, msg, *args, **kwargs):
@@ -2171,6 +2200,21 @@ EXPORTERS = {"vm-export": export_vm_mode, "vdi-export": export_vdi_mode,
              "meta-export": lambda ctx, plan, folder, moment, vlog: []}
 
 
+def export_with_retries(ctx, plan, folder, moment, vlog):
+    """Run the VM's exporter; on failure retry from the start (a new snapshot) `retries` times."""
+    attempts = ctx.config.retries + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            return EXPORTERS[plan.vm.mode](ctx, plan, folder, moment, vlog)
+        except (ExportFailed, XapiFailure, XapiCallFailed, XeFailed) as exc:
+            if attempt == attempts:
+                raise
+            vlog.warning("export attempt %d of %d failed (%s); retrying with a new snapshot",
+                         attempt, attempts, exc)
+            moment = datetime.datetime.now().replace(microsecond=0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
 def estimate_size(plan):
     """Return the bytes a VM's export may take: its exported VDIs' physical utilisation."""
     return sum(int(d.vdi.get("physical_utilisation") or d.vdi.get("virtual_size") or 0)
@@ -2194,7 +2238,7 @@ def backup_vm(ctx, plan, vlog):
     files = [file_entry(folder, rel) for rel in
              [save_vm_metadata(ctx.transport, Obj(vm.ref, vm.uuid), folder)]
              + write_cfg_files(folder, ctx.view, vm.ref)]
-    exported = EXPORTERS[vm.mode](ctx, plan, folder, moment, vlog)
+    exported = export_with_retries(ctx, plan, folder, moment, vlog)
     record = ctx.view.vms[vm.ref]
     manifest = {
         "tool": "vmbackup", "version": __version__, "format": 1,
@@ -2268,7 +2312,7 @@ def backup_dated_file(ctx, folder_name, file_name, what, fetch):
         log.info("%s: %s (%s)", what, dest, human_size(nbytes))
         return VmResult(what, "", "pool", "success", dest, nbytes, time.monotonic() - began)
     except (VmBackupError, OSError) as exc:
-        log.error("%s FAILED: %s", what, exc)
+        log.error("%s FAILED: %s", what, exc, extra={"vm": what})
         return VmResult(what, "", "pool", "error", None, 0, time.monotonic() - began, str(exc))
 
 
@@ -2294,6 +2338,19 @@ def backup_hosts(ctx, moment):
 # ---------------------------------------------------------------------------
 # The run and its report
 # ---------------------------------------------------------------------------
+
+class RunProblems(logging.Handler):
+    """Collects the run's own warnings and errors (not a VM's: those are in its result)."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.WARNING)
+        self.warnings, self.errors = [], []
+
+    def emit(self, record):
+        if getattr(record, "vm", None) is None:
+            (self.errors if record.levelno >= logging.ERROR else self.warnings).append(
+                record.getMessage())
+
 
 class StatusLog:
     """NAUbackup's status log: `YYYY/MM/DD HH:MM:SS,<what>,<host>,<fields...>` lines, appended."""
@@ -2374,10 +2431,10 @@ def clean_leftovers(ctx):
     return count
 
 
-def exit_code_for(results, warnings=()):
-    """Return the run's exit code: the most severe of its results (borg's max_ec)."""
+def exit_code_for(results, warnings=(), errors=()):
+    """Return the run's exit code: the most severe of its results and problems (borg's max_ec)."""
     statuses = {r.status for r in results}
-    if "error" in statuses:
+    if "error" in statuses or errors:
         return EXIT_ERROR
     if "warning" in statuses or warnings:
         return EXIT_WARNING
@@ -2421,51 +2478,1533 @@ def select_for_run(config, view):
 def run_backup(config, endpoint, password, inv):
     """The run: check, lock, log in, clean leftovers, back up each VM, pool, hosts, report."""
     started = datetime.datetime.now().replace(microsecond=0)
-    check_backup_dir(config)
-    status_log = StatusLog(config.status_log, config.where("status_log"))
-    results, warnings, selection, code = [], [], None, EXIT_ERROR
-    old_umask = os.umask(config.umask)
+    problems = RunProblems()
+    log.addHandler(problems)
     try:
-        with RunLock(config.backup_dir):
-            status_log.line(PROG, "begin")
-            try:
-                xapi = login(endpoint, config.username, password)
+        check_backup_dir(config)
+        status_log = StatusLog(config.status_log, config.where("status_log"))
+        results, selection = [], None
+        old_umask = os.umask(config.umask)
+        try:
+            with RunLock(config.backup_dir):
+                status_log.line(PROG, "begin")
+                code = EXIT_ERROR  # until the run gets through: a login error, a signal...
                 try:
-                    transport = make_transport(config, xapi, password)
-                    try:
-                        view = read_pool(xapi)
-                        ctx = Context(config, transport, view, run_note())
-                        clean_leftovers(ctx)
-                        selection = select_for_run(config, view)
-                        warnings = list(selection.warnings)
-                        for warning in warnings:
-                            log.warning("%s", warning)
-                        results = [VmResult("selection", "", "-", "error", message=e)
-                                   for e in selection.errors]
-                        for message in selection.errors:
-                            log.error("%s", message)
-                        log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
-                        for vm in selection.vms:
-                            results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
-                        if config.pool_db_backup:
-                            results.append(backup_pool_db(ctx, started))
-                        if config.host_backup:
-                            results.extend(backup_hosts(ctx, started))
-                    finally:
-                        transport.close()
+                    results, selection = back_up_everything(config, endpoint, password, status_log,
+                                                            started)
+                    code = exit_code_for(results, problems.warnings, problems.errors)
                 finally:
-                    xapi.logout()
-                code = exit_code_for(results, warnings)
-            finally:
-                word = {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
-                status_log.line(PROG, "end", word, tally(results, warnings))
+                    word = {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
+                    status_log.line(PROG, "end", word, tally(results, problems.warnings))
+        finally:
+            os.umask(old_umask)
+        log_df(config.backup_dir, "after")
+        log.info("done: %s, exit %d", tally(results, problems.warnings), code)
     finally:
-        os.umask(old_umask)
-    log_df(config.backup_dir, "after")
-    log.info("done: %s, exit %d", tally(results, warnings), code)
+        log.removeHandler(problems)
     if inv.json:
-        write_json(inv.json, run_summary(config, selection, results, warnings, started, code))
+        write_json(inv.json, run_summary(config, selection, results, problems.warnings, started, code))
     return code
+
+
+def back_up_everything(config, endpoint, password, status_log, started):
+    """Log in, clean leftovers, back up each selected VM, the pool and the hosts; return (results, selection)."""
+    xapi = login(endpoint, config.username, password)
+    try:
+        transport = make_transport(config, xapi, password)
+        try:
+            view = read_pool(xapi)
+            ctx = Context(config, transport, view, run_note())
+            clean_leftovers(ctx)
+            selection = select_for_run(config, view)
+            for warning in selection.warnings:
+                log.warning("%s", warning)
+            results = [VmResult("selection", "", "-", "error", message=e) for e in selection.errors]
+            for message in selection.errors:
+                log.error("%s", message, extra={"vm": "selection"})
+            log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
+            for vm in selection.vms:
+                results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
+            if config.pool_db_backup:
+                results.append(backup_pool_db(ctx, started))
+            if config.host_backup:
+                results.extend(backup_hosts(ctx, started))
+            return results, selection
+        finally:
+            transport.close()
+    finally:
+        xapi.logout()
+
+
+# ---------------------------------------------------------------------------
+# Checking backups: XXH64, tar streams, XVA, VHD, raw
+# ---------------------------------------------------------------------------
+
+try:  # fast C XXH64 when installed; dom0 usually lacks it, hence xxh64_py below
+    import xxhash as _xxhash
+except ImportError:  # pragma: no cover - depends on the host
+    _xxhash = None
+
+_P1, _P2, _P3 = 11400714785074694791, 14029467366897019727, 1609587929392839161
+_P4, _P5 = 9650029242287828579, 2870177450012600261
+_M64 = (1 << 64) - 1
+
+#: One shared buffer of zeros: zero chunks are common and their hashes are cached.
+_ZEROS = bytes(1 << 20)
+_ZERO_XXH = {}
+
+
+def _rotl64(value, bits):
+    return ((value << bits) | (value >> (64 - bits))) & _M64
+
+
+def _xxh_round(acc, word):
+    acc = (acc + word * _P2) & _M64
+    return (_rotl64(acc, 31) * _P1) & _M64
+
+
+def xxh64_py(data, seed=0):
+    """Return the XXH64 of `data` as an int, in pure Python (for hosts without `xxhash`).
+
+    >>> "%016X" % xxh64_py(b"")
+    'EF46DB3751D8E999'
+    """
+    data = bytes(data)
+    n, pos = len(data), 0
+    if n >= 32:
+        stripes = n // 32
+        words = struct.unpack_from("<%dQ" % (stripes * 4), data)
+        lanes = []
+        for lane, start in enumerate(((seed + _P1 + _P2) & _M64, (seed + _P2) & _M64,
+                                      seed & _M64, (seed - _P1) & _M64)):
+            acc = start
+            for word in words[lane::4]:  # one lane at a time: the hot loop stays tiny
+                acc = (acc + word * _P2) & _M64
+                acc = ((((acc << 31) | (acc >> 33)) & _M64) * _P1) & _M64
+            lanes.append(acc)
+        v1, v2, v3, v4 = lanes
+        h = (_rotl64(v1, 1) + _rotl64(v2, 7) + _rotl64(v3, 12) + _rotl64(v4, 18)) & _M64
+        for lane in lanes:
+            h = ((h ^ _xxh_round(0, lane)) * _P1 + _P4) & _M64
+        pos = stripes * 32
+    else:
+        h = (seed + _P5) & _M64
+    h = (h + n) & _M64
+    while pos + 8 <= n:
+        (word,) = struct.unpack_from("<Q", data, pos)
+        h ^= _xxh_round(0, word)
+        h = (_rotl64(h, 27) * _P1 + _P4) & _M64
+        pos += 8
+    if pos + 4 <= n:
+        (word,) = struct.unpack_from("<I", data, pos)
+        h ^= (word * _P1) & _M64
+        h = (_rotl64(h, 23) * _P2 + _P3) & _M64
+        pos += 4
+    while pos < n:
+        h ^= (data[pos] * _P5) & _M64
+        h = (_rotl64(h, 11) * _P1) & _M64
+        pos += 1
+    h ^= h >> 33
+    h = (h * _P2) & _M64
+    h ^= h >> 29
+    h = (h * _P3) & _M64
+    return h ^ (h >> 32)
+
+
+def xxh64_hex(data):
+    """Return the XXH64 of `data` as XAPI writes it in `.xxhash` members: 16 uppercase hex digits."""
+    if _xxhash is not None:
+        return "%016X" % _xxhash.xxh64(data).intdigest()
+    if len(data) <= len(_ZEROS) and _ZEROS.startswith(data):
+        if len(data) not in _ZERO_XXH:
+            _ZERO_XXH[len(data)] = "%016X" % xxh64_py(data)
+        return _ZERO_XXH[len(data)]
+    return "%016X" % xxh64_py(data)
+
+
+class BadFile(Exception):
+    """A file that is not what it claims to be; str() is the one-line reason."""
+
+
+class _HashingReader(object):
+    """Sequential reads of a binary file that also feed a SHA-256."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def read(self, size=-1):
+        data = self.handle.read(size)
+        self.digest.update(data)
+        return data
+
+    def readable(self):
+        return True
+
+    def drain(self, bufsize=1 << 20):
+        """Read to the end of the file (so the digest covers all of it); return the bytes read."""
+        total = 0
+        while True:
+            data = self.read(bufsize)
+            if not data:
+                return total
+            total += len(data)
+
+
+def _read_exact(stream, size):
+    """Return exactly `size` bytes of `stream`, or fewer only at its end."""
+    data = stream.read(size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = stream.read(size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+TarMember = collections.namedtuple("TarMember", "name size type offset")
+
+_TAR_BLOCK = 512
+
+
+def _tar_number(field, what, offset):
+    """Return a tar header number (octal, or GNU base-256); raise BadFile."""
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        value = 0
+        for byte in bytearray(field[1:]):
+            value = (value << 8) | byte
+        return value
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise BadFile("tar header at byte %d is corrupt (%s %r)" % (offset, what, text[:16]))
+
+
+class TarStream(object):
+    """A tar archive read strictly in order from a stream: `next()` members, `read_body()` them.
+
+    Raises BadFile for a corrupt header, a member cut short, or an archive that
+    ends without its two zero end-of-archive blocks (a truncated download).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.pos = 0            # bytes consumed from the stream
+        self.left = 0           # unread body + padding of the current member
+        self.body_left = 0
+
+    def _read(self, size):
+        data = _read_exact(self.stream, size)
+        self.pos += len(data)
+        return data
+
+    def _skip(self, size):
+        while size > 0:
+            data = self._read(min(size, 1 << 20))
+            if not data:
+                raise BadFile("truncated: the tar stream ends inside a member (at byte %d)"
+                              % self.pos)
+            size -= len(data)
+
+    def next(self):
+        """Return the next TarMember, or None at the end-of-archive marker; raise BadFile."""
+        self._skip(self.left)
+        self.left = self.body_left = 0
+        long_name = None
+        while True:
+            offset = self.pos
+            block = self._read(_TAR_BLOCK)
+            if not block:
+                raise BadFile("truncated: the tar stream ends at byte %d without its "
+                              "end-of-archive blocks" % offset)
+            if len(block) < _TAR_BLOCK:
+                raise BadFile("truncated: the tar stream ends inside a header (at byte %d)" % offset)
+            if block == _ZEROS[:_TAR_BLOCK]:
+                second = self._read(_TAR_BLOCK)
+                if second != _ZEROS[:_TAR_BLOCK]:
+                    raise BadFile("truncated or corrupt: a lone zero block at byte %d instead "
+                                  "of the two end-of-archive blocks" % offset)
+                return None
+            stored = _tar_number(block[148:156], "checksum", offset)
+            plain = block[:148] + b"        " + block[156:]
+            if stored not in (sum(bytearray(plain)),
+                              sum(b - 256 if b > 127 else b for b in bytearray(plain))):
+                raise BadFile("tar header at byte %d is corrupt (checksum mismatch)" % offset)
+            size = _tar_number(block[124:136], "size", offset)
+            kind = block[156:157]
+            name = block[:100].split(b"\0", 1)[0]
+            if block[257:262] == b"ustar" and block[345:346] != b"\0":
+                name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+            if kind in (b"L", b"x", b"g"):  # GNU long name, pax headers: read and apply
+                body = self._read(size)
+                if len(body) < size:
+                    raise BadFile("truncated: the tar stream ends inside a header (at byte %d)"
+                                  % offset)
+                self._skip(-size % _TAR_BLOCK)
+                if kind == b"L":
+                    long_name = body.split(b"\0", 1)[0]
+                elif kind == b"x":
+                    for record in body.split(b"\n"):
+                        if b" path=" in record:
+                            long_name = record.split(b" path=", 1)[1]
+                continue
+            name = long_name if long_name is not None else name
+            self.left = size + (-size % _TAR_BLOCK) if kind not in (b"1", b"2", b"5") else 0
+            self.body_left = size if self.left else 0
+            return TarMember(name.decode("utf-8", "replace"), size if self.left else 0,
+                             kind.decode("ascii", "replace") or "0", offset)
+
+    def read_body(self, limit=None):
+        """Return the current member's whole body (at most `limit` bytes); raise BadFile."""
+        size = self.body_left
+        if limit is not None and size > limit:
+            raise BadFile("member is %d bytes, more than the %d expected" % (size, limit))
+        data = self._read(size)
+        if len(data) < size:
+            raise BadFile("truncated: the tar stream ends inside a member (at byte %d)" % self.pos)
+        self.left -= size
+        self.body_left = 0
+        return data
+
+    def skip_rest(self):
+        """Read everything after the end-of-archive marker (padding); return its length."""
+        total = 0
+        while True:
+            data = self._read(1 << 20)
+            if not data:
+                return total
+            total += len(data)
+
+
+# -- ova.xml: one XML-RPC value ----------------------------------------------
+
+def _xmlrpc_value(elem):
+    """Return the Python value of an XML-RPC <value> element (untyped text is a string)."""
+    children = list(elem)
+    if not children:
+        return elem.text or ""
+    typed = children[0]
+    tag = typed.tag
+    if tag == "struct":
+        out = {}
+        for member in typed.findall("member"):
+            name, value = member.find("name"), member.find("value")
+            if name is None or value is None:
+                raise ValueError("struct member without name or value")
+            out[name.text or ""] = _xmlrpc_value(value)
+        return out
+    if tag == "array":
+        data = typed.find("data")
+        return [_xmlrpc_value(v) for v in (data.findall("value") if data is not None else [])]
+    if tag in ("int", "i4", "i8"):
+        return int((typed.text or "").strip())
+    if tag == "boolean":
+        return (typed.text or "").strip() == "1"
+    if tag == "double":
+        return float((typed.text or "").strip())
+    if tag == "nil":
+        return None
+    return typed.text or ""  # string, dateTime.iso8601, base64: kept as text
+
+
+def parse_ova_xml(data):
+    """Return the struct of an ova.xml / vm-metadata.xml; raise ValueError if it does not parse.
+
+    b"<value><struct><member><name>objects</name>..." -> {"objects": [...], "version": {...}}
+    """
+    try:
+        root = xml.etree.ElementTree.fromstring(data)
+    except xml.etree.ElementTree.ParseError as exc:
+        raise ValueError("not well-formed XML: %s" % exc)
+    if root.tag != "value":
+        raise ValueError("root element is <%s>, not an XML-RPC <value>" % root.tag)
+    try:
+        ova = _xmlrpc_value(root)
+    except (ValueError, AttributeError) as exc:
+        raise ValueError("not an XML-RPC value: %s" % exc)
+    if not isinstance(ova, dict) or not isinstance(ova.get("objects"), list):
+        raise ValueError("no 'objects' list: not XAPI export metadata")
+    return ova
+
+
+def ova_objects(ova):
+    """Return {class: {id: record}} of a parsed ova.xml."""
+    tables = collections.defaultdict(dict)
+    for obj in ova.get("objects", ()):
+        if isinstance(obj, dict) and isinstance(obj.get("snapshot"), dict):
+            tables[str(obj.get("class", ""))][str(obj.get("id", ""))] = obj["snapshot"]
+    return tables
+
+
+def _int(value, default=0):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def ova_disks(ova):
+    """Return {export id: (virtual_size, name_label)} of the VDIs whose data an XVA carries.
+
+    As XAPI's export: VDIs of non-CD VBDs on SRs whose content_type is not iso.
+    """
+    tables = ova_objects(ova)
+    disks = {}
+    for vbd in tables.get("VBD", {}).values():
+        vdi = tables.get("VDI", {}).get(str(vbd.get("VDI")))
+        if vdi is None or vbd.get("type") == "CD":
+            continue
+        sr = tables.get("SR", {}).get(str(vdi.get("SR")), {})
+        if sr.get("content_type") == "iso":
+            continue
+        disks[str(vbd.get("VDI"))] = (_int(vdi.get("virtual_size"), -1), vdi.get("name_label", ""))
+    return disks
+
+
+# -- XVA ----------------------------------------------------------------------
+
+#: Ref:7/00000003 (a chunk), Ref:7/00000003.xxhash or .checksum (its checksum).
+XVA_CHUNK_RE = re.compile(r"^(Ref:[^/]+)/(\d{8,})(\.xxhash|\.checksum)?$")
+
+#: A chunk larger than this is not one XAPI wrote (it writes 1 MiB chunks).
+MAX_CHUNK = 64 << 20
+
+#: Stop listing a file's problems after this many.
+MAX_PROBLEMS = 20
+
+
+class _DiskChunks(object):
+    """Where one XVA disk's chunks put it, by the counter rule of XAPI's importer."""
+
+    def __init__(self):
+        self.prev = None
+        self.first_len = 0
+        self.end = 0
+        self.chunks = 0
+
+
+def place_chunk(disk, counter, length):
+    """Advance `disk` (a _DiskChunks) by one chunk; return a problem text or None.
+
+    offset += (counter - previous - 1) * first chunk length, then += length:
+    skipped zero chunks leave gaps in the counter; keep-alive chunks are empty.
+    """
+    disk.chunks += 1
+    if disk.prev is None:
+        disk.prev, disk.first_len, disk.end = counter, length, counter * length + length
+        return None if counter == 0 else "first chunk is %08d, not 00000000" % counter
+    if counter <= disk.prev:
+        return "chunk %08d comes after %08d (out of order)" % (counter, disk.prev)
+    disk.end += (counter - disk.prev - 1) * disk.first_len + length
+    disk.prev = counter
+    return None
+
+
+def check_xva_stream(stream):
+    """Check an uncompressed XVA tar read from `stream`; return (problems, info); raise BadFile.
+
+    Problems are one-line texts; info has the disks found {id: bytes} and ova.xml's struct.
+    """
+    tar = TarStream(stream)
+    problems = []
+    first = tar.next()
+    if first is None:
+        raise BadFile("empty tar: no ova.xml")
+    if first.name != "ova.xml":
+        raise BadFile("first member is %r, not ova.xml: not an XVA" % first.name)
+    ova, expected = None, {}
+    try:
+        ova = parse_ova_xml(tar.read_body(limit=256 << 20))
+        expected = ova_disks(ova)
+    except ValueError as exc:
+        problems.append("ova.xml does not parse: %s" % exc)
+    disks = collections.OrderedDict()
+    pending = None      # (member name, chunk bytes) waiting for its checksum member
+    while True:
+        member = tar.next()
+        if member is None:
+            break
+        match = XVA_CHUNK_RE.match(member.name)
+        if pending and not (match and match.group(3) and member.name.startswith(pending[0] + ".")):
+            problems.append("chunk %s has no checksum member" % pending[0])
+            pending = None
+        if not match:
+            continue  # other members (directories, future additions) carry no disk data
+        ref, counter, ext = match.groups()
+        if ext is None:
+            disk = disks.setdefault(ref, _DiskChunks())
+            data = tar.read_body(limit=MAX_CHUNK)
+            issue = place_chunk(disk, int(counter), len(data))
+            if issue:
+                problems.append("disk %s: %s" % (ref, issue))
+            pending = (member.name, data)
+            continue
+        if pending is None:
+            problems.append("checksum member %s has no chunk before it" % member.name)
+            continue
+        stored = tar.read_body(limit=4096).strip().decode("ascii", "replace").upper()
+        name, data = pending
+        pending = None
+        if ext == ".xxhash":
+            if stored != xxh64_hex(data):
+                problems.append("chunk %s XXH64 mismatch" % name)
+        elif stored != hashlib.sha1(data).hexdigest().upper():
+            problems.append("chunk %s SHA-1 mismatch" % name)
+    if pending:
+        problems.append("chunk %s has no checksum member" % pending[0])
+    tar.skip_rest()
+    for ref, disk in disks.items():
+        size, _ = expected.get(ref, (None, ""))
+        if ova is None:
+            continue
+        if size is None:
+            problems.append("disk %s has data but no VDI in ova.xml" % ref)
+        elif disk.end != size:
+            problems.append("disk %s reassembles to %d bytes, ova.xml says virtual_size %d%s"
+                            % (ref, disk.end, size, " (last chunk missing?)" if disk.end < size else ""))
+    for ref, (size, label) in sorted(expected.items()):
+        if ref not in disks:
+            problems.append("disk %s%s has no data in the XVA"
+                            % (ref, " (%s)" % printable(label) if label else ""))
+    return problems, {"disks": {ref: d.end for ref, d in disks.items()}, "ova": ova,
+                      "chunks": sum(d.chunks for d in disks.values())}
+
+
+def find_zstd():
+    """Return the path of the zstd binary, or None."""
+    return shutil.which("zstd") or next(
+        (p for p in ("/usr/bin/zstd", "/bin/zstd") if os.access(p, os.X_OK)), None)
+
+
+class _ZstdStream(object):
+    """`zstd -d` fed from `reader` by a thread; read() gives the decompressed bytes."""
+
+    def __init__(self, reader, zstd):
+        self.proc = subprocess.Popen([zstd, "-d", "-c", "-q"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.reader = reader
+        self.feed_error = None
+        self.thread = threading.Thread(target=self._feed)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _feed(self):
+        try:
+            while True:
+                data = self.reader.read(1 << 20)
+                if not data:
+                    break
+                self.proc.stdin.write(data)
+        except (BrokenPipeError, ValueError):  # zstd stopped reading (bad input); its rc says why
+            pass
+        except OSError as exc:
+            self.feed_error = exc
+        finally:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def read(self, size=-1):
+        return self.proc.stdout.read(size)
+
+    def finish(self):
+        """Wait for zstd; return its error text ('' if it succeeded)."""
+        self.proc.stdout.close()
+        err = self.proc.stderr.read().decode("utf-8", "replace")
+        rc = self.proc.wait()
+        self.thread.join()
+        if self.feed_error is not None:
+            return "cannot read the file: %s" % self.feed_error
+        return "" if rc == 0 else "zstd: %s" % (one_line(err) or "exit code %d" % rc)
+
+    def kill(self):
+        """Stop zstd and the feeding thread."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            pipe.close()
+        self.proc.wait()
+        self.thread.join()
+
+
+def xva_compression(name):
+    """Return None, 'gzip' or 'zstd' for an XVA file name (.xva, .xva.gz, .xva.zst)."""
+    if name.endswith(".gz"):
+        return "gzip"
+    if name.endswith((".zst", ".zstd")):
+        return "zstd"
+    return None
+
+
+def _check_xva_guarded(stream):
+    """Return (problems, info) of check_xva_stream, reading `stream` to its end; never raises BadFile."""
+    try:
+        return check_xva_stream(stream)
+    except BadFile as exc:
+        return [str(exc)], {}
+    except EOFError:
+        return ["gzip stream: truncated (ends before its end marker)"], {}
+    except zlib.error as exc:
+        return ["gzip stream: %s" % exc], {}
+    except OSError as exc:
+        if getattr(exc, "errno", None) is not None:  # a real I/O error, not a bad gzip stream
+            raise
+        return ["gzip stream: %s" % exc], {}
+
+
+def check_xva_file(path, want_sha256=False):
+    """Check an XVA file (.xva/.xva.gz/.xva.zst) in one pass; return (problems, unchecked, info).
+
+    info["sha256"] is the file's SHA-256 when `want_sha256`. A zstd file on a host
+    without zstd is unchecked (only its SHA-256 is computed), never called good.
+    """
+    algo = xva_compression(path)
+    problems, unchecked, info = [], [], {}
+    with open(path, "rb") as handle:
+        raw = _HashingReader(handle)
+        zstd = find_zstd() if algo == "zstd" else None
+        if algo == "zstd" and zstd is None:
+            unchecked.append("zstd is not installed: the compressed XVA cannot be checked here")
+        elif algo == "zstd":
+            stream = _ZstdStream(raw, zstd)
+            try:
+                problems, info = _check_xva_guarded(stream)
+                while stream.read(1 << 20):  # let zstd see all its input: its exit code judges it
+                    pass
+            except BaseException:
+                stream.kill()
+                raise
+            error = stream.finish()
+            if error:
+                problems.insert(0, error)
+        elif algo == "gzip":
+            problems, info = _check_xva_guarded(gzip.GzipFile(fileobj=raw, mode="rb"))
+        else:
+            problems, info = _check_xva_guarded(raw)
+        if want_sha256:
+            raw.drain()
+            info["sha256"] = raw.digest.hexdigest()
+    return problems[:MAX_PROBLEMS], unchecked, info
+
+
+# -- VHD ------------------------------------------------------------------------
+
+#: cookie, features, version, data offset, timestamp, creator app/version/OS, original size,
+#: current size, geometry, disk type, checksum, uid, saved state (the footer's first 85 bytes)
+VHD_FOOTER = struct.Struct(">8sIIQIIIIQQIII16sB")
+VHD_HEADER = struct.Struct(">8sQQIIII")             # cookie .. checksum (first 40 bytes)
+VHD_TYPES = {2: "fixed", 3: "dynamic", 4: "differencing"}
+
+
+def vhd_checksum(block, at):
+    """Return the VHD checksum of `block` (ones' complement of its byte sum without bytes at..at+4)."""
+    return ~(sum(bytearray(block[:at])) + sum(bytearray(block[at + 4:]))) & 0xFFFFFFFF
+
+
+def vhd_footer_problem(block, where):
+    """Return what is wrong with a 512-byte VHD footer ('VHD footer <where>: ...'), or None."""
+    if len(block) < 512 or block[:8] != b"conectix":
+        return "VHD footer %s: missing (no 'conectix' cookie)" % where
+    fields = VHD_FOOTER.unpack_from(block)
+    if fields[12] != vhd_checksum(block[:512], 64):
+        return "VHD footer %s: checksum mismatch" % where
+    if fields[11] not in VHD_TYPES:
+        return "VHD footer %s: unknown disk type %d" % (where, fields[11])
+    return None
+
+
+def check_vhd(path, virtual_size=None):
+    """Return the problems of a VHD file: footers, dynamic header, BAT bounds, virtual size."""
+    size = os.path.getsize(path)
+    if size < 512:
+        return ["%d bytes: too short to be a VHD" % size]
+    problems = []
+    with open(path, "rb") as handle:
+        handle.seek(size - 512)
+        footer = handle.read(512)
+        handle.seek(0)
+        head = handle.read(1536)
+        bad = vhd_footer_problem(footer, "at the end")
+        if bad:
+            # a dynamic VHD keeps a copy at 0: if that one is sound, the tail was cut off
+            cut = footer[:8] != b"conectix" and vhd_footer_problem(head[:512], "") is None
+            return [bad + (" (truncated? the copy at the start is sound)" if cut else "")]
+        fields = VHD_FOOTER.unpack_from(footer)
+        data_offset, current_size, disk_type = fields[3], fields[9], fields[11]
+        if virtual_size is not None and current_size != virtual_size:
+            problems.append("VHD virtual size is %d bytes, the disk's virtual_size is %d"
+                            % (current_size, virtual_size))
+        if disk_type == 2:
+            if size != current_size + 512:
+                problems.append("fixed VHD is %d bytes, expected %d" % (size, current_size + 512))
+            return problems
+        if size % 512:
+            problems.append("file size %d is not a multiple of 512 (truncated?)" % size)
+        if head[:512] != footer:
+            problems.append(vhd_footer_problem(head[:512], "copy at the start")
+                            or "VHD footer copy at the start differs from the footer at the end")
+        if data_offset + 1024 > size - 512:
+            return problems + ["dynamic header offset %d is outside the file" % data_offset]
+        handle.seek(data_offset)
+        header = handle.read(1024)
+        if header[:8] != b"cxsparse":
+            return problems + ["no dynamic VHD header at byte %d (cookie is not 'cxsparse')"
+                               % data_offset]
+        _, _, table_offset, _, entries, block_size, checksum = VHD_HEADER.unpack_from(header)
+        if checksum != vhd_checksum(header, 36):
+            return problems + ["dynamic VHD header checksum mismatch"]
+        if block_size < 512 or block_size % 512:
+            return problems + ["VHD block size %d is not a multiple of 512" % block_size]
+        if entries * block_size < current_size:
+            problems.append("BAT covers %d bytes, less than the disk's %d"
+                            % (entries * block_size, current_size))
+        table_end = table_offset + entries * 4
+        if table_end > size - 512:
+            return problems + ["BAT (%d entries at byte %d) runs past the end of the file"
+                               % (entries, table_offset)]
+        handle.seek(table_offset)
+        bat = struct.unpack(">%dI" % entries, _read_exact(handle, entries * 4))
+    bitmap = (-(-(block_size // 512) // 8) + 511) & ~511   # one bit per sector, in whole sectors
+    span = bitmap + block_size
+    used = sorted((sector * 512, index) for index, sector in enumerate(bat) if sector != 0xFFFFFFFF)
+    previous_end = table_end
+    for start, index in used:
+        if start + span > size - 512:
+            problems.append("BAT entry %d points past the end of the file (block at byte %d; "
+                            "truncated?)" % (index, start))
+            break
+        if start < previous_end:
+            problems.append("BAT entry %d (block at byte %d) overlaps the BAT or another block"
+                            % (index, start))
+            break
+        previous_end = start + span
+    return problems
+
+
+# -- pool database dumps and host backups -----------------------------------------
+
+def check_pool_dump(path):
+    """Return the problems of a pool database dump: empty, not XML, or not a <database>."""
+    parser = xml.parsers.expat.ParserCreate()
+    roots = []
+    parser.StartElementHandler = lambda name, attrs: roots.append(name) if not roots else None
+    try:
+        with open(path, "rb") as handle:
+            empty = True
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                empty = False
+                parser.Parse(block, False)
+            if empty:
+                return ["empty: XAPI sent nothing"]
+            parser.Parse(b"", True)
+    except xml.parsers.expat.ExpatError as exc:
+        return ["pool database dump is not complete XML: %s" % exc]
+    if roots[:1] != ["database"]:
+        return ["root element is <%s>, not a XAPI <database>" % (roots[0] if roots else "")]
+    return []
+
+
+def check_host_backup(path):
+    """Return the problems of a host backup: a gzip-compressed tar, complete."""
+    if os.path.getsize(path) == 0:
+        return ["empty: XAPI sent nothing"]
+    try:
+        with gzip.open(path, "rb") as stream:
+            tar = TarStream(stream)
+            while tar.next() is not None:
+                pass
+            tar.skip_rest()
+    except BadFile as exc:
+        return [str(exc)]
+    except EOFError:
+        return ["gzip stream: truncated (ends before its end marker)"]
+    except (OSError, zlib.error) as exc:
+        return ["not a complete gzip-compressed tar: %s" % exc]
+    return []
+
+
+# ---------------------------------------------------------------------------
+# verify: check backups without a server
+# ---------------------------------------------------------------------------
+
+#: NAUbackup marks a complete backup with `success`, or `success_compress` for large files.
+LEGACY_SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress")
+
+#: What a check of one file can say.
+FILE_KINDS = (("xva", (".xva", ".xva.gz", ".xva.zst")), ("vhd", (".vhd",)), ("raw", (".raw",)),
+              ("metadata", ("vm-metadata.xml",)))
+
+
+def file_kind(name):
+    """Return the kind of a backup file by its name: xva, vhd, raw, metadata, or None."""
+    for kind, endings in FILE_KINDS:
+        if name.endswith(endings):
+            return kind
+    return None
+
+
+def read_cfg(path):
+    """Return the key=value pairs of a NAUbackup .cfg file as a dict ({} if unreadable)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
+    except OSError:
+        return {}
+
+
+def read_manifest(folder):
+    """Return the backup.json of a backup folder as a dict, or None if absent; raise BadFile."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise BadFile("%s does not parse: %s" % (MANIFEST, one_line(exc)))
+    if not isinstance(manifest, dict) or manifest.get("tool") != "vmbackup" \
+            or not isinstance(manifest.get("files"), list):
+        raise BadFile("%s is not a vmbackup manifest" % MANIFEST)
+    if manifest.get("format") != 1:
+        raise BadFile("%s has format %r; this vmbackup reads format 1"
+                      % (MANIFEST, manifest.get("format")))
+    return manifest
+
+
+def check_file(path, kind, virtual_size=None, want_sha256=False):
+    """Check one backup file by its kind; return (problems, unchecked, sha256 or None).
+
+    xva: tar, ova.xml, every chunk against its checksum, disk sizes; vhd: footers,
+    header, BAT; raw: exactly `virtual_size` bytes (unchecked if unknown);
+    metadata: ova.xml parses. The SHA-256 is computed in the same pass where possible.
+    """
+    if kind == "xva":
+        problems, unchecked, info = check_xva_file(path, want_sha256)
+        return problems, unchecked, info.get("sha256")
+    problems, unchecked = [], []
+    if kind == "vhd":
+        problems = check_vhd(path, virtual_size)
+    elif kind == "raw":
+        size = os.path.getsize(path)
+        if virtual_size is None:
+            unchecked.append("the disk's virtual size is not recorded: raw size not checked")
+        elif size != virtual_size:
+            problems.append("raw image is %d bytes, the disk's virtual_size is %d%s"
+                            % (size, virtual_size, " (truncated?)" if size < virtual_size else ""))
+    elif kind == "metadata":
+        try:
+            with open(path, "rb") as handle:
+                parse_ova_xml(handle.read())
+        except ValueError as exc:
+            problems.append("vm-metadata.xml does not parse: %s" % exc)
+    return problems, unchecked, (sha256_file(path) if want_sha256 else None)
+
+
+def _new_result(folder):
+    """Return the empty verify result of a backup folder."""
+    when = parse_backup_name(os.path.basename(folder))
+    return collections.OrderedDict([
+        ("path", folder), ("display", display_path(folder)),
+        ("vm", os.path.basename(os.path.dirname(folder))), ("name", os.path.basename(folder)),
+        ("date", when.isoformat() if when else None), ("kind", "vm"), ("mode", None),
+        ("legacy", False), ("complete", False), ("status", "good"),
+        ("problems", []), ("unchecked", []), ("notes", []), ("files", [])])
+
+
+def display_path(path):
+    """Return how verify names a backup folder or a file: its last two path components."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    return "/".join(p for p in parts[-2:] if p)
+
+
+def final_status(result):
+    """Return a result's status: bad (any problem), incomplete, unchecked, or good."""
+    if result["problems"]:
+        return "bad"
+    if not result["complete"]:
+        return "incomplete"
+    if result["unchecked"]:
+        return "unchecked"
+    return "good"
+
+
+def _problem(result, rel, message):
+    result["problems"].append({"file": rel, "message": message})
+
+
+def legacy_raw_size(folder):
+    """Return the virtual size NAUbackup recorded for the root disk (DISK-*/vdi.cfg), or None."""
+    try:
+        names = sorted(n for n in os.listdir(folder) if n.startswith("DISK-"))
+    except OSError:
+        return None
+    for name in names:
+        vbd = read_cfg(os.path.join(folder, name, "vbd.cfg"))
+        vdi = read_cfg(os.path.join(folder, name, "vdi.cfg"))
+        if vbd.get("userdevice", "0") == "0" and vdi.get("virtual_size", "").isdigit():
+            return int(vdi["virtual_size"])
+    return None
+
+
+def _check_listed_file(result, folder, entry, sizes, quick=False):
+    """Check one manifest file entry into `result`: size, then (unless `quick`) SHA-256 and format."""
+    rel = str(entry.get("name", ""))
+    try:
+        path = inside(folder, rel)
+    except BackupDirError:
+        return _problem(result, rel, "file name leaves the backup folder: refused")
+    if not os.path.isfile(path):
+        return _problem(result, rel, "missing (listed in %s)" % MANIFEST)
+    size = os.path.getsize(path)
+    record = {"name": rel, "size": size, "status": "good"}
+    result["files"].append(record)
+    if size != entry.get("size"):
+        record["status"] = "bad"
+        return _problem(result, rel, "size is %d bytes, the manifest says %s%s"
+                        % (size, entry.get("size"),
+                           " (truncated?)" if size < _int(entry.get("size"), size) else ""))
+    if quick:
+        return None
+    problems, unchecked, digest = check_file(path, file_kind(rel), sizes.get(rel), True)
+    if digest != entry.get("sha256"):
+        problems.insert(0, "sha256 mismatch: the file changed since the backup")
+    for message in problems:
+        _problem(result, rel, message)
+    for message in unchecked:
+        result["unchecked"].append({"file": rel, "message": message})
+    record["status"] = "bad" if problems else "unchecked" if unchecked else "good"
+
+
+def verify_backup(folder, quick=False):
+    """Return the verify result (a dict; "status": good|bad|incomplete|unchecked) of a backup folder.
+
+    Checks the manifest, the success marker, every listed file's size and
+    SHA-256 and its format. quick=True checks sizes only (no file is read).
+    A legacy NAUbackup folder (no manifest) has its files checked by format.
+    """
+    result = _new_result(folder)
+    names = set(os.listdir(folder))
+    result["complete"] = SUCCESS_MARKER in names
+    try:
+        manifest = read_manifest(folder)
+    except BadFile as exc:
+        _problem(result, MANIFEST, str(exc))
+        manifest = {}
+    if manifest:
+        result["mode"] = manifest.get("mode")
+        result["vm"] = (manifest.get("vm") or {}).get("name", result["vm"])
+        sizes = {d.get("file"): _int(d.get("virtual_size"), None)
+                 for d in manifest.get("disks", ()) if d.get("file")}
+        listed = [str(f.get("name", "")) for f in manifest["files"] if isinstance(f, dict)]
+        for entry in manifest["files"]:
+            if not isinstance(entry, dict):
+                _problem(result, MANIFEST, "a files entry is not an object")
+                continue
+            _check_listed_file(result, folder, entry, sizes, quick)
+        _check_mode(result, manifest, listed)
+    elif manifest is not None:
+        pass    # a broken manifest: nothing to check the files against
+    elif not result["complete"] and "(" not in result["name"]:
+        result["notes"].append("no %s and no success marker: the backup did not finish" % MANIFEST)
+    else:
+        result["legacy"] = True
+        result["complete"] = bool(names.intersection(LEGACY_SUCCESS_MARKERS))
+        result["notes"].append("legacy NAUbackup backup: no manifest")
+        _check_legacy_files(result, folder, names, quick)
+    result["status"] = final_status(result)
+    return result
+
+
+def _check_mode(result, manifest, listed):
+    """Check that the manifest lists the files its mode must have."""
+    mode = manifest.get("mode")
+    if mode == "vm-export" and not any(file_kind(n) == "xva" for n in listed):
+        _problem(result, MANIFEST, "a vm-export backup without an .xva file")
+    if mode == "vdi-export":
+        for disk in manifest.get("disks", ()):
+            if disk.get("file") not in listed:
+                _problem(result, MANIFEST, "disk %s: its file %r is not in the backup"
+                         % (disk.get("device"), disk.get("file")))
+    if "vm-metadata.xml" not in listed:
+        _problem(result, MANIFEST, "no vm-metadata.xml in the backup")
+
+
+def _check_legacy_files(result, folder, names, quick):
+    """Check a NAUbackup folder's files by their format (no manifest: no sizes or SHA-256 to compare)."""
+    raw_size = legacy_raw_size(folder)
+    kinds = [(n, file_kind(n)) for n in sorted(names - set(LEGACY_SUCCESS_MARKERS))
+             if os.path.isfile(os.path.join(folder, n))]
+    modes = {"xva": "vm-export", "vhd": "vdi-export", "raw": "vdi-export"}
+    result["mode"] = next((modes[k] for _, k in kinds if k in modes), "meta-export")
+    for name, kind in kinds:
+        path = os.path.join(folder, name)
+        record = {"name": name, "size": os.path.getsize(path), "status": "good"}
+        result["files"].append(record)
+        if kind is None or quick:
+            continue
+        problems, unchecked, _ = check_file(path, kind, raw_size if kind in ("raw", "vhd") else None)
+        for message in problems:
+            _problem(result, name, message)
+        for message in unchecked:
+            result["unchecked"].append({"file": name, "message": message})
+        record["status"] = "bad" if problems else "unchecked" if unchecked else "good"
+
+
+def verify_dated_file(path):
+    """Return the verify result of a pool_db_*.dump or host_*.xbk file."""
+    name = os.path.basename(path)
+    when = parse_dated_file(name)
+    result = collections.OrderedDict([
+        ("path", path), ("display", display_path(path)),
+        ("vm", None), ("name", name), ("date", when.isoformat() if when else None),
+        ("kind", "pool-db" if name.startswith("pool_db_") else "host"), ("mode", None),
+        ("legacy", False), ("complete", True), ("status", "good"),
+        ("problems", []), ("unchecked", []), ("notes", []),
+        ("files", [{"name": name, "size": os.path.getsize(path), "status": "good"}])])
+    check = check_pool_dump if result["kind"] == "pool-db" else check_host_backup
+    for message in check(path):
+        _problem(result, "", message)
+    result["status"] = final_status(result)
+    result["files"][0]["status"] = result["status"]
+    return result
+
+
+def verify_single_file(path):
+    """Return the verify result of one loose .xva/.vhd/.raw file (format checks only)."""
+    result = _new_result(os.path.dirname(os.path.abspath(path)))
+    name = os.path.basename(path)
+    result.update(path=path, display=display_path(path), name=name, kind="file", complete=True)
+    problems, unchecked, _ = check_file(path, file_kind(name))
+    for message in problems:
+        _problem(result, "", message)
+    for message in unchecked:
+        result["unchecked"].append({"file": "", "message": message})
+    result["status"] = final_status(result)
+    result["files"] = [{"name": name, "size": os.path.getsize(path), "status": result["status"]}]
+    return result
+
+
+def backup_folders(vm_dir):
+    """Return the backup folders in a VM's folder, oldest first."""
+    found = []
+    for name in os.listdir(vm_dir):
+        when = parse_backup_name(name)
+        path = os.path.join(vm_dir, name)
+        if when is not None and os.path.isdir(path) and not os.path.islink(path):
+            found.append((when, name, path))
+    return [path for _, _, path in sorted(found)]
+
+
+def dated_files(folder):
+    """Return the pool_db_/host_ backup files in a METADATA_/HOST_ folder, oldest first."""
+    found = sorted((parse_dated_file(n), n) for n in os.listdir(folder) if parse_dated_file(n))
+    return [os.path.join(folder, n) for _, n in found]
+
+
+def verify_targets(path):
+    """Return [(kind, path)] to verify for a backup, a VM folder, backup_dir or a file; raise UsageError."""
+    if os.path.isfile(path):
+        name = os.path.basename(path)
+        if parse_dated_file(name):
+            return [("dated", path)]
+        if name in (MANIFEST, SUCCESS_MARKER):
+            return verify_targets(os.path.dirname(os.path.abspath(path)))
+        if file_kind(name) in ("xva", "vhd", "raw"):
+            return [("file", path)]
+        raise UsageError("%s: not a backup file (.xva, .xva.gz, .xva.zst, .vhd, .raw, "
+                         "pool_db_*.dump or host_*.xbk)" % path)
+    if not os.path.isdir(path):
+        raise UsageError("%s: no such file or folder" % path)
+    if parse_backup_name(os.path.basename(os.path.normpath(path))):
+        return [("backup", path)]
+    own = backup_folders(path)
+    if own:
+        return [("backup", p) for p in own]
+    targets = []
+    for name in sorted(os.listdir(path)):
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub) or os.path.islink(sub):
+            continue
+        targets += [("backup", p) for p in backup_folders(sub)]
+        targets += [("dated", p) for p in dated_files(sub)]
+    if not targets:
+        raise UsageError("%s: no backups found (expected a backup folder, a VM folder or "
+                         "backup_dir)" % path)
+    return targets
+
+
+VERIFIERS = {"backup": verify_backup, "dated": verify_dated_file, "file": verify_single_file}
+
+
+def verify_lines(result, verbosity=0):
+    """Return the report lines of one verify result: one per bad file, then the verdict."""
+    lines = []
+    shown = result["display"]
+    for item in result["problems"]:
+        where = shown + ("/" + item["file"] if item["file"] else "")
+        lines.append("BAD %s: %s" % (where, item["message"]))
+    for item in result["unchecked"]:
+        where = shown + ("/" + item["file"] if item["file"] else "")
+        lines.append("UNCHECKED %s: %s" % (where, item["message"]))
+    status = result["status"]
+    detail = "; ".join(result["notes"])
+    if status == "incomplete":
+        lines.append("INCOMPLETE %s: %s" % (shown, detail or "no success marker: the backup "
+                                            "did not finish"))
+    elif verbosity >= 0 and status in ("good", "unchecked") or verbosity > 0:
+        total = sum(f["size"] for f in result["files"])
+        what = ", ".join(x for x in (result["mode"], "%d file%s" % (
+            len(result["files"]), "" if len(result["files"]) == 1 else "s"), human_size(total),
+            detail) if x)
+        lines.append("%s %s: %s" % (status, shown, what))
+    if verbosity > 0:
+        lines += ["  %-9s %s (%s)" % (f["status"], f["name"], human_size(f["size"]))
+                  for f in result["files"]]
+    return lines
+
+
+def verify_exit_code(results):
+    """Return verify's exit code: 2 if any backup is bad or incomplete, 1 if any unchecked, else 0."""
+    states = {r["status"] for r in results}
+    if states & {"bad", "incomplete"}:
+        return EXIT_ERROR
+    return EXIT_WARNING if "unchecked" in states else EXIT_OK
+
+
+def build_verify_parser():
+    """Return the parser of `vmbackup.py verify`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG + " verify", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check backups without a server: manifest, success marker, every file's "
+                    "size and SHA-256, XVA chunk checksums, VHD footers/header/BAT, raw sizes.",
+        epilog="exit status: 0 all good, 1 some file could not be checked here (e.g. no zstd), "
+               "2 any backup bad or incomplete")
+    opt = parser.add_argument
+    opt("paths", nargs="+", metavar="PATH", help="a backup folder, a VM folder, or backup_dir")
+    opt("--json", metavar="FILE", help="write per-backup results as JSON ('-': stdout)")
+    opt("-q", "--quiet", action="count", default=0, help="print only what is wrong")
+    opt("-v", "--verbose", action="count", default=0, help="also list every file")
+    return parser
+
+
+def cmd_verify(argv):
+    """Run `vmbackup.py verify PATH... [--json FILE|-] [-q|-v]`; return the exit code."""
+    args = build_verify_parser().parse_args(argv)
+    verbosity = args.verbose - args.quiet
+    targets = []
+    for path in args.paths:
+        targets += verify_targets(path)
+    results = []
+    out = sys.stderr if args.json == "-" else sys.stdout
+    for kind, path in targets:
+        try:
+            result = VERIFIERS[kind](path)
+        except OSError as exc:
+            result = _new_result(path)
+            _problem(result, "", "cannot read: %s" % (exc.strerror or exc))
+            result["status"] = "bad"
+        results.append(result)
+        for line in verify_lines(result, verbosity):
+            out.write(printable(line) + "\n")
+        out.flush()
+    code = verify_exit_code(results)
+    counts = collections.Counter(r["status"] for r in results)
+    summary = ", ".join("%d %s" % (counts[s], s) for s in ("good", "bad", "incomplete", "unchecked")
+                        if counts[s])
+    if verbosity >= 0:
+        out.write("verified %d backup%s: %s\n" % (len(results), "" if len(results) == 1 else "s",
+                                                  summary))
+    if args.json:
+        write_json(args.json, {"paths": args.paths, "exit_code": code, "summary": dict(counts),
+                               "backups": results})
+    return code
+
+
+# ---------------------------------------------------------------------------
+# list: what backup_dir holds
+# ---------------------------------------------------------------------------
+
+def folder_size(path):
+    """Return (number of files, total bytes) under a folder."""
+    count = total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(top, name)).st_size
+                count += 1
+            except OSError:
+                pass
+    return count, total
+
+
+def backup_summary(folder):
+    """Return what `list` shows of one backup folder: date, mode, files, size, complete, check.
+
+    Files and size are the manifest's files; without a manifest, everything in the folder.
+    """
+    result = verify_backup(folder, quick=True)
+    if result["mode"] and not result["legacy"]:
+        count, total = len(result["files"]), sum(f["size"] for f in result["files"])
+    else:
+        count, total = folder_size(folder)
+    if result["legacy"]:
+        check = "not verified (legacy NAUbackup)"
+    elif result["problems"]:
+        check = "BAD: " + "; ".join("%s: %s" % (p["file"], p["message"])
+                                    for p in result["problems"][:3])
+    elif result["mode"] is None:
+        check = "not verified"
+    else:
+        check = "sizes ok"
+    return collections.OrderedDict([
+        ("name", result["name"]), ("path", folder), ("date", result["date"]),
+        ("mode", result["mode"]), ("files", count), ("size", total),
+        ("complete", result["complete"]), ("legacy", result["legacy"]), ("check", check),
+        ("vm_name", result["vm"] if result["mode"] and not result["legacy"] else None)])
+
+
+def scan_backup_dir(root, pattern=None):
+    """Return what backup_dir holds: {"vms": [...], "pool_db": [...], "hosts": [...]}, newest first.
+
+    `pattern` selects VMs like a vm-export selector (a plain name exactly, else a
+    regex matched at the start), against the VM's name or its folder's name.
+    """
+    selector = Selector("vm-export", pattern) if pattern else None
+    data = collections.OrderedDict([("backup_dir", root), ("vms", []), ("pool_db", []),
+                                    ("hosts", [])])
+    for name in sorted(os.listdir(root)):
+        sub = os.path.join(root, name)
+        if not os.path.isdir(sub) or os.path.islink(sub):
+            continue
+        backups = [backup_summary(p) for p in reversed(backup_folders(sub))]
+        if backups:
+            vm_name = next((b["vm_name"] for b in backups if b["vm_name"]), name)
+            if selector and not (selector.matches(vm_name) or selector.matches(name)):
+                continue
+            data["vms"].append(collections.OrderedDict([
+                ("name", vm_name), ("folder", name), ("backups", backups)]))
+            continue
+        for path in reversed(dated_files(sub)):
+            entry = collections.OrderedDict([
+                ("folder", name), ("file", os.path.basename(path)),
+                ("date", parse_dated_file(os.path.basename(path)).isoformat()),
+                ("size", os.path.getsize(path))])
+            data["pool_db" if entry["file"].startswith("pool_db_") else "hosts"].append(entry)
+    if selector:
+        data["pool_db"], data["hosts"] = [], []
+    return data
+
+
+def format_list(data):
+    """Return the human table of scan_backup_dir's data."""
+    out = ["backup_dir %s" % data["backup_dir"]]
+    row = "  %-19s  %-11s %5s  %8s  %-10s  %s"
+    for vm in data["vms"]:
+        shown = printable(vm["name"])
+        if vm["folder"] != vm["name"]:
+            shown += "  (folder %s)" % printable(vm["folder"])
+        out += ["", "%s: %d backup%s" % (shown, len(vm["backups"]),
+                                         "" if len(vm["backups"]) == 1 else "s"),
+                row % ("DATE", "MODE", "FILES", "SIZE", "STATE", "CHECK")]
+        for b in vm["backups"]:
+            out.append(row % ((b["date"] or "?").replace("T", " "), b["mode"] or "?", b["files"],
+                              human_size(b["size"]),
+                              "complete" if b["complete"] else "INCOMPLETE", b["check"]))
+    for key, title in (("pool_db", "pool database"), ("hosts", "host backup")):
+        folders = collections.OrderedDict()
+        for entry in data[key]:
+            folders.setdefault(entry["folder"], []).append(entry)
+        for folder, entries in folders.items():
+            out += ["", "%s: %s (%d file%s)" % (title, printable(folder), len(entries),
+                                               "" if len(entries) == 1 else "s")]
+            out += ["  %-19s  %-30s %8s" % (e["date"].replace("T", " "), e["file"],
+                                            human_size(e["size"])) for e in entries]
+    if not (data["vms"] or data["pool_db"] or data["hosts"]):
+        out.append("no backups")
+    return "\n".join(out) + "\n"
+
+
+def list_backup_dir(args):
+    """Return the backup_dir `list` reads: -d, -c's backup_dir, $VMBACKUP_BACKUP_DIR, or the default."""
+    if args.backup_dir:
+        return args.backup_dir
+    if args.config:
+        parsed = read_config_file(args.config, ignore_extra_keys=True)
+        if parsed.values.get("backup_dir"):
+            return parsed.values["backup_dir"]
+    return os.environ.get("VMBACKUP_BACKUP_DIR") or DEFAULT_BACKUP_DIR
+
+
+def cmd_list(argv):
+    """Run `vmbackup.py list [VM-REGEX] [-d BACKUP_DIR] [-c CONFIG] [--json FILE|-]`; return the exit code."""
+    parser = argparse.ArgumentParser(
+        prog=PROG + " list", description="Show the backups in backup_dir: per VM, newest first "
+        "(date, mode, files, size, complete or not, sizes checked against the manifest); "
+        "pool database and host backups too.")
+    opt = parser.add_argument
+    opt("pattern", nargs="?", metavar="VM-REGEX", help="only VMs this name or regex selects")
+    opt("-d", "--backup-dir", metavar="DIR")
+    opt("-c", "--config", metavar="FILE", help="take backup_dir from this config file")
+    opt("--json", metavar="FILE", help="write the listing as JSON ('-': stdout)")
+    args = parser.parse_args(argv)
+    if args.pattern and not PLAIN_NAME_RE.match(args.pattern):
+        try:
+            re.compile(args.pattern)
+        except re.error as exc:
+            raise UsageError("invalid regex %r: %s" % (args.pattern, exc))
+    root = list_backup_dir(args)
+    if not os.path.isdir(root):
+        raise BackupDirError("backup_dir %s does not exist" % root)
+    data = scan_backup_dir(root, args.pattern)
+    if args.json:
+        write_json(args.json, data)
+    if args.json != "-":
+        sys.stdout.write(format_list(data))
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------------------
+# diff: what changed in a VM's configuration between two backups
+# ---------------------------------------------------------------------------
+
+#: VM fields diff compares, in the order it reports them; memory fields print as sizes.
+DIFF_FIELDS = ("name_label", "name_description", "power_state",
+               "memory_static_min", "memory_static_max", "memory_dynamic_min", "memory_dynamic_max",
+               "VCPUs_max", "VCPUs_at_startup", "domain_type", "HVM_boot_policy", "PV_bootloader",
+               "is_a_template", "ha_restart_priority")
+
+#: VM map fields diff compares key by key.
+DIFF_MAPS = ("HVM_boot_params", "platform", "VCPUs_params", "other_config")
+
+
+def pick_vm(tables, uuid=None):
+    """Return the (id, record) of the backed-up VM in an ova.xml's tables; raise ValueError.
+
+    The VM with `uuid` if given, else the one that is not a snapshot (metadata
+    exports include the VM's snapshots too).
+    """
+    vms = list(tables.get("VM", {}).items())
+    for ref, record in vms:
+        if uuid and record.get("uuid") == uuid:
+            return ref, record
+    plain = [(ref, r) for ref, r in vms if not r.get("is_a_snapshot") and not r.get("is_control_domain")]
+    if plain or vms:
+        return (plain or vms)[0]
+    raise ValueError("no VM in the metadata")
+
+
+def vm_config(ova, uuid=None):
+    """Return the comparable configuration of the VM in a parsed ova.xml (pure).
+
+    {"name_label": ..., "memory_dynamic_max": 1073741824, ..., "platform": {...},
+     "disks": {"xvda": {...}}, "VIFs": {"0": {"network": "eth0", "MAC": ..., "MTU": 1500}}}
+    """
+    tables = ova_objects(ova)
+    ref, vm = pick_vm(tables, uuid)
+    config = collections.OrderedDict((f, vm.get(f)) for f in DIFF_FIELDS if f in vm)
+    for field in DIFF_FIELDS:
+        if field.startswith(("memory_", "VCPUs_")) and field in config:
+            config[field] = _int(config[field], config[field])
+    for field in DIFF_MAPS:
+        config[field] = dict(vm.get(field) or {})
+    config["tags"] = sorted(vm.get("tags") or [])
+    config["uuid"] = vm.get("uuid")
+    disks = {}
+    for vbd in tables.get("VBD", {}).values():
+        if str(vbd.get("VM")) != ref:
+            continue
+        vdi = tables.get("VDI", {}).get(str(vbd.get("VDI")))
+        sr = tables.get("SR", {}).get(str((vdi or {}).get("SR")), {})
+        disks[device_name(vbd)] = collections.OrderedDict([
+            ("type", vbd.get("type")), ("userdevice", vbd.get("userdevice")),
+            ("virtual_size", _int(vdi.get("virtual_size"), None) if vdi else None),
+            ("name_label", vdi.get("name_label") if vdi else None),
+            ("SR", sr.get("name_label")), ("mode", vbd.get("mode")),
+            ("bootable", vbd.get("bootable"))])
+    config["disks"] = disks
+    vifs = {}
+    for vif in tables.get("VIF", {}).values():
+        if str(vif.get("VM")) != ref:
+            continue
+        network = tables.get("network", {}).get(str(vif.get("network")), {})
+        vifs[str(vif.get("device"))] = collections.OrderedDict([
+            ("network", network.get("name_label")), ("MAC", vif.get("MAC")),
+            ("MTU", _int(vif.get("MTU"), vif.get("MTU")))])
+    config["VIFs"] = vifs
+    return config
+
+
+def _shown(field, value):
+    """Return a value as diff prints it: memory as 1.0G, text quoted."""
+    if value is None:
+        return "(none)"
+    if field.startswith("memory_") or field == "virtual_size":
+        return human_size(value) if isinstance(value, int) else repr(value)
+    if isinstance(value, str):
+        return json.dumps(value, ensure_ascii=False)
+    return str(value).lower() if isinstance(value, bool) else str(value)
+
+
+def _change(field, kind, old, new, text):
+    return collections.OrderedDict([("field", field), ("change", kind), ("old", old),
+                                    ("new", new), ("text", text)])
+
+
+def _describe_disk(disk):
+    parts = [human_size(disk["virtual_size"]) if disk["virtual_size"] is not None else "no VDI"]
+    if disk.get("name_label"):
+        parts.append(json.dumps(disk["name_label"], ensure_ascii=False))
+    if disk.get("SR"):
+        parts.append("SR " + json.dumps(disk["SR"], ensure_ascii=False))
+    return ", ".join(parts)
+
+
+def diff_vm_configs(old, new):
+    """Return the changes from VM configuration `old` to `new` (vm_config dicts), in report order (pure).
+
+    Each change: {"field", "change": changed|added|removed, "old", "new", "text"};
+    e.g. text "memory_dynamic_max: 1.0G -> 2.0G", 'disk xvdb added (2.0G, "data")'.
+    """
+    changes = []
+    for field in DIFF_FIELDS + ("uuid",):
+        a, b = old.get(field), new.get(field)
+        if a != b:
+            changes.append(_change(field, "changed", a, b, "%s: %s -> %s"
+                                   % (field, _shown(field, a), _shown(field, b))))
+    for device in sorted(set(old["disks"]) | set(new["disks"])):
+        a, b = old["disks"].get(device), new["disks"].get(device)
+        what = "CD" if (a or b)["type"] == "CD" else "disk"
+        if a is None:
+            changes.append(_change("disks." + device, "added", None, b, "%s %s added (%s)"
+                                   % (what, device, _describe_disk(b))))
+        elif b is None:
+            changes.append(_change("disks." + device, "removed", a, None, "%s %s removed (%s)"
+                                   % (what, device, _describe_disk(a))))
+        else:
+            for key in a:
+                if a[key] != b.get(key):
+                    changes.append(_change("disks.%s.%s" % (device, key), "changed", a[key],
+                                           b.get(key), "%s %s: %s %s -> %s" % (
+                                               what, device, key, _shown(key, a[key]),
+                                               _shown(key, b.get(key)))))
+    for device in sorted(set(old["VIFs"]) | set(new["VIFs"]), key=lambda d: (_int(d, 1 << 30), d)):
+        a, b = old["VIFs"].get(device), new["VIFs"].get(device)
+        if a is None or b is None:
+            kind, vif = ("added", b) if a is None else ("removed", a)
+            changes.append(_change("VIFs." + device, kind, a, b, "VIF %s %s (network %s, MAC %s)"
+                                   % (device, kind, _shown("network", vif["network"]), vif["MAC"])))
+            continue
+        for key in a:
+            if a[key] != b.get(key):
+                changes.append(_change("VIFs.%s.%s" % (device, key), "changed", a[key], b.get(key),
+                                       "VIF %s: %s %s -> %s" % (device, key, _shown(key, a[key]),
+                                                                _shown(key, b.get(key)))))
+    for field in DIFF_MAPS:
+        a, b = old.get(field) or {}, new.get(field) or {}
+        for key in sorted(set(a) | set(b)):
+            if key not in a:
+                changes.append(_change("%s.%s" % (field, key), "added", None, b[key],
+                                       "%s: %s added (%s)" % (field, key, _shown(key, b[key]))))
+            elif key not in b:
+                changes.append(_change("%s.%s" % (field, key), "removed", a[key], None,
+                                       "%s: %s removed (was %s)" % (field, key, _shown(key, a[key]))))
+            elif a[key] != b[key]:
+                changes.append(_change("%s.%s" % (field, key), "changed", a[key], b[key],
+                                       "%s[%s]: %s -> %s" % (field, key, _shown(key, a[key]),
+                                                             _shown(key, b[key]))))
+    if old.get("tags") != new.get("tags"):
+        changes.append(_change("tags", "changed", old.get("tags"), new.get("tags"),
+                               "tags: %s -> %s" % (", ".join(old.get("tags") or []) or "(none)",
+                                                   ", ".join(new.get("tags") or []) or "(none)")))
+    return changes
+
+
+def read_backup_metadata(path):
+    """Return (ova.xml struct, manifest or None, display name) of a backup, vm-metadata.xml or .xva[.gz].
+
+    Raises BackupDirError if there is nothing readable to compare.
+    """
+    manifest, source = None, path
+    try:
+        if os.path.isdir(path):
+            source = os.path.join(path, "vm-metadata.xml")
+            try:
+                manifest = read_manifest(path)
+            except BadFile:
+                manifest = None
+            if not os.path.isfile(source):
+                raise BackupDirError("%s has no vm-metadata.xml to compare" % path)
+        if file_kind(source) == "xva":
+            with open(source, "rb") as handle:
+                stream = gzip.GzipFile(fileobj=handle) if source.endswith(".gz") else handle
+                tar = TarStream(stream)
+                first = tar.next()
+                if first is None or first.name != "ova.xml":
+                    raise BackupDirError("%s: not an XVA (no ova.xml first)" % source)
+                data = tar.read_body(limit=256 << 20)
+        else:
+            with open(source, "rb") as handle:
+                data = handle.read(256 << 20)
+        return parse_ova_xml(data), manifest, display_path(path)
+    except (OSError, EOFError, zlib.error, BadFile, ValueError) as exc:
+        raise BackupDirError("cannot read the VM metadata of %s: %s"
+                             % (path, one_line(getattr(exc, "strerror", None) or exc)))
+
+
+def diff_inputs(paths):
+    """Return the two things `diff` compares; raise UsageError.
+
+    The two paths given, or a VM folder's two newest backups that have vm-metadata.xml.
+    """
+    if len(paths) == 2:
+        return paths
+    if len(paths) != 1:
+        raise UsageError("diff takes BACKUP_A BACKUP_B, or one VM folder")
+    folder = paths[0]
+    if not os.path.isdir(folder):
+        raise UsageError("%s: no such folder" % folder)
+    found = [p for p in backup_folders(folder) if os.path.isfile(os.path.join(p, "vm-metadata.xml"))]
+    if len(found) < 2:
+        raise UsageError("%s: %d backup%s with vm-metadata.xml; diff needs two"
+                         % (folder, len(found), "" if len(found) == 1 else "s"))
+    return found[-2:]
+
+
+def cmd_diff(argv):
+    """Run `vmbackup.py diff BACKUP_A BACKUP_B | VM_FOLDER [--json FILE|-]`; return the exit code."""
+    parser = argparse.ArgumentParser(
+        prog=PROG + " diff", description="Show what changed in a VM's configuration between two "
+        "backups (from their vm-metadata.xml): memory, VCPUs, disks, VIFs, other_config, ...")
+    opt = parser.add_argument
+    opt("paths", nargs="+", metavar="BACKUP", help="two backup folders, or one VM folder")
+    opt("--json", metavar="FILE", help="write the changes as JSON ('-': stdout)")
+    args = parser.parse_args(argv)
+    path_a, path_b = diff_inputs(args.paths)
+    (ova_a, man_a, name_a), (ova_b, man_b, name_b) = (read_backup_metadata(path_a),
+                                                      read_backup_metadata(path_b))
+    try:
+        old = vm_config(ova_a, ((man_a or {}).get("vm") or {}).get("uuid"))
+        new = vm_config(ova_b, ((man_b or {}).get("vm") or {}).get("uuid"))
+    except ValueError as exc:
+        raise BackupDirError("cannot compare %s and %s: %s" % (path_a, path_b, exc))
+    changes = diff_vm_configs(old, new)
+    if args.json:
+        write_json(args.json, collections.OrderedDict([
+            ("a", {"path": path_a, "vm": old.get("name_label"), "uuid": old.get("uuid")}),
+            ("b", {"path": path_b, "vm": new.get("name_label"), "uuid": new.get("uuid")}),
+            ("changes", changes)]))
+    if args.json != "-":
+        lines = ["%s -> %s" % (name_a, name_b)]
+        lines += ["  " + c["text"] for c in changes] or ["  no configuration changes"]
+        sys.stdout.write("".join(printable(line) + "\n" for line in lines))
+    return EXIT_OK
 
 
 # ---------------------------------------------------------------------------
@@ -2751,6 +4290,8 @@ def cmd_backup(inv):
 
 def dispatch(argv):
     """Parse argv, run the command, return its exit code."""
+    setup_logging(sum(a.count("v") for a in argv if re.match(r"^-v+$", a))
+                  - sum(a.count("q") for a in argv if re.match(r"^-q+$", a)))
     if is_legacy(argv):
         inv = parse_legacy(argv)
     else:
@@ -2777,7 +4318,8 @@ def dispatch(argv):
 
 
 #: Subcommands besides the default backup: name -> function(argv) -> exit code.
-COMMANDS = collections.OrderedDict([("backup", None)])
+COMMANDS = collections.OrderedDict([("backup", None), ("list", cmd_list), ("verify", cmd_verify),
+                                    ("diff", cmd_diff)])
 
 
 # ---------------------------------------------------------------------------

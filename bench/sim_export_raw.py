@@ -4,7 +4,7 @@
 A pool with one 20 GiB sparse VDI; GET /export_raw_vdi?format=raw with
 ``curl -o /dev/null``, ``curl -o FILE`` (a temp dir on the disk holding
 --dir, deleted afterwards) and a plain Python reader, next to the machine's own
-``dd if=/dev/zero of=FILE bs=1M count=N conv=fdatasync`` write rate, so a reader sees
+``dd if=/dev/zero of=FILE bs=1M count=N conv=fdatasync`` write rate (N: the same size), so a reader sees
 whether the simulator or the machine is the bottleneck.
 
     python3 bench/sim_export_raw.py [--size-gib 20] [--dir /var/tmp] [--tls]
@@ -39,7 +39,7 @@ def timed(argv):
     return time.time() - t
 
 
-def python_reader(url, expect, cafile=None):
+def python_reader(url, expect, cafile=None, out=None):
     u = urllib.parse.urlsplit(url)
     if u.scheme == "https":
         ctx = ssl.create_default_context(cafile=cafile)
@@ -50,14 +50,22 @@ def python_reader(url, expect, cafile=None):
     conn.request("GET", u.path + "?" + u.query)
     resp = conn.getresponse()
     buf = bytearray(8 * MIB)
+    view = memoryview(buf)
     n = 0
+    f = open(out, "wb") if out else None
     while True:
         k = resp.readinto(buf)
         if not k:
             break
+        if f:
+            f.write(view[:k])
         n += k
     resp.close()
     conn.close()
+    if f:
+        f.flush()
+        os.fsync(f.fileno())
+        f.close()
     dt = time.time() - t
     assert n == expect, (n, expect)
     return dt
@@ -67,10 +75,13 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gib", type=float, default=20.0)
     ap.add_argument("--dir", default=None, help="where curl -o FILE and dd write (default: tempdir)")
-    ap.add_argument("--dd-mib", type=int, default=2048, help="MiB written by dd (default 2048)")
+    ap.add_argument("--dd-mib", type=int, default=None,
+                    help="MiB written by dd (default: the VDI's size, like curl -o FILE)")
     ap.add_argument("--tls", action="store_true")
     args = ap.parse_args()
     size = int(args.size_gib * (1 << 30))
+    if args.dd_mib is None:
+        args.dd_mib = size // MIB
     desc = pools.simple_pool(vms=[{"name": "big", "disks": [
         {"name": "big disk", "size": size, "blocks": [0, 1, 1000, (size >> 16) - 1]}]}])
     desc["srs"][0]["size"] = "1T"
@@ -90,12 +101,17 @@ def main():
         out = os.path.join(tmp, "disk.raw")
         t = time.time()
         subprocess.run(curl + ["-o", out, url], check=True)
-        os.sync()
+        fd = os.open(out, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
         dt = time.time() - t
         got = os.path.getsize(out)
         os.remove(out)
         assert got == size, (got, size)
-        rows.append(("curl -o FILE (+sync)", mbps(size, dt), dt))
+        rows.append(("curl -o FILE (+fsync)", mbps(size, dt), dt))
+        dt = python_reader(url, size, pool.cert_path, out=out)
+        os.remove(out)
+        rows.append(("python http.client readinto -> FILE (8 MiB writes, +fsync)", mbps(size, dt), dt))
         dd_file = os.path.join(tmp, "dd.bin")
         dt = timed(["dd", "if=/dev/zero", "of=" + dd_file, "bs=1M", "count=%d" % args.dd_mib,
                     "conv=fdatasync"])
@@ -105,9 +121,9 @@ def main():
         dt = timed(["dd", "if=/dev/zero", "of=/dev/null", "bs=1M", "count=%d" % (size // MIB)])
         rows.append(("dd if=/dev/zero of=/dev/null bs=1M (same size)", mbps(size, dt), dt))
         s.xenapi.session.logout()
-        print("%-52s %10s %9s" % ("reader", "MB/s", "seconds"))
+        print("%-60s %10s %9s" % ("reader", "MB/s", "seconds"))
         for name, rate, dt in rows:
-            print("%-52s %10.0f %9.2f" % (name, rate, dt))
+            print("%-60s %10.0f %9.2f" % (name, rate, dt))
         print("(MB = MiB; the VDI is sparse, so the simulator sends shared zero buffers)")
     finally:
         pool.stop()

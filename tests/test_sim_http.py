@@ -10,7 +10,6 @@ import re
 import ssl
 import subprocess
 import tarfile
-import threading
 import time
 import urllib.parse
 import xmlrpc.client
@@ -209,7 +208,6 @@ def test_export_snapshot_and_uuid_and_suspended(sim_pool, xapi):
 
 
 def test_export_redirects_to_host_that_sees_local_sr(sim_pool, xapi):
-    x = xapi.xenapi
     ref, _ = sim_pool.vm("local-vm")
     q = {"session_id": xapi._session, "ref": ref}
     st, hdrs, _, body = request(sim_pool.url, path="/export", query=q)
@@ -274,7 +272,7 @@ def test_export_in_progress_blocks_destroy_and_cancel(sim_pool, xapi):
     x.task.cancel(task)
     rec = wait_task(x, task)
     assert rec["status"] == "cancelled" and rec["error_info"] == ["TASK_CANCELLED", task]
-    rest = resp.read()      # the body just ends
+    resp.read()             # the body just ends
     conn.close()
     assert x.VM.get_current_operations(snap) == {}
     x.VM.destroy(snap)
@@ -489,6 +487,7 @@ def test_import_roundtrip(sim_pool, xapi, comp):
                                 query={"session_id": xapi._session, "task_id": task, "sr_id": local_b},
                                 body=body, headers={"Content-Length": str(len(body))})
     assert st == 200 and hdrs["task-id"] == task
+    assert sim_pool.calls.requests("/import")[0].bytes_received == len(body)
     rec_t = wait_task(x, task)
     assert rec_t["status"] == "success", rec_t["error_info"]
     new = xmlrpc.client.loads("<methodResponse><params><param>%s</param></params></methodResponse>"

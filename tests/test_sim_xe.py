@@ -485,8 +485,6 @@ def test_vm_export_to_stdout_and_refusals(xe, xapi, sim_pool, tmp_path):
     assert res.err == "Error: Multiple matches VMs found. --multiple required to complete the operation\n"
 
 
-@pytest.mark.xfail(reason="xapisim server: a drop_export fault completes the task with "
-                   "success (server.py h_export: _Stop(None, ...) leaves error=None)", strict=False)
 def test_interrupted_export_leaves_partial_file(xe, sim_pool, tmp_path):
     uuid = vm_uuid(sim_pool, "db01")
     sim_pool.faults.drop_export(after_bytes=100000)
@@ -494,7 +492,8 @@ def test_interrupted_export_leaves_partial_file(xe, sim_pool, tmp_path):
     res = xe("vm-export", "uuid=" + uuid, "filename=" + str(target))
     assert res.rc == 1
     assert res.out == ""
-    assert res.err != ""
+    # the task's error, as the CLI server reports it (not "Export succeeded")
+    assert res.err.startswith("Error code: ") or res.err.split("\n")[0].endswith(".")
     # real xe leaves what it received in place
     assert 0 < target.stat().st_size <= 100000 + 4096
     assert sim_pool.calls.requests("/export")[0].error
@@ -541,6 +540,30 @@ def test_export_redirect_to_member(xe, sim_pool, tmp_path):
     assert [r.status for r in reqs] == [302, 200]
     assert reqs[1].host == "xcp-ng-b"
     assert "ova.xml" in tar_members(target.read_bytes())
+
+
+def _local_sr_of(xapi, host_name):
+    x = xapi.xenapi
+    host = [r for r, h in x.host.get_all_records().items() if h["name_label"] == host_name][0]
+    for ref, rec in x.SR.get_all_records().items():
+        if rec["name_label"] == "Local storage" and x.PBD.get_host(rec["PBDs"][0]) == host:
+            return rec["uuid"]
+
+
+@pytest.mark.xfail(reason="xapisim server: a PUT that must be redirected reads the whole body "
+                   "before answering 302, while (real) xe waits for the status line before "
+                   "sending the body: both wait", raises=subprocess.TimeoutExpired, strict=False)
+def test_import_redirect_to_member(xe, xapi, sim_pool, tmp_path):
+    """Importing into xcp-ng-b's local SR: the master answers the PUT with 302
+    (without reading the body) and xe sends the file to the member."""
+    target = tmp_path / "db01.xva"
+    ok(xe("vm-export", "vm=db01", "filename=" + str(target)))
+    sim_pool.calls.clear()
+    res = ok(xe("vm-import", "filename=" + str(target), "sr-uuid=" + _local_sr_of(xapi, "xcp-ng-b"),
+                timeout=8))
+    assert re.match(r"^[0-9a-f-]{36}\n$", res.out)
+    reqs = sim_pool.calls.requests("/import")
+    assert [r.status for r in reqs] == [302, 200] and reqs[1].host == "xcp-ng-b"
 
 
 # ---------------------------------------------------------------------------
@@ -722,6 +745,26 @@ def test_api_errors(xe, sim_pool, tmp_path, mode):
     assert res.rc == 1
     assert res.err == ("Error code: SR_BACKEND_FAILURE_44\n"
                        "Error parameters: , There is insufficient space, \n")
+    # refs in error parameters are shown as "uuid (name-label)" (Cli_util.ref_convert)
+    session = sim_pool.session()
+    x = session.xenapi
+    vdi_ref = vdi_of(session, sim_pool.vm("db01")[0])[0]
+    vdi = x.VDI.get_record(vdi_ref)
+    sim_pool.faults.fail("VDI.destroy", "VDI_IN_USE", vdi_ref, "destroy")
+    res = xe("vdi-destroy", "uuid=" + vdi["uuid"], mode=mode)
+    assert res.rc == 1
+    assert res.err == ("This operation cannot be performed because this VDI is in use by some "
+                       "other operation\nvdi: %s (%s)\noperation: destroy\n"
+                       % (vdi["uuid"], vdi["name_label"]))
+    # more parameters than the datamodel declares: "<extra>:" lines
+    vm_ref, vm = sim_pool.vm("db01")
+    sim_pool.faults.fail("VM.snapshot", "OTHER_OPERATION_IN_PROGRESS", "VM", vm_ref, "export",
+                         "OpaqueRef:00000000-1111-2222-3333-444444444444")
+    res = xe("vm-snapshot", "vm=db01", "new-name-label=s", mode=mode)
+    assert res.rc == 1
+    assert res.err == ("Another operation involving the object is currently in progress\n"
+                       "class: VM\nobject: %s (db01)\n<extra>: export\n"
+                       "<extra>: OpaqueRef:00000000-1111-2222-3333-444444444444\n" % vm["uuid"])
 
 
 def test_wrong_password_and_slave(xe, sim_pool, tmp_path):
@@ -820,3 +863,37 @@ def test_tls_pool(tmp_path):
         res = run("vm-list", "--nossl", *tcp)
         assert res.rc == 1
         assert res.err == "Unable to contact server. Please check server and port settings.\n"
+
+
+def test_vm_uninstall_takes_snapshots_along(xe, xapi, sim_pool):
+    """vm-uninstall of a VM: the VM and all its snapshots, with the disks whose
+    VBD other_config has an `owner` key; a running VM is hard-shut-down first."""
+    x = xapi.xenapi
+    ref, rec = sim_pool.vm("web01")
+    snaps = x.VM.get_snapshots(ref)
+    assert snaps
+    owned = {}
+    for vm in [ref] + snaps:
+        owned[vm] = [x.VBD.get_VDI(b) for b in x.VM.get_VBDs(vm)
+                     if "owner" in x.VBD.get_other_config(b)]
+    kept = [x.VBD.get_VDI(b) for b in x.VM.get_VBDs(ref)
+            if "owner" not in x.VBD.get_other_config(b) and x.VBD.get_VDI(b) != "OpaqueRef:NULL"]
+    expect = ["The following items are about to be destroyed"]
+    for vm in [ref] + snaps:
+        expect.append("VM : %s (%s)" % (x.VM.get_uuid(vm), x.VM.get_name_label(vm))
+                      if vm != ref else "VM : %s (web01)" % rec["uuid"])
+        for v in owned[vm]:
+            vr = x.VDI.get_record(v)
+            warn = " ** WARNING: disk is shared by other VMs" if len(vr["VBDs"]) > 1 else ""
+            expect.append("VDI: %s (%s) %s" % (vr["uuid"], vr["name_label"], warn))
+    expect += ["All objects destroyed", ""]
+    res = ok(xe("vm-uninstall", "vm=web01", "--force"))
+    assert res.out.split("\n") == expect
+    assert sim_pool.calls.count("VM.hard_shutdown") == 1
+    left = x.VM.get_all()
+    assert ref not in left and not [s for s in snaps if s in left]
+    vdis = x.VDI.get_all()
+    for vs in owned.values():
+        assert not [v for v in vs if v in vdis]
+    for v in kept:
+        assert v in vdis

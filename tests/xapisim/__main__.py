@@ -24,6 +24,8 @@ def main(argv=None):
     ap.add_argument("--release", choices=sorted(pools.RELEASES), help="pretend to be this release")
     ap.add_argument("--keepalive", type=float, default=5.0,
                     help="seconds between XVA keep-alive chunks on slow exports (default 5)")
+    ap.add_argument("--auth-delay", type=float, default=5.0,
+                    help="seconds before answering a wrong password (xapi: ~5, the default)")
     ap.add_argument("--no-socket", action="store_true", help="no unix socket")
     ap.add_argument("--verbose", "-v", action="store_true", help="log every HTTP request")
     args = ap.parse_args(argv)
@@ -35,7 +37,8 @@ def main(argv=None):
         desc = desc or pools.demo_pool()
         desc["release"] = args.release
     pool = xapisim.start_pool(desc, tls=args.tls, unix_socket=not args.no_socket,
-                              keepalive=args.keepalive, port=args.port, verbose=args.verbose)
+                              keepalive=args.keepalive, port=args.port, verbose=args.verbose,
+                              auth_failure_delay=args.auth_delay)
     here = os.path.dirname(os.path.abspath(__file__))
     root = os.path.dirname(os.path.dirname(here))
     pwfile = os.path.join(os.environ.get("TMPDIR", "/tmp"), "xapisim-password")

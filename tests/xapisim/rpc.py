@@ -247,7 +247,7 @@ def vm_start(ctx, vm, start_paused, force):
 @action("VM.start_on")
 def vm_start_on(ctx, vm, host, start_paused, force):
     ctx.db.get("host", host)
-    rec = ctx.db.get("VM", vm)
+    ctx.db.get("VM", vm)
     if not ctx.db.host_sees_srs(host, ctx.db.vm_disk_srs(vm)):
         raise ApiError("VM_REQUIRES_SR", vm, ctx.db.vm_disk_srs(vm)[0])
     model.check_vm_op(ctx.db, vm, "start_on", ["Halted"])
@@ -678,6 +678,17 @@ def _lookup(method):
     return None
 
 
+def _generic_arity(verb):
+    """Parameters of a generated message, session excluded."""
+    if verb in ("get_all", "get_all_records"):
+        return 0
+    if verb.startswith("add_to_"):
+        return 2 + 1
+    if verb.startswith(("set_", "remove_from_", "add_", "remove_")):
+        return 2
+    return 1
+
+
 LOGIN_METHODS = {"session.login_with_password", "session.slave_local_login_with_password"}
 
 
@@ -726,8 +737,10 @@ def _dispatch(ctx, method, params):
             lo, hi = pfun(ctx)
         if not lo + 1 <= len(params) <= hi + 1:
             raise ApiError("MESSAGE_PARAMETER_COUNT_MISMATCH", name, str(hi + 1), str(len(params)))
-    if not params:
-        raise ApiError("MESSAGE_PARAMETER_COUNT_MISMATCH", name, "1", "0")
+    else:
+        n = _generic_arity(entry[1]) + 1
+        if len(params) != n:
+            raise ApiError("MESSAGE_PARAMETER_COUNT_MISMATCH", name, str(n), str(len(params)))
     _check_session(ctx, params[0])
     args = params[1:]
     faults.before_call(ctx, name, args)

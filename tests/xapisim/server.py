@@ -11,7 +11,6 @@ import base64
 import datetime
 import gzip
 import io
-import os
 import socket
 import socketserver
 import ssl
@@ -916,7 +915,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- GET /export_raw_vdi -----------------------------------------------------------
     def h_export_raw_vdi(self, path, rawq, q):
-        sim, db = self.sim, self.sim.db
+        db = self.sim.db
         if self._auth(q) is None:
             return
         task, temp = self._task(q, "VDI.export_raw")
@@ -933,7 +932,7 @@ class Handler(BaseHTTPRequestHandler):
                     if fmt not in ("raw", "vhd"):
                         raise ApiError("INTERNAL_ERROR", "Unknown format %s" % fmt)
                     if q.get("base"):
-                        base = db.resolve("VDI", q["base"])
+                        db.resolve("VDI", q["base"])   # must exist; the VHD is sent whole
                         if fmt != "vhd":
                             raise ApiError("VDI_IO_ERROR", "Cannot compute differences on non-VHD images")
                     if fmt == "vhd" and rec["virtual_size"] > 2040 * (1 << 30):
@@ -999,7 +998,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- GET /pool/xmldbdump ---------------------------------------------------------
     def h_xmldbdump(self, path, rawq, q):
-        sim, db = self.sim, self.sim.db
+        db = self.sim.db
         if self._auth(q) is None:
             return
         task, temp = self._task(q, "pool.dump_database")
@@ -1032,7 +1031,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- GET /host_backup ------------------------------------------------------------
     def h_host_backup(self, path, rawq, q):
-        sim, db = self.sim, self.sim.db
+        db = self.sim.db
         if self._auth(q) is None:
             return
         task, temp = self._task(q, "host.backup")
@@ -1139,7 +1138,7 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- PUT /import_raw_vdi --------------------------------------------------------------
     def h_import_raw_vdi(self, path, rawq, q):
-        sim, db = self.sim, self.sim.db
+        db = self.sim.db
         if self._auth(q) is None:
             return
         task, temp = self._task(q, "VDI.import")

@@ -2611,7 +2611,12 @@ def _main(argv, argv0):
             err("Unable to contact server. Please check server and port settings.\n")
             return 1
         try:
-            _wrap_api_errors(lambda: spec[0](ctx, params))
+            try:
+                _wrap_api_errors(lambda: spec[0](ctx, params))
+            except ApiError as e:
+                # refs become "uuid (name)" while the session is still open
+                e.params = [ctx.refs.convert(p) for p in e.params]
+                raise
             printer.flush()
             return 0
         finally:
