@@ -1101,6 +1101,8 @@ BACKUP_DIR_RE = re.compile(r"^backup-(\d{4})-(\d\d)-(\d\d)-(?:(\d\d)(\d\d)(\d\d)
 DATED_FILE_RE = re.compile(r"^(?:pool_db|host)_(\d{8})-(\d{6})\.(?:dump|xbk)$")
 
 SUCCESS_MARKER = "success"
+#: NAUbackup also wrote `success_compress` (for a server-side compression script).
+SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress")
 MANIFEST = "backup.json"
 
 
@@ -1248,7 +1250,7 @@ def vm_backups(vm_dir):
         path = os.path.join(vm_dir, name)
         if when is None or not os.path.isdir(path) or os.path.islink(path):
             continue
-        found.append((name, when, os.path.exists(os.path.join(path, SUCCESS_MARKER))))
+        found.append((name, when, any(os.path.exists(os.path.join(path, m)) for m in SUCCESS_MARKERS)))
     return found
 
 
@@ -3321,7 +3323,6 @@ def check_host_backup(path):
 # ---------------------------------------------------------------------------
 
 #: NAUbackup marks a complete backup with `success`, or `success_compress` for large files.
-LEGACY_SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress")
 
 #: What a check of one file can say.
 FILE_KINDS = (("xva", (".xva", ".xva.gz", ".xva.zst")), ("vhd", (".vhd",)), ("raw", (".raw",)),
@@ -3501,7 +3502,7 @@ def verify_backup(folder, quick=False):
         result["notes"].append("no %s and no success marker: the backup did not finish" % MANIFEST)
     else:
         result["legacy"] = True
-        result["complete"] = bool(names.intersection(LEGACY_SUCCESS_MARKERS))
+        result["complete"] = bool(names.intersection(SUCCESS_MARKERS))
         result["notes"].append("legacy NAUbackup backup: no manifest")
         _check_legacy_files(result, folder, names, quick)
     result["status"] = final_status(result)
@@ -3525,7 +3526,7 @@ def _check_mode(result, manifest, listed):
 def _check_legacy_files(result, folder, names, quick):
     """Check a NAUbackup folder's files by their format (no manifest: no sizes or SHA-256 to compare)."""
     raw_size = legacy_raw_size(folder)
-    kinds = [(n, file_kind(n)) for n in sorted(names - set(LEGACY_SUCCESS_MARKERS))
+    kinds = [(n, file_kind(n)) for n in sorted(names - set(SUCCESS_MARKERS))
              if os.path.isfile(os.path.join(folder, n))]
     modes = {"xva": "vm-export", "vhd": "vdi-export", "raw": "vdi-export"}
     result["mode"] = next((modes[k] for _, k in kinds if k in modes), "meta-export")
@@ -4115,7 +4116,7 @@ def xapi_value(text):
 def newest_complete(vm_dir):
     """Return the newest complete backup folder of a VM folder; raise RestoreError if none."""
     for folder in reversed(backup_folders(vm_dir)):
-        if any(os.path.exists(os.path.join(folder, m)) for m in LEGACY_SUCCESS_MARKERS):
+        if any(os.path.exists(os.path.join(folder, m)) for m in SUCCESS_MARKERS):
             return folder
     raise RestoreError("%s holds no complete backup" % vm_dir)
 

@@ -597,6 +597,122 @@ def test_import_raw_vdi_raw_vhd_chunked(sim_pool, xapi, tmp_path):
     assert wait_task(x, task)["error_info"][0] == "VDI_IO_ERROR"
 
 
+def put_status_first(url, path, query, body, timeout=5, max_redirects=2):
+    """PUT `body` the way xe and vmbackup do, without `Expect: 100-continue`: send the
+    request line and headers, read the status line, and send the body only after a 200;
+    follow 302s to their Location.  Every socket operation has `timeout`, so a server
+    that waits for the body before answering makes this raise socket.timeout instead of
+    hanging.  -> [(host URL, status), ...] (the last one 200, its body sent and the
+    server's close seen)."""
+    hops = []
+    target = path + "?" + urllib.parse.urlencode(query)
+    for _ in range(max_redirects + 1):
+        u = urllib.parse.urlsplit(url)
+        conn = http.client.HTTPConnection(u.hostname, u.port, timeout=timeout)
+        try:
+            conn.putrequest("PUT", target, skip_accept_encoding=True)
+            conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders()
+            # keep the socket: on an answer with "Connection: close" (xapi's 200 and 302
+            # both say it) http.client lets go of it, and conn.send() would then open a
+            # new connection and send the body there
+            sock = conn.sock
+            resp = conn.getresponse()
+            hops.append((url, resp.status))
+            if resp.status == 302:
+                assert resp.getheader("Connection") == "close"
+                assert resp.read() == b""
+                loc = urllib.parse.urlsplit(resp.getheader("Location"))
+                url, target = "%s://%s/" % (loc.scheme, loc.netloc), loc.path + "?" + loc.query
+                continue
+            assert resp.status == 200, hops
+            sock.sendall(body)
+            assert resp.read() == b""          # the server closes once it has it all
+            return hops
+        finally:
+            conn.close()
+    raise AssertionError("too many redirects: %r" % hops)
+
+
+def test_import_put_redirect_answered_before_the_body(sim_pool, xapi):
+    """A host that cannot see the target SR answers a PUT /import or /import_raw_vdi
+    with 302 at once, before reading the body, and closes (import.ml, import_raw_vdi.ml).
+    A client that waits for the status line before sending (xe, vmbackup) follows the
+    Location and uploads there: no deadlock."""
+    x = xapi.xenapi
+    master_url, b_url = sim_pool.url, sim_pool.host_urls["xcp-ng-b"]
+    b_host = [r for r, h in x.host.get_all_records().items() if h["name_label"] == "xcp-ng-b"][0]
+    local_b = [r for r, s in x.SR.get_all_records().items()
+               if s["name_label"] == "Local storage" and x.PBD.get_host(s["PBDs"][0]) == b_host][0]
+    vms_before, vdis_before = set(x.VM.get_all()), set(x.VDI.get_all())
+    tasks_before = set(x.task.get_all())
+
+    # /import of an XVA into xcp-ng-b's local SR, sent to the master
+    ref, _ = sim_pool.vm("db01")
+    xva_body = _export(sim_pool, xapi._session, ref)
+    sim_pool.calls.clear()
+    task = x.task.create("import", "")
+    hops = put_status_first(master_url, "/import", {"session_id": xapi._session, "task_id": task,
+                                                    "sr_id": local_b}, xva_body)
+    assert hops == [(master_url, 302), (b_url, 200)]
+    first, second = sim_pool.calls.requests("/import")
+    assert (first.host, first.status, first.bytes_received, first.task) == ("xcp-ng-a", 302, 0, None)
+    assert (second.host, second.status, second.bytes_received) == ("xcp-ng-b", 200, len(xva_body))
+    rec = wait_task(x, task)
+    assert rec["status"] == "success", rec["error_info"]
+    new_vm = xmlrpc.client.loads("<methodResponse><params><param>%s</param></params></methodResponse>"
+                                 % rec["result"])[0][0][0]
+    disks = [x.VBD.get_VDI(b) for b in x.VM.get_VBDs(new_vm) if x.VBD.get_type(b) == "Disk"]
+    assert disks and all(x.VDI.get_SR(v) == local_b for v in disks)
+
+    # /import_raw_vdi into an existing VDI on that SR
+    raw = b"\x5a" * MIB
+    dst = x.VDI.create({"name_label": "restore", "SR": local_b, "virtual_size": str(2 * MIB),
+                        "type": "user", "sharable": False, "read_only": False, "other_config": {},
+                        "xenstore_data": {}, "sm_config": {}, "tags": []})
+    sim_pool.calls.clear()
+    task = x.task.create("import", "")
+    hops = put_status_first(master_url, "/import_raw_vdi", {"session_id": xapi._session, "vdi": dst,
+                                                            "format": "raw", "task_id": task}, raw)
+    assert hops == [(master_url, 302), (b_url, 200)]
+    assert [(r.host, r.status, r.bytes_received) for r in sim_pool.calls.requests("/import_raw_vdi")] \
+        == [("xcp-ng-a", 302, 0), ("xcp-ng-b", 200, len(raw))]
+    assert wait_task(x, task)["status"] == "success"
+    assert sim_pool.vdi_content(dst).read(0, len(raw)) == raw
+
+    # raw into the SR itself (sr_id, no vdi): the VDI is created once, by xcp-ng-b
+    task = x.task.create("import", "")
+    hops = put_status_first(master_url, "/import_raw_vdi", {"session_id": xapi._session, "sr_id": local_b,
+                                                            "format": "raw", "task_id": task}, raw)
+    assert hops == [(master_url, 302), (b_url, 200)]
+    rec = wait_task(x, task)
+    assert rec["status"] == "success", rec["error_info"]
+    created = set(x.VDI.get_all()) - vdis_before - set(disks) - {dst}
+    assert [x.VDI.get_name_label(v) for v in created] == ["Imported VDI"]
+    made = created.pop()
+    assert x.VDI.get_SR(made) == local_b and sim_pool.vdi_content(made).read(0, len(raw)) == raw
+
+    # a client that sends the body without waiting is not left hanging either: it reads
+    # the 302 (the body fit in the socket buffers) or meets the close, as from xapi
+    u = urllib.parse.urlsplit(master_url)
+    conn = http.client.HTTPConnection(u.hostname, u.port, timeout=5)
+    try:
+        conn.request("PUT", "/import?" + urllib.parse.urlencode(
+            {"session_id": xapi._session, "sr_id": local_b}), body=xva_body)
+        outcome = conn.getresponse().status
+    except (BrokenPipeError, ConnectionResetError) as e:
+        outcome = type(e).__name__
+    finally:
+        conn.close()
+    assert outcome in (302, "BrokenPipeError", "ConnectionResetError")
+
+    # nothing else was created, and no task was left behind by the 302s
+    assert set(x.VM.get_all()) - vms_before == {new_vm}
+    assert set(x.task.get_all()) - tasks_before <= set(x.task.get_all_records())
+    assert not [t for t, r in x.task.get_all_records().items()
+                if t not in tasks_before and r["name_label"] in ("VM.import", "VDI.import")]
+
+
 # ---------------------------------------------------------------------------
 # TLS, call log
 # ---------------------------------------------------------------------------

@@ -550,9 +550,6 @@ def _local_sr_of(xapi, host_name):
             return rec["uuid"]
 
 
-@pytest.mark.xfail(reason="xapisim server: a PUT that must be redirected reads the whole body "
-                   "before answering 302, while (real) xe waits for the status line before "
-                   "sending the body: both wait", raises=subprocess.TimeoutExpired, strict=False)
 def test_import_redirect_to_member(xe, xapi, sim_pool, tmp_path):
     """Importing into xcp-ng-b's local SR: the master answers the PUT with 302
     (without reading the body) and xe sends the file to the member."""

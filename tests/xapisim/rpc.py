@@ -238,6 +238,37 @@ def vm_destroy(ctx, vm):
     return ""
 
 
+@action("VM.set_memory_limits", async_ok=True)
+def vm_set_memory_limits(ctx, vm, static_min, static_max, dynamic_min, dynamic_max):
+    """xapi_vm_memory_constraints: static_min <= dynamic_min <= dynamic_max <= static_max;
+    the static range may change only while the VM is halted."""
+    rec = ctx.db.get("VM", vm)
+    values = [int(v) for v in (static_min, static_max, dynamic_min, dynamic_max)]
+    smin, smax, dmin, dmax = values
+    if not smin <= dmin <= dmax <= smax:
+        raise ApiError("MEMORY_CONSTRAINT_VIOLATION",
+                       "Memory limits must satisfy: static_min <= dynamic_min <= dynamic_max <= static_max")
+    model.check_vm_op(ctx.db, vm, "changing_memory_limits", ["Halted"])
+    rec.update(memory_static_min=smin, memory_static_max=smax, memory_dynamic_min=dmin,
+               memory_dynamic_max=dmax, memory_target=dmax)
+    ctx.db.touch()
+    return ""
+
+
+@action("VIF.move", async_ok=True)
+def vif_move(ctx, vif, network):
+    """Move a VIF to another network (xapi_vif.ml move; a halted VM's VIF just changes)."""
+    rec = ctx.db.get("VIF", vif)
+    ctx.db.get("network", network)
+    old = ctx.db.get("network", rec["network"])
+    if vif in old.get("VIFs", []):
+        old["VIFs"].remove(vif)
+    ctx.db.get("network", network).setdefault("VIFs", []).append(vif)
+    rec["network"] = network
+    ctx.db.touch()
+    return ""
+
+
 @action("VM.start")
 def vm_start(ctx, vm, start_paused, force):
     model.start_vm(ctx.db, vm)

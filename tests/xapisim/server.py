@@ -729,14 +729,29 @@ class Handler(BaseHTTPRequestHandler):
                     self.sim.db.remove("task", task)
 
     def _redirect(self, host, path, rawq):
+        """302 to ``host``, same path and query; the connection is closed after it.
+
+        A PUT's body is not read (import.ml ``handler``, import_raw_vdi.ml ``import``:
+        ``Http.http_302_redirect`` then close): the client re-sends it to the new
+        location.  xe and vmbackup read the status line before they send the body; a
+        client that sends a large body without waiting meets the close (broken pipe /
+        reset), as it would from xapi."""
         db = self.sim.db
         with db.lock:
             addr = db.tables["host"][host]["address"]
         scheme = "https" if self.sim.tls else "http"
         loc = "%s://%s:%d%s%s" % (scheme, addr, self.sim.port, path, "?" + rawq if rawq else "")
-        if self.command == "PUT":
-            pass   # the client re-sends the body to the new location
-        self._simple(302, "Found", b"", headers=[("Location", loc)])
+        self._simple(302, "Found", b"", headers=[("Cache-Control", "no-cache, no-store"),
+                                                  ("Location", loc)])
+
+    def _put_redirect(self, sr):
+        """For /import and /import_raw_vdi: the host to redirect to when this one
+        cannot see ``sr`` (else None).  As xapi, decided before the client's task is
+        touched and before anything is created or read."""
+        db = self.sim.db
+        if sr is None or sr not in db.tables["SR"] or db.host_sees_srs(self.host_ref, [sr]):
+            return None
+        return db.host_for_srs([sr])
 
     def _fail_before(self, task, temp, err):
         with self.sim.db.lock:
@@ -786,6 +801,7 @@ class Handler(BaseHTTPRequestHandler):
         except ApiError as e:
             return self._fail_before(task, temp, e)
         if redirect is not None:
+            self._end_task(task, temp)     # a temporary task must not outlive the 302
             return self._redirect(redirect, path, rawq)
         comp = {"true": "gzip", "gzip": "gzip", "zstd": "zstd"}.get(q.get("use_compression", ""))
         sent_raw = [0]
@@ -951,6 +967,7 @@ class Handler(BaseHTTPRequestHandler):
                 return
             return self._fail_before(task, temp, e)
         if redirect is not None:
+            self._end_task(task, temp)     # a temporary task must not outlive the 302
             return self._redirect(redirect, path, rawq)
         sender = self._sender(path)
         error = None
@@ -1079,34 +1096,42 @@ class Handler(BaseHTTPRequestHandler):
         length = self.headers.get("Content-Length")
         return BodyReader(self.rfile, int(length) if length is not None else None, self.req)
 
+    def _import_sr(self, q):
+        """The SR an /import goes to: ``sr_id``, ``sr_uuid``, else the pool's default."""
+        db = self.sim.db
+        if q.get("sr_id"):
+            return db.get("SR", q["sr_id"]) and q["sr_id"]
+        if q.get("sr_uuid"):
+            return db.ref_of_uuid("SR", q["sr_uuid"])
+        sr = db.pool()["default_SR"]
+        if sr not in db.tables["SR"]:
+            raise ApiError("DEFAULT_SR_NOT_FOUND", sr)
+        return sr
+
     def h_import(self, path, rawq, q):
         sim, db = self.sim, self.sim.db
         if self._auth(q) is None:
             return
+        # the SR check comes first, under no task (import.ml uses a fresh one):
+        # answer 302 before reading any of the body
+        try:
+            with db.lock:
+                redirect = self._put_redirect(self._import_sr(q))
+        except ApiError:
+            redirect = None        # reported below, under the client's task
+        if redirect is not None:
+            return self._redirect(redirect, path, rawq)
         if self.headers.get("Transfer-Encoding"):
             self._discard_body()
             self._simple(403, "Forbidden", b"<html><body><h1>HTTP 403 forbidden</h1>Cannot_handle_chunked</body></html>")
             return
         task, temp = self._task(q, "VM.import")
         self.req.task = task
-        redirect = None
         try:
             with db.lock:
-                if q.get("sr_id"):
-                    sr = db.get("SR", q["sr_id"]) and q["sr_id"]
-                elif q.get("sr_uuid"):
-                    sr = db.ref_of_uuid("SR", q["sr_uuid"])
-                else:
-                    sr = db.pool()["default_SR"]
-                    if sr not in db.tables["SR"]:
-                        raise ApiError("DEFAULT_SR_NOT_FOUND", sr)
-                if not db.host_sees_srs(self.host_ref, [sr]):
-                    redirect = db.host_for_srs([sr])
+                sr = self._import_sr(q)
         except ApiError as e:
             return self._fail_before(task, temp, e)
-        if redirect is not None:
-            self._discard_body() if self.headers.get("Content-Length") else None
-            return self._redirect(redirect, path, rawq)
         restore = q.get("restore") == "true"
         force = q.get("force") == "true"
         self._head("HTTP/1.1 200 OK", [("Connection", "close"), ("task-id", task),
@@ -1137,14 +1162,34 @@ class Handler(BaseHTTPRequestHandler):
             self._end_task(task, temp)
 
     # -- PUT /import_raw_vdi --------------------------------------------------------------
+    def _import_raw_vdi_sr(self, q):
+        """The SR of ``vdi``, else ``sr_id``/``sr_uuid`` (import_raw_vdi.ml ``import``)."""
+        db = self.sim.db
+        if q.get("vdi"):
+            return db.tables["VDI"][db.resolve("VDI", q["vdi"])]["SR"]
+        if q.get("sr_id"):
+            return db.get("SR", q["sr_id"]) and q["sr_id"]
+        if q.get("sr_uuid"):
+            return db.ref_of_uuid("SR", q["sr_uuid"])
+        return None
+
     def h_import_raw_vdi(self, path, rawq, q):
         db = self.sim.db
         if self._auth(q) is None:
             return
+        # as xapi: the SR check first, with no task and nothing created (a VDI made
+        # from sr_id here would be made again by the host the client is sent to);
+        # answer 302 before reading any of the body
+        try:
+            with db.lock:
+                redirect = self._put_redirect(self._import_raw_vdi_sr(q))
+        except ApiError:
+            redirect = None        # reported below, under the client's task
+        if redirect is not None:
+            return self._redirect(redirect, path, rawq)
         task, temp = self._task(q, "VDI.import")
         self.req.task = task
         fmt = (q.get("format") or "raw").lower()
-        redirect = None
         length = self.headers.get("Content-Length")
         try:
             with db.lock:
@@ -1160,17 +1205,10 @@ class Handler(BaseHTTPRequestHandler):
                     db.client_created.add(vdi)
                 else:
                     raise ApiError("VDI_MISSING", NULL, NULL)
-                rec = db.tables["VDI"][vdi]
-                if not db.host_sees_srs(self.host_ref, [rec["SR"]]):
-                    redirect = db.host_for_srs([rec["SR"]])
-                else:
-                    model.vdi_in_use_error(db, vdi, "import")
-                    db.in_use.setdefault(vdi, {})[task] = "import"
+                model.vdi_in_use_error(db, vdi, "import")
+                db.in_use.setdefault(vdi, {})[task] = "import"
         except ApiError as e:
             return self._fail_before(task, temp, e)
-        if redirect is not None:
-            self._discard_body() if length else None
-            return self._redirect(redirect, path, rawq)
         self._head("HTTP/1.1 200 OK", [("Connection", "close"), ("task-id", task),
                                        ("Server", SERVER_NAME)])
         self.req.status = 200
