@@ -1461,6 +1461,16 @@ BUSY_CODES = ("OTHER_OPERATION_IN_PROGRESS", "VDI_IN_USE")
 GONE_CODES = ("HANDLE_INVALID", "UUID_INVALID")
 
 
+def quiesce_unavailable(exc):
+    """Return True if a quiesced snapshot failed in a way a normal snapshot can replace.
+
+    MESSAGE_REMOVED: the pool is Citrix Hypervisor 8.1 or newer; VM_SNAPSHOT_WITH_QUIESCE_*:
+    the guest has no working VSS provider (OnyxBackupVM falls back the same way).
+    """
+    code = error_code(exc)
+    return code == "MESSAGE_REMOVED" or code.startswith("VM_SNAPSHOT_WITH_QUIESCE_")
+
+
 def error_code(exc):
     """Return the XAPI error code carried by an XapiFailure or XeFailed, else ''."""
     return getattr(exc, "code", "") or ""
@@ -1556,10 +1566,10 @@ class ApiTransport(Transport):
             try:
                 return self.vm_obj(self.xapi.call("VM.snapshot_with_quiesce", vm.ref, name))
             except XapiFailure as exc:
-                if exc.code != "MESSAGE_REMOVED":
+                if not quiesce_unavailable(exc):
                     raise
-                log.warning("quiesced snapshots are not supported by this pool (MESSAGE_REMOVED): "
-                            "taking a normal snapshot of %s", printable(name))
+                log.warning("no quiesced snapshot (%s): taking a normal snapshot for %s",
+                            exc.code, printable(name))
         return self.vm_obj(self.xapi.call("VM.snapshot", vm.ref, name))
 
     def prepare_snapshot(self, snap):
@@ -1893,10 +1903,10 @@ class XeTransport(Transport):
                 uuid = self.xe("vm-snapshot-with-quiesce", uuid=vm.uuid, new_name_label=name).strip()
                 return self.vm_obj(uuid=uuid)
             except XeFailed as exc:
-                if exc.code != "MESSAGE_REMOVED" and "removed" not in exc.stderr.lower():
+                if not quiesce_unavailable(exc):
                     raise
-                log.warning("quiesced snapshots are not supported by this pool (MESSAGE_REMOVED): "
-                            "taking a normal snapshot of %s", printable(name))
+                log.warning("no quiesced snapshot (%s): taking a normal snapshot for %s",
+                            exc.code, printable(name))
         uuid = self.xe("vm-snapshot", uuid=vm.uuid, new_name_label=name).strip()
         return self.vm_obj(uuid=uuid)
 

@@ -19,12 +19,13 @@ MB/s is virtual bytes (MiB) / wall seconds.  vmbackup fsyncs its files, curl doe
 not, so curl is shown both bare and followed by an fsync of its file; the ratio
 uses the fsynced time.  "outside" is vmbackup's wall time minus the transfer
 time it logs ("exported ... in N.Ns").  --profile also runs each vmbackup case
-in-process under cProfile and prints where the time goes.
+under `python -m cProfile` and prints where its time goes, phase by phase.
 
     python3 bench/vmbackup_export.py [--sparse-gib 20] [--dense-mib 1024] [--dir /var/tmp]
                                      [--profile] [--only a,b,c]
 """
 import argparse
+import ast
 import io
 import json
 import os
@@ -154,12 +155,14 @@ class Bench(object):
                               universal_newlines=True)
         wall = time.monotonic() - began
         shutil.rmtree(backup_dir, ignore_errors=True)
-        text = io.StringIO()
-        pstats.Stats(prof, stream=text).sort_stats("tottime").print_stats(12)
+        stats = pstats.Stats(prof, stream=io.StringIO())
         os.unlink(prof)
-        return "vmbackup exit %d, %.1fs under cProfile%s\n%s" % (
+        text = io.StringIO()
+        stats.stream = text
+        stats.sort_stats("tottime").print_stats(10)
+        return "vmbackup exit %d, %.1fs under cProfile%s\n%s\n\n%s" % (
             proc.returncode, wall, (":\n" + proc.stdout) if proc.returncode else "",
-            _trim_pstats(text.getvalue()))
+            phases(stats), _trim_pstats(text.getvalue()))
 
     def case(self, key, title, select, url, virtual):
         wall, transfer, vfile, vlog = self.run_vmbackup(key, select)
@@ -180,6 +183,64 @@ class Bench(object):
         if self.args.profile:
             row["profile"] = self.profile_vmbackup(key, select)
         return row
+
+
+def _qualnames(path):
+    """{first line of a def: Class.method or function} for vmbackup.py as it is now."""
+    names = {}
+
+    def walk(node, prefix):
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.ClassDef)):
+                name = prefix + child.name
+                if isinstance(child, ast.FunctionDef):
+                    names[child.lineno] = name
+                walk(child, name + ".")
+    with open(path, encoding="utf-8") as f:
+        walk(ast.parse(f.read()), "")
+    return names
+
+
+#: vmbackup's run cut into phases: (label, [+function, -function...]) by cumulative time.
+PHASES = [
+    ("backup_dir checks (write probe, df)", ["check_backup_dir"]),
+    ("login + logout", ["login", "Xapi.logout"]),
+    ("read pool (get_all_records)", ["read_pool"]),
+    ("leftover scan", ["clean_leftovers"]),
+    ("snapshot (take, tag, prepare)", ["vm_snapshot.__enter__", "vdi_snapshot.__enter__",
+                                       "ApiTransport.prepare_snapshot"]),
+    ("VM metadata export + .cfg files", ["save_vm_metadata", "write_cfg_files"]),
+    ("TRANSFER: HTTP read + sha256 + write + fsync", ["ApiTransport.stream"]),
+    ("export task create/wait/destroy", ["ApiTransport.download", "-ApiTransport.stream"]),
+    ("fsync + rename of the export (partial_file)", ["partial_file.__exit__"]),
+    ("XVA completeness check", ["xva_is_complete"]),
+    ("snapshot destroy (+ check gone)", ["vm_snapshot.__exit__", "vdi_snapshot.__exit__"]),
+    ("manifest, .cfg/metadata sha256, marker", [
+        "backup_vm", "-save_vm_metadata", "-write_cfg_files", "-export_with_retries",
+        "-prune_vm_backups", "-check_space", "-new_backup_folder"]),
+    ("retention (prune)", ["prune_vm_backups"]),
+]
+
+
+def phases(stats):
+    """Return lines: seconds per PHASES entry, from a pstats.Stats of a vmbackup run."""
+    names = _qualnames(VMBACKUP)
+    cum, total = {}, 0.0
+    for (filename, lineno, func), (_, _, tt, ct, _) in stats.stats.items():
+        total += tt
+        if os.path.abspath(filename) == VMBACKUP and lineno in names:
+            cum[names[lineno]] = cum.get(names[lineno], 0.0) + ct
+    main_s = cum.get("main", 0.0)
+    rows = [("python start-up + imports (profiled)", total - main_s)]
+    for label, funcs in PHASES:
+        rows.append((label, sum(-cum.get(f[1:], 0.0) if f.startswith("-") else cum.get(f, 0.0)
+                                for f in funcs)))
+    rows.append(("the rest (selection, lock, logging, status)", main_s - sum(r[1] for r in rows[1:])))
+    width = max(len(r[0]) for r in rows)
+    out = ["  %-*s %7.3fs" % (width, label, sec) for label, sec in rows]
+    out.append("  %-*s %7.3fs   (outside the transfer: %.3fs)" % (
+        width, "total", total, total - next(s for l, s in rows if l.startswith("TRANSFER"))))
+    return "\n".join(out)
 
 
 def _trim_pstats(text):

@@ -329,3 +329,63 @@ def test_json_summary(sim_pool, api, backup_dir, tmp_path):
     assert vm["path"].startswith(str(backup_dir))
     assert data["warnings"] == ["vm not found: vm-export=nosuchvm (--vm-export)"]
     assert sim_pool.password not in out_json.read_text()
+
+
+@pytest.mark.parametrize("release", ["xenserver-7.1", "xcp-ng-8.3"])
+def test_quiesce_where_supported_else_normal_snapshot_with_warning(transport, backup_dir, release):
+    old = release == "xenserver-7.1"     # before Citrix Hypervisor 8.1: VSS snapshots exist
+    desc = pools.simple_pool(vms=[
+        {"name": "win", "power_state": "Running", "host": "host1", "os": pools.OS_WINDOWS},
+        {"name": "lin", "other_config": {"vmbackup:quiesce": "true"}}],   # no guest agent
+        release=release)
+    with start_pool(desc) as pool:
+        out = run_vmbackup(*transport(pool), "-e", "win", "-e", "lin", "-d", backup_dir,
+                           "--quiesce", exit_code=1)
+        assert pool.calls.count("VM.snapshot_with_quiesce") == 2
+        assert pool.calls.count("VM.snapshot") == (1 if old else 2)
+        assert ("MESSAGE_REMOVED" in out) is not old
+        assert ("VM_SNAPSHOT_WITH_QUIESCE_NOT_SUPPORTED" in out) is old
+        # per VM, from its other_config, without the global switch
+        pool.calls.clear()
+        run_vmbackup(*transport(pool), "-e", "lin", "-e", "win", "-d", backup_dir, exit_code=1)
+        assert pool.calls.count("VM.snapshot_with_quiesce") == 1
+        assert not pool.leftovers()["snapshots"]
+        for vm in ("win", "lin"):
+            assert len([b for b in os.listdir(os.path.join(str(backup_dir), vm))
+                        if os.path.exists(os.path.join(str(backup_dir), vm, b, "success"))]) == 2
+
+
+def test_nobak_disk_skipped_by_vdi_export_and_metadata_only_config(sim_pool, api, backup_dir, tmp_path):
+    out = run_vmbackup(*api(sim_pool), "-E", "app01::xvda;xvdb", "-d", backup_dir)
+    assert "left out ([NOBAK]): xvdb" in out
+    folder = only_backup(backup_dir, "app01")
+    assert sorted(f for f in os.listdir(folder) if f.endswith(".raw")) == ["app01.raw"]
+    cfg = tmp_path / "meta.cfg"
+    cfg.write_text("backup_dir=%s\nmetadata_only=true\nvm-export=db01\nvdi-export=web01\n" % backup_dir)
+    before = sim_pool.calls.count("VM.snapshot") + sim_pool.calls.count("VDI.snapshot")
+    run_vmbackup(*api(sim_pool), "-c", cfg)
+    assert sim_pool.calls.count("VM.snapshot") + sim_pool.calls.count("VDI.snapshot") == before
+    for vm in ("db01", "web01"):
+        manifest = json.load(open(os.path.join(only_backup(backup_dir, vm), "backup.json")))
+        assert manifest["mode"] == "meta-export"
+
+
+@pytest.mark.parametrize("kind", ["xe", "api"])
+def test_remote_pool_through_a_member_and_redirected_export(sim_pool, backup_dir, tmp_path, kind,
+                                                            monkeypatch):
+    """--server names a pool member: login follows HOST_IS_SLAVE to the master, and the
+    export of a VM on a member's local SR follows XAPI's redirect, over xe and the API."""
+    for key, value in sim_pool.env().items():
+        monkeypatch.setenv(key, value)
+    pw = tmp_path / "pw"
+    pw.write_text(sim_pool.password)
+    pw.chmod(0o600)
+    member = [url for url in sim_pool.host_urls.values() if url != sim_pool.url][0]
+    args = ["--server", member, "--password-file", pw, "--transport", kind,
+            "--xe", sim_pool.xe_path, "-e", "local-vm", "-d", backup_dir, "-v"]
+    out = run_vmbackup(*args)
+    assert "pool member" in out
+    assert os.path.exists(os.path.join(only_backup(backup_dir, "local-vm"), "success"))
+    exports = [(r.host, r.status) for r in sim_pool.calls.requests("/export")]
+    assert any(status == 302 for _, status in exports) and len({h for h, _ in exports}) == 2
+    assert_pool_clean(sim_pool)

@@ -8,31 +8,48 @@
 
 See README.md in this directory.
 """
-import hashlib
+import _thread
 import os
-import shutil
-import subprocess
 import sys
-import tempfile
-import threading
-import uuid as uuidlib
 
-from xapisim import model, pools
-from xapisim.calllog import CallLog
-from xapisim.faults import Faults
+# Nothing heavy is imported here: the `xe` stand-in imports this package for
+# xapisim.xecli alone and runs once per command.  The model, the pool
+# descriptions and the rest load when first used (start_pool / SimPool, or an
+# attribute such as ``xapisim.pools``, see __getattr__).
 
 __all__ = ["start_pool", "SimPool", "pools"]
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 XE_PATH = os.path.join(HERE, "xe")
 
-_CERT_LOCK = threading.Lock()
+_SUBMODULES = ("calllog", "disks", "faults", "model", "pools", "rpc", "server", "vhd", "xecli", "xva")
+_NAMES = {"CallLog": "calllog", "Faults": "faults"}
+
+
+def __getattr__(name):
+    """``xapisim.model``, ``xapisim.pools``, … (and ``CallLog``, ``Faults``) on first use."""
+    import importlib
+    if name in _SUBMODULES:
+        return importlib.import_module("xapisim." + name)
+    if name in _NAMES:
+        return getattr(importlib.import_module("xapisim." + _NAMES[name]), name)
+    raise AttributeError("module %r has no attribute %r" % (__name__, name))
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_SUBMODULES) | set(_NAMES))
+
+
+_CERT_LOCK = _thread.allocate_lock()     # threading.Lock, without importing threading
 _CERT = {}
 
 
 def _certificate():
     """A self-signed certificate (made once per process with the openssl CLI)
     valid for 127.0.0.1-127.0.0.16 and localhost."""
+    import hashlib
+    import subprocess
+    import tempfile
     with _CERT_LOCK:
         if _CERT and os.path.exists(_CERT["cert"]):
             return _CERT
@@ -59,6 +76,10 @@ class SimPool(object):
 
     def __init__(self, description=None, tls=False, unix_socket=True, keepalive=5.0, port=0,
                  auth_failure_delay=0.0, verbose=False):
+        import threading
+        from xapisim import model, pools
+        from xapisim.calllog import CallLog
+        from xapisim.faults import Faults
         self.description = pools.describe(description)
         self.db = model.build(self.description)
         self.release = self.db.release
@@ -84,8 +105,11 @@ class SimPool(object):
 
     # -- lifecycle ---------------------------------------------------------------
     def start(self):
-        from xapisim import server
         import ssl
+        import threading
+        import tempfile
+        import uuid as uuidlib
+        from xapisim import server
         ctx = None
         if self.tls:
             c = _certificate()
@@ -109,6 +133,7 @@ class SimPool(object):
         return self
 
     def stop(self):
+        import threading
         self._stopping.set()
         stoppers = [threading.Thread(target=s.shutdown) for s in self._servers]
         for t in stoppers:
@@ -122,6 +147,7 @@ class SimPool(object):
             t.join(5)
         self._servers, self._threads = [], []
         if self._tmpdir:
+            import shutil
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
 
@@ -209,6 +235,7 @@ class SimPool(object):
 
     def write_vdi(self, vdi, offset, data):
         """Change a VDI's content (its snapshots keep the old content)."""
+        from xapisim import model
         with self.db.lock:
             ref = self._vdi_ref(vdi)
             disk = self.db.content[ref]
