@@ -1415,6 +1415,7 @@ XE_ERROR_SENTENCES = {
     "This function is no longer available": "MESSAGE_REMOVED",
     "The SR backend does not support the operation": "SR_OPERATION_NOT_SUPPORTED",
     "The SR is full": "SR_FULL",
+    "You attempted an operation that was explicitly blocked": "OPERATION_BLOCKED",
     "not in an appropriate power state": "VM_BAD_POWER_STATE",
     "The credentials given by the user are incorrect": "SESSION_AUTHENTICATION_FAILED",
     "The server failed to handle your request, due to an internal error": "INTERNAL_ERROR",
@@ -1704,7 +1705,14 @@ class ApiTransport(Transport):
         task = self.xapi.call("task.create", "vmbackup: " + what, "")
         try:
             query = dict(params, session_id=self.xapi.ref, task_id=task)
-            response, conn = self.open(endpoint or self.endpoint, "GET", path, query)
+            try:
+                response, conn = self.open(endpoint or self.endpoint, "GET", path, query)
+            except ExportFailed as exc:
+                # XAPI's error page is HTML; the task says why in XAPI's own words
+                reason = self.xapi.call("task.get_record", task).get("error_info")
+                if reason:
+                    raise ExportFailed("%s refused: %s" % (what, xapi_error_text(reason)))
+                raise exc
             try:
                 nbytes, digest = self.stream(response, dest, what, sparse)
             finally:
@@ -2153,71 +2161,53 @@ def snapshot_label(vm_name, moment):
     return "vmbackup_%s_%s" % (printable(vm_name), stamp(moment))
 
 
-class vm_snapshot:
-    """`with vm_snapshot(ctx, vm, vlog) as snap:` a tagged snapshot, destroyed on every way out."""
+class tool_snapshot:
+    """`with tool_snapshot(ctx, "VM"|"VDI", take, vlog) as snap:` the snapshot `take()` makes,
+    tagged as this tool's, destroyed (and checked gone) on every way out: errors, signals."""
 
-    def __init__(self, ctx, vm, vlog, moment):
-        self.ctx, self.vm, self.vlog, self.moment = ctx, vm, vlog, moment
+    def __init__(self, ctx, cls, take, vlog):
+        self.ctx, self.cls, self.take, self.vlog = ctx, cls, take, vlog
         self.snap = None
 
     def __enter__(self):
-        t = self.ctx.transport
-        quiesce = self.ctx.config.quiesce or wants_quiesce(self.ctx.view.vms[self.vm.ref])
         began = time.monotonic()
-        self.snap = t.snapshot_vm(Obj(self.vm.ref, self.vm.uuid),
-                                  snapshot_label(self.vm.name, self.moment), quiesce)
+        self.snap = self.take()
         try:
-            t.tag("VM", self.snap, self.ctx.run_note)
+            self.ctx.transport.tag(self.cls, self.snap, self.ctx.run_note)
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
-        self.vlog.info("snapshot %s taken in %.1fs", self.snap.uuid, time.monotonic() - began)
+        self.vlog.info("%s snapshot %s taken in %.1fs", self.cls, self.snap.uuid,
+                       time.monotonic() - began)
         return self.snap
 
     def __exit__(self, *exc):
         if self.snap is None:
             return False
-        try:
-            self.ctx.transport.destroy_snapshot(self.snap)
-            self.ctx.transport.check_gone("VM", self.snap)
-            self.vlog.info("snapshot %s destroyed", self.snap.uuid)
-        except VmBackupError as err:
-            self.vlog.error("could not destroy snapshot %s: %s (the next run retries)",
-                            self.snap.uuid, err)
-            if exc[0] is None:
-                raise
-        return False
-
-
-class vdi_snapshot:
-    """`with vdi_snapshot(ctx, disk, label, vlog) as snap:` a tagged VDI snapshot, always destroyed."""
-
-    def __init__(self, ctx, disk, label, vlog):
-        self.ctx, self.disk, self.label, self.vlog = ctx, disk, label, vlog
-        self.snap = None
-
-    def __enter__(self):
         t = self.ctx.transport
-        self.snap = t.snapshot_vdi(Obj(self.disk.vdi_ref, self.disk.vdi["uuid"]), self.label)
         try:
-            t.tag("VDI", self.snap, self.ctx.run_note)
-        except BaseException:
-            self.__exit__(*sys.exc_info())
-            raise
-        return self.snap
-
-    def __exit__(self, *exc):
-        if self.snap is None:
-            return False
-        try:
-            self.ctx.transport.destroy_vdi(self.snap)
-            self.ctx.transport.check_gone("VDI", self.snap)
+            (t.destroy_snapshot if self.cls == "VM" else t.destroy_vdi)(self.snap)
+            t.check_gone(self.cls, self.snap)
+            self.vlog.info("%s snapshot %s destroyed", self.cls, self.snap.uuid)
         except VmBackupError as err:
-            self.vlog.error("could not destroy VDI snapshot %s: %s (the next run retries)",
-                            self.snap.uuid, err)
+            self.vlog.error("could not destroy %s snapshot %s: %s (the next run retries)",
+                            self.cls, self.snap.uuid, err)
             if exc[0] is None:
                 raise
         return False
+
+
+def vm_snapshot(ctx, vm, vlog, moment):
+    """Return the context manager of a VM snapshot named vmbackup_<vm>_<stamp>."""
+    quiesce = ctx.config.quiesce or wants_quiesce(ctx.view.vms[vm.ref])
+    return tool_snapshot(ctx, "VM", lambda: ctx.transport.snapshot_vm(
+        Obj(vm.ref, vm.uuid), snapshot_label(vm.name, moment), quiesce), vlog)
+
+
+def vdi_snapshot(ctx, disk, label, vlog):
+    """Return the context manager of a snapshot of one disk."""
+    return tool_snapshot(ctx, "VDI", lambda: ctx.transport.snapshot_vdi(
+        Obj(disk.vdi_ref, disk.vdi["uuid"]), label), vlog)
 
 
 def wants_quiesce(vm_record):

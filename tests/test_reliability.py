@@ -367,7 +367,7 @@ def test_password_never_in_process_arguments(sim_pool, backup_dir, tmp_path, mon
                     argv = handle.read().split(b"\0")
             except OSError:
                 continue
-            if any(b"vm-export" == a for a in argv):
+            if b"vm-export" in argv and any(str(backup_dir).encode() in a for a in argv):
                 seen.append(argv)
         return bool(seen)
     wait_for(xe_running, what="xe vm-export to run")
@@ -415,3 +415,10 @@ def test_space_threshold_stops_the_run_before_it_starts(sim_pool, api, backup_di
                        exit_code=2)
     assert "below space_threshold=100.0%" in out
     assert sim_pool.calls.count("VM.snapshot") == 0
+
+
+def test_refused_export_says_why_in_xapis_words(sim_pool, transport, backup_dir):
+    out = run_vmbackup(*transport(sim_pool), "-e", "no-export-vm", "-d", backup_dir, exit_code=2)
+    assert "OPERATION_BLOCKED" in out or "explicitly blocked" in out
+    assert "<html" not in out.lower()
+    assert_pool_clean(sim_pool)
