@@ -27,7 +27,7 @@ deps:
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq $(APT_PACKAGES); fi
 
 test: venv deps
-	$(PY) -m vermin --no-tips --target=3.6- --violations vmbackup.py
+	$(VENV)/bin/vermin --no-tips --target=3.6- --violations vmbackup.py
 	$(PY) -m pytest
 
 demo: venv

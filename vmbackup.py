@@ -12,6 +12,12 @@ Usage (modern):
     vmbackup.py -e 'PRD-.*' -x PRD-PRINT -d /backups --max-backups 3 --preview
     vmbackup.py --server https://pool-master --password-file /root/.xapi.pw -e web01
 
+Other commands (each has --help):
+    vmbackup.py list ['web.*'] -d /backups          what backups exist, newest first
+    vmbackup.py verify /backups                     check backups without a server
+    vmbackup.py restore /backups/web01 [--preview]  import the newest backup as a new VM
+    vmbackup.py diff /backups/web01                 configuration changes between backups
+
 Usage (NAUbackup VmBackup.py compatible):
     vmbackup.py <password|password-file> <config-file|vm-selector> [preview]
                 [compress=True|False] [ignore_extra_keys=True|False]
@@ -4374,6 +4380,9 @@ examples:
   vmbackup.py -e 'PRD-.*' -x PRD-PRINT -d /backups   all VMs starting PRD-, except PRD-PRINT
   vmbackup.py -E 'DEV-web3:7:xvda;xvdb' -d /backups  disks xvda and xvdb of DEV-web3, keep 7
   vmbackup.py -s https://pool-master --password-file /root/.xapi.pw --tls-fingerprint SHA256 -e web01
+
+other commands (each with --help):
+  vmbackup.py list | verify | restore | diff ...
 
 NAUbackup VmBackup.py command lines work unchanged:
   vmbackup.py /root/VmBackup.pass weekend.cfg preview
