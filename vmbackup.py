@@ -39,6 +39,7 @@ __version__ = "0.1.0"
 import argparse
 import base64
 import collections
+import contextlib
 import datetime
 import gzip
 import hashlib
@@ -2167,6 +2168,20 @@ def snapshot_label(vm_name, moment):
     return "vmbackup_%s_%s" % (printable(vm_name), stamp(moment))
 
 
+@contextlib.contextmanager
+def signals_deferred(signals=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
+    """Hold `signals` during the block; they are delivered (and raise) when it ends."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not Linux / not main thread
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
 class tool_snapshot:
     """`with tool_snapshot(ctx, "VM"|"VDI", take, vlog) as snap:` the snapshot `take()` makes,
     tagged as this tool's, destroyed (and checked gone) on every way out: errors, signals."""
@@ -2177,9 +2192,12 @@ class tool_snapshot:
 
     def __enter__(self):
         began = time.monotonic()
-        self.snap = self.take()
         try:
-            self.ctx.transport.tag(self.cls, self.snap, self.ctx.run_note)
+            # A signal between "snapshot made" and "snapshot tagged" would leave a snapshot
+            # that no run may recognise as its own: hold signals until both are done.
+            with signals_deferred():
+                self.snap = self.take()
+                self.ctx.transport.tag(self.cls, self.snap, self.ctx.run_note)
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise

@@ -422,3 +422,17 @@ def test_refused_export_says_why_in_xapis_words(sim_pool, transport, backup_dir)
     assert "OPERATION_BLOCKED" in out or "explicitly blocked" in out
     assert "<html" not in out.lower()
     assert_pool_clean(sim_pool)
+
+
+@pytest.mark.parametrize("call", ["VM.snapshot", "VM.add_to_other_config"])
+def test_signal_while_the_snapshot_is_being_made(sim_pool, transport, backup_dir, call):
+    """SIGTERM between 'snapshot made' and 'snapshot tagged' must not leave an untagged snapshot."""
+    sim_pool.faults.slow(call, 1.5)
+    proc = spawn(transport(sim_pool) + ["-e", "db01", "-d", backup_dir])
+    wait_for(lambda: sim_pool.calls.count(call) > 0, what=call)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    # the pool finishes what it was asked even though the client went away
+    wait_for(lambda: all(c.status for c in sim_pool.calls if c.method == call), what="the pool")
+    assert_pool_clean(sim_pool)
