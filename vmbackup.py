@@ -1462,6 +1462,13 @@ class Obj(typing.NamedTuple):
 #: restored VM) never looks like ours.
 TAG_KEY = "vmbackup_snapshot"
 
+#: other_config key a run puts on a VM (or disk) just before snapshotting it: the snapshot
+#: copies other_config, so a snapshot made while the run is killed still says whose it is.
+PENDING_KEY = "vmbackup_pending"
+
+#: A pending-marked snapshot counts as the run's only if taken this soon after the mark.
+PENDING_WINDOW = datetime.timedelta(minutes=30)
+
 #: XAPI errors that mean "busy right now": an export still holds the object.
 BUSY_CODES = ("OTHER_OPERATION_IN_PROGRESS", "VDI_IN_USE")
 
@@ -1538,6 +1545,19 @@ class Transport:
                 found.append((Obj(vbd_ref, vbd["uuid"]), self.vdi_obj(vbd["VDI"]),
                               str(vbd.get("userdevice"))))
         return found
+
+    def mark_pending(self, cls, obj, note):
+        """Put the pending mark on the VM or disk about to be snapshotted."""
+        self.unmark_pending(cls, obj)
+        self.xapi.call(cls + ".add_to_other_config", obj.ref, PENDING_KEY, note)
+
+    def unmark_pending(self, cls, obj):
+        """Remove the pending mark (absent is fine)."""
+        try:
+            self.xapi.call(cls + ".remove_from_other_config", obj.ref, PENDING_KEY)
+        except XapiFailure as exc:
+            if exc.code not in GONE_CODES:
+                raise
 
     def check_gone(self, cls, obj):
         """Raise ExportFailed if `obj` still exists: a destroy that 'succeeded' must have worked."""
@@ -2183,21 +2203,32 @@ def signals_deferred(signals=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
 
 
 class tool_snapshot:
-    """`with tool_snapshot(ctx, "VM"|"VDI", take, vlog) as snap:` the snapshot `take()` makes,
-    tagged as this tool's, destroyed (and checked gone) on every way out: errors, signals."""
+    """`with tool_snapshot(ctx, "VM"|"VDI", source, take, vlog) as snap:` the snapshot of
+    `source` that `take()` makes, tagged as this tool's, destroyed (and checked gone) on
+    every way out: errors and signals; and, should the run be killed, recognisable by the
+    next run (see is_leftover)."""
 
-    def __init__(self, ctx, cls, take, vlog):
-        self.ctx, self.cls, self.take, self.vlog = ctx, cls, take, vlog
+    def __init__(self, ctx, cls, source, take, vlog):
+        self.ctx, self.cls, self.source, self.take, self.vlog = ctx, cls, source, take, vlog
         self.snap = None
 
     def __enter__(self):
-        began = time.monotonic()
+        began, t, note = time.monotonic(), self.ctx.transport, self.ctx.run_note
         try:
             # A signal between "snapshot made" and "snapshot tagged" would leave a snapshot
-            # that no run may recognise as its own: hold signals until both are done.
+            # no run may recognise as its own: hold signals until it is tagged. (SIGKILL
+            # cannot be held: the pending mark, copied into the snapshot, covers it.)
             with signals_deferred():
-                self.snap = self.take()
-                self.ctx.transport.tag(self.cls, self.snap, self.ctx.run_note)
+                t.mark_pending(self.cls, self.source, note)
+                try:
+                    self.snap = self.take()
+                    t.tag(self.cls, self.snap, note)
+                    if self.cls == "VM":   # so its disks are found even if only they remain
+                        for _, vdi, _ in t.snapshot_disks(self.snap):
+                            t.tag("VDI", vdi, note)
+                    t.unmark_pending(self.cls, self.snap)
+                finally:
+                    t.unmark_pending(self.cls, self.source)
         except BaseException:
             self.__exit__(*sys.exc_info())
             raise
@@ -2210,8 +2241,9 @@ class tool_snapshot:
             return False
         t = self.ctx.transport
         try:
-            (t.destroy_snapshot if self.cls == "VM" else t.destroy_vdi)(self.snap)
-            t.check_gone(self.cls, self.snap)
+            with signals_deferred():   # a destroy cut in half leaves orphan disks
+                (t.destroy_snapshot if self.cls == "VM" else t.destroy_vdi)(self.snap)
+                t.check_gone(self.cls, self.snap)
             self.vlog.info("%s snapshot %s destroyed", self.cls, self.snap.uuid)
         except VmBackupError as err:
             self.vlog.error("could not destroy %s snapshot %s: %s (the next run retries)",
@@ -2224,14 +2256,15 @@ class tool_snapshot:
 def vm_snapshot(ctx, vm, vlog, moment):
     """Return the context manager of a VM snapshot named vmbackup_<vm>_<stamp>."""
     quiesce = ctx.config.quiesce or wants_quiesce(ctx.view.vms[vm.ref])
-    return tool_snapshot(ctx, "VM", lambda: ctx.transport.snapshot_vm(
-        Obj(vm.ref, vm.uuid), snapshot_label(vm.name, moment), quiesce), vlog)
+    source = Obj(vm.ref, vm.uuid)
+    return tool_snapshot(ctx, "VM", source, lambda: ctx.transport.snapshot_vm(
+        source, snapshot_label(vm.name, moment), quiesce), vlog)
 
 
 def vdi_snapshot(ctx, disk, label, vlog):
     """Return the context manager of a snapshot of one disk."""
-    return tool_snapshot(ctx, "VDI", lambda: ctx.transport.snapshot_vdi(
-        Obj(disk.vdi_ref, disk.vdi["uuid"]), label), vlog)
+    source = Obj(disk.vdi_ref, disk.vdi["uuid"])
+    return tool_snapshot(ctx, "VDI", source, lambda: ctx.transport.snapshot_vdi(source, label), vlog)
 
 
 def wants_quiesce(vm_record):
@@ -2488,9 +2521,9 @@ class StatusLog:
 
 
 def run_note():
-    """Return what the tool's tags record about this run: 'host pid time'."""
+    """Return what the tool's tags record about this run: 'host pid UTC-time'."""
     return "%s %d %s" % (socket.gethostname(), os.getpid(),
-                         datetime.datetime.now().replace(microsecond=0).isoformat())
+                         datetime.datetime.utcnow().replace(microsecond=0).isoformat())
 
 
 #: A tool snapshot older than this is a leftover whoever made it (XAPI caps an export at 24 h).
@@ -2500,23 +2533,61 @@ LEFTOVER_AGE = datetime.timedelta(hours=25)
 def is_leftover(record, now=None):
     """Return True if a VM/VDI record is a snapshot this tool made and no live run still uses.
 
-    It must be a snapshot, carry our tag whose first word is its own uuid (so a restored
-    copy or a person's snapshot of one never qualifies), and its run must be dead: a pid
-    gone on this host, or older than LEFTOVER_AGE.
+    It must be a snapshot and either carry our tag whose first word is its own uuid (so
+    a restored copy never qualifies), or -- made by a run killed before it could tag it --
+    carry the pending mark that run put on its source, and have been taken within
+    PENDING_WINDOW of that mark (so a person's later snapshot never qualifies). And the
+    run must be dead: a pid gone on this host, or older than LEFTOVER_AGE.
     """
     if not record.get("is_a_snapshot"):
         return False
-    words = (record.get("other_config") or {}).get(TAG_KEY, "").split()
-    if len(words) < 4 or words[0] != record.get("uuid"):
-        return False
-    host, pid, when = words[1], words[2], words[3]
+    other = record.get("other_config") or {}
+    words = other.get(TAG_KEY, "").split()
+    if len(words) >= 4 and words[0] == record.get("uuid"):
+        note = words[1:4]
+    else:
+        note = other.get(PENDING_KEY, "").split()[:3]
+        taken = xapi_time(record.get("snapshot_time"))
+        marked = note_time(note)
+        if len(note) < 3 or taken is None or marked is None \
+                or not datetime.timedelta(0) <= taken - marked <= PENDING_WINDOW:
+            return False
+    return run_is_dead(note, now)
+
+
+def note_time(note):
+    """Return the UTC datetime of a run note ['host', 'pid', 'time'], or None."""
+    try:
+        return datetime.datetime.strptime(note[2][:19], "%Y-%m-%dT%H:%M:%S")
+    except (IndexError, ValueError):
+        return None
+
+
+def xapi_time(value):
+    """Return a naive UTC datetime for an XAPI datetime ('20261123T20:55:00Z'), or None."""
+    digits = re.sub(r"\D", "", str(value or ""))[:14]
+    try:
+        return datetime.datetime.strptime(digits, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+
+
+def run_is_dead(note, now=None):
+    """Return True if the run a note names has ended: its pid is gone here, or it is too old."""
+    host, pid = note[0], note[1]
     if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
         return True
-    try:
-        made = datetime.datetime.strptime(when[:19], "%Y-%m-%dT%H:%M:%S")
-    except ValueError:
-        return False
-    return (now or datetime.datetime.now()) - made > LEFTOVER_AGE
+    made = note_time(note)
+    return made is not None and (now or datetime.datetime.utcnow()) - made > LEFTOVER_AGE
+
+
+def forget_pending(ctx):
+    """Remove pending marks that dead runs left on VMs and disks (not snapshots)."""
+    for cls, records in (("VM", ctx.view.vms), ("VDI", ctx.view.vdis)):
+        for ref, rec in records.items():
+            note = (rec.get("other_config") or {}).get(PENDING_KEY, "").split()
+            if note and not rec.get("is_a_snapshot") and len(note) >= 3 and run_is_dead(note):
+                ctx.transport.unmark_pending(cls, Obj(ref, rec.get("uuid", "")))
 
 
 def clean_leftovers(ctx):
@@ -2540,6 +2611,7 @@ def clean_leftovers(ctx):
                 count += 1
             except VmBackupError as exc:
                 log.error("cannot destroy leftover disk snapshot %s: %s", rec["uuid"], exc)
+    forget_pending(ctx)
     return count
 
 

@@ -99,10 +99,13 @@ def test_inside_refuses_escapes(tmp_path):
         inside(root, "link")
 
 
-def snap(uuid="u1", tag=None, is_snapshot=True):
-    rec = {"uuid": uuid, "is_a_snapshot": is_snapshot, "other_config": {}}
+def snap(uuid="u1", tag=None, is_snapshot=True, pending=None, taken=None):
+    rec = {"uuid": uuid, "is_a_snapshot": is_snapshot, "other_config": {},
+           "snapshot_time": taken or "20261123T11:00:05Z"}
     if tag is not None:
         rec["other_config"][vmbackup.TAG_KEY] = tag
+    if pending is not None:
+        rec["other_config"][vmbackup.PENDING_KEY] = pending
     return rec
 
 
@@ -119,8 +122,15 @@ NOW = D(2026, 11, 23, 12, 0, 0)
     (snap(tag=None), False),                                                # a person's snapshot
     (snap(tag="u1 %s 999999999 2026-11-23T11:00:00" % HOST, is_snapshot=False), False),  # a VM
     (snap(tag="garbage"), False),
+    # killed while XAPI was making it: only the pending mark copied from its source
+    (snap(pending="%s 999999999 2026-11-23T11:00:00" % HOST), True),
+    (snap(pending="%s %d 2026-11-23T11:00:00" % (HOST, os.getpid())), False),
+    (snap(pending="%s 999999999 2026-11-23T11:00:00" % HOST, taken="20261125T09:00:00Z"), False),
+    (snap(pending="%s 999999999 2026-11-23T11:00:00" % HOST, taken="20261123T10:59:00Z"), False),
+    (snap(pending="%s 999999999 2026-11-23T11:00:00" % HOST, is_snapshot=False), False),
 ], ids=["dead-pid", "live-pid", "other-host-recent", "other-host-old", "copied-tag",
-        "untagged", "real-vm", "garbage"])
+        "untagged", "real-vm", "garbage", "pending-dead", "pending-live",
+        "pending-person-later", "pending-before-mark", "pending-on-a-vm"])
 def test_is_leftover(record, leftover):
     assert is_leftover(record, now=NOW) is leftover
 

@@ -436,3 +436,39 @@ def test_signal_while_the_snapshot_is_being_made(sim_pool, transport, backup_dir
     # the pool finishes what it was asked even though the client went away
     wait_for(lambda: all(c.status for c in sim_pool.calls if c.method == call), what="the pool")
     assert_pool_clean(sim_pool)
+
+
+@pytest.mark.parametrize("call, select", [("VM.snapshot", "-e"), ("VM.destroy", "-e"),
+                                          ("VDI.snapshot", "-E"), ("VDI.destroy", "-E")])
+def test_run_killed_at_the_worst_moment_is_cleaned_up_next_run(sim_pool, transport, backup_dir,
+                                                                call, select):
+    """SIGKILL (a reboot, the OOM killer) while XAPI makes or destroys the tool's snapshot:
+    whatever is left must be recognisable, and the next run destroys it."""
+    sim_pool.faults.slow(call, 1.5)
+    proc = spawn(transport(sim_pool) + [select, "db01", "-d", backup_dir])
+    wait_for(lambda: sim_pool.calls.count(call) > 0, what=call)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    wait_for(lambda: all(c.status for c in sim_pool.calls if c.method == call), what="the pool")
+    sim_pool.faults.clear()
+    run_vmbackup(*transport(sim_pool), "-e", "PRD-print7", "-d", backup_dir, exit_code=None)
+    assert_pool_clean(sim_pool)
+    # and the pending mark is gone from the VM and its disks
+    s = session(sim_pool)
+    try:
+        ref, _ = sim_pool.vm("db01")
+        assert vmbackup.PENDING_KEY not in s.xenapi.VM.get_other_config(ref)
+        for vdi in s.xenapi.VDI.get_all_records().values():
+            assert vmbackup.PENDING_KEY not in vdi["other_config"]
+    finally:
+        s.xenapi.session.logout()
+
+
+def test_sigterm_while_the_snapshot_is_destroyed(sim_pool, transport, backup_dir):
+    sim_pool.faults.slow("VM.destroy", 1.5)
+    proc = spawn(transport(sim_pool) + ["-e", "db01", "-d", backup_dir])
+    wait_for(lambda: sim_pool.calls.count("VM.destroy") > 0, what="VM.destroy")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert_pool_clean(sim_pool)
