@@ -2598,7 +2598,8 @@ def clean_leftovers(ctx):
             log.warning("destroying leftover snapshot %r (%s) of an interrupted run",
                         printable(rec["name_label"]), rec["uuid"])
             try:
-                ctx.transport.destroy_snapshot(Obj(ref, rec["uuid"]))
+                with signals_deferred():   # a destroy cut in half leaves orphan disks
+                    ctx.transport.destroy_snapshot(Obj(ref, rec["uuid"]))
                 count += 1
             except VmBackupError as exc:
                 log.error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
@@ -2607,7 +2608,8 @@ def clean_leftovers(ctx):
             log.warning("destroying leftover disk snapshot %r (%s) of an interrupted run",
                         printable(rec.get("name_label", "")), rec["uuid"])
             try:
-                ctx.transport.destroy_vdi(Obj(ref, rec["uuid"]))
+                with signals_deferred():
+                    ctx.transport.destroy_vdi(Obj(ref, rec["uuid"]))
                 count += 1
             except VmBackupError as exc:
                 log.error("cannot destroy leftover disk snapshot %s: %s", rec["uuid"], exc)
