@@ -2346,11 +2346,18 @@ EXPORTERS = {"vm-export": export_vm_mode, "vdi-export": export_vdi_mode,
 
 
 def export_with_retries(ctx, plan, folder, moment, vlog):
-    """Run the VM's exporter; on failure retry from the start (a new snapshot) `retries` times."""
+    """Save the VM's metadata and run its exporter; return the manifest's file entries.
+
+    On failure, start again (metadata, then a new snapshot) up to `retries` times.
+    """
+    vm = plan.vm
     attempts = ctx.config.retries + 1
     for attempt in range(1, attempts + 1):
         try:
-            return EXPORTERS[plan.vm.mode](ctx, plan, folder, moment, vlog)
+            files = [file_entry(folder, rel) for rel in
+                     [save_vm_metadata(ctx.transport, Obj(vm.ref, vm.uuid), folder)]
+                     + write_cfg_files(folder, ctx.view, vm.ref)]
+            return files, EXPORTERS[vm.mode](ctx, plan, folder, moment, vlog)
         except (ExportFailed, XapiFailure, XapiCallFailed, XeFailed) as exc:
             if attempt == attempts:
                 raise
@@ -2380,10 +2387,7 @@ def backup_vm(ctx, plan, vlog):
     folder, moment = new_backup_folder(vm_dir)
     vlog.info("%s to %s", vm.mode, folder)
     started = datetime.datetime.now()
-    files = [file_entry(folder, rel) for rel in
-             [save_vm_metadata(ctx.transport, Obj(vm.ref, vm.uuid), folder)]
-             + write_cfg_files(folder, ctx.view, vm.ref)]
-    exported = export_with_retries(ctx, plan, folder, moment, vlog)
+    files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
     record = ctx.view.vms[vm.ref]
     manifest = {
         "tool": "vmbackup", "version": __version__, "format": 1,

@@ -472,3 +472,13 @@ def test_sigterm_while_the_snapshot_is_destroyed(sim_pool, transport, backup_dir
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
     assert_pool_clean(sim_pool)
+
+
+def test_failed_metadata_export_is_retried_too(sim_pool, transport, backup_dir):
+    sim_pool.faults.drop_export(after_bytes=1000, times=1, path="/export_metadata")
+    out = run_vmbackup(*transport(sim_pool), "-e", "PRD-print7", "-d", backup_dir, "--retries", "1",
+                       exit_code=1)
+    assert "export attempt 1 of 2 failed" in out
+    (b,) = complete(backup_dir, "PRD-print7")
+    assert os.path.getsize(os.path.join(str(backup_dir), "PRD-print7", b, "vm-metadata.xml")) > 0
+    assert_pool_clean(sim_pool)
