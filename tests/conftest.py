@@ -8,6 +8,7 @@ import subprocess
 import sys
 
 import pytest
+import XenAPI
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -20,6 +21,13 @@ import vmbackup  # noqa: E402
 pytest_plugins = ["xapisim.pytest_plugin"]
 
 VMBACKUP = os.path.join(ROOT, "vmbackup.py")
+
+
+def session(pool):
+    """A XenAPI session logged in to a simulated pool (the caller logs out)."""
+    s = XenAPI.Session(pool.url)
+    s.xenapi.login_with_password(pool.user, pool.password, "2.0", "tests")
+    return s
 
 
 @pytest.fixture(autouse=True)

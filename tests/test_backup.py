@@ -1,15 +1,14 @@
 """The backup run, end to end through the simulated pool, over both transports:
 snapshot, export, metadata, manifest, retention, pool and host backups."""
-import hashlib
 import json
 import os
 import subprocess
 import tarfile
 
 import pytest
-import XenAPI
 
-from conftest import run_vmbackup
+from vmbackup import sha256_file
+from conftest import run_vmbackup, session
 from xapisim import pools, start_pool
 
 
@@ -21,20 +20,6 @@ def backups_of(backup_dir, folder):
 def only_backup(backup_dir, folder):
     (name,) = backups_of(backup_dir, folder)
     return os.path.join(str(backup_dir), folder, name)
-
-
-def sha256(path):
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def session(pool):
-    s = XenAPI.Session(pool.url)
-    s.xenapi.login_with_password(pool.user, pool.password, "2.0", "tests")
-    return s
 
 
 def vm_disks(pool, name):
@@ -65,7 +50,7 @@ def xva_disks(xva_path, workdir):
             out = workdir / (entry.replace(":", "_") + ".raw")
             subprocess.run(["xva-img", "-s", "disk-export", str(workdir / entry) + "/", str(out)],
                            check=True, stdout=subprocess.DEVNULL)
-            found[entry] = sha256(str(out))
+            found[entry] = sha256_file(str(out))
     return found
 
 
@@ -119,7 +104,7 @@ def test_vdi_export_selected_disks(sim_pool, transport, backup_dir, tmp_path, fm
                            check=True)
             path = raw
         assert os.path.getsize(path) == disks[userdevice][1]
-        assert sha256(path) == disks[userdevice][2]
+        assert sha256_file(path) == disks[userdevice][2]
     manifest = json.load(open(os.path.join(folder, "backup.json")))
     assert manifest["mode"] == "vdi-export" and manifest["vdi_format"] == fmt
     assert [d["device"] for d in manifest["disks"]] == ["xvda", "xvdc"]
@@ -147,7 +132,7 @@ def test_metadata_files_and_manifest(sim_pool, transport, backup_dir):
     assert manifest["mode"] == "vm-export" and manifest["transport"] == transport.kind
     for entry in manifest["files"]:
         path = os.path.join(folder, entry["name"])
-        assert os.path.getsize(path) == entry["size"] and sha256(path) == entry["sha256"]
+        assert os.path.getsize(path) == entry["size"] and sha256_file(path) == entry["sha256"]
     assert {"web01.xva", "vm-metadata.xml", "vm.cfg"} <= {f["name"] for f in manifest["files"]}
     # the success marker is the newest file: written last
     newest = max(os.listdir(folder), key=lambda n: os.stat(os.path.join(folder, n)).st_mtime_ns)

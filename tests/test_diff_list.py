@@ -3,15 +3,8 @@ import json
 import os
 import shutil
 
-import XenAPI
 
-from conftest import run_vmbackup
-
-
-def session(pool):
-    s = XenAPI.Session(pool.url)
-    s.xenapi.login_with_password(pool.user, pool.password, "2.0", "tests")
-    return s
+from conftest import run_vmbackup, session
 
 
 def test_diff_between_two_backups_of_a_changed_vm(sim_pool, transport, backup_dir):

@@ -9,10 +9,9 @@ import sys
 import time
 
 import pytest
-import XenAPI
 
 import vmbackup
-from conftest import VMBACKUP, run_vmbackup
+from conftest import VMBACKUP, run_vmbackup, session
 from xapisim import pools, start_pool
 
 
@@ -58,12 +57,6 @@ def spawn(args):
 
 def exporting(pool, path="/export"):
     return lambda: any(r.path == path for r in pool.calls.requests())
-
-
-def session(pool):
-    s = XenAPI.Session(pool.url)
-    s.xenapi.login_with_password(pool.user, pool.password, "2.0", "tests")
-    return s
 
 
 @pytest.fixture
@@ -136,7 +129,7 @@ def test_leftovers_of_a_killed_run_are_destroyed_next_run(sim_pool, transport, b
         web01, _ = sim_pool.vm("web01")
         # a person's snapshot, a real VM named like the tool's snapshots, and a copy of
         # a tagged snapshot (its tag names another uuid): none of these may be touched
-        person = s.xenapi.VM.snapshot(web01, "vmbackup_web01_2026-01-01-000000")
+        s.xenapi.VM.snapshot(web01, "vmbackup_web01_2026-01-01-000000")
         copy = s.xenapi.VM.snapshot(web01, "copied tag")
         s.xenapi.VM.add_to_other_config(copy, vmbackup.TAG_KEY,
                                         "00000000-0000-0000-0000-000000000000 otherhost 1 2020-01-01T00:00:00")

@@ -4,15 +4,8 @@ import datetime
 import os
 
 import pytest
-import XenAPI
 
-from conftest import run_vmbackup
-
-
-def session(pool):
-    s = XenAPI.Session(pool.url)
-    s.xenapi.login_with_password(pool.user, pool.password, "2.0", "tests")
-    return s
+from conftest import run_vmbackup, session
 
 
 def describe_vm(pool, ref):
