@@ -545,7 +545,7 @@ def test_standalone_server_runs_in_foreground():
     import signal
     import subprocess
     import sys
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
     proc = subprocess.Popen([sys.executable, os.path.join(here, "xapisim"), "--auth-delay", "0"],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, universal_newlines=True)
     try:
