@@ -1,13 +1,23 @@
-# vmbackup: `make demo` backs up the simulated demo pool into ./demo-backups;
-# `make test` runs the whole test suite. Both set up their own virtualenv.
+# vmbackup: `make` builds vmbackup.py from src/vmbackup/; `make demo` backs up the
+# simulated demo pool into ./demo-backups; `make test` rebuilds vmbackup.py and runs the
+# whole test suite. demo and test set up their own virtualenv.
 PYTHON ?= python3
 VENV   ?= .venv
 PY      = $(VENV)/bin/python
-APT_PACKAGES = xva-img qemu-utils zstd gzip curl openssl
+APT_PACKAGES = xva-img qemu-utils zstd gzip curl openssl libvhdi-utils python3-libvhdi \
+               libnbd-bin nbdkit prometheus
+TOOLS        = xva-img qemu-img zstd gzip curl openssl vhdiinfo nbdinfo nbdcopy nbdkit promtool
+SOURCES     := $(shell find src -name '*.py' | sort)
 
-.PHONY: all venv deps test demo sim bench clean
+.PHONY: all build venv deps test demo sim bench clean
 
-all: test
+all: vmbackup.py
+
+# The shipped one-file vmbackup.py is built from the package; edit src/, never vmbackup.py.
+vmbackup.py: $(SOURCES) tools/build.py
+	$(PYTHON) tools/build.py
+
+build: vmbackup.py
 
 $(VENV)/.installed: requirements.txt requirements-dev.txt
 	$(PYTHON) -m venv $(VENV)
@@ -19,14 +29,16 @@ venv: $(VENV)/.installed
 
 # System tools the tests check files with (Debian/Ubuntu; run as root or with sudo).
 deps:
-	@missing=""; for t in xva-img qemu-img zstd gzip curl openssl; do \
+	@missing=""; for t in $(TOOLS); do \
 	  command -v $$t >/dev/null || missing="$$missing $$t"; done; \
 	if [ -n "$$missing" ]; then \
 	  echo "installing $(APT_PACKAGES) (missing:$$missing)"; \
 	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get update -qq && \
-	  $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq $(APT_PACKAGES); fi
+	  for p in $(APT_PACKAGES); do \
+	    $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -qq $$p >/dev/null || exit 1; done; fi
 
-test: venv deps
+test: vmbackup.py venv deps
+	$(PYTHON) tools/build.py --check
 	$(VENV)/bin/vermin --no-tips --target=3.6- --violations vmbackup.py
 	$(PY) -m pytest
 

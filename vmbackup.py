@@ -34,7 +34,11 @@ EXIT STATUS
   130  interrupted (Ctrl-C)
 """
 
+# Built by tools/build.py from src/vmbackup/: edit the modules there and run `make`.
+
+
 __version__ = "0.1.0"
+
 
 import argparse
 import base64
@@ -69,40 +73,25 @@ import xml.parsers.expat
 import xmlrpc.client
 import zlib
 
-try:  # the official client; dom0 ships it, elsewhere: pip install XenAPI
-    import XenAPI
-except ImportError:  # pragma: no cover - exercised only where XenAPI is absent
-    XenAPI = None
+
+# === vmbackup/errors.py =====================================================
+# The errors vmbackup raises, each carrying its message and exit code, and the exit codes.
+#
+# Owns: EXIT_* codes, the `log` logger, VmBackupError and its kinds (usage, config,
+# login, backup_dir, lock, XAPI calls, exports, restore), Terminated, BadFile.
+# Imports: the standard library only. Every other module may import it.
 
 PROG = "vmbackup.py"
 
-#: NAUbackup's documented defaults, kept so its config files mean the same here.
-DEFAULT_BACKUP_DIR = "/snapshots/BACKUPS"
-DEFAULT_STATUS_LOG = "/snapshots/NAUbackup/status.log"
-DEFAULT_MAX_BACKUPS = 4
-
-#: dom0's local XAPI socket; root needs no password on it.
-LOCAL_XAPI_SOCKET = "/var/lib/xcp/xapi"
-
-#: Where xe lives on a pool host (then: the first xe on PATH).
-DEFAULT_XE_PATHS = ("/opt/xensource/bin/xe", "/usr/bin/xe")
-
-#: A selector made only of these characters is a plain name, compared literally.
-PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9 _-]+$")
-
-#: Selection modes, strongest first: a VM chosen for vdi-export is not also
-#: vm-exported, and a full export already carries the metadata.
-MODES = ("vdi-export", "vm-export", "meta-export")
 
 EXIT_OK, EXIT_WARNING, EXIT_ERROR = 0, 1, 2
+
+
 EXIT_INTERRUPTED = 130
+
 
 log = logging.getLogger("vmbackup")
 
-
-# ---------------------------------------------------------------------------
-# Errors and exit codes
-# ---------------------------------------------------------------------------
 
 class VmBackupError(Exception):
     """{}"""
@@ -137,6 +126,13 @@ class XapiCallFailed(VmBackupError):
     """XAPI {} failed: {}"""
 
 
+class CallFailed(VmBackupError):
+    """{}"""
+
+    #: The XAPI error code behind the failure ('' when it cannot be told).
+    code = ""
+
+
 class Terminated(BaseException):
     """Raised by SIGTERM/SIGHUP so every `finally` and `with` cleans up; stops the whole run."""
 
@@ -149,9 +145,125 @@ def xapi_error_text(details):
     return code + (" " + ", ".join(params) if params else "")
 
 
-# ---------------------------------------------------------------------------
-# Small helpers
-# ---------------------------------------------------------------------------
+class ExportFailed(VmBackupError):
+    """{}"""
+
+
+class ExportStalled(ExportFailed):
+    """{} made no progress for {} seconds (stall_timeout): aborted"""
+
+
+class BadFile(Exception):
+    """A file that is not what it claims to be; str() is the one-line reason."""
+
+
+class RestoreError(VmBackupError):
+    """{}"""
+
+
+# === vmbackup/formats/xxh64.py ==============================================
+# XXH64, the checksum XVA chunks carry: the C `xxhash` module when installed, else pure Python.
+#
+# Owns: xxh64_py, xxh64_hex.
+# Imports: the standard library only.
+
+try:  # fast C XXH64 when installed; dom0 usually lacks it, hence xxh64_py below
+    import xxhash as _xxhash
+except ImportError:  # pragma: no cover - depends on the host
+    _xxhash = None
+
+
+_P1, _P2, _P3 = 11400714785074694791, 14029467366897019727, 1609587929392839161
+
+
+_P4, _P5 = 9650029242287828579, 2870177450012600261
+
+
+_M64 = (1 << 64) - 1
+
+
+#: One shared buffer of zeros: zero chunks are common and their hashes are cached.
+_ZEROS = bytes(1 << 20)
+
+
+_ZERO_XXH = {}
+
+
+def _rotl64(value, bits):
+    return ((value << bits) | (value >> (64 - bits))) & _M64
+
+
+def _xxh_round(acc, word):
+    acc = (acc + word * _P2) & _M64
+    return (_rotl64(acc, 31) * _P1) & _M64
+
+
+def xxh64_py(data, seed=0):
+    """Return the XXH64 of `data` as an int, in pure Python (for hosts without `xxhash`).
+
+    >>> "%016X" % xxh64_py(b"")
+    'EF46DB3751D8E999'
+    """
+    data = bytes(data)
+    n, pos = len(data), 0
+    if n >= 32:
+        stripes = n // 32
+        words = struct.unpack_from("<%dQ" % (stripes * 4), data)
+        lanes = []
+        for lane, start in enumerate(((seed + _P1 + _P2) & _M64, (seed + _P2) & _M64,
+                                      seed & _M64, (seed - _P1) & _M64)):
+            acc = start
+            for word in words[lane::4]:  # one lane at a time: the hot loop stays tiny
+                acc = (acc + word * _P2) & _M64
+                acc = ((((acc << 31) | (acc >> 33)) & _M64) * _P1) & _M64
+            lanes.append(acc)
+        v1, v2, v3, v4 = lanes
+        h = (_rotl64(v1, 1) + _rotl64(v2, 7) + _rotl64(v3, 12) + _rotl64(v4, 18)) & _M64
+        for lane in lanes:
+            h = ((h ^ _xxh_round(0, lane)) * _P1 + _P4) & _M64
+        pos = stripes * 32
+    else:
+        h = (seed + _P5) & _M64
+    h = (h + n) & _M64
+    while pos + 8 <= n:
+        (word,) = struct.unpack_from("<Q", data, pos)
+        h ^= _xxh_round(0, word)
+        h = (_rotl64(h, 27) * _P1 + _P4) & _M64
+        pos += 8
+    if pos + 4 <= n:
+        (word,) = struct.unpack_from("<I", data, pos)
+        h ^= (word * _P1) & _M64
+        h = (_rotl64(h, 23) * _P2 + _P3) & _M64
+        pos += 4
+    while pos < n:
+        h ^= (data[pos] * _P5) & _M64
+        h = (_rotl64(h, 11) * _P1) & _M64
+        pos += 1
+    h ^= h >> 33
+    h = (h * _P2) & _M64
+    h ^= h >> 29
+    h = (h * _P3) & _M64
+    return h ^ (h >> 32)
+
+
+def xxh64_hex(data):
+    """Return the XXH64 of `data` as XAPI writes it in `.xxhash` members: 16 uppercase hex digits."""
+    if _xxhash is not None:
+        return "%016X" % _xxhash.xxh64(data).intdigest()
+    if len(data) <= len(_ZEROS) and _ZEROS.startswith(data):
+        if len(data) not in _ZERO_XXH:
+            _ZERO_XXH[len(data)] = "%016X" % xxh64_py(data)
+        return _ZERO_XXH[len(data)]
+    return "%016X" % xxh64_py(data)
+
+
+# === vmbackup/util.py =======================================================
+# Small helpers every layer uses: value parsers, human sizes, printable names, durable writes.
+#
+# Owns: parse_bool/int/percent/compress/umask/fingerprint/text, human_size, one_line,
+# printable, partial_file (write to .part, rename on success), fsync, write_text,
+# sha256_file, free_space.
+# Imports: errors.
 
 def parse_bool(text):
     """Return True/False for 1/0, true/false, yes/no, on/off; raise ValueError otherwise."""
@@ -257,11 +369,140 @@ def printable(name):
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(name))
 
 
-# ---------------------------------------------------------------------------
-# Configuration
-# ---------------------------------------------------------------------------
+class partial_file:
+    """`with partial_file(path) as tmp:` write tmp; renamed to path on success, removed on error."""
+
+    def __init__(self, path):
+        self.path = path
+        self.tmp = path + ".part"
+
+    def __enter__(self):
+        if os.path.lexists(self.tmp):
+            os.unlink(self.tmp)
+        return self.tmp
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None:
+            fsync_path(self.tmp)
+            os.replace(self.tmp, self.path)
+            fsync_dir(os.path.dirname(self.path))
+        elif os.path.lexists(self.tmp):
+            os.unlink(self.tmp)
+        return False
+
+
+def fsync_path(path):
+    """Flush a file that another process wrote to stable storage."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def fsync_dir(path):
+    """Flush a folder's entries (renames) to stable storage, where the OS allows it."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:  # pragma: no cover - some network file systems refuse
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # pragma: no cover
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_text(path, text):
+    """Write `text` to `path` (UTF-8) and flush it to disk."""
+    with open(path, "w", encoding="utf-8") as handle:
+        handle.write(text)
+        handle.flush()
+        os.fsync(handle.fileno())
+
+
+def sha256_file(path, bufsize=1 << 20):
+    """Return the SHA-256 hex digest of a file."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(bufsize), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def free_space(path):
+    """Return (free bytes, total bytes, percent free) of the file system holding `path`."""
+    st = os.statvfs(path)
+    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
+    return free, total, (100.0 * free / total) if total else 0.0
+
+
+# === vmbackup/commands/options.py ===========================================
+# What the commands share on the command line: settings options and the exit status text.
+#
+# Owns: EXIT_STATUS_TEXT, CLI_SETTINGS.
+# Imports: util.
+
+EXIT_STATUS_TEXT = __doc__[__doc__.index("EXIT STATUS"):]
+
+
+#: Modern option -> (config key, parser of its text).
+CLI_SETTINGS = {
+    "backup_dir": ("backup_dir", parse_text),
+    "max_backups": ("max_backups", lambda v: parse_int(v, 1)),
+    "compress": ("compress", parse_compress),
+    "vdi_format": ("vdi_export_format", choice("raw", "vhd")),
+    "pool_db_backup": ("pool_db_backup", bool),
+    "host_backup": ("host_backup", bool),
+    "pre_clean": ("pre_clean", bool),
+    "metadata_only": ("metadata_only", bool),
+    "quiesce": ("quiesce", bool),
+    "server": ("server", parse_text),
+    "username": ("username", parse_text),
+    "password_file": ("password_file", parse_text),
+    "transport": ("transport", choice("auto", "xe", "api")),
+    "xe_path": ("xe_path", parse_text),
+    "tls_ca_file": ("tls_ca_file", parse_text),
+    "tls_fingerprint": ("tls_fingerprint", parse_fingerprint),
+    "tls_insecure": ("tls_insecure", bool),
+    "space_threshold": ("space_threshold", parse_percent),
+    "retries": ("retries", lambda v: parse_int(v, 0)),
+    "stall_timeout": ("stall_timeout", lambda v: parse_int(v, 1)),
+    "umask": ("umask", parse_umask),
+    "status_log": ("status_log", parse_text),
+}
+
+
+# === vmbackup/config.py =====================================================
+# The settings: NAUbackup's .cfg keys, the selectors, the merged Config, example.cfg, password files.
+#
+# Owns: SETTINGS (every key, its default, parser and help), Selector and parse_selector,
+# Config, parse_config/read_config_file/build_config, example_config,
+# read_password_file/write_password_file.
+# Imports: errors, util.
+
+#: NAUbackup's documented defaults, kept so its config files mean the same here.
+DEFAULT_BACKUP_DIR = "/snapshots/BACKUPS"
+
+
+DEFAULT_STATUS_LOG = "/snapshots/NAUbackup/status.log"
+
+
+DEFAULT_MAX_BACKUPS = 4
+
+
+#: A selector made only of these characters is a plain name, compared literally.
+PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9 _-]+$")
+
+
+#: Selection modes, strongest first: a VM chosen for vdi-export is not also
+#: vm-exported, and a full export already carries the metadata.
+MODES = ("vdi-export", "vm-export", "meta-export")
+
 
 Setting = collections.namedtuple("Setting", "default parse help")
+
 
 #: Every scalar configuration key: default, parser, and the line example.cfg shows.
 SETTINGS = collections.OrderedDict([
@@ -294,9 +535,11 @@ SETTINGS = collections.OrderedDict([
     ("tls_insecure", Setting(False, parse_bool, "do not verify the pool's certificate (warns)")),
 ])
 
+
 #: Repeatable selector keys; underscore and hyphen spellings are the same key.
 SELECTOR_KEYS = {"vm_export": "vm-export", "vdi_export": "vdi-export",
                  "meta_export": "meta-export", "exclude": "exclude"}
+
 
 #: Keys accepted on a NAUbackup command line as `key=value` words.
 LEGACY_WORD_KEYS = ("compress", "ignore_extra_keys", "pre_clean")
@@ -516,9 +759,1378 @@ def example_config():
     return "\n".join(lines)
 
 
-# ---------------------------------------------------------------------------
-# VM selection
-# ---------------------------------------------------------------------------
+def read_password_file(path, legacy=False):
+    """Return the password held in `path`; raise ConfigError if unreadable or exposed.
+
+    A modern password file holds the password on its first line and must not be
+    readable by group or others. NAUbackup's files hold it base64-encoded
+    ("obscured", which protects nothing): accepted with a warning if exposed.
+    """
+    try:
+        st = os.stat(path)
+        with open(path, "rb") as handle:
+            data = handle.read()
+    except OSError as exc:
+        raise ConfigError("cannot read password file %s: %s" % (path, exc.strerror))
+    exposed = st.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
+    if exposed and not legacy:
+        raise ConfigError("password file %s is readable by other users (mode %03o); run: chmod 600 %s"
+                          % (path, stat.S_IMODE(st.st_mode), path))
+    if exposed:
+        log.warning("password file %s is readable by other users (mode %03o): chmod 600 it",
+                    path, stat.S_IMODE(st.st_mode))
+    text = data.decode("utf-8", "replace").strip()
+    if legacy:
+        try:
+            return base64.b64decode(text.encode("ascii"), validate=True).decode("utf-8")
+        except (ValueError, UnicodeError):
+            pass  # not base64: a plain password file
+    return text.splitlines()[0] if text else ""
+
+
+def write_password_file(path, password):
+    """Write NAUbackup's base64 password file at `path` with mode 0600; refuse to overwrite."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    except OSError as exc:
+        raise ConfigError("cannot create password file %s: %s" % (path, exc.strerror))
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(base64.b64encode(password.encode("utf-8")) + b"\n")
+
+
+# === vmbackup/formats/tar.py ================================================
+# A strict streaming tar reader, the one the product uses for XVA files.
+#
+# Owns: TarStream, TarMember, _read_exact, _HashingReader.
+# Imports: errors, formats.xxh64.
+
+class _HashingReader(object):
+    """Sequential reads of a binary file that also feed a SHA-256."""
+
+    def __init__(self, handle):
+        self.handle = handle
+        self.digest = hashlib.sha256()
+
+    def read(self, size=-1):
+        data = self.handle.read(size)
+        self.digest.update(data)
+        return data
+
+    def readable(self):
+        return True
+
+    def drain(self, bufsize=1 << 20):
+        """Read to the end of the file (so the digest covers all of it); return the bytes read."""
+        total = 0
+        while True:
+            data = self.read(bufsize)
+            if not data:
+                return total
+            total += len(data)
+
+
+def _read_exact(stream, size):
+    """Return exactly `size` bytes of `stream`, or fewer only at its end."""
+    data = stream.read(size)
+    if len(data) == size or not data:
+        return data
+    parts = [data]
+    got = len(data)
+    while got < size:
+        more = stream.read(size - got)
+        if not more:
+            break
+        parts.append(more)
+        got += len(more)
+    return b"".join(parts)
+
+
+TarMember = collections.namedtuple("TarMember", "name size type offset")
+
+
+_TAR_BLOCK = 512
+
+
+def _tar_number(field, what, offset):
+    """Return a tar header number (octal, or GNU base-256); raise BadFile."""
+    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
+        value = 0
+        for byte in bytearray(field[1:]):
+            value = (value << 8) | byte
+        return value
+    text = field.split(b"\0", 1)[0].strip()
+    try:
+        return int(text, 8) if text else 0
+    except ValueError:
+        raise BadFile("tar header at byte %d is corrupt (%s %r)" % (offset, what, text[:16]))
+
+
+class TarStream(object):
+    """A tar archive read strictly in order from a stream: `next()` members, `read_body()` them.
+
+    Raises BadFile for a corrupt header, a member cut short, or an archive that
+    ends without its two zero end-of-archive blocks (a truncated download).
+    """
+
+    def __init__(self, stream):
+        self.stream = stream
+        self.pos = 0            # bytes consumed from the stream
+        self.left = 0           # unread body + padding of the current member
+        self.body_left = 0
+
+    def _read(self, size):
+        data = _read_exact(self.stream, size)
+        self.pos += len(data)
+        return data
+
+    def _skip(self, size):
+        while size > 0:
+            data = self._read(min(size, 1 << 20))
+            if not data:
+                raise BadFile("truncated: the tar stream ends inside a member (at byte %d)"
+                              % self.pos)
+            size -= len(data)
+
+    def next(self):
+        """Return the next TarMember, or None at the end-of-archive marker; raise BadFile."""
+        self._skip(self.left)
+        self.left = self.body_left = 0
+        long_name = None
+        while True:
+            offset = self.pos
+            block = self._read(_TAR_BLOCK)
+            if not block:
+                raise BadFile("truncated: the tar stream ends at byte %d without its "
+                              "end-of-archive blocks" % offset)
+            if len(block) < _TAR_BLOCK:
+                raise BadFile("truncated: the tar stream ends inside a header (at byte %d)" % offset)
+            if block == _ZEROS[:_TAR_BLOCK]:
+                second = self._read(_TAR_BLOCK)
+                if second != _ZEROS[:_TAR_BLOCK]:
+                    raise BadFile("truncated or corrupt: a lone zero block at byte %d instead "
+                                  "of the two end-of-archive blocks" % offset)
+                return None
+            stored = _tar_number(block[148:156], "checksum", offset)
+            plain = block[:148] + b"        " + block[156:]
+            if stored not in (sum(bytearray(plain)),
+                              sum(b - 256 if b > 127 else b for b in bytearray(plain))):
+                raise BadFile("tar header at byte %d is corrupt (checksum mismatch)" % offset)
+            size = _tar_number(block[124:136], "size", offset)
+            kind = block[156:157]
+            name = block[:100].split(b"\0", 1)[0]
+            if block[257:262] == b"ustar" and block[345:346] != b"\0":
+                name = block[345:500].split(b"\0", 1)[0] + b"/" + name
+            if kind in (b"L", b"x", b"g"):  # GNU long name, pax headers: read and apply
+                body = self._read(size)
+                if len(body) < size:
+                    raise BadFile("truncated: the tar stream ends inside a header (at byte %d)"
+                                  % offset)
+                self._skip(-size % _TAR_BLOCK)
+                if kind == b"L":
+                    long_name = body.split(b"\0", 1)[0]
+                elif kind == b"x":
+                    for record in body.split(b"\n"):
+                        if b" path=" in record:
+                            long_name = record.split(b" path=", 1)[1]
+                continue
+            name = long_name if long_name is not None else name
+            self.left = size + (-size % _TAR_BLOCK) if kind not in (b"1", b"2", b"5") else 0
+            self.body_left = size if self.left else 0
+            return TarMember(name.decode("utf-8", "replace"), size if self.left else 0,
+                             kind.decode("ascii", "replace") or "0", offset)
+
+    def read_body(self, limit=None):
+        """Return the current member's whole body (at most `limit` bytes); raise BadFile."""
+        size = self.body_left
+        if limit is not None and size > limit:
+            raise BadFile("member is %d bytes, more than the %d expected" % (size, limit))
+        data = self._read(size)
+        if len(data) < size:
+            raise BadFile("truncated: the tar stream ends inside a member (at byte %d)" % self.pos)
+        self.left -= size
+        self.body_left = 0
+        return data
+
+    def skip_rest(self):
+        """Read everything after the end-of-archive marker (padding); return its length."""
+        total = 0
+        while True:
+            data = self._read(1 << 20)
+            if not data:
+                return total
+            total += len(data)
+
+
+# === vmbackup/store.py ======================================================
+# The backup directory on disk: folder names, paths kept inside it, the run lock, free space.
+#
+# Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names,
+# SUCCESS_MARKER(S), MANIFEST, vm_backups/backup_folders/dated_files, RunLock,
+# check_backup_dir/check_space/log_df, folder_size.
+# Imports: errors, util, config.
+
+def check_backup_dir_readonly(config):
+    """Return problems with backup_dir found without writing anything (for preview)."""
+    path = config.backup_dir
+    where = config.where("backup_dir")
+    if not os.path.exists(path):
+        return ["backup_dir=%s (%s): the folder does not exist" % (path, where)]
+    if not os.path.isdir(path):
+        return ["backup_dir=%s (%s): not a folder" % (path, where)]
+    if not os.access(path, os.W_OK | os.X_OK):
+        return ["backup_dir=%s (%s): not writable" % (path, where)]
+    return []
+
+
+#: Characters that break SMB/NTFS shares or paths; NAUbackup's ':' in folder
+#: names broke SMB (its issue #4).
+UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
+
+
+#: backup-YYYY-MM-DD-HHMMSS, and NAUbackup's backup-YYYY-MM-DD-(HH:MM:SS).
+BACKUP_DIR_RE = re.compile(r"^backup-(\d{4})-(\d\d)-(\d\d)-(?:(\d\d)(\d\d)(\d\d)|\((\d\d):(\d\d):(\d\d)\))$")
+
+
+#: pool_db_YYYYMMDD-HHMMSS.dump and host_YYYYMMDD-HHMMSS.xbk
+DATED_FILE_RE = re.compile(r"^(?:pool_db|host)_(\d{8})-(\d{6})\.(?:dump|xbk)$")
+
+
+SUCCESS_MARKER = "success"
+
+
+#: NAUbackup also wrote `success_compress` (for a server-side compression script).
+SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress")
+
+
+MANIFEST = "backup.json"
+
+
+def safe_dirname(name):
+    """Return `name` made safe as one path component.
+
+    No '/', '\\', ':' or control characters, no leading dot, never '.' or '..'
+    or empty, at most 200 bytes: "../../etc" -> "_._.._etc".
+    """
+    text = UNSAFE_CHARS.sub("_", str(name)).strip()
+    text = re.sub(r"^\.", "_", text).rstrip(". ")
+    while len(text.encode("utf-8")) > 200:
+        text = text[:-1]
+    return text if text not in ("", ".", "..") else "_"
+
+
+def inside(root, *parts):
+    """Return root/parts, refusing any result that resolves outside `root`."""
+    base = os.path.realpath(root)
+    path = os.path.realpath(os.path.join(base, *parts))
+    if path != base and not path.startswith(base + os.sep):
+        raise BackupDirError("refusing to write outside backup_dir: %r" % (parts,))
+    return path
+
+
+def stamp(moment):
+    """Return the folder stamp of a datetime: 2026-11-23-184501."""
+    return moment.strftime("%Y-%m-%d-%H%M%S")
+
+
+def parse_backup_name(name):
+    """Return the datetime a backup folder name encodes, or None if it is not one."""
+    match = BACKUP_DIR_RE.match(name)
+    if not match:
+        return None
+    g = match.groups()
+    hms = g[3:6] if g[3] is not None else g[6:9]
+    try:
+        return datetime.datetime(*(int(x) for x in g[:3] + tuple(hms)))
+    except ValueError:
+        return None
+
+
+def parse_dated_file(name):
+    """Return the datetime of a pool_db_/host_ backup file name, or None."""
+    match = DATED_FILE_RE.match(name)
+    if not match:
+        return None
+    try:
+        return datetime.datetime.strptime(match.group(1) + match.group(2), "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+
+
+def vm_backups(vm_dir):
+    """Return [(name, datetime, complete)] for the backup folders in a VM's folder."""
+    try:
+        names = os.listdir(vm_dir)
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        when = parse_backup_name(name)
+        path = os.path.join(vm_dir, name)
+        if when is None or not os.path.isdir(path) or os.path.islink(path):
+            continue
+        found.append((name, when, any(os.path.exists(os.path.join(path, m)) for m in SUCCESS_MARKERS)))
+    return found
+
+
+class RunLock:
+    """`with RunLock(backup_dir):` one run at a time per backup_dir.
+
+    The lock file holds 'pid host'; a lock whose process is dead on this host is
+    taken over with a warning.
+    """
+
+    NAME = ".vmbackup.lock"
+
+    def __init__(self, folder):
+        self.path = os.path.join(folder, self.NAME)
+        self.me = "%d %s\n" % (os.getpid(), socket.gethostname())
+
+    def __enter__(self):
+        for _ in range(3):
+            try:
+                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            except FileExistsError:
+                self._take_over_if_stale()
+                continue
+            with os.fdopen(fd, "w") as handle:
+                handle.write(self.me)
+            return self
+        raise LockHeld(os.path.dirname(self.path), "unknown")
+
+    def _take_over_if_stale(self):
+        try:
+            with open(self.path) as handle:
+                pid_text, _, host = handle.read().strip().partition(" ")
+            pid = int(pid_text)
+        except (OSError, ValueError):
+            pid, host = None, ""
+        if pid is not None and host not in ("", socket.gethostname()):
+            raise LockHeld(os.path.dirname(self.path), "%d on host %s" % (pid, host))
+        if pid is not None and pid_alive(pid):
+            raise LockHeld(os.path.dirname(self.path), pid)
+        log.warning("taking over stale lock %s (pid %s is gone)", self.path, pid)
+        try:
+            os.unlink(self.path)
+        except FileNotFoundError:
+            pass
+
+    def __exit__(self, *exc):
+        try:
+            with open(self.path) as handle:
+                if handle.read() == self.me:
+                    os.unlink(self.path)
+        except OSError:
+            pass
+        return False
+
+
+def pid_alive(pid):
+    """Return True if a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def check_backup_dir(config):
+    """Raise BackupDirError unless backup_dir is a writable folder with space_threshold % free."""
+    problems = check_backup_dir_readonly(config)
+    if problems:
+        raise BackupDirError(problems[0])
+    probe = os.path.join(config.backup_dir, ".vmbackup-write-test-%d" % os.getpid())
+    try:
+        with open(probe, "w"):
+            pass
+        os.unlink(probe)
+    except OSError as exc:
+        raise BackupDirError("backup_dir=%s (%s): not writable: %s"
+                             % (config.backup_dir, config.where("backup_dir"), exc.strerror))
+    log_df(config.backup_dir, "before")
+    check_space(config)
+
+
+def check_space(config, need=0, what="the run"):
+    """Raise BackupDirError if backup_dir is below space_threshold % free or lacks `need` bytes."""
+    free, total, percent = free_space(config.backup_dir)
+    if percent < config.space_threshold:
+        raise BackupDirError("backup_dir %s has %.1f%% free, below space_threshold=%s%%: %s "
+                             "not started" % (config.backup_dir, percent,
+                                              config.space_threshold, what))
+    if need and need > free:
+        raise BackupDirError("backup_dir %s has %s free, %s needs about %s"
+                             % (config.backup_dir, human_size(free), what, human_size(need)))
+
+
+def log_df(path, when):
+    """Log the backup file system's usage like NAUbackup's `df` lines."""
+    free, total, percent = free_space(path)
+    log.info("df %s (%s): %s free of %s (%.1f%% free)", path, when, human_size(free),
+             human_size(total), percent)
+
+
+def backup_folders(vm_dir):
+    """Return the backup folders in a VM's folder, oldest first."""
+    found = []
+    for name in os.listdir(vm_dir):
+        when = parse_backup_name(name)
+        path = os.path.join(vm_dir, name)
+        if when is not None and os.path.isdir(path) and not os.path.islink(path):
+            found.append((when, name, path))
+    return [path for _, _, path in sorted(found)]
+
+
+def dated_files(folder):
+    """Return the pool_db_/host_ backup files in a METADATA_/HOST_ folder, oldest first."""
+    found = sorted((parse_dated_file(n), n) for n in os.listdir(folder) if parse_dated_file(n))
+    return [os.path.join(folder, n) for _, n in found]
+
+
+def folder_size(path):
+    """Return (number of files, total bytes) under a folder."""
+    count = total = 0
+    for top, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(top, name)).st_size
+                count += 1
+            except OSError:
+                pass
+    return count, total
+
+
+# === vmbackup/xapi.py =======================================================
+# Talking to XAPI: endpoints, TLS pinning, the XML-RPC session and login.
+#
+# Owns: Endpoint/parse_endpoint (https, http, the local socket), the pinned and unix
+# HTTP connections, Xapi (one session, calls, XapiFailure), login, xapi_value.
+# Imports: errors, util; XenAPI (the official client) when installed.
+
+try:  # the official client; dom0 ships it, elsewhere: pip install XenAPI
+    import XenAPI
+except ImportError:  # pragma: no cover - exercised only where XenAPI is absent
+    XenAPI = None
+
+
+#: dom0's local XAPI socket; root needs no password on it.
+LOCAL_XAPI_SOCKET = "/var/lib/xcp/xapi"
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP over a unix socket (dom0's local xapi), for XML-RPC and the export handlers."""
+
+    def __init__(self, path, timeout=None):
+        http.client.HTTPConnection.__init__(self, "localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if self.timeout is not None:
+            sock.settimeout(self.timeout)
+        sock.connect(self.socket_path)
+        self.sock = sock
+
+
+class PinnedHTTPSConnection(http.client.HTTPSConnection):
+    """HTTPS that accepts exactly one certificate, by SHA-256 fingerprint.
+
+    XenServer ships a self-signed certificate; pinning it is safer than switching
+    verification off.
+    """
+
+    def __init__(self, host, port=None, fingerprint=None, timeout=None):
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=context)
+        self.fingerprint = fingerprint
+
+    def connect(self):
+        http.client.HTTPSConnection.connect(self)
+        seen = hashlib.sha256(self.sock.getpeercert(binary_form=True)).hexdigest()
+        if seen != self.fingerprint:
+            self.close()
+            raise ssl.SSLError("certificate fingerprint %s does not match tls_fingerprint %s"
+                               % (seen, self.fingerprint))
+
+
+class Endpoint(typing.NamedTuple):
+    """Where XAPI answers: a unix socket, or http(s)://host:port."""
+    scheme: str                 # unix, http or https
+    host: str                   # host name or address; the socket path for unix
+    port: typing.Optional[int]
+    ca_file: typing.Optional[str] = None
+    fingerprint: typing.Optional[str] = None
+    insecure: bool = False
+
+    @property
+    def url(self):
+        if self.scheme == "unix":
+            return "unix:" + self.host
+        default = 443 if self.scheme == "https" else 80
+        port = "" if self.port in (None, default) else ":%d" % self.port
+        host = "[%s]" % self.host if ":" in self.host else self.host
+        return "%s://%s%s/" % (self.scheme, host, port)
+
+    @property
+    def is_local(self):
+        return self.scheme == "unix"
+
+    def with_host(self, host):
+        """Return this endpoint pointed at another pool host (same scheme, port and TLS)."""
+        if self.scheme == "unix":
+            return Endpoint("https", host, None, self.ca_file, self.fingerprint, self.insecure)
+        return self._replace(host=host)
+
+    def connection(self, timeout=None):
+        """Return a new, unconnected http.client connection to this endpoint."""
+        if self.scheme == "unix":
+            return UnixHTTPConnection(self.host, timeout=timeout)
+        if self.scheme == "http":
+            return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
+        if self.fingerprint:
+            return PinnedHTTPSConnection(self.host, self.port, self.fingerprint, timeout=timeout)
+        return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
+                                           context=self.ssl_context())
+
+    def ssl_context(self):
+        if self.insecure:
+            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            context.check_hostname = False
+            context.verify_mode = ssl.CERT_NONE
+            return context
+        return ssl.create_default_context(cafile=self.ca_file)
+
+
+def parse_endpoint(server, ca_file=None, fingerprint=None, insecure=False):
+    """Return the Endpoint for a --server value; None means this host's local socket.
+
+    >>> parse_endpoint("pool1.example.org").url
+    'https://pool1.example.org/'
+    """
+    if not server:
+        return Endpoint("unix", LOCAL_XAPI_SOCKET, None)
+    if server.startswith("unix:"):
+        path = server[len("unix:"):]
+        if path.startswith("//"):
+            path = path[2:]
+        return Endpoint("unix", path, None)
+    if "://" not in server:
+        server = "https://" + server
+    parts = urllib.parse.urlsplit(server)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError("server=%s: expected https://host, http://host or unix:/path" % server)
+    try:
+        port = parts.port
+    except ValueError:
+        raise ConfigError("server=%s: bad port" % server)
+    return Endpoint(parts.scheme, parts.hostname, port, ca_file, fingerprint, insecure)
+
+
+class EndpointTransport(xmlrpc.client.Transport):
+    """xmlrpc transport that opens its connections through an Endpoint."""
+
+    def __init__(self, endpoint, timeout=None):
+        xmlrpc.client.Transport.__init__(self)
+        self.endpoint = endpoint
+        self.timeout = timeout
+
+    def make_connection(self, host):
+        if self._connection and self._connection[0] == host:
+            return self._connection[1]
+        self._connection = host, self.endpoint.connection(timeout=self.timeout)
+        return self._connection[1]
+
+
+class XapiFailure(CallFailed):
+    """{}"""
+
+    def __init__(self, method, details):
+        VmBackupError.__init__(self, "%s: %s" % (method, xapi_error_text(details)))
+        self.method = method
+        self.details = [str(d) for d in details]
+
+    @property
+    def code(self):
+        return self.details[0] if self.details else ""
+
+
+#: Errors of the connection itself, as opposed to XAPI's answers.
+CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError)
+
+
+class Xapi:
+    """A logged-in XAPI session: `call("VM.get_all_records")`, retries, logout."""
+
+    #: Read-only calls are retried on a dropped connection or a 5xx, with backoff.
+    RETRIES, BACKOFF = 3, 1.0
+
+    def __init__(self, endpoint, session, username):
+        self.endpoint = endpoint
+        self.session = session
+        self.username = username
+
+    @property
+    def ref(self):
+        return self.session._session
+
+    def call(self, method, *args, retry=None):
+        """Return XAPI's answer to `method(*args)`; raise XapiFailure or XapiCallFailed."""
+        if retry is None:
+            retry = ".get_" in method or method.endswith((".get_all", ".get_record"))
+        attempts = self.RETRIES + 1 if retry else 1
+        for attempt in range(attempts):
+            try:
+                target = self.session.xenapi
+                for part in method.split("."):
+                    target = getattr(target, part)
+                return target(*args)
+            except XenAPI.Failure as exc:
+                raise XapiFailure(method, exc.details)
+            except (CONNECTION_ERRORS + (xmlrpc.client.Fault,)) as exc:
+                if attempt + 1 >= attempts:
+                    raise XapiCallFailed(method, one_line(exc))
+                log.info("XAPI %s: %s; retrying", method, one_line(exc))
+                time.sleep(self.BACKOFF * (2 ** attempt))
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def logout(self):
+        """Log out, ignoring errors: the run is over either way."""
+        try:
+            self.session.xenapi.session.logout()
+        except Exception as exc:  # noqa: BLE001 - logout failure must not mask the run's result
+            log.debug("logout: %s", exc)
+
+
+def login(endpoint, username, password, _redirects=2):
+    """Return a Xapi session; follow HOST_IS_SLAVE to the master; raise LoginError."""
+    if XenAPI is None:
+        raise LoginError(endpoint.url, "the XenAPI package is missing (pip install XenAPI)")
+    uri = "http://localhost/" if endpoint.is_local else endpoint.url
+    session = XenAPI.Session(uri, transport=EndpointTransport(endpoint, timeout=300))
+    try:
+        session.xenapi.login_with_password(username, password or "", "2.0",
+                                           "vmbackup/" + __version__)
+    except XenAPI.Failure as exc:
+        details = [str(d) for d in exc.details]
+        if details[:1] == ["HOST_IS_SLAVE"] and len(details) > 1 and _redirects > 0:
+            master = endpoint.with_host(details[1])
+            log.info("%s is a pool member; logging in to the master %s", endpoint.url, master.url)
+            return login(master, username, password, _redirects - 1)
+        if details[:1] == ["SESSION_AUTHENTICATION_FAILED"]:
+            raise LoginError(endpoint.url, "authentication failed for user %r" % username)
+        raise LoginError(endpoint.url, xapi_error_text(details))
+    except ssl.SSLError as exc:
+        raise LoginError(endpoint.url, "TLS: %s" % one_line(getattr(exc, "reason", None) or exc))
+    except CONNECTION_ERRORS + (xmlrpc.client.Fault,) as exc:
+        raise LoginError(endpoint.url, one_line(getattr(exc, "strerror", None) or exc))
+    return Xapi(endpoint, session, username)
+
+
+def xapi_value(text):
+    """Return the Python value of a task result: XAPI stores it XML-RPC encoded.
+
+    '<value><array><data><value>OpaqueRef:1</value></data></array></value>' -> ['OpaqueRef:1']
+    """
+    if not text:
+        return None
+    wrapped = "<methodResponse><params><param>%s</param></params></methodResponse>" % text
+    return xmlrpc.client.loads(wrapped)[0][0]
+
+
+# === vmbackup/formats/vhd.py ================================================
+# Checking VHD files (fixed, dynamic, differencing) as /export_raw_vdi?format=vhd writes them.
+#
+# Owns: VHD_FOOTER/VHD_HEADER layouts, vhd_checksum, vhd_footer_problem, check_vhd.
+# Imports: errors, formats.tar.
+
+# -- VHD ------------------------------------------------------------------------
+
+#: cookie, features, version, data offset, timestamp, creator app/version/OS, original size,
+#: current size, geometry, disk type, checksum, uid, saved state (the footer's first 85 bytes)
+VHD_FOOTER = struct.Struct(">8sIIQIIIIQQIII16sB")
+
+
+VHD_HEADER = struct.Struct(">8sQQIIII")             # cookie .. checksum (first 40 bytes)
+
+
+VHD_TYPES = {2: "fixed", 3: "dynamic", 4: "differencing"}
+
+
+def vhd_checksum(block, at):
+    """Return the VHD checksum of `block` (ones' complement of its byte sum without bytes at..at+4)."""
+    return ~(sum(bytearray(block[:at])) + sum(bytearray(block[at + 4:]))) & 0xFFFFFFFF
+
+
+def vhd_footer_problem(block, where):
+    """Return what is wrong with a 512-byte VHD footer ('VHD footer <where>: ...'), or None."""
+    if len(block) < 512 or block[:8] != b"conectix":
+        return "VHD footer %s: missing (no 'conectix' cookie)" % where
+    fields = VHD_FOOTER.unpack_from(block)
+    if fields[12] != vhd_checksum(block[:512], 64):
+        return "VHD footer %s: checksum mismatch" % where
+    if fields[11] not in VHD_TYPES:
+        return "VHD footer %s: unknown disk type %d" % (where, fields[11])
+    return None
+
+
+def check_vhd(path, virtual_size=None):
+    """Return the problems of a VHD file: footers, dynamic header, BAT bounds, virtual size."""
+    size = os.path.getsize(path)
+    if size < 512:
+        return ["%d bytes: too short to be a VHD" % size]
+    problems = []
+    with open(path, "rb") as handle:
+        handle.seek(size - 512)
+        footer = handle.read(512)
+        handle.seek(0)
+        head = handle.read(1536)
+        bad = vhd_footer_problem(footer, "at the end")
+        if bad:
+            # a dynamic VHD keeps a copy at 0: if that one is sound, the tail was cut off
+            cut = footer[:8] != b"conectix" and vhd_footer_problem(head[:512], "") is None
+            return [bad + (" (truncated? the copy at the start is sound)" if cut else "")]
+        fields = VHD_FOOTER.unpack_from(footer)
+        data_offset, current_size, disk_type = fields[3], fields[9], fields[11]
+        if virtual_size is not None and current_size != virtual_size:
+            problems.append("VHD virtual size is %d bytes, the disk's virtual_size is %d"
+                            % (current_size, virtual_size))
+        if disk_type == 2:
+            if size != current_size + 512:
+                problems.append("fixed VHD is %d bytes, expected %d" % (size, current_size + 512))
+            return problems
+        if size % 512:
+            problems.append("file size %d is not a multiple of 512 (truncated?)" % size)
+        if head[:512] != footer:
+            problems.append(vhd_footer_problem(head[:512], "copy at the start")
+                            or "VHD footer copy at the start differs from the footer at the end")
+        if data_offset + 1024 > size - 512:
+            return problems + ["dynamic header offset %d is outside the file" % data_offset]
+        handle.seek(data_offset)
+        header = handle.read(1024)
+        if header[:8] != b"cxsparse":
+            return problems + ["no dynamic VHD header at byte %d (cookie is not 'cxsparse')"
+                               % data_offset]
+        _, _, table_offset, _, entries, block_size, checksum = VHD_HEADER.unpack_from(header)
+        if checksum != vhd_checksum(header, 36):
+            return problems + ["dynamic VHD header checksum mismatch"]
+        if block_size < 512 or block_size % 512:
+            return problems + ["VHD block size %d is not a multiple of 512" % block_size]
+        if entries * block_size < current_size:
+            problems.append("BAT covers %d bytes, less than the disk's %d"
+                            % (entries * block_size, current_size))
+        table_end = table_offset + entries * 4
+        if table_end > size - 512:
+            return problems + ["BAT (%d entries at byte %d) runs past the end of the file"
+                               % (entries, table_offset)]
+        handle.seek(table_offset)
+        bat = struct.unpack(">%dI" % entries, _read_exact(handle, entries * 4))
+    bitmap = (-(-(block_size // 512) // 8) + 511) & ~511   # one bit per sector, in whole sectors
+    span = bitmap + block_size
+    used = sorted((sector * 512, index) for index, sector in enumerate(bat) if sector != 0xFFFFFFFF)
+    previous_end = table_end
+    for start, index in used:
+        if start + span > size - 512:
+            problems.append("BAT entry %d points past the end of the file (block at byte %d; "
+                            "truncated?)" % (index, start))
+            break
+        if start < previous_end:
+            problems.append("BAT entry %d (block at byte %d) overlaps the BAT or another block"
+                            % (index, start))
+            break
+        previous_end = start + span
+    return problems
+
+
+# === vmbackup/formats/xva.py ================================================
+# XVA files: ova.xml, the disk chunks and their checksums, gzip and zstd, completeness.
+#
+# Owns: parse_ova_xml/ova_objects/ova_disks, check_xva_stream/check_xva_file,
+# xva_compression, the zstd reader, ova_xml_from_tar, xva_is_complete.
+# Imports: errors, util, formats.xxh64, formats.tar.
+
+def ova_xml_from_tar(path):
+    """Return the ova.xml bytes of a metadata export (a tar holding ova.xml)."""
+    try:
+        with tarfile.open(path, "r:*") as archive:
+            member = archive.extractfile("ova.xml")
+            if member is None:
+                raise KeyError("ova.xml")
+            return member.read()
+    except (tarfile.TarError, KeyError, OSError) as exc:
+        raise ExportFailed("metadata export is not a tar with ova.xml: %s" % one_line(exc))
+
+
+def xva_is_complete(path):
+    """Return True if an uncompressed XVA ends as a complete tar (two zero blocks)."""
+    size = os.path.getsize(path)
+    if size < 2048 or size % 512:
+        return False
+    with open(path, "rb") as handle:
+        handle.seek(size - 1024)
+        if handle.read(1024) != bytes(1024):
+            return False
+        handle.seek(0)
+        head = handle.read(512)
+    return head[:7] == b"ova.xml"
+
+
+# -- ova.xml: one XML-RPC value ----------------------------------------------
+def _xmlrpc_value(elem):
+    """Return the Python value of an XML-RPC <value> element (untyped text is a string)."""
+    children = list(elem)
+    if not children:
+        return elem.text or ""
+    typed = children[0]
+    tag = typed.tag
+    if tag == "struct":
+        out = {}
+        for member in typed.findall("member"):
+            name, value = member.find("name"), member.find("value")
+            if name is None or value is None:
+                raise ValueError("struct member without name or value")
+            out[name.text or ""] = _xmlrpc_value(value)
+        return out
+    if tag == "array":
+        data = typed.find("data")
+        return [_xmlrpc_value(v) for v in (data.findall("value") if data is not None else [])]
+    if tag in ("int", "i4", "i8"):
+        return int((typed.text or "").strip())
+    if tag == "boolean":
+        return (typed.text or "").strip() == "1"
+    if tag == "double":
+        return float((typed.text or "").strip())
+    if tag == "nil":
+        return None
+    return typed.text or ""  # string, dateTime.iso8601, base64: kept as text
+
+
+def parse_ova_xml(data):
+    """Return the struct of an ova.xml / vm-metadata.xml; raise ValueError if it does not parse.
+
+    b"<value><struct><member><name>objects</name>..." -> {"objects": [...], "version": {...}}
+    """
+    try:
+        root = xml.etree.ElementTree.fromstring(data)
+    except xml.etree.ElementTree.ParseError as exc:
+        raise ValueError("not well-formed XML: %s" % exc)
+    if root.tag != "value":
+        raise ValueError("root element is <%s>, not an XML-RPC <value>" % root.tag)
+    try:
+        ova = _xmlrpc_value(root)
+    except (ValueError, AttributeError) as exc:
+        raise ValueError("not an XML-RPC value: %s" % exc)
+    if not isinstance(ova, dict) or not isinstance(ova.get("objects"), list):
+        raise ValueError("no 'objects' list: not XAPI export metadata")
+    return ova
+
+
+def ova_objects(ova):
+    """Return {class: {id: record}} of a parsed ova.xml."""
+    tables = collections.defaultdict(dict)
+    for obj in ova.get("objects", ()):
+        if isinstance(obj, dict) and isinstance(obj.get("snapshot"), dict):
+            tables[str(obj.get("class", ""))][str(obj.get("id", ""))] = obj["snapshot"]
+    return tables
+
+
+def _int(value, default=0):
+    try:
+        return int(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def ova_disks(ova):
+    """Return {export id: (virtual_size, name_label)} of the VDIs whose data an XVA carries.
+
+    As XAPI's export: VDIs of non-CD VBDs on SRs whose content_type is not iso.
+    """
+    tables = ova_objects(ova)
+    disks = {}
+    for vbd in tables.get("VBD", {}).values():
+        vdi = tables.get("VDI", {}).get(str(vbd.get("VDI")))
+        if vdi is None or vbd.get("type") == "CD":
+            continue
+        sr = tables.get("SR", {}).get(str(vdi.get("SR")), {})
+        if sr.get("content_type") == "iso":
+            continue
+        disks[str(vbd.get("VDI"))] = (_int(vdi.get("virtual_size"), -1), vdi.get("name_label", ""))
+    return disks
+
+
+# -- XVA ----------------------------------------------------------------------
+
+#: Ref:7/00000003 (a chunk), Ref:7/00000003.xxhash or .checksum (its checksum).
+XVA_CHUNK_RE = re.compile(r"^(Ref:[^/]+)/(\d{8,})(\.xxhash|\.checksum)?$")
+
+
+#: A chunk larger than this is not one XAPI wrote (it writes 1 MiB chunks).
+MAX_CHUNK = 64 << 20
+
+
+#: Stop listing a file's problems after this many.
+MAX_PROBLEMS = 20
+
+
+class _DiskChunks(object):
+    """Where one XVA disk's chunks put it, by the counter rule of XAPI's importer."""
+
+    def __init__(self):
+        self.prev = None
+        self.first_len = 0
+        self.end = 0
+        self.chunks = 0
+
+
+def place_chunk(disk, counter, length):
+    """Advance `disk` (a _DiskChunks) by one chunk; return a problem text or None.
+
+    offset += (counter - previous - 1) * first chunk length, then += length:
+    skipped zero chunks leave gaps in the counter; keep-alive chunks are empty.
+    """
+    disk.chunks += 1
+    if disk.prev is None:
+        disk.prev, disk.first_len, disk.end = counter, length, counter * length + length
+        return None if counter == 0 else "first chunk is %08d, not 00000000" % counter
+    if counter <= disk.prev:
+        return "chunk %08d comes after %08d (out of order)" % (counter, disk.prev)
+    disk.end += (counter - disk.prev - 1) * disk.first_len + length
+    disk.prev = counter
+    return None
+
+
+def check_xva_stream(stream):
+    """Check an uncompressed XVA tar read from `stream`; return (problems, info); raise BadFile.
+
+    Problems are one-line texts; info has the disks found {id: bytes} and ova.xml's struct.
+    """
+    tar = TarStream(stream)
+    problems = []
+    first = tar.next()
+    if first is None:
+        raise BadFile("empty tar: no ova.xml")
+    if first.name != "ova.xml":
+        raise BadFile("first member is %r, not ova.xml: not an XVA" % first.name)
+    ova, expected = None, {}
+    try:
+        ova = parse_ova_xml(tar.read_body(limit=256 << 20))
+        expected = ova_disks(ova)
+    except ValueError as exc:
+        problems.append("ova.xml does not parse: %s" % exc)
+    disks = collections.OrderedDict()
+    pending = None      # (member name, chunk bytes) waiting for its checksum member
+    while True:
+        member = tar.next()
+        if member is None:
+            break
+        match = XVA_CHUNK_RE.match(member.name)
+        if pending and not (match and match.group(3) and member.name.startswith(pending[0] + ".")):
+            problems.append("chunk %s has no checksum member" % pending[0])
+            pending = None
+        if not match:
+            continue  # other members (directories, future additions) carry no disk data
+        ref, counter, ext = match.groups()
+        if ext is None:
+            disk = disks.setdefault(ref, _DiskChunks())
+            data = tar.read_body(limit=MAX_CHUNK)
+            issue = place_chunk(disk, int(counter), len(data))
+            if issue:
+                problems.append("disk %s: %s" % (ref, issue))
+            pending = (member.name, data)
+            continue
+        if pending is None:
+            problems.append("checksum member %s has no chunk before it" % member.name)
+            continue
+        stored = tar.read_body(limit=4096).strip().decode("ascii", "replace").upper()
+        name, data = pending
+        pending = None
+        if ext == ".xxhash":
+            if stored != xxh64_hex(data):
+                problems.append("chunk %s XXH64 mismatch" % name)
+        elif stored != hashlib.sha1(data).hexdigest().upper():
+            problems.append("chunk %s SHA-1 mismatch" % name)
+    if pending:
+        problems.append("chunk %s has no checksum member" % pending[0])
+    tar.skip_rest()
+    for ref, disk in disks.items():
+        size, _ = expected.get(ref, (None, ""))
+        if ova is None:
+            continue
+        if size is None:
+            problems.append("disk %s has data but no VDI in ova.xml" % ref)
+        elif disk.end != size:
+            problems.append("disk %s reassembles to %d bytes, ova.xml says virtual_size %d%s"
+                            % (ref, disk.end, size, " (last chunk missing?)" if disk.end < size else ""))
+    for ref, (size, label) in sorted(expected.items()):
+        if ref not in disks:
+            problems.append("disk %s%s has no data in the XVA"
+                            % (ref, " (%s)" % printable(label) if label else ""))
+    return problems, {"disks": {ref: d.end for ref, d in disks.items()}, "ova": ova,
+                      "chunks": sum(d.chunks for d in disks.values())}
+
+
+def find_zstd():
+    """Return the path of the zstd binary, or None."""
+    return shutil.which("zstd") or next(
+        (p for p in ("/usr/bin/zstd", "/bin/zstd") if os.access(p, os.X_OK)), None)
+
+
+class _ZstdStream(object):
+    """`zstd -d` fed from `reader` by a thread; read() gives the decompressed bytes."""
+
+    def __init__(self, reader, zstd):
+        self.proc = subprocess.Popen([zstd, "-d", "-c", "-q"], stdin=subprocess.PIPE,
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        self.reader = reader
+        self.feed_error = None
+        self.thread = threading.Thread(target=self._feed)
+        self.thread.daemon = True
+        self.thread.start()
+
+    def _feed(self):
+        try:
+            while True:
+                data = self.reader.read(1 << 20)
+                if not data:
+                    break
+                self.proc.stdin.write(data)
+        except (BrokenPipeError, ValueError):  # zstd stopped reading (bad input); its rc says why
+            pass
+        except OSError as exc:
+            self.feed_error = exc
+        finally:
+            try:
+                self.proc.stdin.close()
+            except OSError:
+                pass
+
+    def read(self, size=-1):
+        return self.proc.stdout.read(size)
+
+    def finish(self):
+        """Wait for zstd; return its error text ('' if it succeeded)."""
+        self.proc.stdout.close()
+        err = self.proc.stderr.read().decode("utf-8", "replace")
+        rc = self.proc.wait()
+        self.thread.join()
+        if self.feed_error is not None:
+            return "cannot read the file: %s" % self.feed_error
+        return "" if rc == 0 else "zstd: %s" % (one_line(err) or "exit code %d" % rc)
+
+    def kill(self):
+        """Stop zstd and the feeding thread."""
+        if self.proc.poll() is None:
+            self.proc.kill()
+        for pipe in (self.proc.stdout, self.proc.stderr):
+            pipe.close()
+        self.proc.wait()
+        self.thread.join()
+
+
+def xva_compression(name):
+    """Return None, 'gzip' or 'zstd' for an XVA file name (.xva, .xva.gz, .xva.zst)."""
+    if name.endswith(".gz"):
+        return "gzip"
+    if name.endswith((".zst", ".zstd")):
+        return "zstd"
+    return None
+
+
+def _check_xva_guarded(stream):
+    """Return (problems, info) of check_xva_stream, reading `stream` to its end; never raises BadFile."""
+    try:
+        return check_xva_stream(stream)
+    except BadFile as exc:
+        return [str(exc)], {}
+    except EOFError:
+        return ["gzip stream: truncated (ends before its end marker)"], {}
+    except zlib.error as exc:
+        return ["gzip stream: %s" % exc], {}
+    except OSError as exc:
+        if getattr(exc, "errno", None) is not None:  # a real I/O error, not a bad gzip stream
+            raise
+        return ["gzip stream: %s" % exc], {}
+
+
+def check_xva_file(path, want_sha256=False):
+    """Check an XVA file (.xva/.xva.gz/.xva.zst) in one pass; return (problems, unchecked, info).
+
+    info["sha256"] is the file's SHA-256 when `want_sha256`. A zstd file on a host
+    without zstd is unchecked (only its SHA-256 is computed), never called good.
+    """
+    algo = xva_compression(path)
+    problems, unchecked, info = [], [], {}
+    with open(path, "rb") as handle:
+        raw = _HashingReader(handle)
+        zstd = find_zstd() if algo == "zstd" else None
+        if algo == "zstd" and zstd is None:
+            unchecked.append("zstd is not installed: the compressed XVA cannot be checked here")
+        elif algo == "zstd":
+            stream = _ZstdStream(raw, zstd)
+            try:
+                problems, info = _check_xva_guarded(stream)
+                while stream.read(1 << 20):  # let zstd see all its input: its exit code judges it
+                    pass
+            except BaseException:
+                stream.kill()
+                raise
+            error = stream.finish()
+            if error:
+                problems.insert(0, error)
+        elif algo == "gzip":
+            problems, info = _check_xva_guarded(gzip.GzipFile(fileobj=raw, mode="rb"))
+        else:
+            problems, info = _check_xva_guarded(raw)
+        if want_sha256:
+            raw.drain()
+            info["sha256"] = raw.digest.hexdigest()
+    return problems[:MAX_PROBLEMS], unchecked, info
+
+
+# === vmbackup/report.py =====================================================
+# The run's outcome and everything that prints it: results, tallies, exit code, summary, preview, JSON.
+#
+# Owns: VmResult, RunProblems, StatusLog, exit_code_for, tally, run_summary,
+# settings_summary, preview_data/format_preview, write_json, setup_logging.
+# Imports: errors, util, config.
+
+def settings_summary(config):
+    """Return [(key, shown value, origin)] of the effective settings (no secrets)."""
+    rows = []
+    for key in SETTINGS:
+        value = getattr(config, key)
+        if key == "umask":
+            value = "%03o" % value
+        rows.append((key, value, config.where(key)))
+    return rows
+
+
+def preview_data(config, selection, plans, problems):
+    """Return the preview as a JSON-ready dict."""
+    errors = list(problems) + list(selection.errors)
+    for plan in plans:
+        errors.extend(plan.problems)
+    return {
+        "preview": True,
+        "version": __version__,
+        "status": "error" if errors else ("warning" if selection.warnings else "ok"),
+        "settings": {key: value for key, value, _ in settings_summary(config)},
+        "vms": [{"name": p.vm.name, "uuid": p.vm.uuid, "mode": p.vm.mode,
+                 "max_backups": p.vm.max_backups,
+                 "disks": [d.device for d in p.disks],
+                 "skipped_disks": [d.device for d in p.skipped],
+                 "selector": p.vm.selector.text, "origin": p.vm.selector.origin}
+                for p in plans],
+        "excluded": [{"name": n, "uuid": u} for n, u in selection.excluded],
+        "not_selected": [{"name": n, "uuid": u} for n, u in selection.not_selected],
+        "warnings": list(selection.warnings),
+        "errors": errors,
+    }
+
+
+def format_preview(data, config):
+    """Return the human preview text for `data` (from preview_data)."""
+    out = ["vmbackup %s preview: nothing is snapshotted, exported or deleted." % __version__, "",
+           "Settings:"]
+    for key, value, origin in settings_summary(config):
+        out.append("  %-18s %-28s (%s)" % (key, "-" if value is None else value, origin))
+    out.append("")
+    out.append("Selected VMs (%d):" % len(data["vms"]))
+    for vm in data["vms"]:
+        disks = ", ".join(vm["disks"]) or "-"
+        if vm["skipped_disks"]:
+            disks += "  (left out, [NOBAK]: %s)" % ", ".join(vm["skipped_disks"])
+        out.append("  %-24s %-11s max_backups=%-3d disks: %s  [%s]"
+                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], disks, vm["uuid"]))
+    for title, key in (("Excluded", "excluded"), ("Not selected", "not_selected")):
+        out.append("%s (%d):" % (title, len(data[key])))
+        out.extend("  %-24s [%s]" % (printable(v["name"]), v["uuid"]) for v in data[key])
+    for warning in data["warnings"]:
+        out.append("***WARNING - " + warning)
+    for error in data["errors"]:
+        out.append("***ERROR - " + error)
+    verdict = {"ok": "valid", "warning": "valid, with warnings",
+               "error": "INVALID: the run would not start"}[data["status"]]
+    out.append("Preview %s: %d VMs selected, %d warnings, %d errors."
+               % (verdict, len(data["vms"]), len(data["warnings"]), len(data["errors"])))
+    return "\n".join(out) + "\n"
+
+
+def write_json(target, data):
+    """Write `data` as JSON to the file `target` ('-': stdout)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise BackupDirError("cannot write --json file %s: %s" % (target, exc.strerror))
+
+
+class VmResult(typing.NamedTuple):
+    """The outcome of one unit of work (a VM, the pool database, a host)."""
+    name: str
+    uuid: str
+    mode: str
+    status: str                 # success, warning or error
+    path: typing.Optional[str] = None
+    bytes: int = 0
+    seconds: float = 0.0
+    message: str = ""
+
+
+class RunProblems(logging.Handler):
+    """Collects the run's own warnings and errors (not a VM's: those are in its result)."""
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.WARNING)
+        self.warnings, self.errors = [], []
+
+    def emit(self, record):
+        if getattr(record, "vm", None) is None:
+            (self.errors if record.levelno >= logging.ERROR else self.warnings).append(
+                record.getMessage())
+
+
+class StatusLog:
+    """NAUbackup's status log: `YYYY/MM/DD HH:MM:SS,<what>,<host>,<fields...>` lines, appended."""
+
+    def __init__(self, path, origin="default"):
+        self.path = path
+        self.host = socket.gethostname()
+        if path and origin.startswith("default") and not os.path.isdir(os.path.dirname(path) or "."):
+            log.info("status log %s not written: its folder does not exist", path)
+            self.path = None
+
+    def line(self, what, *fields):
+        if not self.path:
+            return
+        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
+                        + [str(f) for f in fields])
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+        except OSError as exc:
+            log.warning("cannot append to status log %s: %s", self.path, exc.strerror)
+            self.path = None
+
+
+def exit_code_for(results, warnings=(), errors=()):
+    """Return the run's exit code: the most severe of its results and problems (borg's max_ec)."""
+    statuses = {r.status for r in results}
+    if "error" in statuses or errors:
+        return EXIT_ERROR
+    if "warning" in statuses or warnings:
+        return EXIT_WARNING
+    return EXIT_OK
+
+
+def tally(results, warnings=()):
+    """Return 'S:n W:n E:n' for the summary line and the status log."""
+    count = collections.Counter(r.status for r in results)
+    return "S:%d W:%d E:%d" % (count["success"], count["warning"] + len(warnings), count["error"])
+
+
+def run_summary(config, selection, results, warnings, started, code):
+    """Return the JSON summary of a run."""
+    return {
+        "preview": False, "version": __version__,
+        "status": {EXIT_OK: "ok", EXIT_WARNING: "warning"}.get(code, "error"),
+        "exit_code": code, "started": started.isoformat(),
+        "finished": datetime.datetime.now().isoformat(),
+        "settings": {key: value for key, value, _ in settings_summary(config)},
+        "vms": [{"name": r.name, "uuid": r.uuid, "mode": r.mode, "status": r.status,
+                 "path": r.path, "bytes": r.bytes, "seconds": round(r.seconds, 3),
+                 "message": r.message} for r in results],
+        "excluded": [{"name": n, "uuid": u} for n, u in (selection.excluded if selection else [])],
+        "not_selected": [{"name": n, "uuid": u} for n, u in
+                         (selection.not_selected if selection else [])],
+        "warnings": list(warnings),
+        "errors": [r.message for r in results if r.status == "error"],
+        "summary": tally(results, warnings),
+    }
+
+
+def setup_logging(verbosity):
+    """Send log lines to stderr: warnings and up with -q, debug with -vv."""
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(-2, min(verbosity, 0)), logging.INFO)
+    if verbosity >= 2:
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           "%Y-%m-%d %H:%M:%S"))
+    for old in [h for h in log.handlers if getattr(h, "_vmbackup_console", False)]:
+        log.removeHandler(old)
+    handler._vmbackup_console = True
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    handler.setLevel(level)
+    log.propagate = False
+
+
+# === vmbackup/retention.py ==================================================
+# Which old backups to delete, as a pure decision, and deleting them.
+#
+# Owns: plan_retention (pure, table-tested), prune_vm_backups, prune_dated_files.
+# Imports: errors, store.
+
+def plan_retention(entries, keep, drop_incomplete=True):
+    """Return the names to delete from `entries` [(name, datetime, complete)], newest kept.
+
+    The `keep` newest complete backups stay; older complete ones go; incomplete
+    ones go when `drop_incomplete`. Never returns the newest complete backup.
+    Pure: works from names and markers, never from mtimes.
+    """
+    complete = sorted((e for e in entries if e[2]), key=lambda e: e[1], reverse=True)
+    keep = max(1, keep)
+    doomed = [name for name, _, _ in complete[keep:]]
+    if drop_incomplete:
+        doomed += [name for name, _, done in entries if not done]
+    return sorted(doomed)
+
+
+def prune_vm_backups(vm_dir, keep, drop_incomplete=True, vlog=None):
+    """Delete what plan_retention says in `vm_dir`; return the names deleted."""
+    vlog = vlog or log
+    entries = vm_backups(vm_dir)
+    doomed = plan_retention(entries, keep, drop_incomplete)
+    complete = {name for name, _, done in entries if done}
+    for name in doomed:
+        if name in complete:
+            vlog.info("retention: deleting %s", name)
+        else:
+            vlog.warning("deleting incomplete backup %s (no success marker)", name)
+        shutil.rmtree(inside(vm_dir, name), ignore_errors=False)
+    return doomed
+
+
+def prune_dated_files(folder, keep):
+    """Delete the oldest pool_db_/host_ backup files in `folder` beyond `keep`; return them."""
+    try:
+        names = os.listdir(folder)
+    except OSError:
+        return []
+    entries = [(n, parse_dated_file(n), True) for n in names if parse_dated_file(n)]
+    doomed = plan_retention(entries, keep)
+    for name in doomed:
+        log.info("retention: deleting %s", os.path.join(os.path.basename(folder), name))
+        os.unlink(inside(folder, name))
+    return doomed
+
+
+# === vmbackup/selection.py ==================================================
+# Which VMs and disks a run backs up, and the plan for each: pure decisions over pool records.
+#
+# Owns: select_vms (selectors over VM records), vm_disks/pick_disks, PoolView/read_pool
+# (one read of the pool), VmPlan/plan_vm.
+# Imports: errors, util, config.
 
 class Selected(typing.NamedTuple):
     """One VM chosen for backup, with what was asked of it."""
@@ -663,221 +2275,6 @@ def pick_disks(disks, devices):
     return chosen, missing
 
 
-# ---------------------------------------------------------------------------
-# XAPI access: endpoints, TLS, login
-# ---------------------------------------------------------------------------
-
-class UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP over a unix socket (dom0's local xapi), for XML-RPC and the export handlers."""
-
-    def __init__(self, path, timeout=None):
-        http.client.HTTPConnection.__init__(self, "localhost", timeout=timeout)
-        self.socket_path = path
-
-    def connect(self):
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if self.timeout is not None:
-            sock.settimeout(self.timeout)
-        sock.connect(self.socket_path)
-        self.sock = sock
-
-
-class PinnedHTTPSConnection(http.client.HTTPSConnection):
-    """HTTPS that accepts exactly one certificate, by SHA-256 fingerprint.
-
-    XenServer ships a self-signed certificate; pinning it is safer than switching
-    verification off.
-    """
-
-    def __init__(self, host, port=None, fingerprint=None, timeout=None):
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-        http.client.HTTPSConnection.__init__(self, host, port, timeout=timeout, context=context)
-        self.fingerprint = fingerprint
-
-    def connect(self):
-        http.client.HTTPSConnection.connect(self)
-        seen = hashlib.sha256(self.sock.getpeercert(binary_form=True)).hexdigest()
-        if seen != self.fingerprint:
-            self.close()
-            raise ssl.SSLError("certificate fingerprint %s does not match tls_fingerprint %s"
-                               % (seen, self.fingerprint))
-
-
-class Endpoint(typing.NamedTuple):
-    """Where XAPI answers: a unix socket, or http(s)://host:port."""
-    scheme: str                 # unix, http or https
-    host: str                   # host name or address; the socket path for unix
-    port: typing.Optional[int]
-    ca_file: typing.Optional[str] = None
-    fingerprint: typing.Optional[str] = None
-    insecure: bool = False
-
-    @property
-    def url(self):
-        if self.scheme == "unix":
-            return "unix:" + self.host
-        default = 443 if self.scheme == "https" else 80
-        port = "" if self.port in (None, default) else ":%d" % self.port
-        host = "[%s]" % self.host if ":" in self.host else self.host
-        return "%s://%s%s/" % (self.scheme, host, port)
-
-    @property
-    def is_local(self):
-        return self.scheme == "unix"
-
-    def with_host(self, host):
-        """Return this endpoint pointed at another pool host (same scheme, port and TLS)."""
-        if self.scheme == "unix":
-            return Endpoint("https", host, None, self.ca_file, self.fingerprint, self.insecure)
-        return self._replace(host=host)
-
-    def connection(self, timeout=None):
-        """Return a new, unconnected http.client connection to this endpoint."""
-        if self.scheme == "unix":
-            return UnixHTTPConnection(self.host, timeout=timeout)
-        if self.scheme == "http":
-            return http.client.HTTPConnection(self.host, self.port, timeout=timeout)
-        if self.fingerprint:
-            return PinnedHTTPSConnection(self.host, self.port, self.fingerprint, timeout=timeout)
-        return http.client.HTTPSConnection(self.host, self.port, timeout=timeout,
-                                           context=self.ssl_context())
-
-    def ssl_context(self):
-        if self.insecure:
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-            context.check_hostname = False
-            context.verify_mode = ssl.CERT_NONE
-            return context
-        return ssl.create_default_context(cafile=self.ca_file)
-
-
-def parse_endpoint(server, ca_file=None, fingerprint=None, insecure=False):
-    """Return the Endpoint for a --server value; None means this host's local socket.
-
-    >>> parse_endpoint("pool1.example.org").url
-    'https://pool1.example.org/'
-    """
-    if not server:
-        return Endpoint("unix", LOCAL_XAPI_SOCKET, None)
-    if server.startswith("unix:"):
-        path = server[len("unix:"):]
-        if path.startswith("//"):
-            path = path[2:]
-        return Endpoint("unix", path, None)
-    if "://" not in server:
-        server = "https://" + server
-    parts = urllib.parse.urlsplit(server)
-    if parts.scheme not in ("http", "https") or not parts.hostname:
-        raise ConfigError("server=%s: expected https://host, http://host or unix:/path" % server)
-    try:
-        port = parts.port
-    except ValueError:
-        raise ConfigError("server=%s: bad port" % server)
-    return Endpoint(parts.scheme, parts.hostname, port, ca_file, fingerprint, insecure)
-
-
-class EndpointTransport(xmlrpc.client.Transport):
-    """xmlrpc transport that opens its connections through an Endpoint."""
-
-    def __init__(self, endpoint, timeout=None):
-        xmlrpc.client.Transport.__init__(self)
-        self.endpoint = endpoint
-        self.timeout = timeout
-
-    def make_connection(self, host):
-        if self._connection and self._connection[0] == host:
-            return self._connection[1]
-        self._connection = host, self.endpoint.connection(timeout=self.timeout)
-        return self._connection[1]
-
-
-class XapiFailure(VmBackupError):
-    """{}"""
-
-    def __init__(self, method, details):
-        VmBackupError.__init__(self, "%s: %s" % (method, xapi_error_text(details)))
-        self.method = method
-        self.details = [str(d) for d in details]
-
-    @property
-    def code(self):
-        return self.details[0] if self.details else ""
-
-
-#: Errors of the connection itself, as opposed to XAPI's answers.
-CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError)
-
-
-class Xapi:
-    """A logged-in XAPI session: `call("VM.get_all_records")`, retries, logout."""
-
-    #: Read-only calls are retried on a dropped connection or a 5xx, with backoff.
-    RETRIES, BACKOFF = 3, 1.0
-
-    def __init__(self, endpoint, session, username):
-        self.endpoint = endpoint
-        self.session = session
-        self.username = username
-
-    @property
-    def ref(self):
-        return self.session._session
-
-    def call(self, method, *args, retry=None):
-        """Return XAPI's answer to `method(*args)`; raise XapiFailure or XapiCallFailed."""
-        if retry is None:
-            retry = ".get_" in method or method.endswith((".get_all", ".get_record"))
-        attempts = self.RETRIES + 1 if retry else 1
-        for attempt in range(attempts):
-            try:
-                target = self.session.xenapi
-                for part in method.split("."):
-                    target = getattr(target, part)
-                return target(*args)
-            except XenAPI.Failure as exc:
-                raise XapiFailure(method, exc.details)
-            except (CONNECTION_ERRORS + (xmlrpc.client.Fault,)) as exc:
-                if attempt + 1 >= attempts:
-                    raise XapiCallFailed(method, one_line(exc))
-                log.info("XAPI %s: %s; retrying", method, one_line(exc))
-                time.sleep(self.BACKOFF * (2 ** attempt))
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    def logout(self):
-        """Log out, ignoring errors: the run is over either way."""
-        try:
-            self.session.xenapi.session.logout()
-        except Exception as exc:  # noqa: BLE001 - logout failure must not mask the run's result
-            log.debug("logout: %s", exc)
-
-
-def login(endpoint, username, password, _redirects=2):
-    """Return a Xapi session; follow HOST_IS_SLAVE to the master; raise LoginError."""
-    if XenAPI is None:
-        raise LoginError(endpoint.url, "the XenAPI package is missing (pip install XenAPI)")
-    uri = "http://localhost/" if endpoint.is_local else endpoint.url
-    session = XenAPI.Session(uri, transport=EndpointTransport(endpoint, timeout=300))
-    try:
-        session.xenapi.login_with_password(username, password or "", "2.0",
-                                           "vmbackup/" + __version__)
-    except XenAPI.Failure as exc:
-        details = [str(d) for d in exc.details]
-        if details[:1] == ["HOST_IS_SLAVE"] and len(details) > 1 and _redirects > 0:
-            master = endpoint.with_host(details[1])
-            log.info("%s is a pool member; logging in to the master %s", endpoint.url, master.url)
-            return login(master, username, password, _redirects - 1)
-        if details[:1] == ["SESSION_AUTHENTICATION_FAILED"]:
-            raise LoginError(endpoint.url, "authentication failed for user %r" % username)
-        raise LoginError(endpoint.url, xapi_error_text(details))
-    except ssl.SSLError as exc:
-        raise LoginError(endpoint.url, "TLS: %s" % one_line(getattr(exc, "reason", None) or exc))
-    except CONNECTION_ERRORS + (xmlrpc.client.Fault,) as exc:
-        raise LoginError(endpoint.url, one_line(getattr(exc, "strerror", None) or exc))
-    return Xapi(endpoint, session, username)
-
-
 class PoolView(typing.NamedTuple):
     """The pool's records, read in a constant number of calls (one per class)."""
     pool: dict
@@ -935,521 +2332,12 @@ def plan_vm(selected, view):
     return VmPlan(selected, [d for d in disks if not d.nobak], [d for d in disks if d.nobak], problems)
 
 
-# ---------------------------------------------------------------------------
-# Credentials
-# ---------------------------------------------------------------------------
-
-def read_password_file(path, legacy=False):
-    """Return the password held in `path`; raise ConfigError if unreadable or exposed.
-
-    A modern password file holds the password on its first line and must not be
-    readable by group or others. NAUbackup's files hold it base64-encoded
-    ("obscured", which protects nothing): accepted with a warning if exposed.
-    """
-    try:
-        st = os.stat(path)
-        with open(path, "rb") as handle:
-            data = handle.read()
-    except OSError as exc:
-        raise ConfigError("cannot read password file %s: %s" % (path, exc.strerror))
-    exposed = st.st_mode & (stat.S_IRWXG | stat.S_IRWXO)
-    if exposed and not legacy:
-        raise ConfigError("password file %s is readable by other users (mode %03o); run: chmod 600 %s"
-                          % (path, stat.S_IMODE(st.st_mode), path))
-    if exposed:
-        log.warning("password file %s is readable by other users (mode %03o): chmod 600 it",
-                    path, stat.S_IMODE(st.st_mode))
-    text = data.decode("utf-8", "replace").strip()
-    if legacy:
-        try:
-            return base64.b64decode(text.encode("ascii"), validate=True).decode("utf-8")
-        except (ValueError, UnicodeError):
-            pass  # not base64: a plain password file
-    return text.splitlines()[0] if text else ""
-
-
-def write_password_file(path, password):
-    """Write NAUbackup's base64 password file at `path` with mode 0600; refuse to overwrite."""
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    except OSError as exc:
-        raise ConfigError("cannot create password file %s: %s" % (path, exc.strerror))
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(base64.b64encode(password.encode("utf-8")) + b"\n")
-
-
-# ---------------------------------------------------------------------------
-# Reports: preview and JSON
-# ---------------------------------------------------------------------------
-
-def settings_summary(config):
-    """Return [(key, shown value, origin)] of the effective settings (no secrets)."""
-    rows = []
-    for key in SETTINGS:
-        value = getattr(config, key)
-        if key == "umask":
-            value = "%03o" % value
-        rows.append((key, value, config.where(key)))
-    return rows
-
-
-def preview_data(config, selection, plans, problems):
-    """Return the preview as a JSON-ready dict."""
-    errors = list(problems) + list(selection.errors)
-    for plan in plans:
-        errors.extend(plan.problems)
-    return {
-        "preview": True,
-        "version": __version__,
-        "status": "error" if errors else ("warning" if selection.warnings else "ok"),
-        "settings": {key: value for key, value, _ in settings_summary(config)},
-        "vms": [{"name": p.vm.name, "uuid": p.vm.uuid, "mode": p.vm.mode,
-                 "max_backups": p.vm.max_backups,
-                 "disks": [d.device for d in p.disks],
-                 "skipped_disks": [d.device for d in p.skipped],
-                 "selector": p.vm.selector.text, "origin": p.vm.selector.origin}
-                for p in plans],
-        "excluded": [{"name": n, "uuid": u} for n, u in selection.excluded],
-        "not_selected": [{"name": n, "uuid": u} for n, u in selection.not_selected],
-        "warnings": list(selection.warnings),
-        "errors": errors,
-    }
-
-
-def format_preview(data, config):
-    """Return the human preview text for `data` (from preview_data)."""
-    out = ["vmbackup %s preview: nothing is snapshotted, exported or deleted." % __version__, "",
-           "Settings:"]
-    for key, value, origin in settings_summary(config):
-        out.append("  %-18s %-28s (%s)" % (key, "-" if value is None else value, origin))
-    out.append("")
-    out.append("Selected VMs (%d):" % len(data["vms"]))
-    for vm in data["vms"]:
-        disks = ", ".join(vm["disks"]) or "-"
-        if vm["skipped_disks"]:
-            disks += "  (left out, [NOBAK]: %s)" % ", ".join(vm["skipped_disks"])
-        out.append("  %-24s %-11s max_backups=%-3d disks: %s  [%s]"
-                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], disks, vm["uuid"]))
-    for title, key in (("Excluded", "excluded"), ("Not selected", "not_selected")):
-        out.append("%s (%d):" % (title, len(data[key])))
-        out.extend("  %-24s [%s]" % (printable(v["name"]), v["uuid"]) for v in data[key])
-    for warning in data["warnings"]:
-        out.append("***WARNING - " + warning)
-    for error in data["errors"]:
-        out.append("***ERROR - " + error)
-    verdict = {"ok": "valid", "warning": "valid, with warnings",
-               "error": "INVALID: the run would not start"}[data["status"]]
-    out.append("Preview %s: %d VMs selected, %d warnings, %d errors."
-               % (verdict, len(data["vms"]), len(data["warnings"]), len(data["errors"])))
-    return "\n".join(out) + "\n"
-
-
-def write_json(target, data):
-    """Write `data` as JSON to the file `target` ('-': stdout)."""
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    try:
-        with open(target, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    except OSError as exc:
-        raise BackupDirError("cannot write --json file %s: %s" % (target, exc.strerror))
-
-
-# ---------------------------------------------------------------------------
-# Preview
-# ---------------------------------------------------------------------------
-
-def check_backup_dir_readonly(config):
-    """Return problems with backup_dir found without writing anything (for preview)."""
-    path = config.backup_dir
-    where = config.where("backup_dir")
-    if not os.path.exists(path):
-        return ["backup_dir=%s (%s): the folder does not exist" % (path, where)]
-    if not os.path.isdir(path):
-        return ["backup_dir=%s (%s): not a folder" % (path, where)]
-    if not os.access(path, os.W_OK | os.X_OK):
-        return ["backup_dir=%s (%s): not writable" % (path, where)]
-    return []
-
-
-def preview(config, endpoint, password, json_target=None):
-    """Print what a run would do; return EXIT_OK if it would start, else EXIT_ERROR."""
-    problems = check_backup_dir_readonly(config)
-    xapi = login(endpoint, config.username, password)
-    try:
-        view = read_pool(xapi)
-    finally:
-        xapi.logout()
-    selection = select_vms(view.vms, config.selectors, config.max_backups)
-    plans = [plan_vm(vm, view) for vm in selection.vms]
-    data = preview_data(config, selection, plans, problems)
-    if json_target:
-        write_json(json_target, data)
-    if json_target != "-":
-        sys.stdout.write(format_preview(data, config))
-    return EXIT_ERROR if data["status"] == "error" else EXIT_OK
-
-
-# ---------------------------------------------------------------------------
-# Backup folders: safe names, paths inside backup_dir, partial files
-# ---------------------------------------------------------------------------
-
-#: Characters that break SMB/NTFS shares or paths; NAUbackup's ':' in folder
-#: names broke SMB (its issue #4).
-UNSAFE_CHARS = re.compile(r'[\x00-\x1f\x7f/\\:*?"<>|]')
-
-#: backup-YYYY-MM-DD-HHMMSS, and NAUbackup's backup-YYYY-MM-DD-(HH:MM:SS).
-BACKUP_DIR_RE = re.compile(r"^backup-(\d{4})-(\d\d)-(\d\d)-(?:(\d\d)(\d\d)(\d\d)|\((\d\d):(\d\d):(\d\d)\))$")
-
-#: pool_db_YYYYMMDD-HHMMSS.dump and host_YYYYMMDD-HHMMSS.xbk
-DATED_FILE_RE = re.compile(r"^(?:pool_db|host)_(\d{8})-(\d{6})\.(?:dump|xbk)$")
-
-SUCCESS_MARKER = "success"
-#: NAUbackup also wrote `success_compress` (for a server-side compression script).
-SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress")
-MANIFEST = "backup.json"
-
-
-def safe_dirname(name):
-    """Return `name` made safe as one path component.
-
-    No '/', '\\', ':' or control characters, no leading dot, never '.' or '..'
-    or empty, at most 200 bytes: "../../etc" -> "_._.._etc".
-    """
-    text = UNSAFE_CHARS.sub("_", str(name)).strip()
-    text = re.sub(r"^\.", "_", text).rstrip(". ")
-    while len(text.encode("utf-8")) > 200:
-        text = text[:-1]
-    return text if text not in ("", ".", "..") else "_"
-
-
-def inside(root, *parts):
-    """Return root/parts, refusing any result that resolves outside `root`."""
-    base = os.path.realpath(root)
-    path = os.path.realpath(os.path.join(base, *parts))
-    if path != base and not path.startswith(base + os.sep):
-        raise BackupDirError("refusing to write outside backup_dir: %r" % (parts,))
-    return path
-
-
-def stamp(moment):
-    """Return the folder stamp of a datetime: 2026-11-23-184501."""
-    return moment.strftime("%Y-%m-%d-%H%M%S")
-
-
-def parse_backup_name(name):
-    """Return the datetime a backup folder name encodes, or None if it is not one."""
-    match = BACKUP_DIR_RE.match(name)
-    if not match:
-        return None
-    g = match.groups()
-    hms = g[3:6] if g[3] is not None else g[6:9]
-    try:
-        return datetime.datetime(*(int(x) for x in g[:3] + tuple(hms)))
-    except ValueError:
-        return None
-
-
-def parse_dated_file(name):
-    """Return the datetime of a pool_db_/host_ backup file name, or None."""
-    match = DATED_FILE_RE.match(name)
-    if not match:
-        return None
-    try:
-        return datetime.datetime.strptime(match.group(1) + match.group(2), "%Y%m%d%H%M%S")
-    except ValueError:
-        return None
-
-
-class partial_file:
-    """`with partial_file(path) as tmp:` write tmp; renamed to path on success, removed on error."""
-
-    def __init__(self, path):
-        self.path = path
-        self.tmp = path + ".part"
-
-    def __enter__(self):
-        if os.path.lexists(self.tmp):
-            os.unlink(self.tmp)
-        return self.tmp
-
-    def __exit__(self, exc_type, exc, tb):
-        if exc_type is None:
-            fsync_path(self.tmp)
-            os.replace(self.tmp, self.path)
-            fsync_dir(os.path.dirname(self.path))
-        elif os.path.lexists(self.tmp):
-            os.unlink(self.tmp)
-        return False
-
-
-def fsync_path(path):
-    """Flush a file that another process wrote to stable storage."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def fsync_dir(path):
-    """Flush a folder's entries (renames) to stable storage, where the OS allows it."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:  # pragma: no cover - some network file systems refuse
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover
-        pass
-    finally:
-        os.close(fd)
-
-
-def write_text(path, text):
-    """Write `text` to `path` (UTF-8) and flush it to disk."""
-    with open(path, "w", encoding="utf-8") as handle:
-        handle.write(text)
-        handle.flush()
-        os.fsync(handle.fileno())
-
-
-def sha256_file(path, bufsize=1 << 20):
-    """Return the SHA-256 hex digest of a file."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(bufsize), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# ---------------------------------------------------------------------------
-# Retention
-# ---------------------------------------------------------------------------
-
-def plan_retention(entries, keep, drop_incomplete=True):
-    """Return the names to delete from `entries` [(name, datetime, complete)], newest kept.
-
-    The `keep` newest complete backups stay; older complete ones go; incomplete
-    ones go when `drop_incomplete`. Never returns the newest complete backup.
-    Pure: works from names and markers, never from mtimes.
-    """
-    complete = sorted((e for e in entries if e[2]), key=lambda e: e[1], reverse=True)
-    keep = max(1, keep)
-    doomed = [name for name, _, _ in complete[keep:]]
-    if drop_incomplete:
-        doomed += [name for name, _, done in entries if not done]
-    return sorted(doomed)
-
-
-def vm_backups(vm_dir):
-    """Return [(name, datetime, complete)] for the backup folders in a VM's folder."""
-    try:
-        names = os.listdir(vm_dir)
-    except OSError:
-        return []
-    found = []
-    for name in names:
-        when = parse_backup_name(name)
-        path = os.path.join(vm_dir, name)
-        if when is None or not os.path.isdir(path) or os.path.islink(path):
-            continue
-        found.append((name, when, any(os.path.exists(os.path.join(path, m)) for m in SUCCESS_MARKERS)))
-    return found
-
-
-def prune_vm_backups(vm_dir, keep, drop_incomplete=True, vlog=None):
-    """Delete what plan_retention says in `vm_dir`; return the names deleted."""
-    vlog = vlog or log
-    entries = vm_backups(vm_dir)
-    doomed = plan_retention(entries, keep, drop_incomplete)
-    complete = {name for name, _, done in entries if done}
-    for name in doomed:
-        if name in complete:
-            vlog.info("retention: deleting %s", name)
-        else:
-            vlog.warning("deleting incomplete backup %s (no success marker)", name)
-        shutil.rmtree(inside(vm_dir, name), ignore_errors=False)
-    return doomed
-
-
-def prune_dated_files(folder, keep):
-    """Delete the oldest pool_db_/host_ backup files in `folder` beyond `keep`; return them."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    entries = [(n, parse_dated_file(n), True) for n in names if parse_dated_file(n)]
-    doomed = plan_retention(entries, keep)
-    for name in doomed:
-        log.info("retention: deleting %s", os.path.join(os.path.basename(folder), name))
-        os.unlink(inside(folder, name))
-    return doomed
-
-
-# ---------------------------------------------------------------------------
-# Locking and the backup folder
-# ---------------------------------------------------------------------------
-
-class RunLock:
-    """`with RunLock(backup_dir):` one run at a time per backup_dir.
-
-    The lock file holds 'pid host'; a lock whose process is dead on this host is
-    taken over with a warning.
-    """
-
-    NAME = ".vmbackup.lock"
-
-    def __init__(self, folder):
-        self.path = os.path.join(folder, self.NAME)
-        self.me = "%d %s\n" % (os.getpid(), socket.gethostname())
-
-    def __enter__(self):
-        for _ in range(3):
-            try:
-                fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            except FileExistsError:
-                self._take_over_if_stale()
-                continue
-            with os.fdopen(fd, "w") as handle:
-                handle.write(self.me)
-            return self
-        raise LockHeld(os.path.dirname(self.path), "unknown")
-
-    def _take_over_if_stale(self):
-        try:
-            with open(self.path) as handle:
-                pid_text, _, host = handle.read().strip().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            pid, host = None, ""
-        if pid is not None and host not in ("", socket.gethostname()):
-            raise LockHeld(os.path.dirname(self.path), "%d on host %s" % (pid, host))
-        if pid is not None and pid_alive(pid):
-            raise LockHeld(os.path.dirname(self.path), pid)
-        log.warning("taking over stale lock %s (pid %s is gone)", self.path, pid)
-        try:
-            os.unlink(self.path)
-        except FileNotFoundError:
-            pass
-
-    def __exit__(self, *exc):
-        try:
-            with open(self.path) as handle:
-                if handle.read() == self.me:
-                    os.unlink(self.path)
-        except OSError:
-            pass
-        return False
-
-
-def pid_alive(pid):
-    """Return True if a process with this pid exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def free_space(path):
-    """Return (free bytes, total bytes, percent free) of the file system holding `path`."""
-    st = os.statvfs(path)
-    free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
-    return free, total, (100.0 * free / total) if total else 0.0
-
-
-def check_backup_dir(config):
-    """Raise BackupDirError unless backup_dir is a writable folder with space_threshold % free."""
-    problems = check_backup_dir_readonly(config)
-    if problems:
-        raise BackupDirError(problems[0])
-    probe = os.path.join(config.backup_dir, ".vmbackup-write-test-%d" % os.getpid())
-    try:
-        with open(probe, "w"):
-            pass
-        os.unlink(probe)
-    except OSError as exc:
-        raise BackupDirError("backup_dir=%s (%s): not writable: %s"
-                             % (config.backup_dir, config.where("backup_dir"), exc.strerror))
-    log_df(config.backup_dir, "before")
-    check_space(config)
-
-
-def check_space(config, need=0, what="the run"):
-    """Raise BackupDirError if backup_dir is below space_threshold % free or lacks `need` bytes."""
-    free, total, percent = free_space(config.backup_dir)
-    if percent < config.space_threshold:
-        raise BackupDirError("backup_dir %s has %.1f%% free, below space_threshold=%s%%: %s "
-                             "not started" % (config.backup_dir, percent,
-                                              config.space_threshold, what))
-    if need and need > free:
-        raise BackupDirError("backup_dir %s has %s free, %s needs about %s"
-                             % (config.backup_dir, human_size(free), what, human_size(need)))
-
-
-def log_df(path, when):
-    """Log the backup file system's usage like NAUbackup's `df` lines."""
-    free, total, percent = free_space(path)
-    log.info("df %s (%s): %s free of %s (%.1f%% free)", path, when, human_size(free),
-             human_size(total), percent)
-
-
-# ---------------------------------------------------------------------------
-# Transports: one interface, over xe or over XenAPI + HTTP
-# ---------------------------------------------------------------------------
-
-class ExportFailed(VmBackupError):
-    """{}"""
-
-
-class ExportStalled(ExportFailed):
-    """{} made no progress for {} seconds (stall_timeout): aborted"""
-
-
-#: The sentence real xe prints for an API error (the datamodel's doc string), mapped
-#: back to its code, for the errors the tool acts on; others print "Error code: X".
-XE_ERROR_SENTENCES = {
-    "Another operation involving the object is currently in progress": "OTHER_OPERATION_IN_PROGRESS",
-    "this VDI is in use by some other operation": "VDI_IN_USE",
-    "The uuid you supplied was invalid": "UUID_INVALID",
-    "You gave an invalid object reference": "HANDLE_INVALID",
-    "This function is no longer available": "MESSAGE_REMOVED",
-    "The SR backend does not support the operation": "SR_OPERATION_NOT_SUPPORTED",
-    "The SR is full": "SR_FULL",
-    "You attempted an operation that was explicitly blocked": "OPERATION_BLOCKED",
-    "not in an appropriate power state": "VM_BAD_POWER_STATE",
-    "The credentials given by the user are incorrect": "SESSION_AUTHENTICATION_FAILED",
-    "The server failed to handle your request, due to an internal error": "INTERNAL_ERROR",
-}
-
-
-class XeFailed(VmBackupError):
-    """xe {} failed (exit {}): {}"""
-
-    def __init__(self, argv, rc, stderr):
-        self.argv, self.rc, self.stderr = argv, rc, stderr
-        text = one_line(stderr) or "no message"
-        if self.code and self.code not in text:
-            text = self.code + ": " + text
-        VmBackupError.__init__(self, argv[1] if len(argv) > 1 else "?", rc, text)
-
-    @property
-    def code(self):
-        """The XAPI error code behind xe's message, if it can be told."""
-        match = re.search(r"Error code: (\S+)", self.stderr)
-        if match:
-            return match.group(1)
-        for sentence, code in XE_ERROR_SENTENCES.items():
-            if sentence in self.stderr:
-                return code
-        return ""
-
+# === vmbackup/transport/base.py =============================================
+# What both transports share: objects, the tool's tags, retried destroys, the quiesce fallback.
+#
+# Owns: Obj, TAG_KEY/PENDING_KEY, BUSY_CODES/GONE_CODES, error_code,
+# quiesce_unavailable, Transport (the interface and its shared methods).
+# Imports: errors, util, xapi.
 
 class Obj(typing.NamedTuple):
     """A XAPI object by reference and uuid (the API speaks refs, xe speaks uuids)."""
@@ -1462,15 +2350,19 @@ class Obj(typing.NamedTuple):
 #: restored VM) never looks like ours.
 TAG_KEY = "vmbackup_snapshot"
 
+
 #: other_config key a run puts on a VM (or disk) just before snapshotting it: the snapshot
 #: copies other_config, so a snapshot made while the run is killed still says whose it is.
 PENDING_KEY = "vmbackup_pending"
 
+
 #: A pending-marked snapshot counts as the run's only if taken this soon after the mark.
 PENDING_WINDOW = datetime.timedelta(minutes=30)
 
+
 #: XAPI errors that mean "busy right now": an export still holds the object.
 BUSY_CODES = ("OTHER_OPERATION_IN_PROGRESS", "VDI_IN_USE")
+
 
 #: XAPI errors that mean the object is already gone.
 GONE_CODES = ("HANDLE_INVALID", "UUID_INVALID")
@@ -1513,7 +2405,7 @@ class Transport:
         while True:
             try:
                 return action()
-            except (XapiFailure, XeFailed) as exc:
+            except CallFailed as exc:
                 code = error_code(exc)
                 if code in GONE_CODES:
                     log.debug("%s: already gone", what)
@@ -1545,6 +2437,22 @@ class Transport:
                 found.append((Obj(vbd_ref, vbd["uuid"]), self.vdi_obj(vbd["VDI"]),
                               str(vbd.get("userdevice"))))
         return found
+
+    def snapshot_vm(self, vm, name, quiesce=False):
+        """Snapshot `vm`: quiesced if asked and the pool and guest can, else a normal one."""
+        if quiesce:
+            try:
+                return self.take_snapshot(vm, name, quiesce=True)
+            except CallFailed as exc:
+                if not quiesce_unavailable(exc):
+                    raise
+                log.warning("no quiesced snapshot (%s): taking a normal snapshot for %s",
+                            exc.code, printable(name))
+        return self.take_snapshot(vm, name, quiesce=False)
+
+    def take_snapshot(self, vm, name, quiesce):
+        """Take one VM snapshot (quiesced or not) and return its Obj."""
+        raise NotImplementedError
 
     def mark_pending(self, cls, obj, note):
         """Put the pending mark on the VM or disk about to be snapshotted."""
@@ -1578,6 +2486,148 @@ class Transport:
         """Release what the transport holds (temporary files)."""
 
 
+# === vmbackup/metadata.py ===================================================
+# What a backup folder says about itself: vm-metadata, NAUbackup's .cfg files, the manifest.
+#
+# Owns: write_cfg_files/save_vm_metadata, file_entry/pool_info (manifest parts),
+# read_cfg/read_manifest, FILE_KINDS/file_kind.
+# Imports: errors, util, selection, store, formats.xva.
+
+def cfg_text(pairs):
+    """Return NAUbackup's `key=value` lines, control characters escaped so each stays one line."""
+    return "".join("%s=%s\n" % (key, printable(value)) for key, value in pairs)
+
+
+def os_version(view, vm):
+    """Return the guest's OS name from its guest metrics, or ''."""
+    metrics = view.guest_metrics.get(vm.get("guest_metrics"), {})
+    version = metrics.get("os_version", {}) or {}
+    return version.get("name") or version.get("distro") or ""
+
+
+def write_cfg_files(folder, view, vm_ref):
+    """Write vm.cfg, DISK-<dev>/vbd.cfg + vdi.cfg and VIFs/vif-<dev>.cfg; return their paths."""
+    vm = view.vms[vm_ref]
+    written = []
+
+    def put(rel, pairs):
+        path = inside(folder, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_text(path, cfg_text(pairs))
+        written.append(rel)
+
+    put("vm.cfg", [("name_label", vm["name_label"]), ("name_description", vm.get("name_description", "")),
+                   ("memory_dynamic_max", vm.get("memory_dynamic_max", "")),
+                   ("VCPUs_max", vm.get("VCPUs_max", "")),
+                   ("VCPUs_at_startup", vm.get("VCPUs_at_startup", "")),
+                   ("os_version", os_version(view, vm)), ("orig_uuid", vm["uuid"])])
+    for disk in vm_disks(vm, view.vbds, view.vdis):
+        vbd, vdi = view.vbds[disk.vbd_ref], disk.vdi
+        base = "DISK-" + safe_dirname(disk.device)
+        put(base + "/vbd.cfg", [(k, vbd.get(k, "")) for k in
+                                ("userdevice", "bootable", "mode", "type", "unpluggable", "empty")]
+            + [("orig_uuid", vbd.get("uuid", ""))])
+        put(base + "/vdi.cfg", [(k, vdi.get(k, "")) for k in
+                                ("name_label", "name_description", "virtual_size", "type",
+                                 "sharable", "read_only")]
+            + [("orig_uuid", vdi.get("uuid", "")),
+               ("orig_sr_uuid", view.srs.get(vdi.get("SR"), {}).get("uuid", ""))])
+    for vif_ref in vm.get("VIFs", ()):
+        vif = view.vifs.get(vif_ref)
+        if not vif:
+            continue
+        network = view.networks.get(vif.get("network"), {})
+        put("VIFs/vif-%s.cfg" % safe_dirname(vif.get("device", "")),
+            [("device", vif.get("device", "")), ("network_name_label", network.get("name_label", "")),
+             ("MTU", vif.get("MTU", "")), ("MAC", vif.get("MAC", "")),
+             ("other_config", vif.get("other_config", {})), ("orig_uuid", vif.get("uuid", ""))])
+    return written
+
+
+def save_vm_metadata(transport, vm, folder):
+    """Export the VM's XAPI metadata and save its ova.xml pretty-printed as vm-metadata.xml."""
+    tmp = os.path.join(folder, ".metadata.tar.part")
+    try:
+        transport.export_metadata(vm, tmp)
+        raw = ova_xml_from_tar(tmp)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    try:
+        pretty = xml.dom.minidom.parseString(raw).toprettyxml(indent="  ")
+    except Exception as exc:  # noqa: BLE001 - expat raises several types
+        raise ExportFailed("metadata export: ova.xml does not parse: %s" % one_line(exc))
+    write_text(os.path.join(folder, "vm-metadata.xml"), pretty)
+    return "vm-metadata.xml"
+
+
+def file_entry(folder, rel, digest=None):
+    """Return the manifest entry {name, size, sha256} of a file in a backup folder."""
+    path = os.path.join(folder, rel)
+    return {"name": rel, "size": os.path.getsize(path), "sha256": digest or sha256_file(path)}
+
+
+def pool_info(view):
+    """Return what the manifest records about the pool's master."""
+    master = view.master
+    software = master.get("software_version", {}) or {}
+    return {"master": master.get("hostname") or master.get("name_label", ""),
+            "product_brand": software.get("product_brand", ""),
+            "product_version": software.get("product_version", ""),
+            "xapi": software.get("xapi", ""),
+            "api_version": "%s.%s" % (master.get("API_version_major", "?"),
+                                      master.get("API_version_minor", "?"))}
+
+
+#: NAUbackup marks a complete backup with `success`, or `success_compress` for large files.
+
+#: What a check of one file can say.
+FILE_KINDS = (("xva", (".xva", ".xva.gz", ".xva.zst")), ("vhd", (".vhd",)), ("raw", (".raw",)),
+              ("metadata", ("vm-metadata.xml",)))
+
+
+def file_kind(name):
+    """Return the kind of a backup file by its name: xva, vhd, raw, metadata, or None."""
+    for kind, endings in FILE_KINDS:
+        if name.endswith(endings):
+            return kind
+    return None
+
+
+def read_cfg(path):
+    """Return the key=value pairs of a NAUbackup .cfg file as a dict ({} if unreadable)."""
+    try:
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
+    except OSError:
+        return {}
+
+
+def read_manifest(folder):
+    """Return the backup.json of a backup folder as a dict, or None if absent; raise BadFile."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise BadFile("%s does not parse: %s" % (MANIFEST, one_line(exc)))
+    if not isinstance(manifest, dict) or manifest.get("tool") != "vmbackup" \
+            or not isinstance(manifest.get("files"), list):
+        raise BadFile("%s is not a vmbackup manifest" % MANIFEST)
+    if manifest.get("format") != 1:
+        raise BadFile("%s has format %r; this vmbackup reads format 1"
+                      % (MANIFEST, manifest.get("format")))
+    return manifest
+
+
+# === vmbackup/transport/api.py ==============================================
+# The transport over XenAPI and XAPI's HTTP handlers (/export, /export_raw_vdi, /import...).
+#
+# Owns: ApiTransport.
+# Imports: errors, util, xapi, transport.base.
+
 class ApiTransport(Transport):
     """XenAPI calls, and data streamed from XAPI's HTTP handlers straight to the file."""
 
@@ -1589,16 +2639,9 @@ class ApiTransport(Transport):
         self.endpoint = xapi.endpoint
 
     # -- snapshots
-    def snapshot_vm(self, vm, name, quiesce=False):
-        if quiesce:
-            try:
-                return self.vm_obj(self.xapi.call("VM.snapshot_with_quiesce", vm.ref, name))
-            except XapiFailure as exc:
-                if not quiesce_unavailable(exc):
-                    raise
-                log.warning("no quiesced snapshot (%s): taking a normal snapshot for %s",
-                            exc.code, printable(name))
-        return self.vm_obj(self.xapi.call("VM.snapshot", vm.ref, name))
+    def take_snapshot(self, vm, name, quiesce):
+        method = "VM.snapshot_with_quiesce" if quiesce else "VM.snapshot"
+        return self.vm_obj(self.xapi.call(method, vm.ref, name))
 
     def prepare_snapshot(self, snap):
         self.xapi.call("VM.set_is_a_template", snap.ref, False)
@@ -1851,6 +2894,55 @@ class ApiTransport(Transport):
             log.debug("task.cancel: %s", exc)
 
 
+# === vmbackup/transport/xe.py ===============================================
+# The transport over the xe command line, as NAUbackup used on a pool host.
+#
+# Owns: XeTransport, XeFailed (and the xe sentences mapped back to XAPI codes), find_xe.
+# Imports: errors, util, transport.base.
+
+#: Where xe lives on a pool host (then: the first xe on PATH).
+DEFAULT_XE_PATHS = ("/opt/xensource/bin/xe", "/usr/bin/xe")
+
+
+#: The sentence real xe prints for an API error (the datamodel's doc string), mapped
+#: back to its code, for the errors the tool acts on; others print "Error code: X".
+XE_ERROR_SENTENCES = {
+    "Another operation involving the object is currently in progress": "OTHER_OPERATION_IN_PROGRESS",
+    "this VDI is in use by some other operation": "VDI_IN_USE",
+    "The uuid you supplied was invalid": "UUID_INVALID",
+    "You gave an invalid object reference": "HANDLE_INVALID",
+    "This function is no longer available": "MESSAGE_REMOVED",
+    "The SR backend does not support the operation": "SR_OPERATION_NOT_SUPPORTED",
+    "The SR is full": "SR_FULL",
+    "You attempted an operation that was explicitly blocked": "OPERATION_BLOCKED",
+    "not in an appropriate power state": "VM_BAD_POWER_STATE",
+    "The credentials given by the user are incorrect": "SESSION_AUTHENTICATION_FAILED",
+    "The server failed to handle your request, due to an internal error": "INTERNAL_ERROR",
+}
+
+
+class XeFailed(CallFailed):
+    """xe {} failed (exit {}): {}"""
+
+    def __init__(self, argv, rc, stderr):
+        self.argv, self.rc, self.stderr = argv, rc, stderr
+        text = one_line(stderr) or "no message"
+        if self.code and self.code not in text:
+            text = self.code + ": " + text
+        VmBackupError.__init__(self, argv[1] if len(argv) > 1 else "?", rc, text)
+
+    @property
+    def code(self):
+        """The XAPI error code behind xe's message, if it can be told."""
+        match = re.search(r"Error code: (\S+)", self.stderr)
+        if match:
+            return match.group(1)
+        for sentence, code in XE_ERROR_SENTENCES.items():
+            if sentence in self.stderr:
+                return code
+        return ""
+
+
 class XeTransport(Transport):
     """The xe command, as NAUbackup used it on the pool host; XenAPI only for reading and tags."""
 
@@ -1932,18 +3024,9 @@ class XeTransport(Transport):
         return os.path.getsize(dest), None
 
     # -- snapshots
-    def snapshot_vm(self, vm, name, quiesce=False):
-        if quiesce:
-            try:
-                uuid = self.xe("vm-snapshot-with-quiesce", uuid=vm.uuid, new_name_label=name).strip()
-                return self.vm_obj(uuid=uuid)
-            except XeFailed as exc:
-                if not quiesce_unavailable(exc):
-                    raise
-                log.warning("no quiesced snapshot (%s): taking a normal snapshot for %s",
-                            exc.code, printable(name))
-        uuid = self.xe("vm-snapshot", uuid=vm.uuid, new_name_label=name).strip()
-        return self.vm_obj(uuid=uuid)
+    def take_snapshot(self, vm, name, quiesce):
+        command = "vm-snapshot-with-quiesce" if quiesce else "vm-snapshot"
+        return self.vm_obj(uuid=self.xe(command, uuid=vm.uuid, new_name_label=name).strip())
 
     def prepare_snapshot(self, snap):
         self.xe("template-param-set", uuid=snap.uuid, is_a_template=False, ha_always_run=False)
@@ -1999,9 +3082,6 @@ class XeTransport(Transport):
             os.unlink(self.pw_file)
 
 
-TRANSPORTS = {"api": ApiTransport, "xe": XeTransport}
-
-
 def find_xe(config):
     """Return the xe binary to use, or None: xe_path, then /opt/xensource/bin/xe, then PATH."""
     if config.xe_path:
@@ -2012,151 +3092,13 @@ def find_xe(config):
     return shutil.which("xe")
 
 
-def make_transport(config, xapi, password):
-    """Return the transport for this run: xe on the pool host when xe exists, else api."""
-    name = config.transport
-    xe_path = find_xe(config) if name in ("auto", "xe") else None
-    if name == "auto":
-        name = "xe" if (xapi.endpoint.is_local and xe_path) else "api"
-    if name == "xe":
-        if not xe_path or not os.access(xe_path, os.X_OK):
-            raise ConfigError("transport=xe (%s): no xe binary found (xe_path=%s)"
-                              % (config.where("transport"), config.xe_path or "-"))
-        return XeTransport(xapi, config, password, xe_path)
-    return ApiTransport(xapi, config, password)
-
-
-# ---------------------------------------------------------------------------
-# Metadata: vm-metadata.xml, NAUbackup's .cfg files, the manifest
-# ---------------------------------------------------------------------------
-
-def cfg_text(pairs):
-    """Return NAUbackup's `key=value` lines, control characters escaped so each stays one line."""
-    return "".join("%s=%s\n" % (key, printable(value)) for key, value in pairs)
-
-
-def os_version(view, vm):
-    """Return the guest's OS name from its guest metrics, or ''."""
-    metrics = view.guest_metrics.get(vm.get("guest_metrics"), {})
-    version = metrics.get("os_version", {}) or {}
-    return version.get("name") or version.get("distro") or ""
-
-
-def write_cfg_files(folder, view, vm_ref):
-    """Write vm.cfg, DISK-<dev>/vbd.cfg + vdi.cfg and VIFs/vif-<dev>.cfg; return their paths."""
-    vm = view.vms[vm_ref]
-    written = []
-
-    def put(rel, pairs):
-        path = inside(folder, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_text(path, cfg_text(pairs))
-        written.append(rel)
-
-    put("vm.cfg", [("name_label", vm["name_label"]), ("name_description", vm.get("name_description", "")),
-                   ("memory_dynamic_max", vm.get("memory_dynamic_max", "")),
-                   ("VCPUs_max", vm.get("VCPUs_max", "")),
-                   ("VCPUs_at_startup", vm.get("VCPUs_at_startup", "")),
-                   ("os_version", os_version(view, vm)), ("orig_uuid", vm["uuid"])])
-    for disk in vm_disks(vm, view.vbds, view.vdis):
-        vbd, vdi = view.vbds[disk.vbd_ref], disk.vdi
-        base = "DISK-" + safe_dirname(disk.device)
-        put(base + "/vbd.cfg", [(k, vbd.get(k, "")) for k in
-                                ("userdevice", "bootable", "mode", "type", "unpluggable", "empty")]
-            + [("orig_uuid", vbd.get("uuid", ""))])
-        put(base + "/vdi.cfg", [(k, vdi.get(k, "")) for k in
-                                ("name_label", "name_description", "virtual_size", "type",
-                                 "sharable", "read_only")]
-            + [("orig_uuid", vdi.get("uuid", "")),
-               ("orig_sr_uuid", view.srs.get(vdi.get("SR"), {}).get("uuid", ""))])
-    for vif_ref in vm.get("VIFs", ()):
-        vif = view.vifs.get(vif_ref)
-        if not vif:
-            continue
-        network = view.networks.get(vif.get("network"), {})
-        put("VIFs/vif-%s.cfg" % safe_dirname(vif.get("device", "")),
-            [("device", vif.get("device", "")), ("network_name_label", network.get("name_label", "")),
-             ("MTU", vif.get("MTU", "")), ("MAC", vif.get("MAC", "")),
-             ("other_config", vif.get("other_config", {})), ("orig_uuid", vif.get("uuid", ""))])
-    return written
-
-
-def ova_xml_from_tar(path):
-    """Return the ova.xml bytes of a metadata export (a tar holding ova.xml)."""
-    try:
-        with tarfile.open(path, "r:*") as archive:
-            member = archive.extractfile("ova.xml")
-            if member is None:
-                raise KeyError("ova.xml")
-            return member.read()
-    except (tarfile.TarError, KeyError, OSError) as exc:
-        raise ExportFailed("metadata export is not a tar with ova.xml: %s" % one_line(exc))
-
-
-def save_vm_metadata(transport, vm, folder):
-    """Export the VM's XAPI metadata and save its ova.xml pretty-printed as vm-metadata.xml."""
-    tmp = os.path.join(folder, ".metadata.tar.part")
-    try:
-        transport.export_metadata(vm, tmp)
-        raw = ova_xml_from_tar(tmp)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    try:
-        pretty = xml.dom.minidom.parseString(raw).toprettyxml(indent="  ")
-    except Exception as exc:  # noqa: BLE001 - expat raises several types
-        raise ExportFailed("metadata export: ova.xml does not parse: %s" % one_line(exc))
-    write_text(os.path.join(folder, "vm-metadata.xml"), pretty)
-    return "vm-metadata.xml"
-
-
-def file_entry(folder, rel, digest=None):
-    """Return the manifest entry {name, size, sha256} of a file in a backup folder."""
-    path = os.path.join(folder, rel)
-    return {"name": rel, "size": os.path.getsize(path), "sha256": digest or sha256_file(path)}
-
-
-def xva_is_complete(path):
-    """Return True if an uncompressed XVA ends as a complete tar (two zero blocks)."""
-    size = os.path.getsize(path)
-    if size < 2048 or size % 512:
-        return False
-    with open(path, "rb") as handle:
-        handle.seek(size - 1024)
-        if handle.read(1024) != bytes(1024):
-            return False
-        handle.seek(0)
-        head = handle.read(512)
-    return head[:7] == b"ova.xml"
-
-
-def pool_info(view):
-    """Return what the manifest records about the pool's master."""
-    master = view.master
-    software = master.get("software_version", {}) or {}
-    return {"master": master.get("hostname") or master.get("name_label", ""),
-            "product_brand": software.get("product_brand", ""),
-            "product_version": software.get("product_version", ""),
-            "xapi": software.get("xapi", ""),
-            "api_version": "%s.%s" % (master.get("API_version_major", "?"),
-                                      master.get("API_version_minor", "?"))}
-
-
-# ---------------------------------------------------------------------------
-# Backing up one VM
-# ---------------------------------------------------------------------------
-
-class VmResult(typing.NamedTuple):
-    """The outcome of one unit of work (a VM, the pool database, a host)."""
-    name: str
-    uuid: str
-    mode: str
-    status: str                 # success, warning or error
-    path: typing.Optional[str] = None
-    bytes: int = 0
-    seconds: float = 0.0
-    message: str = ""
-
+# === vmbackup/backup.py =====================================================
+# Backing up one VM: snapshot, export, metadata, manifest, success, retention; and the dated files.
+#
+# Owns: Context, VmLog, tool_snapshot (the snapshot's lifetime), export_vm_mode/
+# export_vdi_mode, export_with_retries, backup_vm/backup_vm_safely (a failure
+# becomes a VmResult), backup_pool_db/backup_hosts, run_note.
+# Imports: everything below it (errors .. report).
 
 class VmLog(logging.LoggerAdapter):
     """Log lines prefixed with the VM's name; remembers its warnings."""
@@ -2358,7 +3300,7 @@ def export_with_retries(ctx, plan, folder, moment, vlog):
                      [save_vm_metadata(ctx.transport, Obj(vm.ref, vm.uuid), folder)]
                      + write_cfg_files(folder, ctx.view, vm.ref)]
             return files, EXPORTERS[vm.mode](ctx, plan, folder, moment, vlog)
-        except (ExportFailed, XapiFailure, XapiCallFailed, XeFailed) as exc:
+        except (ExportFailed, CallFailed, XapiCallFailed) as exc:
             if attempt == attempts:
                 raise
             vlog.warning("export attempt %d of %d failed (%s); retrying with a new snapshot",
@@ -2442,10 +3384,6 @@ def backup_vm_safely(ctx, plan, status_log):
     return result
 
 
-# ---------------------------------------------------------------------------
-# Pool database and host backups
-# ---------------------------------------------------------------------------
-
 def backup_dated_file(ctx, folder_name, file_name, what, fetch):
     """Write one pool_db_/host_ backup file via `fetch(tmp)`, prune its folder; return VmResult."""
     began = time.monotonic()
@@ -2484,902 +3422,20 @@ def backup_hosts(ctx, moment):
     return results
 
 
-# ---------------------------------------------------------------------------
-# The run and its report
-# ---------------------------------------------------------------------------
-
-class RunProblems(logging.Handler):
-    """Collects the run's own warnings and errors (not a VM's: those are in its result)."""
-
-    def __init__(self):
-        logging.Handler.__init__(self, logging.WARNING)
-        self.warnings, self.errors = [], []
-
-    def emit(self, record):
-        if getattr(record, "vm", None) is None:
-            (self.errors if record.levelno >= logging.ERROR else self.warnings).append(
-                record.getMessage())
-
-
-class StatusLog:
-    """NAUbackup's status log: `YYYY/MM/DD HH:MM:SS,<what>,<host>,<fields...>` lines, appended."""
-
-    def __init__(self, path, origin="default"):
-        self.path = path
-        self.host = socket.gethostname()
-        if path and origin.startswith("default") and not os.path.isdir(os.path.dirname(path) or "."):
-            log.info("status log %s not written: its folder does not exist", path)
-            self.path = None
-
-    def line(self, what, *fields):
-        if not self.path:
-            return
-        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
-                        + [str(f) for f in fields])
-        try:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(text + "\n")
-        except OSError as exc:
-            log.warning("cannot append to status log %s: %s", self.path, exc.strerror)
-            self.path = None
-
-
 def run_note():
     """Return what the tool's tags record about this run: 'host pid UTC-time'."""
     return "%s %d %s" % (socket.gethostname(), os.getpid(),
                          datetime.datetime.utcnow().replace(microsecond=0).isoformat())
 
 
-#: A tool snapshot older than this is a leftover whoever made it (XAPI caps an export at 24 h).
-LEFTOVER_AGE = datetime.timedelta(hours=25)
-
-
-def is_leftover(record, now=None):
-    """Return True if a VM/VDI record is a snapshot this tool made and no live run still uses.
-
-    It must be a snapshot and either carry our tag whose first word is its own uuid (so
-    a restored copy never qualifies), or -- made by a run killed before it could tag it --
-    carry the pending mark that run put on its source, and have been taken within
-    PENDING_WINDOW of that mark (so a person's later snapshot never qualifies). And the
-    run must be dead: a pid gone on this host, or older than LEFTOVER_AGE.
-    """
-    if not record.get("is_a_snapshot"):
-        return False
-    other = record.get("other_config") or {}
-    words = other.get(TAG_KEY, "").split()
-    if len(words) >= 4 and words[0] == record.get("uuid"):
-        note = words[1:4]
-    else:
-        note = other.get(PENDING_KEY, "").split()[:3]
-        taken = xapi_time(record.get("snapshot_time"))
-        marked = note_time(note)
-        if len(note) < 3 or taken is None or marked is None \
-                or not datetime.timedelta(0) <= taken - marked <= PENDING_WINDOW:
-            return False
-    return run_is_dead(note, now)
-
-
-def note_time(note):
-    """Return the UTC datetime of a run note ['host', 'pid', 'time'], or None."""
-    try:
-        return datetime.datetime.strptime(note[2][:19], "%Y-%m-%dT%H:%M:%S")
-    except (IndexError, ValueError):
-        return None
-
-
-def xapi_time(value):
-    """Return a naive UTC datetime for an XAPI datetime ('20261123T20:55:00Z'), or None."""
-    digits = re.sub(r"\D", "", str(value or ""))[:14]
-    try:
-        return datetime.datetime.strptime(digits, "%Y%m%d%H%M%S")
-    except ValueError:
-        return None
-
-
-def run_is_dead(note, now=None):
-    """Return True if the run a note names has ended: its pid is gone here, or it is too old."""
-    host, pid = note[0], note[1]
-    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
-        return True
-    made = note_time(note)
-    return made is not None and (now or datetime.datetime.utcnow()) - made > LEFTOVER_AGE
-
-
-def forget_pending(ctx):
-    """Remove pending marks that dead runs left on VMs and disks (not snapshots)."""
-    for cls, records in (("VM", ctx.view.vms), ("VDI", ctx.view.vdis)):
-        for ref, rec in records.items():
-            note = (rec.get("other_config") or {}).get(PENDING_KEY, "").split()
-            if note and not rec.get("is_a_snapshot") and len(note) >= 3 and run_is_dead(note):
-                ctx.transport.unmark_pending(cls, Obj(ref, rec.get("uuid", "")))
-
-
-def clean_leftovers(ctx):
-    """Destroy the tool's snapshots and VDI snapshots left by a killed run; return how many."""
-    count = 0
-    for ref, rec in ctx.view.vms.items():
-        if is_leftover(rec):
-            log.warning("destroying leftover snapshot %r (%s) of an interrupted run",
-                        printable(rec["name_label"]), rec["uuid"])
-            try:
-                with signals_deferred():   # a destroy cut in half leaves orphan disks
-                    ctx.transport.destroy_snapshot(Obj(ref, rec["uuid"]))
-                count += 1
-            except VmBackupError as exc:
-                log.error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
-    for ref, rec in ctx.view.vdis.items():
-        if is_leftover(rec) and not rec.get("VBDs"):
-            log.warning("destroying leftover disk snapshot %r (%s) of an interrupted run",
-                        printable(rec.get("name_label", "")), rec["uuid"])
-            try:
-                with signals_deferred():
-                    ctx.transport.destroy_vdi(Obj(ref, rec["uuid"]))
-                count += 1
-            except VmBackupError as exc:
-                log.error("cannot destroy leftover disk snapshot %s: %s", rec["uuid"], exc)
-    forget_pending(ctx)
-    return count
-
-
-def exit_code_for(results, warnings=(), errors=()):
-    """Return the run's exit code: the most severe of its results and problems (borg's max_ec)."""
-    statuses = {r.status for r in results}
-    if "error" in statuses or errors:
-        return EXIT_ERROR
-    if "warning" in statuses or warnings:
-        return EXIT_WARNING
-    return EXIT_OK
-
-
-def tally(results, warnings=()):
-    """Return 'S:n W:n E:n' for the summary line and the status log."""
-    count = collections.Counter(r.status for r in results)
-    return "S:%d W:%d E:%d" % (count["success"], count["warning"] + len(warnings), count["error"])
-
-
-def run_summary(config, selection, results, warnings, started, code):
-    """Return the JSON summary of a run."""
-    return {
-        "preview": False, "version": __version__,
-        "status": {EXIT_OK: "ok", EXIT_WARNING: "warning"}.get(code, "error"),
-        "exit_code": code, "started": started.isoformat(),
-        "finished": datetime.datetime.now().isoformat(),
-        "settings": {key: value for key, value, _ in settings_summary(config)},
-        "vms": [{"name": r.name, "uuid": r.uuid, "mode": r.mode, "status": r.status,
-                 "path": r.path, "bytes": r.bytes, "seconds": round(r.seconds, 3),
-                 "message": r.message} for r in results],
-        "excluded": [{"name": n, "uuid": u} for n, u in (selection.excluded if selection else [])],
-        "not_selected": [{"name": n, "uuid": u} for n, u in
-                         (selection.not_selected if selection else [])],
-        "warnings": list(warnings),
-        "errors": [r.message for r in results if r.status == "error"],
-        "summary": tally(results, warnings),
-    }
-
-
-def select_for_run(config, view):
-    """Return the Selection for a run (metadata_only turns every VM into meta-export)."""
-    selection = select_vms(view.vms, config.selectors, config.max_backups)
-    if config.metadata_only:
-        selection = selection._replace(vms=[vm._replace(mode="meta-export") for vm in selection.vms])
-    return selection
-
-
-def run_backup(config, endpoint, password, inv):
-    """The run: check, lock, log in, clean leftovers, back up each VM, pool, hosts, report."""
-    started = datetime.datetime.now().replace(microsecond=0)
-    problems = RunProblems()
-    log.addHandler(problems)
-    try:
-        check_backup_dir(config)
-        status_log = StatusLog(config.status_log, config.where("status_log"))
-        results, selection = [], None
-        old_umask = os.umask(config.umask)
-        try:
-            with RunLock(config.backup_dir):
-                status_log.line(PROG, "begin")
-                code = EXIT_ERROR  # until the run gets through: a login error, a signal...
-                try:
-                    results, selection = back_up_everything(config, endpoint, password, status_log,
-                                                            started)
-                    code = exit_code_for(results, problems.warnings, problems.errors)
-                finally:
-                    word = {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
-                    status_log.line(PROG, "end", word, tally(results, problems.warnings))
-        finally:
-            os.umask(old_umask)
-        log_df(config.backup_dir, "after")
-        log.info("done: %s, exit %d", tally(results, problems.warnings), code)
-    finally:
-        log.removeHandler(problems)
-    if inv.json:
-        write_json(inv.json, run_summary(config, selection, results, problems.warnings, started, code))
-    return code
-
-
-def back_up_everything(config, endpoint, password, status_log, started):
-    """Log in, clean leftovers, back up each selected VM, the pool and the hosts; return (results, selection)."""
-    xapi = login(endpoint, config.username, password)
-    try:
-        transport = make_transport(config, xapi, password)
-        try:
-            view = read_pool(xapi)
-            ctx = Context(config, transport, view, run_note())
-            clean_leftovers(ctx)
-            selection = select_for_run(config, view)
-            for warning in selection.warnings:
-                log.warning("%s", warning)
-            results = [VmResult("selection", "", "-", "error", message=e) for e in selection.errors]
-            for message in selection.errors:
-                log.error("%s", message, extra={"vm": "selection"})
-            log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
-            for vm in selection.vms:
-                results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
-            if config.pool_db_backup:
-                results.append(backup_pool_db(ctx, started))
-            if config.host_backup:
-                results.extend(backup_hosts(ctx, started))
-            return results, selection
-        finally:
-            transport.close()
-    finally:
-        xapi.logout()
-
-
-# ---------------------------------------------------------------------------
-# Checking backups: XXH64, tar streams, XVA, VHD, raw
-# ---------------------------------------------------------------------------
-
-try:  # fast C XXH64 when installed; dom0 usually lacks it, hence xxh64_py below
-    import xxhash as _xxhash
-except ImportError:  # pragma: no cover - depends on the host
-    _xxhash = None
-
-_P1, _P2, _P3 = 11400714785074694791, 14029467366897019727, 1609587929392839161
-_P4, _P5 = 9650029242287828579, 2870177450012600261
-_M64 = (1 << 64) - 1
-
-#: One shared buffer of zeros: zero chunks are common and their hashes are cached.
-_ZEROS = bytes(1 << 20)
-_ZERO_XXH = {}
-
-
-def _rotl64(value, bits):
-    return ((value << bits) | (value >> (64 - bits))) & _M64
-
-
-def _xxh_round(acc, word):
-    acc = (acc + word * _P2) & _M64
-    return (_rotl64(acc, 31) * _P1) & _M64
-
-
-def xxh64_py(data, seed=0):
-    """Return the XXH64 of `data` as an int, in pure Python (for hosts without `xxhash`).
-
-    >>> "%016X" % xxh64_py(b"")
-    'EF46DB3751D8E999'
-    """
-    data = bytes(data)
-    n, pos = len(data), 0
-    if n >= 32:
-        stripes = n // 32
-        words = struct.unpack_from("<%dQ" % (stripes * 4), data)
-        lanes = []
-        for lane, start in enumerate(((seed + _P1 + _P2) & _M64, (seed + _P2) & _M64,
-                                      seed & _M64, (seed - _P1) & _M64)):
-            acc = start
-            for word in words[lane::4]:  # one lane at a time: the hot loop stays tiny
-                acc = (acc + word * _P2) & _M64
-                acc = ((((acc << 31) | (acc >> 33)) & _M64) * _P1) & _M64
-            lanes.append(acc)
-        v1, v2, v3, v4 = lanes
-        h = (_rotl64(v1, 1) + _rotl64(v2, 7) + _rotl64(v3, 12) + _rotl64(v4, 18)) & _M64
-        for lane in lanes:
-            h = ((h ^ _xxh_round(0, lane)) * _P1 + _P4) & _M64
-        pos = stripes * 32
-    else:
-        h = (seed + _P5) & _M64
-    h = (h + n) & _M64
-    while pos + 8 <= n:
-        (word,) = struct.unpack_from("<Q", data, pos)
-        h ^= _xxh_round(0, word)
-        h = (_rotl64(h, 27) * _P1 + _P4) & _M64
-        pos += 8
-    if pos + 4 <= n:
-        (word,) = struct.unpack_from("<I", data, pos)
-        h ^= (word * _P1) & _M64
-        h = (_rotl64(h, 23) * _P2 + _P3) & _M64
-        pos += 4
-    while pos < n:
-        h ^= (data[pos] * _P5) & _M64
-        h = (_rotl64(h, 11) * _P1) & _M64
-        pos += 1
-    h ^= h >> 33
-    h = (h * _P2) & _M64
-    h ^= h >> 29
-    h = (h * _P3) & _M64
-    return h ^ (h >> 32)
-
-
-def xxh64_hex(data):
-    """Return the XXH64 of `data` as XAPI writes it in `.xxhash` members: 16 uppercase hex digits."""
-    if _xxhash is not None:
-        return "%016X" % _xxhash.xxh64(data).intdigest()
-    if len(data) <= len(_ZEROS) and _ZEROS.startswith(data):
-        if len(data) not in _ZERO_XXH:
-            _ZERO_XXH[len(data)] = "%016X" % xxh64_py(data)
-        return _ZERO_XXH[len(data)]
-    return "%016X" % xxh64_py(data)
-
-
-class BadFile(Exception):
-    """A file that is not what it claims to be; str() is the one-line reason."""
-
-
-class _HashingReader(object):
-    """Sequential reads of a binary file that also feed a SHA-256."""
-
-    def __init__(self, handle):
-        self.handle = handle
-        self.digest = hashlib.sha256()
-
-    def read(self, size=-1):
-        data = self.handle.read(size)
-        self.digest.update(data)
-        return data
-
-    def readable(self):
-        return True
-
-    def drain(self, bufsize=1 << 20):
-        """Read to the end of the file (so the digest covers all of it); return the bytes read."""
-        total = 0
-        while True:
-            data = self.read(bufsize)
-            if not data:
-                return total
-            total += len(data)
-
-
-def _read_exact(stream, size):
-    """Return exactly `size` bytes of `stream`, or fewer only at its end."""
-    data = stream.read(size)
-    if len(data) == size or not data:
-        return data
-    parts = [data]
-    got = len(data)
-    while got < size:
-        more = stream.read(size - got)
-        if not more:
-            break
-        parts.append(more)
-        got += len(more)
-    return b"".join(parts)
-
-
-TarMember = collections.namedtuple("TarMember", "name size type offset")
-
-_TAR_BLOCK = 512
-
-
-def _tar_number(field, what, offset):
-    """Return a tar header number (octal, or GNU base-256); raise BadFile."""
-    if field[:1] and field[0] & 0x80:  # GNU base-256 for sizes >= 8 GiB
-        value = 0
-        for byte in bytearray(field[1:]):
-            value = (value << 8) | byte
-        return value
-    text = field.split(b"\0", 1)[0].strip()
-    try:
-        return int(text, 8) if text else 0
-    except ValueError:
-        raise BadFile("tar header at byte %d is corrupt (%s %r)" % (offset, what, text[:16]))
-
-
-class TarStream(object):
-    """A tar archive read strictly in order from a stream: `next()` members, `read_body()` them.
-
-    Raises BadFile for a corrupt header, a member cut short, or an archive that
-    ends without its two zero end-of-archive blocks (a truncated download).
-    """
-
-    def __init__(self, stream):
-        self.stream = stream
-        self.pos = 0            # bytes consumed from the stream
-        self.left = 0           # unread body + padding of the current member
-        self.body_left = 0
-
-    def _read(self, size):
-        data = _read_exact(self.stream, size)
-        self.pos += len(data)
-        return data
-
-    def _skip(self, size):
-        while size > 0:
-            data = self._read(min(size, 1 << 20))
-            if not data:
-                raise BadFile("truncated: the tar stream ends inside a member (at byte %d)"
-                              % self.pos)
-            size -= len(data)
-
-    def next(self):
-        """Return the next TarMember, or None at the end-of-archive marker; raise BadFile."""
-        self._skip(self.left)
-        self.left = self.body_left = 0
-        long_name = None
-        while True:
-            offset = self.pos
-            block = self._read(_TAR_BLOCK)
-            if not block:
-                raise BadFile("truncated: the tar stream ends at byte %d without its "
-                              "end-of-archive blocks" % offset)
-            if len(block) < _TAR_BLOCK:
-                raise BadFile("truncated: the tar stream ends inside a header (at byte %d)" % offset)
-            if block == _ZEROS[:_TAR_BLOCK]:
-                second = self._read(_TAR_BLOCK)
-                if second != _ZEROS[:_TAR_BLOCK]:
-                    raise BadFile("truncated or corrupt: a lone zero block at byte %d instead "
-                                  "of the two end-of-archive blocks" % offset)
-                return None
-            stored = _tar_number(block[148:156], "checksum", offset)
-            plain = block[:148] + b"        " + block[156:]
-            if stored not in (sum(bytearray(plain)),
-                              sum(b - 256 if b > 127 else b for b in bytearray(plain))):
-                raise BadFile("tar header at byte %d is corrupt (checksum mismatch)" % offset)
-            size = _tar_number(block[124:136], "size", offset)
-            kind = block[156:157]
-            name = block[:100].split(b"\0", 1)[0]
-            if block[257:262] == b"ustar" and block[345:346] != b"\0":
-                name = block[345:500].split(b"\0", 1)[0] + b"/" + name
-            if kind in (b"L", b"x", b"g"):  # GNU long name, pax headers: read and apply
-                body = self._read(size)
-                if len(body) < size:
-                    raise BadFile("truncated: the tar stream ends inside a header (at byte %d)"
-                                  % offset)
-                self._skip(-size % _TAR_BLOCK)
-                if kind == b"L":
-                    long_name = body.split(b"\0", 1)[0]
-                elif kind == b"x":
-                    for record in body.split(b"\n"):
-                        if b" path=" in record:
-                            long_name = record.split(b" path=", 1)[1]
-                continue
-            name = long_name if long_name is not None else name
-            self.left = size + (-size % _TAR_BLOCK) if kind not in (b"1", b"2", b"5") else 0
-            self.body_left = size if self.left else 0
-            return TarMember(name.decode("utf-8", "replace"), size if self.left else 0,
-                             kind.decode("ascii", "replace") or "0", offset)
-
-    def read_body(self, limit=None):
-        """Return the current member's whole body (at most `limit` bytes); raise BadFile."""
-        size = self.body_left
-        if limit is not None and size > limit:
-            raise BadFile("member is %d bytes, more than the %d expected" % (size, limit))
-        data = self._read(size)
-        if len(data) < size:
-            raise BadFile("truncated: the tar stream ends inside a member (at byte %d)" % self.pos)
-        self.left -= size
-        self.body_left = 0
-        return data
-
-    def skip_rest(self):
-        """Read everything after the end-of-archive marker (padding); return its length."""
-        total = 0
-        while True:
-            data = self._read(1 << 20)
-            if not data:
-                return total
-            total += len(data)
-
-
-# -- ova.xml: one XML-RPC value ----------------------------------------------
-
-def _xmlrpc_value(elem):
-    """Return the Python value of an XML-RPC <value> element (untyped text is a string)."""
-    children = list(elem)
-    if not children:
-        return elem.text or ""
-    typed = children[0]
-    tag = typed.tag
-    if tag == "struct":
-        out = {}
-        for member in typed.findall("member"):
-            name, value = member.find("name"), member.find("value")
-            if name is None or value is None:
-                raise ValueError("struct member without name or value")
-            out[name.text or ""] = _xmlrpc_value(value)
-        return out
-    if tag == "array":
-        data = typed.find("data")
-        return [_xmlrpc_value(v) for v in (data.findall("value") if data is not None else [])]
-    if tag in ("int", "i4", "i8"):
-        return int((typed.text or "").strip())
-    if tag == "boolean":
-        return (typed.text or "").strip() == "1"
-    if tag == "double":
-        return float((typed.text or "").strip())
-    if tag == "nil":
-        return None
-    return typed.text or ""  # string, dateTime.iso8601, base64: kept as text
-
-
-def parse_ova_xml(data):
-    """Return the struct of an ova.xml / vm-metadata.xml; raise ValueError if it does not parse.
-
-    b"<value><struct><member><name>objects</name>..." -> {"objects": [...], "version": {...}}
-    """
-    try:
-        root = xml.etree.ElementTree.fromstring(data)
-    except xml.etree.ElementTree.ParseError as exc:
-        raise ValueError("not well-formed XML: %s" % exc)
-    if root.tag != "value":
-        raise ValueError("root element is <%s>, not an XML-RPC <value>" % root.tag)
-    try:
-        ova = _xmlrpc_value(root)
-    except (ValueError, AttributeError) as exc:
-        raise ValueError("not an XML-RPC value: %s" % exc)
-    if not isinstance(ova, dict) or not isinstance(ova.get("objects"), list):
-        raise ValueError("no 'objects' list: not XAPI export metadata")
-    return ova
-
-
-def ova_objects(ova):
-    """Return {class: {id: record}} of a parsed ova.xml."""
-    tables = collections.defaultdict(dict)
-    for obj in ova.get("objects", ()):
-        if isinstance(obj, dict) and isinstance(obj.get("snapshot"), dict):
-            tables[str(obj.get("class", ""))][str(obj.get("id", ""))] = obj["snapshot"]
-    return tables
-
-
-def _int(value, default=0):
-    try:
-        return int(value)
-    except (TypeError, ValueError):
-        return default
-
-
-def ova_disks(ova):
-    """Return {export id: (virtual_size, name_label)} of the VDIs whose data an XVA carries.
-
-    As XAPI's export: VDIs of non-CD VBDs on SRs whose content_type is not iso.
-    """
-    tables = ova_objects(ova)
-    disks = {}
-    for vbd in tables.get("VBD", {}).values():
-        vdi = tables.get("VDI", {}).get(str(vbd.get("VDI")))
-        if vdi is None or vbd.get("type") == "CD":
-            continue
-        sr = tables.get("SR", {}).get(str(vdi.get("SR")), {})
-        if sr.get("content_type") == "iso":
-            continue
-        disks[str(vbd.get("VDI"))] = (_int(vdi.get("virtual_size"), -1), vdi.get("name_label", ""))
-    return disks
-
-
-# -- XVA ----------------------------------------------------------------------
-
-#: Ref:7/00000003 (a chunk), Ref:7/00000003.xxhash or .checksum (its checksum).
-XVA_CHUNK_RE = re.compile(r"^(Ref:[^/]+)/(\d{8,})(\.xxhash|\.checksum)?$")
-
-#: A chunk larger than this is not one XAPI wrote (it writes 1 MiB chunks).
-MAX_CHUNK = 64 << 20
-
-#: Stop listing a file's problems after this many.
-MAX_PROBLEMS = 20
-
-
-class _DiskChunks(object):
-    """Where one XVA disk's chunks put it, by the counter rule of XAPI's importer."""
-
-    def __init__(self):
-        self.prev = None
-        self.first_len = 0
-        self.end = 0
-        self.chunks = 0
-
-
-def place_chunk(disk, counter, length):
-    """Advance `disk` (a _DiskChunks) by one chunk; return a problem text or None.
-
-    offset += (counter - previous - 1) * first chunk length, then += length:
-    skipped zero chunks leave gaps in the counter; keep-alive chunks are empty.
-    """
-    disk.chunks += 1
-    if disk.prev is None:
-        disk.prev, disk.first_len, disk.end = counter, length, counter * length + length
-        return None if counter == 0 else "first chunk is %08d, not 00000000" % counter
-    if counter <= disk.prev:
-        return "chunk %08d comes after %08d (out of order)" % (counter, disk.prev)
-    disk.end += (counter - disk.prev - 1) * disk.first_len + length
-    disk.prev = counter
-    return None
-
-
-def check_xva_stream(stream):
-    """Check an uncompressed XVA tar read from `stream`; return (problems, info); raise BadFile.
-
-    Problems are one-line texts; info has the disks found {id: bytes} and ova.xml's struct.
-    """
-    tar = TarStream(stream)
-    problems = []
-    first = tar.next()
-    if first is None:
-        raise BadFile("empty tar: no ova.xml")
-    if first.name != "ova.xml":
-        raise BadFile("first member is %r, not ova.xml: not an XVA" % first.name)
-    ova, expected = None, {}
-    try:
-        ova = parse_ova_xml(tar.read_body(limit=256 << 20))
-        expected = ova_disks(ova)
-    except ValueError as exc:
-        problems.append("ova.xml does not parse: %s" % exc)
-    disks = collections.OrderedDict()
-    pending = None      # (member name, chunk bytes) waiting for its checksum member
-    while True:
-        member = tar.next()
-        if member is None:
-            break
-        match = XVA_CHUNK_RE.match(member.name)
-        if pending and not (match and match.group(3) and member.name.startswith(pending[0] + ".")):
-            problems.append("chunk %s has no checksum member" % pending[0])
-            pending = None
-        if not match:
-            continue  # other members (directories, future additions) carry no disk data
-        ref, counter, ext = match.groups()
-        if ext is None:
-            disk = disks.setdefault(ref, _DiskChunks())
-            data = tar.read_body(limit=MAX_CHUNK)
-            issue = place_chunk(disk, int(counter), len(data))
-            if issue:
-                problems.append("disk %s: %s" % (ref, issue))
-            pending = (member.name, data)
-            continue
-        if pending is None:
-            problems.append("checksum member %s has no chunk before it" % member.name)
-            continue
-        stored = tar.read_body(limit=4096).strip().decode("ascii", "replace").upper()
-        name, data = pending
-        pending = None
-        if ext == ".xxhash":
-            if stored != xxh64_hex(data):
-                problems.append("chunk %s XXH64 mismatch" % name)
-        elif stored != hashlib.sha1(data).hexdigest().upper():
-            problems.append("chunk %s SHA-1 mismatch" % name)
-    if pending:
-        problems.append("chunk %s has no checksum member" % pending[0])
-    tar.skip_rest()
-    for ref, disk in disks.items():
-        size, _ = expected.get(ref, (None, ""))
-        if ova is None:
-            continue
-        if size is None:
-            problems.append("disk %s has data but no VDI in ova.xml" % ref)
-        elif disk.end != size:
-            problems.append("disk %s reassembles to %d bytes, ova.xml says virtual_size %d%s"
-                            % (ref, disk.end, size, " (last chunk missing?)" if disk.end < size else ""))
-    for ref, (size, label) in sorted(expected.items()):
-        if ref not in disks:
-            problems.append("disk %s%s has no data in the XVA"
-                            % (ref, " (%s)" % printable(label) if label else ""))
-    return problems, {"disks": {ref: d.end for ref, d in disks.items()}, "ova": ova,
-                      "chunks": sum(d.chunks for d in disks.values())}
-
-
-def find_zstd():
-    """Return the path of the zstd binary, or None."""
-    return shutil.which("zstd") or next(
-        (p for p in ("/usr/bin/zstd", "/bin/zstd") if os.access(p, os.X_OK)), None)
-
-
-class _ZstdStream(object):
-    """`zstd -d` fed from `reader` by a thread; read() gives the decompressed bytes."""
-
-    def __init__(self, reader, zstd):
-        self.proc = subprocess.Popen([zstd, "-d", "-c", "-q"], stdin=subprocess.PIPE,
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        self.reader = reader
-        self.feed_error = None
-        self.thread = threading.Thread(target=self._feed)
-        self.thread.daemon = True
-        self.thread.start()
-
-    def _feed(self):
-        try:
-            while True:
-                data = self.reader.read(1 << 20)
-                if not data:
-                    break
-                self.proc.stdin.write(data)
-        except (BrokenPipeError, ValueError):  # zstd stopped reading (bad input); its rc says why
-            pass
-        except OSError as exc:
-            self.feed_error = exc
-        finally:
-            try:
-                self.proc.stdin.close()
-            except OSError:
-                pass
-
-    def read(self, size=-1):
-        return self.proc.stdout.read(size)
-
-    def finish(self):
-        """Wait for zstd; return its error text ('' if it succeeded)."""
-        self.proc.stdout.close()
-        err = self.proc.stderr.read().decode("utf-8", "replace")
-        rc = self.proc.wait()
-        self.thread.join()
-        if self.feed_error is not None:
-            return "cannot read the file: %s" % self.feed_error
-        return "" if rc == 0 else "zstd: %s" % (one_line(err) or "exit code %d" % rc)
-
-    def kill(self):
-        """Stop zstd and the feeding thread."""
-        if self.proc.poll() is None:
-            self.proc.kill()
-        for pipe in (self.proc.stdout, self.proc.stderr):
-            pipe.close()
-        self.proc.wait()
-        self.thread.join()
-
-
-def xva_compression(name):
-    """Return None, 'gzip' or 'zstd' for an XVA file name (.xva, .xva.gz, .xva.zst)."""
-    if name.endswith(".gz"):
-        return "gzip"
-    if name.endswith((".zst", ".zstd")):
-        return "zstd"
-    return None
-
-
-def _check_xva_guarded(stream):
-    """Return (problems, info) of check_xva_stream, reading `stream` to its end; never raises BadFile."""
-    try:
-        return check_xva_stream(stream)
-    except BadFile as exc:
-        return [str(exc)], {}
-    except EOFError:
-        return ["gzip stream: truncated (ends before its end marker)"], {}
-    except zlib.error as exc:
-        return ["gzip stream: %s" % exc], {}
-    except OSError as exc:
-        if getattr(exc, "errno", None) is not None:  # a real I/O error, not a bad gzip stream
-            raise
-        return ["gzip stream: %s" % exc], {}
-
-
-def check_xva_file(path, want_sha256=False):
-    """Check an XVA file (.xva/.xva.gz/.xva.zst) in one pass; return (problems, unchecked, info).
-
-    info["sha256"] is the file's SHA-256 when `want_sha256`. A zstd file on a host
-    without zstd is unchecked (only its SHA-256 is computed), never called good.
-    """
-    algo = xva_compression(path)
-    problems, unchecked, info = [], [], {}
-    with open(path, "rb") as handle:
-        raw = _HashingReader(handle)
-        zstd = find_zstd() if algo == "zstd" else None
-        if algo == "zstd" and zstd is None:
-            unchecked.append("zstd is not installed: the compressed XVA cannot be checked here")
-        elif algo == "zstd":
-            stream = _ZstdStream(raw, zstd)
-            try:
-                problems, info = _check_xva_guarded(stream)
-                while stream.read(1 << 20):  # let zstd see all its input: its exit code judges it
-                    pass
-            except BaseException:
-                stream.kill()
-                raise
-            error = stream.finish()
-            if error:
-                problems.insert(0, error)
-        elif algo == "gzip":
-            problems, info = _check_xva_guarded(gzip.GzipFile(fileobj=raw, mode="rb"))
-        else:
-            problems, info = _check_xva_guarded(raw)
-        if want_sha256:
-            raw.drain()
-            info["sha256"] = raw.digest.hexdigest()
-    return problems[:MAX_PROBLEMS], unchecked, info
-
-
-# -- VHD ------------------------------------------------------------------------
-
-#: cookie, features, version, data offset, timestamp, creator app/version/OS, original size,
-#: current size, geometry, disk type, checksum, uid, saved state (the footer's first 85 bytes)
-VHD_FOOTER = struct.Struct(">8sIIQIIIIQQIII16sB")
-VHD_HEADER = struct.Struct(">8sQQIIII")             # cookie .. checksum (first 40 bytes)
-VHD_TYPES = {2: "fixed", 3: "dynamic", 4: "differencing"}
-
-
-def vhd_checksum(block, at):
-    """Return the VHD checksum of `block` (ones' complement of its byte sum without bytes at..at+4)."""
-    return ~(sum(bytearray(block[:at])) + sum(bytearray(block[at + 4:]))) & 0xFFFFFFFF
-
-
-def vhd_footer_problem(block, where):
-    """Return what is wrong with a 512-byte VHD footer ('VHD footer <where>: ...'), or None."""
-    if len(block) < 512 or block[:8] != b"conectix":
-        return "VHD footer %s: missing (no 'conectix' cookie)" % where
-    fields = VHD_FOOTER.unpack_from(block)
-    if fields[12] != vhd_checksum(block[:512], 64):
-        return "VHD footer %s: checksum mismatch" % where
-    if fields[11] not in VHD_TYPES:
-        return "VHD footer %s: unknown disk type %d" % (where, fields[11])
-    return None
-
-
-def check_vhd(path, virtual_size=None):
-    """Return the problems of a VHD file: footers, dynamic header, BAT bounds, virtual size."""
-    size = os.path.getsize(path)
-    if size < 512:
-        return ["%d bytes: too short to be a VHD" % size]
-    problems = []
-    with open(path, "rb") as handle:
-        handle.seek(size - 512)
-        footer = handle.read(512)
-        handle.seek(0)
-        head = handle.read(1536)
-        bad = vhd_footer_problem(footer, "at the end")
-        if bad:
-            # a dynamic VHD keeps a copy at 0: if that one is sound, the tail was cut off
-            cut = footer[:8] != b"conectix" and vhd_footer_problem(head[:512], "") is None
-            return [bad + (" (truncated? the copy at the start is sound)" if cut else "")]
-        fields = VHD_FOOTER.unpack_from(footer)
-        data_offset, current_size, disk_type = fields[3], fields[9], fields[11]
-        if virtual_size is not None and current_size != virtual_size:
-            problems.append("VHD virtual size is %d bytes, the disk's virtual_size is %d"
-                            % (current_size, virtual_size))
-        if disk_type == 2:
-            if size != current_size + 512:
-                problems.append("fixed VHD is %d bytes, expected %d" % (size, current_size + 512))
-            return problems
-        if size % 512:
-            problems.append("file size %d is not a multiple of 512 (truncated?)" % size)
-        if head[:512] != footer:
-            problems.append(vhd_footer_problem(head[:512], "copy at the start")
-                            or "VHD footer copy at the start differs from the footer at the end")
-        if data_offset + 1024 > size - 512:
-            return problems + ["dynamic header offset %d is outside the file" % data_offset]
-        handle.seek(data_offset)
-        header = handle.read(1024)
-        if header[:8] != b"cxsparse":
-            return problems + ["no dynamic VHD header at byte %d (cookie is not 'cxsparse')"
-                               % data_offset]
-        _, _, table_offset, _, entries, block_size, checksum = VHD_HEADER.unpack_from(header)
-        if checksum != vhd_checksum(header, 36):
-            return problems + ["dynamic VHD header checksum mismatch"]
-        if block_size < 512 or block_size % 512:
-            return problems + ["VHD block size %d is not a multiple of 512" % block_size]
-        if entries * block_size < current_size:
-            problems.append("BAT covers %d bytes, less than the disk's %d"
-                            % (entries * block_size, current_size))
-        table_end = table_offset + entries * 4
-        if table_end > size - 512:
-            return problems + ["BAT (%d entries at byte %d) runs past the end of the file"
-                               % (entries, table_offset)]
-        handle.seek(table_offset)
-        bat = struct.unpack(">%dI" % entries, _read_exact(handle, entries * 4))
-    bitmap = (-(-(block_size // 512) // 8) + 511) & ~511   # one bit per sector, in whole sectors
-    span = bitmap + block_size
-    used = sorted((sector * 512, index) for index, sector in enumerate(bat) if sector != 0xFFFFFFFF)
-    previous_end = table_end
-    for start, index in used:
-        if start + span > size - 512:
-            problems.append("BAT entry %d points past the end of the file (block at byte %d; "
-                            "truncated?)" % (index, start))
-            break
-        if start < previous_end:
-            problems.append("BAT entry %d (block at byte %d) overlaps the BAT or another block"
-                            % (index, start))
-            break
-        previous_end = start + span
-    return problems
-
+# === vmbackup/check.py ======================================================
+# Verifying backups without a server: each file, each folder, each dated file.
+#
+# Owns: check_file, verify_backup/verify_dated_file/verify_single_file, verify_targets,
+# verify_lines, verify_exit_code.
+# Imports: errors, util, store, metadata, formats.
 
 # -- pool database dumps and host backups -----------------------------------------
-
 def check_pool_dump(path):
     """Return the problems of a pool database dump: empty, not XML, or not a <database>."""
     parser = xml.parsers.expat.ParserCreate()
@@ -3418,53 +3474,6 @@ def check_host_backup(path):
     except (OSError, zlib.error) as exc:
         return ["not a complete gzip-compressed tar: %s" % exc]
     return []
-
-
-# ---------------------------------------------------------------------------
-# verify: check backups without a server
-# ---------------------------------------------------------------------------
-
-#: NAUbackup marks a complete backup with `success`, or `success_compress` for large files.
-
-#: What a check of one file can say.
-FILE_KINDS = (("xva", (".xva", ".xva.gz", ".xva.zst")), ("vhd", (".vhd",)), ("raw", (".raw",)),
-              ("metadata", ("vm-metadata.xml",)))
-
-
-def file_kind(name):
-    """Return the kind of a backup file by its name: xva, vhd, raw, metadata, or None."""
-    for kind, endings in FILE_KINDS:
-        if name.endswith(endings):
-            return kind
-    return None
-
-
-def read_cfg(path):
-    """Return the key=value pairs of a NAUbackup .cfg file as a dict ({} if unreadable)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
-    except OSError:
-        return {}
-
-
-def read_manifest(folder):
-    """Return the backup.json of a backup folder as a dict, or None if absent; raise BadFile."""
-    path = os.path.join(folder, MANIFEST)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise BadFile("%s does not parse: %s" % (MANIFEST, one_line(exc)))
-    if not isinstance(manifest, dict) or manifest.get("tool") != "vmbackup" \
-            or not isinstance(manifest.get("files"), list):
-        raise BadFile("%s is not a vmbackup manifest" % MANIFEST)
-    if manifest.get("format") != 1:
-        raise BadFile("%s has format %r; this vmbackup reads format 1"
-                      % (MANIFEST, manifest.get("format")))
-    return manifest
 
 
 def check_file(path, kind, virtual_size=None, want_sha256=False):
@@ -3680,23 +3689,6 @@ def verify_single_file(path):
     return result
 
 
-def backup_folders(vm_dir):
-    """Return the backup folders in a VM's folder, oldest first."""
-    found = []
-    for name in os.listdir(vm_dir):
-        when = parse_backup_name(name)
-        path = os.path.join(vm_dir, name)
-        if when is not None and os.path.isdir(path) and not os.path.islink(path):
-            found.append((when, name, path))
-    return [path for _, _, path in sorted(found)]
-
-
-def dated_files(folder):
-    """Return the pool_db_/host_ backup files in a METADATA_/HOST_ folder, oldest first."""
-    found = sorted((parse_dated_file(n), n) for n in os.listdir(folder) if parse_dated_file(n))
-    return [os.path.join(folder, n) for _, n in found]
-
-
 def verify_targets(path):
     """Return [(kind, path)] to verify for a backup, a VM folder, backup_dir or a file; raise UsageError."""
     if os.path.isfile(path):
@@ -3767,207 +3759,40 @@ def verify_exit_code(results):
     return EXIT_WARNING if "unchecked" in states else EXIT_OK
 
 
-def build_verify_parser():
-    """Return the parser of `vmbackup.py verify`."""
-    parser = argparse.ArgumentParser(
-        prog=PROG + " verify", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Check backups without a server: manifest, success marker, every file's "
-                    "size and SHA-256, XVA chunk checksums, VHD footers/header/BAT, raw sizes.",
-        epilog="exit status: 0 all good, 1 some file could not be checked here (e.g. no zstd), "
-               "2 any backup bad or incomplete")
-    opt = parser.add_argument
-    opt("paths", nargs="+", metavar="PATH", help="a backup folder, a VM folder, or backup_dir")
-    opt("--json", metavar="FILE", help="write per-backup results as JSON ('-': stdout)")
-    opt("-q", "--quiet", action="count", default=0, help="print only what is wrong")
-    opt("-v", "--verbose", action="count", default=0, help="also list every file")
-    return parser
+# === vmbackup/transport/choose.py ===========================================
+# Picking the transport a run uses (api or xe) from the settings.
+#
+# Owns: make_transport.
+# Imports: errors, transport.api, transport.xe.
+
+TRANSPORTS = {"api": ApiTransport, "xe": XeTransport}
 
 
-def cmd_verify(argv):
-    """Run `vmbackup.py verify PATH... [--json FILE|-] [-q|-v]`; return the exit code."""
-    args = build_verify_parser().parse_args(argv)
-    verbosity = args.verbose - args.quiet
-    targets = []
-    for path in args.paths:
-        targets += verify_targets(path)
-    results = []
-    out = sys.stderr if args.json == "-" else sys.stdout
-    for kind, path in targets:
-        try:
-            result = VERIFIERS[kind](path)
-        except OSError as exc:
-            result = _new_result(path)
-            _problem(result, "", "cannot read: %s" % (exc.strerror or exc))
-            result["status"] = "bad"
-        results.append(result)
-        for line in verify_lines(result, verbosity):
-            out.write(printable(line) + "\n")
-        out.flush()
-    code = verify_exit_code(results)
-    counts = collections.Counter(r["status"] for r in results)
-    summary = ", ".join("%d %s" % (counts[s], s) for s in ("good", "bad", "incomplete", "unchecked")
-                        if counts[s])
-    if verbosity >= 0:
-        out.write("verified %d backup%s: %s\n" % (len(results), "" if len(results) == 1 else "s",
-                                                  summary))
-    if args.json:
-        write_json(args.json, {"paths": args.paths, "exit_code": code, "summary": dict(counts),
-                               "backups": results})
-    return code
+def make_transport(config, xapi, password):
+    """Return the transport for this run: xe on the pool host when xe exists, else api."""
+    name = config.transport
+    xe_path = find_xe(config) if name in ("auto", "xe") else None
+    if name == "auto":
+        name = "xe" if (xapi.endpoint.is_local and xe_path) else "api"
+    if name == "xe":
+        if not xe_path or not os.access(xe_path, os.X_OK):
+            raise ConfigError("transport=xe (%s): no xe binary found (xe_path=%s)"
+                              % (config.where("transport"), config.xe_path or "-"))
+        return XeTransport(xapi, config, password, xe_path)
+    return ApiTransport(xapi, config, password)
 
 
-# ---------------------------------------------------------------------------
-# list: what backup_dir holds
-# ---------------------------------------------------------------------------
-
-def folder_size(path):
-    """Return (number of files, total bytes) under a folder."""
-    count = total = 0
-    for top, _, files in os.walk(path):
-        for name in files:
-            try:
-                total += os.lstat(os.path.join(top, name)).st_size
-                count += 1
-            except OSError:
-                pass
-    return count, total
-
-
-def backup_summary(folder):
-    """Return what `list` shows of one backup folder: date, mode, files, size, complete, check.
-
-    Files and size are the manifest's files; without a manifest, everything in the folder.
-    """
-    result = verify_backup(folder, quick=True)
-    if result["mode"] and not result["legacy"]:
-        count, total = len(result["files"]), sum(f["size"] for f in result["files"])
-    else:
-        count, total = folder_size(folder)
-    if result["legacy"]:
-        check = "not verified (legacy NAUbackup)"
-    elif result["problems"]:
-        check = "BAD: " + "; ".join("%s: %s" % (p["file"], p["message"])
-                                    for p in result["problems"][:3])
-    elif result["mode"] is None:
-        check = "not verified"
-    else:
-        check = "sizes ok"
-    return collections.OrderedDict([
-        ("name", result["name"]), ("path", folder), ("date", result["date"]),
-        ("mode", result["mode"]), ("files", count), ("size", total),
-        ("complete", result["complete"]), ("legacy", result["legacy"]), ("check", check),
-        ("vm_name", result["vm"] if result["mode"] and not result["legacy"] else None)])
-
-
-def scan_backup_dir(root, pattern=None):
-    """Return what backup_dir holds: {"vms": [...], "pool_db": [...], "hosts": [...]}, newest first.
-
-    `pattern` selects VMs like a vm-export selector (a plain name exactly, else a
-    regex matched at the start), against the VM's name or its folder's name.
-    """
-    selector = Selector("vm-export", pattern) if pattern else None
-    data = collections.OrderedDict([("backup_dir", root), ("vms", []), ("pool_db", []),
-                                    ("hosts", [])])
-    for name in sorted(os.listdir(root)):
-        sub = os.path.join(root, name)
-        if not os.path.isdir(sub) or os.path.islink(sub):
-            continue
-        backups = [backup_summary(p) for p in reversed(backup_folders(sub))]
-        if backups:
-            vm_name = next((b["vm_name"] for b in backups if b["vm_name"]), name)
-            if selector and not (selector.matches(vm_name) or selector.matches(name)):
-                continue
-            data["vms"].append(collections.OrderedDict([
-                ("name", vm_name), ("folder", name), ("backups", backups)]))
-            continue
-        for path in reversed(dated_files(sub)):
-            entry = collections.OrderedDict([
-                ("folder", name), ("file", os.path.basename(path)),
-                ("date", parse_dated_file(os.path.basename(path)).isoformat()),
-                ("size", os.path.getsize(path))])
-            data["pool_db" if entry["file"].startswith("pool_db_") else "hosts"].append(entry)
-    if selector:
-        data["pool_db"], data["hosts"] = [], []
-    return data
-
-
-def format_list(data):
-    """Return the human table of scan_backup_dir's data."""
-    out = ["backup_dir %s" % data["backup_dir"]]
-    row = "  %-19s  %-11s %5s  %8s  %-10s  %s"
-    for vm in data["vms"]:
-        shown = printable(vm["name"])
-        if vm["folder"] != vm["name"]:
-            shown += "  (folder %s)" % printable(vm["folder"])
-        out += ["", "%s: %d backup%s" % (shown, len(vm["backups"]),
-                                         "" if len(vm["backups"]) == 1 else "s"),
-                row % ("DATE", "MODE", "FILES", "SIZE", "STATE", "CHECK")]
-        for b in vm["backups"]:
-            out.append(row % ((b["date"] or "?").replace("T", " "), b["mode"] or "?", b["files"],
-                              human_size(b["size"]),
-                              "complete" if b["complete"] else "INCOMPLETE", b["check"]))
-    for key, title in (("pool_db", "pool database"), ("hosts", "host backup")):
-        folders = collections.OrderedDict()
-        for entry in data[key]:
-            folders.setdefault(entry["folder"], []).append(entry)
-        for folder, entries in folders.items():
-            out += ["", "%s: %s (%d file%s)" % (title, printable(folder), len(entries),
-                                               "" if len(entries) == 1 else "s")]
-            out += ["  %-19s  %-30s %8s" % (e["date"].replace("T", " "), e["file"],
-                                            human_size(e["size"])) for e in entries]
-    if not (data["vms"] or data["pool_db"] or data["hosts"]):
-        out.append("no backups")
-    return "\n".join(out) + "\n"
-
-
-def list_backup_dir(args):
-    """Return the backup_dir `list` reads: -d, -c's backup_dir, $VMBACKUP_BACKUP_DIR, or the default."""
-    if args.backup_dir:
-        return args.backup_dir
-    if args.config:
-        parsed = read_config_file(args.config, ignore_extra_keys=True)
-        if parsed.values.get("backup_dir"):
-            return parsed.values["backup_dir"]
-    return os.environ.get("VMBACKUP_BACKUP_DIR") or DEFAULT_BACKUP_DIR
-
-
-def cmd_list(argv):
-    """Run `vmbackup.py list [VM-REGEX] [-d BACKUP_DIR] [-c CONFIG] [--json FILE|-]`; return the exit code."""
-    parser = argparse.ArgumentParser(
-        prog=PROG + " list", description="Show the backups in backup_dir: per VM, newest first "
-        "(date, mode, files, size, complete or not, sizes checked against the manifest); "
-        "pool database and host backups too.")
-    opt = parser.add_argument
-    opt("pattern", nargs="?", metavar="VM-REGEX", help="only VMs this name or regex selects")
-    opt("-d", "--backup-dir", metavar="DIR")
-    opt("-c", "--config", metavar="FILE", help="take backup_dir from this config file")
-    opt("--json", metavar="FILE", help="write the listing as JSON ('-': stdout)")
-    args = parser.parse_args(argv)
-    if args.pattern and not PLAIN_NAME_RE.match(args.pattern):
-        try:
-            re.compile(args.pattern)
-        except re.error as exc:
-            raise UsageError("invalid regex %r: %s" % (args.pattern, exc))
-    root = list_backup_dir(args)
-    if not os.path.isdir(root):
-        raise BackupDirError("backup_dir %s does not exist" % root)
-    data = scan_backup_dir(root, args.pattern)
-    if args.json:
-        write_json(args.json, data)
-    if args.json != "-":
-        sys.stdout.write(format_list(data))
-    return EXIT_OK
-
-
-# ---------------------------------------------------------------------------
-# diff: what changed in a VM's configuration between two backups
-# ---------------------------------------------------------------------------
+# === vmbackup/commands/diff.py ==============================================
+# `vmbackup.py diff`: configuration changes between backups of a VM.
+#
+# Imports: errors, util, selection, store, metadata, formats, report, check.
 
 #: VM fields diff compares, in the order it reports them; memory fields print as sizes.
 DIFF_FIELDS = ("name_label", "name_description", "power_state",
                "memory_static_min", "memory_static_max", "memory_dynamic_min", "memory_dynamic_max",
                "VCPUs_max", "VCPUs_at_startup", "domain_type", "HVM_boot_policy", "PV_bootloader",
                "is_a_template", "ha_restart_priority")
+
 
 #: VM map fields diff compares key by key.
 DIFF_MAPS = ("HVM_boot_params", "platform", "VCPUs_params", "other_config")
@@ -4196,24 +4021,141 @@ def cmd_diff(argv):
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------------
-# Restore
-# ---------------------------------------------------------------------------
+# === vmbackup/commands/list.py ==============================================
+# `vmbackup.py list`: what backups exist, newest first.
+#
+# Imports: errors, util, config, store, report, check.
 
-class RestoreError(VmBackupError):
-    """{}"""
+def backup_summary(folder):
+    """Return what `list` shows of one backup folder: date, mode, files, size, complete, check.
 
-
-def xapi_value(text):
-    """Return the Python value of a task result: XAPI stores it XML-RPC encoded.
-
-    '<value><array><data><value>OpaqueRef:1</value></data></array></value>' -> ['OpaqueRef:1']
+    Files and size are the manifest's files; without a manifest, everything in the folder.
     """
-    if not text:
-        return None
-    wrapped = "<methodResponse><params><param>%s</param></params></methodResponse>" % text
-    return xmlrpc.client.loads(wrapped)[0][0]
+    result = verify_backup(folder, quick=True)
+    if result["mode"] and not result["legacy"]:
+        count, total = len(result["files"]), sum(f["size"] for f in result["files"])
+    else:
+        count, total = folder_size(folder)
+    if result["legacy"]:
+        check = "not verified (legacy NAUbackup)"
+    elif result["problems"]:
+        check = "BAD: " + "; ".join("%s: %s" % (p["file"], p["message"])
+                                    for p in result["problems"][:3])
+    elif result["mode"] is None:
+        check = "not verified"
+    else:
+        check = "sizes ok"
+    return collections.OrderedDict([
+        ("name", result["name"]), ("path", folder), ("date", result["date"]),
+        ("mode", result["mode"]), ("files", count), ("size", total),
+        ("complete", result["complete"]), ("legacy", result["legacy"]), ("check", check),
+        ("vm_name", result["vm"] if result["mode"] and not result["legacy"] else None)])
 
+
+def scan_backup_dir(root, pattern=None):
+    """Return what backup_dir holds: {"vms": [...], "pool_db": [...], "hosts": [...]}, newest first.
+
+    `pattern` selects VMs like a vm-export selector (a plain name exactly, else a
+    regex matched at the start), against the VM's name or its folder's name.
+    """
+    selector = Selector("vm-export", pattern) if pattern else None
+    data = collections.OrderedDict([("backup_dir", root), ("vms", []), ("pool_db", []),
+                                    ("hosts", [])])
+    for name in sorted(os.listdir(root)):
+        sub = os.path.join(root, name)
+        if not os.path.isdir(sub) or os.path.islink(sub):
+            continue
+        backups = [backup_summary(p) for p in reversed(backup_folders(sub))]
+        if backups:
+            vm_name = next((b["vm_name"] for b in backups if b["vm_name"]), name)
+            if selector and not (selector.matches(vm_name) or selector.matches(name)):
+                continue
+            data["vms"].append(collections.OrderedDict([
+                ("name", vm_name), ("folder", name), ("backups", backups)]))
+            continue
+        for path in reversed(dated_files(sub)):
+            entry = collections.OrderedDict([
+                ("folder", name), ("file", os.path.basename(path)),
+                ("date", parse_dated_file(os.path.basename(path)).isoformat()),
+                ("size", os.path.getsize(path))])
+            data["pool_db" if entry["file"].startswith("pool_db_") else "hosts"].append(entry)
+    if selector:
+        data["pool_db"], data["hosts"] = [], []
+    return data
+
+
+def format_list(data):
+    """Return the human table of scan_backup_dir's data."""
+    out = ["backup_dir %s" % data["backup_dir"]]
+    row = "  %-19s  %-11s %5s  %8s  %-10s  %s"
+    for vm in data["vms"]:
+        shown = printable(vm["name"])
+        if vm["folder"] != vm["name"]:
+            shown += "  (folder %s)" % printable(vm["folder"])
+        out += ["", "%s: %d backup%s" % (shown, len(vm["backups"]),
+                                         "" if len(vm["backups"]) == 1 else "s"),
+                row % ("DATE", "MODE", "FILES", "SIZE", "STATE", "CHECK")]
+        for b in vm["backups"]:
+            out.append(row % ((b["date"] or "?").replace("T", " "), b["mode"] or "?", b["files"],
+                              human_size(b["size"]),
+                              "complete" if b["complete"] else "INCOMPLETE", b["check"]))
+    for key, title in (("pool_db", "pool database"), ("hosts", "host backup")):
+        folders = collections.OrderedDict()
+        for entry in data[key]:
+            folders.setdefault(entry["folder"], []).append(entry)
+        for folder, entries in folders.items():
+            out += ["", "%s: %s (%d file%s)" % (title, printable(folder), len(entries),
+                                               "" if len(entries) == 1 else "s")]
+            out += ["  %-19s  %-30s %8s" % (e["date"].replace("T", " "), e["file"],
+                                            human_size(e["size"])) for e in entries]
+    if not (data["vms"] or data["pool_db"] or data["hosts"]):
+        out.append("no backups")
+    return "\n".join(out) + "\n"
+
+
+def list_backup_dir(args):
+    """Return the backup_dir `list` reads: -d, -c's backup_dir, $VMBACKUP_BACKUP_DIR, or the default."""
+    if args.backup_dir:
+        return args.backup_dir
+    if args.config:
+        parsed = read_config_file(args.config, ignore_extra_keys=True)
+        if parsed.values.get("backup_dir"):
+            return parsed.values["backup_dir"]
+    return os.environ.get("VMBACKUP_BACKUP_DIR") or DEFAULT_BACKUP_DIR
+
+
+def cmd_list(argv):
+    """Run `vmbackup.py list [VM-REGEX] [-d BACKUP_DIR] [-c CONFIG] [--json FILE|-]`; return the exit code."""
+    parser = argparse.ArgumentParser(
+        prog=PROG + " list", description="Show the backups in backup_dir: per VM, newest first "
+        "(date, mode, files, size, complete or not, sizes checked against the manifest); "
+        "pool database and host backups too.")
+    opt = parser.add_argument
+    opt("pattern", nargs="?", metavar="VM-REGEX", help="only VMs this name or regex selects")
+    opt("-d", "--backup-dir", metavar="DIR")
+    opt("-c", "--config", metavar="FILE", help="take backup_dir from this config file")
+    opt("--json", metavar="FILE", help="write the listing as JSON ('-': stdout)")
+    args = parser.parse_args(argv)
+    if args.pattern and not PLAIN_NAME_RE.match(args.pattern):
+        try:
+            re.compile(args.pattern)
+        except re.error as exc:
+            raise UsageError("invalid regex %r: %s" % (args.pattern, exc))
+    root = list_backup_dir(args)
+    if not os.path.isdir(root):
+        raise BackupDirError("backup_dir %s does not exist" % root)
+    data = scan_backup_dir(root, args.pattern)
+    if args.json:
+        write_json(args.json, data)
+    if args.json != "-":
+        sys.stdout.write(format_list(data))
+    return EXIT_OK
+
+
+# === vmbackup/commands/restore.py ===========================================
+# `vmbackup.py restore`: import a backup as a new VM (or in place with --preserve).
+#
+# Imports: everything below commands, and commands.options.
 
 def newest_complete(vm_dir):
     """Return the newest complete backup folder of a VM folder; raise RestoreError if none."""
@@ -4463,11 +4405,255 @@ def cmd_restore(argv):
     return EXIT_OK
 
 
-# ---------------------------------------------------------------------------
-# CLI
-# ---------------------------------------------------------------------------
+# === vmbackup/commands/verify.py ============================================
+# `vmbackup.py verify`: check backups without a server.
+#
+# Imports: errors, util, report, check.
 
-EXIT_STATUS_TEXT = __doc__[__doc__.index("EXIT STATUS"):]
+def build_verify_parser():
+    """Return the parser of `vmbackup.py verify`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG + " verify", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check backups without a server: manifest, success marker, every file's "
+                    "size and SHA-256, XVA chunk checksums, VHD footers/header/BAT, raw sizes.",
+        epilog="exit status: 0 all good, 1 some file could not be checked here (e.g. no zstd), "
+               "2 any backup bad or incomplete")
+    opt = parser.add_argument
+    opt("paths", nargs="+", metavar="PATH", help="a backup folder, a VM folder, or backup_dir")
+    opt("--json", metavar="FILE", help="write per-backup results as JSON ('-': stdout)")
+    opt("-q", "--quiet", action="count", default=0, help="print only what is wrong")
+    opt("-v", "--verbose", action="count", default=0, help="also list every file")
+    return parser
+
+
+def cmd_verify(argv):
+    """Run `vmbackup.py verify PATH... [--json FILE|-] [-q|-v]`; return the exit code."""
+    args = build_verify_parser().parse_args(argv)
+    verbosity = args.verbose - args.quiet
+    targets = []
+    for path in args.paths:
+        targets += verify_targets(path)
+    results = []
+    out = sys.stderr if args.json == "-" else sys.stdout
+    for kind, path in targets:
+        try:
+            result = VERIFIERS[kind](path)
+        except OSError as exc:
+            result = _new_result(path)
+            _problem(result, "", "cannot read: %s" % (exc.strerror or exc))
+            result["status"] = "bad"
+        results.append(result)
+        for line in verify_lines(result, verbosity):
+            out.write(printable(line) + "\n")
+        out.flush()
+    code = verify_exit_code(results)
+    counts = collections.Counter(r["status"] for r in results)
+    summary = ", ".join("%d %s" % (counts[s], s) for s in ("good", "bad", "incomplete", "unchecked")
+                        if counts[s])
+    if verbosity >= 0:
+        out.write("verified %d backup%s: %s\n" % (len(results), "" if len(results) == 1 else "s",
+                                                  summary))
+    if args.json:
+        write_json(args.json, {"paths": args.paths, "exit_code": code, "summary": dict(counts),
+                               "backups": results})
+    return code
+
+
+# === vmbackup/leftovers.py ==================================================
+# Snapshots left by earlier, killed runs: recognising them and destroying them.
+#
+# Owns: is_leftover, run_is_dead, clean_leftovers, forget_pending.
+# Imports: errors, util, store, transport.base, backup.
+
+#: A tool snapshot older than this is a leftover whoever made it (XAPI caps an export at 24 h).
+LEFTOVER_AGE = datetime.timedelta(hours=25)
+
+
+def is_leftover(record, now=None):
+    """Return True if a VM/VDI record is a snapshot this tool made and no live run still uses.
+
+    It must be a snapshot and either carry our tag whose first word is its own uuid (so
+    a restored copy never qualifies), or -- made by a run killed before it could tag it --
+    carry the pending mark that run put on its source, and have been taken within
+    PENDING_WINDOW of that mark (so a person's later snapshot never qualifies). And the
+    run must be dead: a pid gone on this host, or older than LEFTOVER_AGE.
+    """
+    if not record.get("is_a_snapshot"):
+        return False
+    other = record.get("other_config") or {}
+    words = other.get(TAG_KEY, "").split()
+    if len(words) >= 4 and words[0] == record.get("uuid"):
+        note = words[1:4]
+    else:
+        note = other.get(PENDING_KEY, "").split()[:3]
+        taken = xapi_time(record.get("snapshot_time"))
+        marked = note_time(note)
+        if len(note) < 3 or taken is None or marked is None \
+                or not datetime.timedelta(0) <= taken - marked <= PENDING_WINDOW:
+            return False
+    return run_is_dead(note, now)
+
+
+def note_time(note):
+    """Return the UTC datetime of a run note ['host', 'pid', 'time'], or None."""
+    try:
+        return datetime.datetime.strptime(note[2][:19], "%Y-%m-%dT%H:%M:%S")
+    except (IndexError, ValueError):
+        return None
+
+
+def xapi_time(value):
+    """Return a naive UTC datetime for an XAPI datetime ('20261123T20:55:00Z'), or None."""
+    digits = re.sub(r"\D", "", str(value or ""))[:14]
+    try:
+        return datetime.datetime.strptime(digits, "%Y%m%d%H%M%S")
+    except ValueError:
+        return None
+
+
+def run_is_dead(note, now=None):
+    """Return True if the run a note names has ended: its pid is gone here, or it is too old."""
+    host, pid = note[0], note[1]
+    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+        return True
+    made = note_time(note)
+    return made is not None and (now or datetime.datetime.utcnow()) - made > LEFTOVER_AGE
+
+
+def forget_pending(ctx):
+    """Remove pending marks that dead runs left on VMs and disks (not snapshots)."""
+    for cls, records in (("VM", ctx.view.vms), ("VDI", ctx.view.vdis)):
+        for ref, rec in records.items():
+            note = (rec.get("other_config") or {}).get(PENDING_KEY, "").split()
+            if note and not rec.get("is_a_snapshot") and len(note) >= 3 and run_is_dead(note):
+                ctx.transport.unmark_pending(cls, Obj(ref, rec.get("uuid", "")))
+
+
+def clean_leftovers(ctx):
+    """Destroy the tool's snapshots and VDI snapshots left by a killed run; return how many."""
+    count = 0
+    for ref, rec in ctx.view.vms.items():
+        if is_leftover(rec):
+            log.warning("destroying leftover snapshot %r (%s) of an interrupted run",
+                        printable(rec["name_label"]), rec["uuid"])
+            try:
+                with signals_deferred():   # a destroy cut in half leaves orphan disks
+                    ctx.transport.destroy_snapshot(Obj(ref, rec["uuid"]))
+                count += 1
+            except VmBackupError as exc:
+                log.error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
+    for ref, rec in ctx.view.vdis.items():
+        if is_leftover(rec) and not rec.get("VBDs"):
+            log.warning("destroying leftover disk snapshot %r (%s) of an interrupted run",
+                        printable(rec.get("name_label", "")), rec["uuid"])
+            try:
+                with signals_deferred():
+                    ctx.transport.destroy_vdi(Obj(ref, rec["uuid"]))
+                count += 1
+            except VmBackupError as exc:
+                log.error("cannot destroy leftover disk snapshot %s: %s", rec["uuid"], exc)
+    forget_pending(ctx)
+    return count
+
+
+# === vmbackup/run.py ========================================================
+# The whole backup run, as a list of named steps; and the preview.
+#
+# Owns: run_backup, back_up_everything, select_for_run, preview.
+# Imports: everything below it.
+
+def preview(config, endpoint, password, json_target=None):
+    """Print what a run would do; return EXIT_OK if it would start, else EXIT_ERROR."""
+    problems = check_backup_dir_readonly(config)
+    xapi = login(endpoint, config.username, password)
+    try:
+        view = read_pool(xapi)
+    finally:
+        xapi.logout()
+    selection = select_vms(view.vms, config.selectors, config.max_backups)
+    plans = [plan_vm(vm, view) for vm in selection.vms]
+    data = preview_data(config, selection, plans, problems)
+    if json_target:
+        write_json(json_target, data)
+    if json_target != "-":
+        sys.stdout.write(format_preview(data, config))
+    return EXIT_ERROR if data["status"] == "error" else EXIT_OK
+
+
+def select_for_run(config, view):
+    """Return the Selection for a run (metadata_only turns every VM into meta-export)."""
+    selection = select_vms(view.vms, config.selectors, config.max_backups)
+    if config.metadata_only:
+        selection = selection._replace(vms=[vm._replace(mode="meta-export") for vm in selection.vms])
+    return selection
+
+
+def run_backup(config, endpoint, password, inv):
+    """The run: check, lock, log in, clean leftovers, back up each VM, pool, hosts, report."""
+    started = datetime.datetime.now().replace(microsecond=0)
+    problems = RunProblems()
+    log.addHandler(problems)
+    try:
+        check_backup_dir(config)
+        status_log = StatusLog(config.status_log, config.where("status_log"))
+        results, selection = [], None
+        old_umask = os.umask(config.umask)
+        try:
+            with RunLock(config.backup_dir):
+                status_log.line(PROG, "begin")
+                code = EXIT_ERROR  # until the run gets through: a login error, a signal...
+                try:
+                    results, selection = back_up_everything(config, endpoint, password, status_log,
+                                                            started)
+                    code = exit_code_for(results, problems.warnings, problems.errors)
+                finally:
+                    word = {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
+                    status_log.line(PROG, "end", word, tally(results, problems.warnings))
+        finally:
+            os.umask(old_umask)
+        log_df(config.backup_dir, "after")
+        log.info("done: %s, exit %d", tally(results, problems.warnings), code)
+    finally:
+        log.removeHandler(problems)
+    if inv.json:
+        write_json(inv.json, run_summary(config, selection, results, problems.warnings, started, code))
+    return code
+
+
+def back_up_everything(config, endpoint, password, status_log, started):
+    """Log in, clean leftovers, back up each selected VM, the pool and the hosts; return (results, selection)."""
+    xapi = login(endpoint, config.username, password)
+    try:
+        transport = make_transport(config, xapi, password)
+        try:
+            view = read_pool(xapi)
+            ctx = Context(config, transport, view, run_note())
+            clean_leftovers(ctx)
+            selection = select_for_run(config, view)
+            for warning in selection.warnings:
+                log.warning("%s", warning)
+            results = [VmResult("selection", "", "-", "error", message=e) for e in selection.errors]
+            for message in selection.errors:
+                log.error("%s", message, extra={"vm": "selection"})
+            log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
+            for vm in selection.vms:
+                results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
+            if config.pool_db_backup:
+                results.append(backup_pool_db(ctx, started))
+            if config.host_backup:
+                results.extend(backup_hosts(ctx, started))
+            return results, selection
+        finally:
+            transport.close()
+    finally:
+        xapi.logout()
+
+
+# === vmbackup/commands/backup.py ============================================
+# `vmbackup.py [backup]`: the modern and NAUbackup command lines of a backup run.
+#
+# Owns: build_parser/parse_modern, parse_legacy, Invocation, load_settings, cmd_backup.
+# Imports: errors, util, config, xapi, run, commands.options.
 
 EXAMPLES = """\
 examples:
@@ -4485,6 +4671,7 @@ NAUbackup VmBackup.py command lines work unchanged:
   vmbackup.py password "DEV mySql"        vmbackup.py password vdi-export=DEV-mySql
 """
 
+
 LEGACY_USAGE = """\
 usage (NAUbackup compatible):
   %(prog)s <password|password-file> <config-file|vm-selector> [preview] [compress=True|False]
@@ -4496,6 +4683,7 @@ usage (NAUbackup compatible):
   A first argument naming an existing file is a password file (base64, as NAUbackup writes it).
   Modern options: %(prog)s --help
 """ % {"prog": PROG}
+
 
 LEGACY_EXAMPLES = """\
   %(prog)s password weekend.cfg             back up what weekend.cfg selects
@@ -4577,33 +4765,6 @@ def build_parser():
     opt("-v", "--verbose", action="count", default=0, help="more output (-vv: debug)")
     opt("--version", action="version", version="%(prog)s " + __version__)
     return parser
-
-
-#: Modern option -> (config key, parser of its text).
-CLI_SETTINGS = {
-    "backup_dir": ("backup_dir", parse_text),
-    "max_backups": ("max_backups", lambda v: parse_int(v, 1)),
-    "compress": ("compress", parse_compress),
-    "vdi_format": ("vdi_export_format", choice("raw", "vhd")),
-    "pool_db_backup": ("pool_db_backup", bool),
-    "host_backup": ("host_backup", bool),
-    "pre_clean": ("pre_clean", bool),
-    "metadata_only": ("metadata_only", bool),
-    "quiesce": ("quiesce", bool),
-    "server": ("server", parse_text),
-    "username": ("username", parse_text),
-    "password_file": ("password_file", parse_text),
-    "transport": ("transport", choice("auto", "xe", "api")),
-    "xe_path": ("xe_path", parse_text),
-    "tls_ca_file": ("tls_ca_file", parse_text),
-    "tls_fingerprint": ("tls_fingerprint", parse_fingerprint),
-    "tls_insecure": ("tls_insecure", bool),
-    "space_threshold": ("space_threshold", parse_percent),
-    "retries": ("retries", lambda v: parse_int(v, 0)),
-    "stall_timeout": ("stall_timeout", lambda v: parse_int(v, 1)),
-    "umask": ("umask", parse_umask),
-    "status_log": ("status_log", parse_text),
-}
 
 
 def parse_modern(argv):
@@ -4689,11 +4850,6 @@ def parse_legacy(argv):
                       password=password, ignore_extra_keys=ignore_extra, legacy=True)
 
 
-def is_legacy(argv):
-    """Return True when argv is NAUbackup's positional form rather than the modern one."""
-    return bool(argv) and not argv[0].startswith("-") and argv[0] not in COMMANDS
-
-
 def load_settings(inv):
     """Return (Config, password) for a backup Invocation: defaults < file < command line."""
     parsed = None
@@ -4716,24 +4872,6 @@ def load_settings(inv):
     return config, password
 
 
-def setup_logging(verbosity):
-    """Send log lines to stderr: warnings and up with -q, debug with -vv."""
-    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
-        max(-2, min(verbosity, 0)), logging.INFO)
-    if verbosity >= 2:
-        level = logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
-    for old in [h for h in log.handlers if getattr(h, "_vmbackup_console", False)]:
-        log.removeHandler(old)
-    handler._vmbackup_console = True
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    handler.setLevel(level)
-    log.propagate = False
-
-
 def cmd_backup(inv):
     """Run (or preview) a backup; return the exit code."""
     config, password = load_settings(inv)
@@ -4745,6 +4883,17 @@ def cmd_backup(inv):
     if inv.preview:
         return preview(config, endpoint, password, inv.json)
     return run_backup(config, endpoint, password, inv)
+
+
+# === vmbackup/cli.py ========================================================
+# The entry point: picks the command, installs the signal handlers, turns errors into exit codes.
+#
+# Owns: main, dispatch, COMMANDS. Nothing imports it.
+# Imports: everything.
+
+def is_legacy(argv):
+    """Return True when argv is NAUbackup's positional form rather than the modern one."""
+    return bool(argv) and not argv[0].startswith("-") and argv[0] not in COMMANDS
 
 
 def dispatch(argv):
@@ -4780,10 +4929,6 @@ def dispatch(argv):
 COMMANDS = collections.OrderedDict([("backup", None), ("list", cmd_list), ("verify", cmd_verify),
                                     ("diff", cmd_diff), ("restore", cmd_restore)])
 
-
-# ---------------------------------------------------------------------------
-# main
-# ---------------------------------------------------------------------------
 
 def _raise_terminated(signum, frame):
     raise Terminated(signal.Signals(signum).name)

@@ -1,0 +1,359 @@
+"""Backing up one VM: snapshot, export, metadata, manifest, success, retention; and the dated files.
+
+Owns: Context, VmLog, tool_snapshot (the snapshot's lifetime), export_vm_mode/
+export_vdi_mode, export_with_retries, backup_vm/backup_vm_safely (a failure
+becomes a VmResult), backup_pool_db/backup_hosts, run_note.
+Imports: everything below it (errors .. report).
+"""
+
+import contextlib
+import datetime
+import json
+import logging
+import os
+import signal
+import socket
+import sys
+import time
+import typing
+
+from vmbackup import __version__
+from vmbackup.config import Config
+from vmbackup.errors import (
+    BackupDirError, CallFailed, ExportFailed, VmBackupError, XapiCallFailed, log)
+from vmbackup.formats.xva import xva_is_complete
+from vmbackup.metadata import file_entry, pool_info, save_vm_metadata, write_cfg_files
+from vmbackup.report import VmResult
+from vmbackup.retention import prune_dated_files, prune_vm_backups
+from vmbackup.selection import PoolView
+from vmbackup.store import MANIFEST, SUCCESS_MARKER, check_space, inside, safe_dirname, stamp
+from vmbackup.transport.base import Obj, Transport
+from vmbackup.util import fsync_dir, human_size, one_line, partial_file, printable, write_text
+
+
+class VmLog(logging.LoggerAdapter):
+    """Log lines prefixed with the VM's name; remembers its warnings."""
+
+    def __init__(self, name):
+        logging.LoggerAdapter.__init__(self, log, {})
+        self.prefix = "vm=%s: " % printable(name)
+        self.warnings = []
+
+    def process(self, msg, kwargs):
+        kwargs.setdefault("extra", {})["vm"] = self.prefix
+        return self.prefix + msg, kwargs
+
+    def warning(self, msg, *args, **kwargs):
+        self.warnings.append(msg % args if args else msg)
+        logging.LoggerAdapter.warning(self, msg, *args, **kwargs)
+
+
+class Context(typing.NamedTuple):
+    """What every step of a run needs."""
+    config: Config
+    transport: Transport
+    view: PoolView
+    run_note: str               # host pid time, recorded in snapshot tags
+
+
+def snapshot_label(vm_name, moment):
+    """Return the name given to the tool's snapshots: vmbackup_<vm>_<stamp>."""
+    return "vmbackup_%s_%s" % (printable(vm_name), stamp(moment))
+
+
+@contextlib.contextmanager
+def signals_deferred(signals=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
+    """Hold `signals` during the block; they are delivered (and raise) when it ends."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not Linux / not main thread
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class tool_snapshot:
+    """`with tool_snapshot(ctx, "VM"|"VDI", source, take, vlog) as snap:` the snapshot of
+    `source` that `take()` makes, tagged as this tool's, destroyed (and checked gone) on
+    every way out: errors and signals; and, should the run be killed, recognisable by the
+    next run (see is_leftover)."""
+
+    def __init__(self, ctx, cls, source, take, vlog):
+        self.ctx, self.cls, self.source, self.take, self.vlog = ctx, cls, source, take, vlog
+        self.snap = None
+
+    def __enter__(self):
+        began, t, note = time.monotonic(), self.ctx.transport, self.ctx.run_note
+        try:
+            # A signal between "snapshot made" and "snapshot tagged" would leave a snapshot
+            # no run may recognise as its own: hold signals until it is tagged. (SIGKILL
+            # cannot be held: the pending mark, copied into the snapshot, covers it.)
+            with signals_deferred():
+                t.mark_pending(self.cls, self.source, note)
+                try:
+                    self.snap = self.take()
+                    t.tag(self.cls, self.snap, note)
+                    if self.cls == "VM":   # so its disks are found even if only they remain
+                        for _, vdi, _ in t.snapshot_disks(self.snap):
+                            t.tag("VDI", vdi, note)
+                    t.unmark_pending(self.cls, self.snap)
+                finally:
+                    t.unmark_pending(self.cls, self.source)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        self.vlog.info("%s snapshot %s taken in %.1fs", self.cls, self.snap.uuid,
+                       time.monotonic() - began)
+        return self.snap
+
+    def __exit__(self, *exc):
+        if self.snap is None:
+            return False
+        t = self.ctx.transport
+        try:
+            with signals_deferred():   # a destroy cut in half leaves orphan disks
+                (t.destroy_snapshot if self.cls == "VM" else t.destroy_vdi)(self.snap)
+                t.check_gone(self.cls, self.snap)
+            self.vlog.info("%s snapshot %s destroyed", self.cls, self.snap.uuid)
+        except VmBackupError as err:
+            self.vlog.error("could not destroy %s snapshot %s: %s (the next run retries)",
+                            self.cls, self.snap.uuid, err)
+            if exc[0] is None:
+                raise
+        return False
+
+
+def vm_snapshot(ctx, vm, vlog, moment):
+    """Return the context manager of a VM snapshot named vmbackup_<vm>_<stamp>."""
+    quiesce = ctx.config.quiesce or wants_quiesce(ctx.view.vms[vm.ref])
+    source = Obj(vm.ref, vm.uuid)
+    return tool_snapshot(ctx, "VM", source, lambda: ctx.transport.snapshot_vm(
+        source, snapshot_label(vm.name, moment), quiesce), vlog)
+
+
+def vdi_snapshot(ctx, disk, label, vlog):
+    """Return the context manager of a snapshot of one disk."""
+    source = Obj(disk.vdi_ref, disk.vdi["uuid"])
+    return tool_snapshot(ctx, "VDI", source, lambda: ctx.transport.snapshot_vdi(source, label), vlog)
+
+
+def wants_quiesce(vm_record):
+    """Return True if the VM asks for quiesced snapshots (other_config or tag vmbackup:quiesce)."""
+    flag = (vm_record.get("other_config") or {}).get("vmbackup:quiesce", "")
+    return flag.lower() in ("1", "true", "yes") or "vmbackup:quiesce" in (vm_record.get("tags") or ())
+
+
+def new_backup_folder(vm_dir):
+    """Create and return a new backup-YYYY-MM-DD-HHMMSS folder (waiting a second on a clash)."""
+    for _ in range(3):
+        moment = datetime.datetime.now().replace(microsecond=0)
+        path = os.path.join(vm_dir, "backup-" + stamp(moment))
+        try:
+            os.mkdir(path, 0o777)
+            return path, moment
+        except FileExistsError:
+            time.sleep(1.05 - datetime.datetime.now().microsecond / 1e6)
+    raise BackupDirError("cannot create a new backup folder in %s" % vm_dir)
+
+
+def export_vm_mode(ctx, plan, folder, moment, vlog):
+    """vm-export: snapshot, leave out [NOBAK] disks, export the .xva; return file entries."""
+    compress = ctx.config.compress
+    dest = os.path.join(folder, safe_dirname(plan.vm.name) + {None: ".xva", "gzip": ".xva.gz",
+                                                              "zstd": ".xva.zst"}[compress])
+    with vm_snapshot(ctx, plan.vm, vlog, moment) as snap:
+        if plan.skipped:
+            skip = {d.userdevice for d in plan.skipped}
+            for vbd, vdi, userdevice in ctx.transport.snapshot_disks(snap):
+                if userdevice in skip:
+                    ctx.transport.drop_disk(vbd, vdi)
+            vlog.info("left out of the export ([NOBAK]): %s",
+                      ", ".join(d.device for d in plan.skipped))
+        ctx.transport.prepare_snapshot(snap)
+        began = time.monotonic()
+        with partial_file(dest) as tmp:
+            nbytes, digest = ctx.transport.export_vm(snap, tmp, compress)
+            if nbytes <= 0 or (compress is None and not xva_is_complete(tmp)):
+                raise ExportFailed("export of %s is incomplete (%d bytes)" % (snap.uuid, nbytes))
+        vlog.info("exported %s (%s) in %.1fs", os.path.basename(dest), human_size(nbytes),
+                  time.monotonic() - began)
+    return [file_entry(folder, os.path.basename(dest), digest)]
+
+
+def disk_file_name(vm_name, disk, fmt):
+    """Return the file a vdi-export writes for `disk`: <vm>.raw for the root disk, else <vm>-<dev>.raw."""
+    suffix = "" if disk.userdevice == "0" else "-" + safe_dirname(disk.device)
+    return "%s%s.%s" % (safe_dirname(vm_name), suffix, fmt)
+
+
+def export_vdi_mode(ctx, plan, folder, moment, vlog):
+    """vdi-export: per selected disk, snapshot and export it raw or vhd; return file entries."""
+    fmt = ctx.config.vdi_export_format
+    entries = []
+    for disk in plan.disks:
+        dest = os.path.join(folder, disk_file_name(plan.vm.name, disk, fmt))
+        label = "vmbackup_%s_%s_%s" % (printable(plan.vm.name), disk.device, stamp(moment))
+        began = time.monotonic()
+        with vdi_snapshot(ctx, disk, label, vlog) as snap:
+            with partial_file(dest) as tmp:
+                nbytes, digest = ctx.transport.export_vdi(snap, tmp, fmt)
+                want = int(disk.vdi.get("virtual_size", 0))
+                if fmt == "raw" and nbytes != want:
+                    raise ExportFailed("export of disk %s is %d bytes, the disk is %d"
+                                       % (disk.device, nbytes, want))
+                if nbytes <= 0:
+                    raise ExportFailed("export of disk %s is empty" % disk.device)
+        vlog.info("exported disk %s to %s (%s) in %.1fs", disk.device, os.path.basename(dest),
+                  human_size(nbytes), time.monotonic() - began)
+        entries.append(file_entry(folder, os.path.basename(dest), digest))
+    if plan.skipped:
+        vlog.info("left out ([NOBAK]): %s", ", ".join(d.device for d in plan.skipped))
+    return entries
+
+
+EXPORTERS = {"vm-export": export_vm_mode, "vdi-export": export_vdi_mode,
+             "meta-export": lambda ctx, plan, folder, moment, vlog: []}
+
+
+def export_with_retries(ctx, plan, folder, moment, vlog):
+    """Save the VM's metadata and run its exporter; return the manifest's file entries.
+
+    On failure, start again (metadata, then a new snapshot) up to `retries` times.
+    """
+    vm = plan.vm
+    attempts = ctx.config.retries + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            files = [file_entry(folder, rel) for rel in
+                     [save_vm_metadata(ctx.transport, Obj(vm.ref, vm.uuid), folder)]
+                     + write_cfg_files(folder, ctx.view, vm.ref)]
+            return files, EXPORTERS[vm.mode](ctx, plan, folder, moment, vlog)
+        except (ExportFailed, CallFailed, XapiCallFailed) as exc:
+            if attempt == attempts:
+                raise
+            vlog.warning("export attempt %d of %d failed (%s); retrying with a new snapshot",
+                         attempt, attempts, exc)
+            moment = datetime.datetime.now().replace(microsecond=0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def estimate_size(plan):
+    """Return the bytes a VM's export may take: its exported VDIs' physical utilisation."""
+    return sum(int(d.vdi.get("physical_utilisation") or d.vdi.get("virtual_size") or 0)
+               for d in plan.disks)
+
+
+def backup_vm(ctx, plan, vlog):
+    """Back up one VM into a new dated folder; return its VmResult; raise VmBackupError."""
+    config, vm = ctx.config, plan.vm
+    if plan.problems:
+        raise ExportFailed("; ".join(plan.problems))
+    began = time.monotonic()
+    vm_dir = inside(config.backup_dir, safe_dirname(vm.name))
+    os.makedirs(vm_dir, exist_ok=True)
+    check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
+    if config.pre_clean and vm.mode != "meta-export":
+        prune_vm_backups(vm_dir, vm.max_backups - 1, drop_incomplete=False, vlog=vlog)
+    folder, moment = new_backup_folder(vm_dir)
+    vlog.info("%s to %s", vm.mode, folder)
+    started = datetime.datetime.now()
+    files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
+    record = ctx.view.vms[vm.ref]
+    manifest = {
+        "tool": "vmbackup", "version": __version__, "format": 1,
+        "vm": {"name": vm.name, "uuid": vm.uuid, "power_state": record.get("power_state")},
+        "mode": vm.mode, "transport": ctx.transport.name,
+        "started": started.isoformat(), "finished": datetime.datetime.now().isoformat(),
+        "compress": config.compress if vm.mode == "vm-export" else None,
+        "vdi_format": config.vdi_export_format if vm.mode == "vdi-export" else None,
+        "disks": [{"device": d.device, "userdevice": d.userdevice, "vdi_uuid": d.vdi["uuid"],
+                   "name_label": d.vdi.get("name_label", ""),
+                   "virtual_size": int(d.vdi.get("virtual_size", 0)),
+                   "file": (disk_file_name(vm.name, d, config.vdi_export_format)
+                            if vm.mode == "vdi-export" else None)} for d in plan.disks],
+        "skipped_disks": [d.device for d in plan.skipped],
+        "files": files + exported,
+        "pool": pool_info(ctx.view),
+    }
+    write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    write_text(os.path.join(folder, SUCCESS_MARKER), "")
+    fsync_dir(folder)
+    prune_vm_backups(vm_dir, vm.max_backups, vlog=vlog)
+    total = sum(f["size"] for f in exported)
+    return VmResult(vm.name, vm.uuid, vm.mode, "warning" if vlog.warnings else "success", folder,
+                    total, time.monotonic() - began, "; ".join(vlog.warnings))
+
+
+def backup_vm_safely(ctx, plan, status_log):
+    """Run backup_vm, turning any failure into an error VmResult: one VM never stops the others."""
+    vm = plan.vm
+    vlog = VmLog(vm.name)
+    status_log.line(vm.mode, "begin", printable(vm.name))
+    began = time.monotonic()
+    try:
+        result = backup_vm(ctx, plan, vlog)
+    except (VmBackupError, OSError) as exc:
+        message = str(exc) if isinstance(exc, VmBackupError) else "%s: %s" % (
+            getattr(exc, "filename", "") or "backup_dir", exc.strerror or exc)
+        vlog.error("FAILED: %s", message)
+        result = VmResult(vm.name, vm.uuid, vm.mode, "error", None, 0,
+                          time.monotonic() - began, message)
+    except Exception as exc:  # noqa: BLE001 - a bug met by one VM must not stop the others
+        message = "internal error: %s: %s" % (type(exc).__name__, one_line(exc))
+        vlog.error("FAILED: %s (run with -v for the traceback)", message)
+        vlog.debug("traceback", exc_info=True)
+        result = VmResult(vm.name, vm.uuid, vm.mode, "error", None, 0,
+                          time.monotonic() - began, message)
+    if result.status == "error":
+        status_log.line(vm.mode, "end", "%s-FAIL %s" % (vm.mode.upper(), printable(vm.name)))
+    else:
+        status_log.line(vm.mode, "end", "SUCCESS %s,elapse:%d size:%.1fG" % (
+            printable(vm.name), round(result.seconds / 60.0), result.bytes / 2.0 ** 30))
+    return result
+
+
+def backup_dated_file(ctx, folder_name, file_name, what, fetch):
+    """Write one pool_db_/host_ backup file via `fetch(tmp)`, prune its folder; return VmResult."""
+    began = time.monotonic()
+    try:
+        folder = inside(ctx.config.backup_dir, safe_dirname(folder_name))
+        os.makedirs(folder, exist_ok=True)
+        dest = os.path.join(folder, file_name)
+        with partial_file(dest) as tmp:
+            nbytes, _ = fetch(tmp)
+            if not nbytes:
+                raise ExportFailed("%s is empty: XAPI sent nothing" % what)
+        prune_dated_files(folder, ctx.config.max_backups)
+        log.info("%s: %s (%s)", what, dest, human_size(nbytes))
+        return VmResult(what, "", "pool", "success", dest, nbytes, time.monotonic() - began)
+    except (VmBackupError, OSError) as exc:
+        log.error("%s FAILED: %s", what, exc, extra={"vm": what})
+        return VmResult(what, "", "pool", "error", None, 0, time.monotonic() - began, str(exc))
+
+
+def backup_pool_db(ctx, moment):
+    """Dump the pool database to METADATA_<master>/pool_db_<stamp>.dump."""
+    master = ctx.view.master.get("hostname") or ctx.view.master.get("name_label", "master")
+    return backup_dated_file(ctx, "METADATA_" + master,
+                             "pool_db_%s.dump" % moment.strftime("%Y%m%d-%H%M%S"),
+                             "pool database", ctx.transport.dump_pool_db)
+
+
+def backup_hosts(ctx, moment):
+    """Back up every host's dom0 to HOST_<hostname>/host_<stamp>.xbk (one request per host)."""
+    results = []
+    for ref, host in sorted(ctx.view.hosts.items(), key=lambda item: item[1].get("name_label", "")):
+        name = host.get("hostname") or host.get("name_label", ref)
+        results.append(backup_dated_file(
+            ctx, "HOST_" + name, "host_%s.xbk" % moment.strftime("%Y%m%d-%H%M%S"),
+            "host backup of %s" % name, lambda tmp, h=host: ctx.transport.backup_host(h, tmp)))
+    return results
+
+
+def run_note():
+    """Return what the tool's tags record about this run: 'host pid UTC-time'."""
+    return "%s %d %s" % (socket.gethostname(), os.getpid(),
+                         datetime.datetime.utcnow().replace(microsecond=0).isoformat())

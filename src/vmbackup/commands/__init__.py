@@ -1,0 +1,1 @@
+"""The subcommands, each with its own parser: backup, list, verify, diff, restore."""

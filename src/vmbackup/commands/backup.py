@@ -1,0 +1,251 @@
+"""`vmbackup.py [backup]`: the modern and NAUbackup command lines of a backup run.
+
+Owns: build_parser/parse_modern, parse_legacy, Invocation, load_settings, cmd_backup.
+Imports: errors, util, config, xapi, run, commands.options.
+"""
+
+import argparse
+import json
+import os
+import re
+import typing
+
+from vmbackup import __version__
+from vmbackup.commands.options import CLI_SETTINGS, EXIT_STATUS_TEXT
+from vmbackup.config import (
+    LEGACY_WORD_KEYS, Selector, build_config, normalise_key, parse_selector,
+    read_config_file, read_password_file)
+from vmbackup.errors import PROG, UsageError, log
+from vmbackup.run import preview, run_backup
+from vmbackup.util import parse_bool
+from vmbackup.xapi import parse_endpoint
+
+
+EXAMPLES = """\
+examples:
+  vmbackup.py -c /etc/vmbackup/weekly.cfg            back up what weekly.cfg selects
+  vmbackup.py -c weekly.cfg --preview                show what it would do, change nothing
+  vmbackup.py -e 'PRD-.*' -x PRD-PRINT -d /backups   all VMs starting PRD-, except PRD-PRINT
+  vmbackup.py -E 'DEV-web3:7:xvda;xvdb' -d /backups  disks xvda and xvdb of DEV-web3, keep 7
+  vmbackup.py -s https://pool-master --password-file /root/.xapi.pw --tls-fingerprint SHA256 -e web01
+
+other commands (each with --help):
+  vmbackup.py list | verify | restore | diff ...
+
+NAUbackup VmBackup.py command lines work unchanged:
+  vmbackup.py /root/VmBackup.pass weekend.cfg preview
+  vmbackup.py password "DEV mySql"        vmbackup.py password vdi-export=DEV-mySql
+"""
+
+
+LEGACY_USAGE = """\
+usage (NAUbackup compatible):
+  %(prog)s <password|password-file> <config-file|vm-selector> [preview] [compress=True|False]
+           [ignore_extra_keys=True|False] [pre_clean=True|False]
+  %(prog)s <password> create-password-file=FILE
+  %(prog)s help|config|example
+
+  vm-selector: NAME, REGEX, vm-export=SEL or vdi-export=SEL
+  A first argument naming an existing file is a password file (base64, as NAUbackup writes it).
+  Modern options: %(prog)s --help
+""" % {"prog": PROG}
+
+
+LEGACY_EXAMPLES = """\
+  %(prog)s password weekend.cfg             back up what weekend.cfg selects
+  %(prog)s password DEV-mySql               one VM by name, built-in defaults
+  %(prog)s password vdi-export=DEV-mySql    its root disk only
+  %(prog)s password "DEV mySql"             a name with a space
+  %(prog)s password "DEV-my.*"              every VM whose name starts DEV-my
+  %(prog)s password ".*"                    every VM
+  %(prog)s /root/VmBackup.pass monthly.cfg  password from a file
+  %(prog)s password weekend.cfg preview     show what would be done
+""" % {"prog": PROG}
+
+
+class Invocation(typing.NamedTuple):
+    """What the command line asks for, before any file is read."""
+    action: str                     # backup, help, config, example, create-password-file
+    config_file: typing.Optional[str] = None
+    cli_values: typing.Dict[str, typing.Any] = {}
+    cli_selectors: typing.Tuple[Selector, ...] = ()
+    preview: bool = False
+    password: typing.Optional[str] = None
+    ignore_extra_keys: bool = False
+    json: typing.Optional[str] = None
+    verbosity: int = 0
+    legacy: bool = False
+    target: typing.Optional[str] = None   # create-password-file=FILE
+
+
+def build_parser():
+    """Return the modern argparse parser (backup is the default command)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Back up the VMs of a XenServer / XCP-ng pool: snapshot, export, metadata, "
+                    "retention, pool database and host backups.",
+        epilog=EXAMPLES + "\n" + EXIT_STATUS_TEXT)
+    opt = parser.add_argument
+    opt("-c", "--config", metavar="FILE", help="NAUbackup-style key=value config file")
+    opt("-e", "--vm-export", action="append", default=[], metavar="SEL",
+        help="NAME_OR_REGEX[:MAX] to back up as .xva (repeatable)")
+    opt("-E", "--vdi-export", action="append", default=[], metavar="SEL",
+        help="NAME_OR_REGEX[:MAX[:DEV;DEV]] to back up disk by disk (repeatable)")
+    opt("-m", "--meta-export", action="append", default=[], metavar="SEL",
+        help="NAME_OR_REGEX[:MAX] to back up metadata only (repeatable)")
+    opt("-x", "--exclude", action="append", default=[], metavar="SEL",
+        help="NAME_OR_REGEX never to back up (repeatable; wins over every selector)")
+    opt("-d", "--backup-dir", metavar="DIR")
+    opt("--max-backups", type=int, metavar="N", help="successful backups kept per VM")
+    opt("--compress", choices=("none", "gzip", "zstd"), help="vm-export compression")
+    opt("--vdi-format", choices=("raw", "vhd"), help="vdi-export disk format")
+    opt("--pool-db-backup", action="store_const", const=True, help="back up the pool database")
+    opt("--host-backup", action="store_const", const=True, help="back up every host's dom0")
+    opt("--pre-clean", action="store_const", const=True,
+        help="delete old backups down to max_backups-1 before exporting")
+    opt("--metadata-only", action="store_const", const=True,
+        help="save metadata only: no snapshot, no disk export")
+    opt("--quiesce", action="store_const", const=True, help="quiesced snapshots where supported")
+    opt("--preview", "--dry-run", action="store_true",
+        help="show the settings and the selection; change nothing")
+    opt("-s", "--server", metavar="URL",
+        help="https://host, http://host or unix:/path (default: this host's local xapi)")
+    opt("-u", "--username", metavar="USER", help="XAPI user (default root)")
+    opt("--password-file", metavar="FILE",
+        help="file with the XAPI password (or set VMBACKUP_PASSWORD); never on the command line")
+    opt("--transport", choices=("auto", "xe", "api"),
+        help="xe: shell out to xe on the pool host; api: XenAPI + HTTP (default: auto)")
+    opt("--xe", metavar="PATH", dest="xe_path", help="the xe binary (default /opt/xensource/bin/xe)")
+    opt("--tls-ca-file", metavar="FILE", help="CA bundle for the pool's certificate")
+    opt("--tls-fingerprint", metavar="SHA256", help="pin the pool's certificate by fingerprint")
+    opt("--insecure", action="store_const", const=True, dest="tls_insecure",
+        help="do not verify the pool's certificate (warns; prefer --tls-fingerprint)")
+    opt("--space-threshold", metavar="PERCENT", help="minimum %% free in backup_dir")
+    opt("--retries", metavar="N", help="retries of a failed export (new snapshot each time)")
+    opt("--stall-timeout", metavar="SECONDS", help="abort an export that makes no progress")
+    opt("--umask", metavar="OCTAL", help="umask for backup files (default 077)")
+    opt("--status-log", metavar="FILE", help="append NAUbackup-style status lines to FILE")
+    opt("--ignore-extra-keys", action="store_true", help="skip unknown config keys")
+    opt("--json", metavar="FILE", help="write the run summary (or preview) as JSON ('-': stdout)")
+    opt("-q", "--quiet", action="count", default=0, help="less output")
+    opt("-v", "--verbose", action="count", default=0, help="more output (-vv: debug)")
+    opt("--version", action="version", version="%(prog)s " + __version__)
+    return parser
+
+
+def parse_modern(argv):
+    """Return the Invocation of a modern command line; raise UsageError on bad values."""
+    args = build_parser().parse_args(argv)
+    values = {}
+    for option, (key, parse) in CLI_SETTINGS.items():
+        raw = getattr(args, option)
+        if raw is None:
+            continue
+        try:
+            values[key] = parse(raw)
+        except ValueError as exc:
+            raise UsageError("--%s %s: %s" % (option.replace("_", "-"), raw, exc))
+    selectors = []
+    for option, mode in (("vdi_export", "vdi-export"), ("vm_export", "vm-export"),
+                         ("meta_export", "meta-export"), ("exclude", "exclude")):
+        for text in getattr(args, option):
+            try:
+                selectors.append(parse_selector(text, mode, "--%s" % mode))
+            except ValueError as exc:
+                raise UsageError("--%s %s: %s" % (mode, text, exc))
+    return Invocation("backup", config_file=args.config, cli_values=values,
+                      cli_selectors=tuple(selectors), preview=args.preview,
+                      ignore_extra_keys=args.ignore_extra_keys, json=args.json,
+                      verbosity=args.verbose - args.quiet)
+
+
+#: A legacy selector word: 'vm-export=SEL' or 'vdi-export=SEL'; other 'key=' words are errors.
+LEGACY_KEY_RE = re.compile(r"^([A-Za-z_][A-Za-z0-9_-]*)=(.*)$", re.S)
+
+
+def parse_legacy(argv):
+    """Return the Invocation of a NAUbackup VmBackup.py command line; raise UsageError.
+
+    ['pw', 'weekend.cfg', 'preview'] -> backup with config weekend.cfg, preview.
+    """
+    words = [w.lower() for w in argv]
+    for action in ("help", "config", "example"):
+        if action in words:
+            return Invocation(action, legacy=True)
+    if len(argv) < 2:
+        raise UsageError("expected <password|password-file> <config-file|vm-selector>\n" + LEGACY_USAGE)
+    secret, target, rest = argv[0], argv[1], argv[2:]
+    password = (read_password_file(secret, legacy=True) if os.path.isfile(secret) else secret)
+    if target.lower().startswith("create-password-file="):
+        return Invocation("create-password-file", password=password, legacy=True,
+                          target=target.split("=", 1)[1])
+    values, preview, ignore_extra = {}, False, False
+    for word in rest:
+        match = LEGACY_KEY_RE.match(word)
+        if word.lower() == "preview":
+            preview = True
+        elif match and match.group(1).lower() in LEGACY_WORD_KEYS:
+            key, value = match.group(1).lower(), match.group(2)
+            try:
+                flag = parse_bool(value)
+            except ValueError:
+                raise UsageError("%s: expected True or False\n%s" % (word, LEGACY_USAGE))
+            if key == "compress":
+                values["compress"] = "gzip" if flag else None
+            elif key == "pre_clean":
+                values["pre_clean"] = flag
+            else:
+                ignore_extra = flag
+        else:
+            raise UsageError("unexpected argument %r\n%s" % (word, LEGACY_USAGE))
+    if os.path.isfile(target):
+        return Invocation("backup", config_file=target, cli_values=values, preview=preview,
+                          password=password, ignore_extra_keys=ignore_extra, legacy=True)
+    match = LEGACY_KEY_RE.match(target)
+    mode = "vm-export"
+    if match and normalise_key(match.group(1)) in ("vm-export", "vdi-export"):
+        mode, target = normalise_key(match.group(1)), match.group(2)
+    elif match:
+        raise UsageError("%r is neither a config file nor a vm-selector (NAME, REGEX, "
+                         "vm-export=SEL or vdi-export=SEL)" % argv[1])
+    try:
+        selector = parse_selector(target, mode)
+    except ValueError as exc:
+        raise UsageError("%s: %s" % (argv[1], exc))
+    return Invocation("backup", cli_values=values, cli_selectors=(selector,), preview=preview,
+                      password=password, ignore_extra_keys=ignore_extra, legacy=True)
+
+
+def load_settings(inv):
+    """Return (Config, password) for a backup Invocation: defaults < file < command line."""
+    parsed = None
+    if inv.config_file:
+        parsed = read_config_file(inv.config_file, inv.ignore_extra_keys)
+    values = dict(inv.cli_values)
+    env_server = os.environ.get("VMBACKUP_SERVER")
+    if env_server and "server" not in values and not (parsed and "server" in parsed.values):
+        values["server"] = env_server
+    config = build_config(parsed, values, inv.cli_selectors, inv.config_file)
+    if not inv.legacy and not any(s.mode != "exclude" for s in config.selectors) \
+            and not config.pool_db_backup and not config.host_backup:
+        raise UsageError("nothing to back up: give -c FILE, -e/-E/-m SELECTOR, "
+                         "--pool-db-backup or --host-backup (see --help)")
+    password = inv.password
+    if config.password_file:
+        password = read_password_file(config.password_file)
+    elif password is None:
+        password = os.environ.get("VMBACKUP_PASSWORD")
+    return config, password
+
+
+def cmd_backup(inv):
+    """Run (or preview) a backup; return the exit code."""
+    config, password = load_settings(inv)
+    endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
+                              config.tls_insecure)
+    if config.tls_insecure and not endpoint.is_local and not config.tls_fingerprint:
+        log.warning("TLS certificate verification is off (tls_insecure): anyone on the path "
+                    "can read the backups; prefer tls_fingerprint")
+    if inv.preview:
+        return preview(config, endpoint, password, inv.json)
+    return run_backup(config, endpoint, password, inv)

@@ -1,0 +1,143 @@
+"""`vmbackup.py list`: what backups exist, newest first.
+
+Imports: errors, util, config, store, report, check.
+"""
+
+import argparse
+import collections
+import os
+import re
+import sys
+
+from vmbackup.check import verify_backup
+from vmbackup.config import DEFAULT_BACKUP_DIR, PLAIN_NAME_RE, Selector, read_config_file
+from vmbackup.errors import BackupDirError, EXIT_OK, PROG, UsageError
+from vmbackup.report import write_json
+from vmbackup.store import backup_folders, dated_files, folder_size, parse_dated_file
+from vmbackup.util import human_size, printable
+
+
+def backup_summary(folder):
+    """Return what `list` shows of one backup folder: date, mode, files, size, complete, check.
+
+    Files and size are the manifest's files; without a manifest, everything in the folder.
+    """
+    result = verify_backup(folder, quick=True)
+    if result["mode"] and not result["legacy"]:
+        count, total = len(result["files"]), sum(f["size"] for f in result["files"])
+    else:
+        count, total = folder_size(folder)
+    if result["legacy"]:
+        check = "not verified (legacy NAUbackup)"
+    elif result["problems"]:
+        check = "BAD: " + "; ".join("%s: %s" % (p["file"], p["message"])
+                                    for p in result["problems"][:3])
+    elif result["mode"] is None:
+        check = "not verified"
+    else:
+        check = "sizes ok"
+    return collections.OrderedDict([
+        ("name", result["name"]), ("path", folder), ("date", result["date"]),
+        ("mode", result["mode"]), ("files", count), ("size", total),
+        ("complete", result["complete"]), ("legacy", result["legacy"]), ("check", check),
+        ("vm_name", result["vm"] if result["mode"] and not result["legacy"] else None)])
+
+
+def scan_backup_dir(root, pattern=None):
+    """Return what backup_dir holds: {"vms": [...], "pool_db": [...], "hosts": [...]}, newest first.
+
+    `pattern` selects VMs like a vm-export selector (a plain name exactly, else a
+    regex matched at the start), against the VM's name or its folder's name.
+    """
+    selector = Selector("vm-export", pattern) if pattern else None
+    data = collections.OrderedDict([("backup_dir", root), ("vms", []), ("pool_db", []),
+                                    ("hosts", [])])
+    for name in sorted(os.listdir(root)):
+        sub = os.path.join(root, name)
+        if not os.path.isdir(sub) or os.path.islink(sub):
+            continue
+        backups = [backup_summary(p) for p in reversed(backup_folders(sub))]
+        if backups:
+            vm_name = next((b["vm_name"] for b in backups if b["vm_name"]), name)
+            if selector and not (selector.matches(vm_name) or selector.matches(name)):
+                continue
+            data["vms"].append(collections.OrderedDict([
+                ("name", vm_name), ("folder", name), ("backups", backups)]))
+            continue
+        for path in reversed(dated_files(sub)):
+            entry = collections.OrderedDict([
+                ("folder", name), ("file", os.path.basename(path)),
+                ("date", parse_dated_file(os.path.basename(path)).isoformat()),
+                ("size", os.path.getsize(path))])
+            data["pool_db" if entry["file"].startswith("pool_db_") else "hosts"].append(entry)
+    if selector:
+        data["pool_db"], data["hosts"] = [], []
+    return data
+
+
+def format_list(data):
+    """Return the human table of scan_backup_dir's data."""
+    out = ["backup_dir %s" % data["backup_dir"]]
+    row = "  %-19s  %-11s %5s  %8s  %-10s  %s"
+    for vm in data["vms"]:
+        shown = printable(vm["name"])
+        if vm["folder"] != vm["name"]:
+            shown += "  (folder %s)" % printable(vm["folder"])
+        out += ["", "%s: %d backup%s" % (shown, len(vm["backups"]),
+                                         "" if len(vm["backups"]) == 1 else "s"),
+                row % ("DATE", "MODE", "FILES", "SIZE", "STATE", "CHECK")]
+        for b in vm["backups"]:
+            out.append(row % ((b["date"] or "?").replace("T", " "), b["mode"] or "?", b["files"],
+                              human_size(b["size"]),
+                              "complete" if b["complete"] else "INCOMPLETE", b["check"]))
+    for key, title in (("pool_db", "pool database"), ("hosts", "host backup")):
+        folders = collections.OrderedDict()
+        for entry in data[key]:
+            folders.setdefault(entry["folder"], []).append(entry)
+        for folder, entries in folders.items():
+            out += ["", "%s: %s (%d file%s)" % (title, printable(folder), len(entries),
+                                               "" if len(entries) == 1 else "s")]
+            out += ["  %-19s  %-30s %8s" % (e["date"].replace("T", " "), e["file"],
+                                            human_size(e["size"])) for e in entries]
+    if not (data["vms"] or data["pool_db"] or data["hosts"]):
+        out.append("no backups")
+    return "\n".join(out) + "\n"
+
+
+def list_backup_dir(args):
+    """Return the backup_dir `list` reads: -d, -c's backup_dir, $VMBACKUP_BACKUP_DIR, or the default."""
+    if args.backup_dir:
+        return args.backup_dir
+    if args.config:
+        parsed = read_config_file(args.config, ignore_extra_keys=True)
+        if parsed.values.get("backup_dir"):
+            return parsed.values["backup_dir"]
+    return os.environ.get("VMBACKUP_BACKUP_DIR") or DEFAULT_BACKUP_DIR
+
+
+def cmd_list(argv):
+    """Run `vmbackup.py list [VM-REGEX] [-d BACKUP_DIR] [-c CONFIG] [--json FILE|-]`; return the exit code."""
+    parser = argparse.ArgumentParser(
+        prog=PROG + " list", description="Show the backups in backup_dir: per VM, newest first "
+        "(date, mode, files, size, complete or not, sizes checked against the manifest); "
+        "pool database and host backups too.")
+    opt = parser.add_argument
+    opt("pattern", nargs="?", metavar="VM-REGEX", help="only VMs this name or regex selects")
+    opt("-d", "--backup-dir", metavar="DIR")
+    opt("-c", "--config", metavar="FILE", help="take backup_dir from this config file")
+    opt("--json", metavar="FILE", help="write the listing as JSON ('-': stdout)")
+    args = parser.parse_args(argv)
+    if args.pattern and not PLAIN_NAME_RE.match(args.pattern):
+        try:
+            re.compile(args.pattern)
+        except re.error as exc:
+            raise UsageError("invalid regex %r: %s" % (args.pattern, exc))
+    root = list_backup_dir(args)
+    if not os.path.isdir(root):
+        raise BackupDirError("backup_dir %s does not exist" % root)
+    data = scan_backup_dir(root, args.pattern)
+    if args.json:
+        write_json(args.json, data)
+    if args.json != "-":
+        sys.stdout.write(format_list(data))
+    return EXIT_OK

@@ -1,0 +1,273 @@
+"""`vmbackup.py restore`: import a backup as a new VM (or in place with --preserve).
+
+Imports: everything below commands, and commands.options.
+"""
+
+import argparse
+import datetime
+import os
+import re
+import sys
+import time
+import typing
+
+from vmbackup.check import display_path, verify_backup
+from vmbackup.commands.options import CLI_SETTINGS, EXIT_STATUS_TEXT
+from vmbackup.config import build_config, read_password_file
+from vmbackup.errors import EXIT_OK, PROG, RestoreError, UsageError, VmBackupError, log
+from vmbackup.metadata import read_manifest
+from vmbackup.report import setup_logging, write_json
+from vmbackup.selection import is_candidate
+from vmbackup.store import SUCCESS_MARKERS, backup_folders, parse_backup_name
+from vmbackup.transport.base import Obj, TAG_KEY
+from vmbackup.transport.choose import make_transport
+from vmbackup.util import human_size, printable
+from vmbackup.xapi import login, parse_endpoint
+
+
+def newest_complete(vm_dir):
+    """Return the newest complete backup folder of a VM folder; raise RestoreError if none."""
+    for folder in reversed(backup_folders(vm_dir)):
+        if any(os.path.exists(os.path.join(folder, m)) for m in SUCCESS_MARKERS):
+            return folder
+    raise RestoreError("%s holds no complete backup" % vm_dir)
+
+
+def resolve_backup(path):
+    """Return the backup folder `path` names: a backup folder, or a VM folder (its newest)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(path):
+        raise RestoreError("%s is not a backup folder" % path)
+    if parse_backup_name(os.path.basename(path)) is not None:
+        return path
+    return newest_complete(path)
+
+
+class RestoreItem(typing.NamedTuple):
+    """One thing a restore creates: a VM from an .xva, or a disk from a .raw/.vhd."""
+    kind: str                   # vm or disk
+    file: str                   # path in the backup
+    name: str                   # name_label to give it
+    fmt: str                    # xva, raw or vhd
+    virtual_size: int = 0
+    userdevice: str = ""
+    device: str = ""
+
+
+def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
+    """Return the [RestoreItem] that restoring `folder` creates (pure; raises RestoreError)."""
+    if manifest is None:
+        manifest = legacy_manifest(folder)
+    vm_name = (manifest.get("vm") or {}).get("name") or os.path.basename(os.path.dirname(folder))
+    day = (today or datetime.date.today()).isoformat()
+    name = new_name or (vm_name if preserve else "%s (restored %s)" % (vm_name, day))
+    mode = manifest.get("mode")
+    if mode == "vm-export":
+        xvas = [f["name"] for f in manifest["files"] if re.search(r"\.xva(\.gz|\.zst)?$", f["name"])]
+        if len(xvas) != 1:
+            raise RestoreError("%s: expected one .xva file, found %d" % (folder, len(xvas)))
+        return [RestoreItem("vm", os.path.join(folder, xvas[0]), name, "xva")]
+    if mode == "vdi-export":
+        items = []
+        for disk in manifest.get("disks", ()):
+            fmt = os.path.splitext(disk["file"])[1].lstrip(".")
+            items.append(RestoreItem("disk", os.path.join(folder, disk["file"]),
+                                     "%s %s" % (name, disk.get("device", "")),
+                                     fmt, int(disk["virtual_size"]), str(disk.get("userdevice", "")),
+                                     disk.get("device", "")))
+        if not items:
+            raise RestoreError("%s: the manifest lists no disks" % folder)
+        return items
+    if mode == "meta-export":
+        raise RestoreError("%s is a metadata-only backup: there is no disk to restore "
+                           "(compare it with `vmbackup.py diff`)" % folder)
+    raise RestoreError("%s: unknown backup mode %r" % (folder, mode))
+
+
+def legacy_manifest(folder):
+    """Return a manifest-like dict for a NAUbackup folder (its .xva, or .raw/.vhd + vdi.cfg)."""
+    names = os.listdir(folder)
+    xvas = [n for n in names if re.search(r"\.xva(\.gz)?$", n)]
+    if xvas:
+        return {"mode": "vm-export", "files": [{"name": n} for n in xvas], "vm": {}}
+    disks = [n for n in names if n.endswith((".raw", ".vhd"))]
+    cfg = os.path.join(folder, "DISK-xvda", "vdi.cfg")
+    if len(disks) == 1 and os.path.exists(cfg):
+        with open(cfg, encoding="utf-8", errors="replace") as handle:
+            fields = dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
+        return {"mode": "vdi-export", "vm": {},
+                "disks": [{"file": disks[0], "device": "xvda", "userdevice": "0",
+                           "virtual_size": int(fields.get("virtual_size", 0))}],
+                "files": [{"name": disks[0]}]}
+    raise RestoreError("%s: legacy NAUbackup folder with nothing this tool can restore" % folder)
+
+
+def find_sr(xapi, wanted):
+    """Return (ref, record) of the SR named or uuid'd `wanted`, or the pool's default SR."""
+    srs = xapi.call("SR.get_all_records")
+    if not wanted:
+        pool = next(iter(xapi.call("pool.get_all_records").values()))
+        ref = pool.get("default_SR")
+        if ref in srs:
+            return ref, srs[ref]
+        raise RestoreError("the pool has no default SR: name one with --sr")
+    hits = [(r, rec) for r, rec in srs.items() if wanted in (rec["uuid"], rec["name_label"])]
+    if len(hits) != 1:
+        raise RestoreError("--sr %s: %s" % (wanted, "no such SR" if not hits else
+                                            "%d SRs have that name; give its uuid" % len(hits)))
+    return hits[0]
+
+
+def find_vm(xapi, wanted):
+    """Return (ref, record) of the one real VM named or uuid'd `wanted`; raise RestoreError."""
+    hits = [(r, rec) for r, rec in xapi.call("VM.get_all_records").items()
+            if is_candidate(rec) and wanted in (rec["uuid"], rec["name_label"])]
+    if len(hits) != 1:
+        raise RestoreError("--attach-to %s: %s" % (wanted, "no such VM" if not hits else
+                                                   "%d VMs have that name; give its uuid" % len(hits)))
+    return hits[0]
+
+
+def restore_vm(transport, item, sr, preserve, start):
+    """Import an .xva as a new VM named item.name; return its (ref, uuid)."""
+    refs = transport.import_vm(item.file, sr, preserve)
+    vms = [ref for ref in refs if not transport.xapi.call("VM.get_is_a_snapshot", ref)] or refs
+    if not vms:
+        raise RestoreError("import of %s created no VM" % item.file)
+    ref = vms[0]
+    xapi = transport.xapi
+    xapi.call("VM.set_name_label", ref, item.name)
+    if TAG_KEY in xapi.call("VM.get_other_config", ref):
+        xapi.call("VM.remove_from_other_config", ref, TAG_KEY)
+    if xapi.call("VM.get_is_a_template", ref):
+        xapi.call("VM.set_is_a_template", ref, False)
+    if start:
+        xapi.call("VM.start", ref, False, False)
+    return ref, xapi.call("VM.get_uuid", ref)
+
+
+def restore_disk(transport, item, sr, attach_to=None):
+    """Create a VDI of the recorded size on `sr`, import the disk into it; return (ref, uuid)."""
+    vdi = transport.create_vdi(sr, item.name, item.virtual_size)
+    try:
+        transport.import_vdi(vdi, item.file, item.fmt)
+        if attach_to is not None:
+            transport.xapi.call("VBD.create", {
+                "VM": attach_to, "VDI": vdi.ref, "userdevice": item.userdevice or "autodetect",
+                "bootable": item.userdevice == "0", "mode": "RW", "type": "Disk",
+                "unpluggable": False, "empty": False, "other_config": {},
+                "qos_algorithm_type": "", "qos_algorithm_params": {}})
+    except BaseException:
+        try:
+            transport.destroy_vdi(vdi)
+        except VmBackupError as exc:
+            log.error("could not remove the half-restored disk %s: %s", vdi.uuid, exc)
+        raise
+    return vdi.ref, vdi.uuid
+
+
+def build_restore_parser():
+    """Return the parser of `vmbackup.py restore`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG + " restore", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Restore a backup into the pool: a vm-export backup becomes a new VM, a "
+                    "vdi-export backup becomes new disks. The backup is verified first.",
+        epilog="examples:\n"
+               "  vmbackup.py restore /backups/web01              newest backup, as 'web01 (restored DATE)'\n"
+               "  vmbackup.py restore /backups/web01/backup-2026-11-20-001001 --sr 'NFS storage' --start\n"
+               "  vmbackup.py restore /backups/web01 --preserve   same name and MACs (the original is gone)\n"
+               "  vmbackup.py restore /backups/db01 --attach-to db01-new   disks attached to a VM\n\n"
+               + EXIT_STATUS_TEXT)
+    opt = parser.add_argument
+    opt("backup", metavar="BACKUP", help="a backup folder, or a VM folder (its newest complete backup)")
+    opt("--sr", metavar="SR", help="SR name or uuid (default: the pool's default SR)")
+    opt("--name", metavar="NAME", help="name of the new VM (default: '<name> (restored DATE)')")
+    opt("--preserve", action="store_true",
+        help="keep the MAC addresses and the VM's name, for disaster recovery when the original is gone")
+    opt("--start", action="store_true", help="start the restored VM")
+    opt("--attach-to", metavar="VM", help="vdi-export: attach the restored disks to this VM")
+    opt("--preview", "--dry-run", action="store_true", help="show what would be created; change nothing")
+    opt("-s", "--server", metavar="URL")
+    opt("-u", "--username", metavar="USER")
+    opt("--password-file", metavar="FILE")
+    opt("--transport", choices=("auto", "xe", "api"))
+    opt("--xe", metavar="PATH", dest="xe_path")
+    opt("--tls-ca-file", metavar="FILE")
+    opt("--tls-fingerprint", metavar="SHA256")
+    opt("--insecure", action="store_const", const=True, dest="tls_insecure")
+    opt("--json", metavar="FILE", help="write what was restored as JSON ('-': stdout)")
+    opt("-q", "--quiet", action="count", default=0)
+    opt("-v", "--verbose", action="count", default=0)
+    return parser
+
+
+def cmd_restore(argv):
+    """`vmbackup.py restore BACKUP ...`: verify, then import; return the exit code."""
+    args = build_restore_parser().parse_args(argv)
+    setup_logging(args.verbose - args.quiet)
+    values = {}
+    for option in ("server", "username", "password_file", "transport", "xe_path", "tls_ca_file",
+                   "tls_fingerprint", "tls_insecure"):
+        raw = getattr(args, option)
+        if raw is not None:
+            key, parse = CLI_SETTINGS[option]
+            try:
+                values[key] = parse(raw)
+            except ValueError as exc:
+                raise UsageError("--%s %s: %s" % (option.replace("_", "-"), raw, exc))
+    config = build_config(None, dict(values, server=values.get("server") or os.environ.get("VMBACKUP_SERVER")))
+    password = read_password_file(config.password_file) if config.password_file \
+        else os.environ.get("VMBACKUP_PASSWORD")
+    folder = resolve_backup(args.backup)
+    check = verify_backup(folder)
+    if check["status"] in ("bad", "incomplete"):
+        for line in check["problems"] or check["notes"] or ["no success marker"]:
+            log.error("%s: %s", display_path(folder), line if isinstance(line, str) else line)
+        raise RestoreError("%s is %s: refusing to restore it (see `vmbackup.py verify`)"
+                           % (folder, check["status"]))
+    if check["status"] == "unchecked":
+        log.warning("%s could not be fully checked here (%s); restoring anyway",
+                    display_path(folder), "; ".join(str(u) for u in check["unchecked"]))
+    manifest = read_manifest(folder)
+    items = plan_restore(folder, manifest, args.name, args.preserve)
+    if args.attach_to and items[0].kind != "disk":
+        raise UsageError("--attach-to is for vdi-export backups; %s holds a whole VM" % folder)
+    endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
+                              config.tls_insecure)
+    xapi = login(endpoint, config.username, password)
+    done = []
+    try:
+        sr_ref, sr = find_sr(xapi, args.sr)
+        attach = find_vm(xapi, args.attach_to)[0] if args.attach_to else None
+        for item in items:
+            log.info("%s %s -> %s %r on SR %r", "would restore" if args.preview else "restoring",
+                     os.path.relpath(item.file, os.path.dirname(os.path.dirname(folder))),
+                     "VM" if item.kind == "vm" else "disk", item.name, sr["name_label"])
+        if args.preview:
+            sys.stdout.write("".join("%s %s -> new %s %r (%s) on SR %r\n" % (
+                "would restore", item.file, "VM" if item.kind == "vm" else "disk", item.name,
+                human_size(item.virtual_size) if item.virtual_size else item.fmt, sr["name_label"])
+                for item in items))
+            return EXIT_OK
+        transport = make_transport(config, xapi, password)
+        try:
+            for item in items:
+                began = time.monotonic()
+                if item.kind == "vm":
+                    ref, uuid = restore_vm(transport, item, Obj(sr_ref, sr["uuid"]), args.preserve,
+                                           args.start)
+                else:
+                    ref, uuid = restore_disk(transport, item, Obj(sr_ref, sr["uuid"]), attach)
+                log.info("restored %s %r (%s) in %.1fs", item.kind, item.name, uuid,
+                         time.monotonic() - began)
+                done.append({"kind": item.kind, "name": item.name, "uuid": uuid,
+                             "file": item.file, "sr": sr["uuid"]})
+        finally:
+            transport.close()
+    finally:
+        xapi.logout()
+    for entry in done:
+        sys.stdout.write("restored %s %s %s\n" % (entry["kind"], entry["uuid"], printable(entry["name"])))
+    if args.json:
+        write_json(args.json, {"restored": done, "backup": folder})
+    return EXIT_OK

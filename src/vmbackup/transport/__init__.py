@@ -1,0 +1,1 @@
+"""How vmbackup reaches a pool: one Transport interface, over XenAPI + HTTP or over xe."""

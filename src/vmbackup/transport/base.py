@@ -1,0 +1,161 @@
+"""What both transports share: objects, the tool's tags, retried destroys, the quiesce fallback.
+
+Owns: Obj, TAG_KEY/PENDING_KEY, BUSY_CODES/GONE_CODES, error_code,
+quiesce_unavailable, Transport (the interface and its shared methods).
+Imports: errors, util, xapi.
+"""
+
+import datetime
+import time
+import typing
+
+from vmbackup.errors import CallFailed, ExportFailed, log
+from vmbackup.util import printable
+from vmbackup.xapi import XapiFailure
+
+
+class Obj(typing.NamedTuple):
+    """A XAPI object by reference and uuid (the API speaks refs, xe speaks uuids)."""
+    ref: str
+    uuid: str
+
+
+#: other_config key that marks the snapshots and VDIs this tool made; its value
+#: starts with the object's own uuid, so a copy (a restored VM, a snapshot of a
+#: restored VM) never looks like ours.
+TAG_KEY = "vmbackup_snapshot"
+
+
+#: other_config key a run puts on a VM (or disk) just before snapshotting it: the snapshot
+#: copies other_config, so a snapshot made while the run is killed still says whose it is.
+PENDING_KEY = "vmbackup_pending"
+
+
+#: A pending-marked snapshot counts as the run's only if taken this soon after the mark.
+PENDING_WINDOW = datetime.timedelta(minutes=30)
+
+
+#: XAPI errors that mean "busy right now": an export still holds the object.
+BUSY_CODES = ("OTHER_OPERATION_IN_PROGRESS", "VDI_IN_USE")
+
+
+#: XAPI errors that mean the object is already gone.
+GONE_CODES = ("HANDLE_INVALID", "UUID_INVALID")
+
+
+def quiesce_unavailable(exc):
+    """Return True if a quiesced snapshot failed in a way a normal snapshot can replace.
+
+    MESSAGE_REMOVED: the pool is Citrix Hypervisor 8.1 or newer; VM_SNAPSHOT_WITH_QUIESCE_*:
+    the guest has no working VSS provider (OnyxBackupVM falls back the same way).
+    """
+    code = error_code(exc)
+    return code == "MESSAGE_REMOVED" or code.startswith("VM_SNAPSHOT_WITH_QUIESCE_")
+
+
+def error_code(exc):
+    """Return the XAPI error code carried by an XapiFailure or XeFailed, else ''."""
+    return getattr(exc, "code", "") or ""
+
+
+class Transport:
+    """What both transports share: the session, tagging, retried destroys."""
+
+    name = "?"
+    #: How long a destroy keeps retrying while the object is busy (seconds).
+    BUSY_WAIT = 120.0
+
+    def __init__(self, xapi, config, password=None):
+        self.xapi = xapi
+        self.config = config
+        self.password = password
+
+    def tag(self, cls, obj, note):
+        """Mark `obj` (a VM snapshot or a VDI) as this tool's own."""
+        self.xapi.call(cls + ".add_to_other_config", obj.ref, TAG_KEY, "%s %s" % (obj.uuid, note))
+
+    def retry_busy(self, what, action):
+        """Run `action()` until it stops failing with a busy code; treat gone as done."""
+        delay, deadline = 0.2, time.monotonic() + self.BUSY_WAIT
+        while True:
+            try:
+                return action()
+            except CallFailed as exc:
+                code = error_code(exc)
+                if code in GONE_CODES:
+                    log.debug("%s: already gone", what)
+                    return None
+                if code not in BUSY_CODES or time.monotonic() > deadline:
+                    raise
+                log.debug("%s: %s, retrying in %.1fs", what, code, delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 5.0)
+
+    def vm_obj(self, ref=None, uuid=None):
+        """Return Obj for a VM known by ref or uuid (one call)."""
+        if ref is None:
+            return Obj(self.xapi.call("VM.get_by_uuid", uuid), uuid)
+        return Obj(ref, uuid or self.xapi.call("VM.get_uuid", ref))
+
+    def vdi_obj(self, ref=None, uuid=None):
+        """Return Obj for a VDI known by ref or uuid (one call)."""
+        if ref is None:
+            return Obj(self.xapi.call("VDI.get_by_uuid", uuid), uuid)
+        return Obj(ref, uuid or self.xapi.call("VDI.get_uuid", ref))
+
+    def snapshot_disks(self, snap):
+        """Return [(vbd Obj, vdi Obj, userdevice)] of a snapshot's Disk VBDs."""
+        found = []
+        for vbd_ref in self.xapi.call("VM.get_VBDs", snap.ref):
+            vbd = self.xapi.call("VBD.get_record", vbd_ref)
+            if vbd.get("type") == "Disk" and not vbd.get("empty") and vbd.get("VDI") != "OpaqueRef:NULL":
+                found.append((Obj(vbd_ref, vbd["uuid"]), self.vdi_obj(vbd["VDI"]),
+                              str(vbd.get("userdevice"))))
+        return found
+
+    def snapshot_vm(self, vm, name, quiesce=False):
+        """Snapshot `vm`: quiesced if asked and the pool and guest can, else a normal one."""
+        if quiesce:
+            try:
+                return self.take_snapshot(vm, name, quiesce=True)
+            except CallFailed as exc:
+                if not quiesce_unavailable(exc):
+                    raise
+                log.warning("no quiesced snapshot (%s): taking a normal snapshot for %s",
+                            exc.code, printable(name))
+        return self.take_snapshot(vm, name, quiesce=False)
+
+    def take_snapshot(self, vm, name, quiesce):
+        """Take one VM snapshot (quiesced or not) and return its Obj."""
+        raise NotImplementedError
+
+    def mark_pending(self, cls, obj, note):
+        """Put the pending mark on the VM or disk about to be snapshotted."""
+        self.unmark_pending(cls, obj)
+        self.xapi.call(cls + ".add_to_other_config", obj.ref, PENDING_KEY, note)
+
+    def unmark_pending(self, cls, obj):
+        """Remove the pending mark (absent is fine)."""
+        try:
+            self.xapi.call(cls + ".remove_from_other_config", obj.ref, PENDING_KEY)
+        except XapiFailure as exc:
+            if exc.code not in GONE_CODES:
+                raise
+
+    def check_gone(self, cls, obj):
+        """Raise ExportFailed if `obj` still exists: a destroy that 'succeeded' must have worked."""
+        try:
+            self.xapi.call(cls + ".get_uuid", obj.ref)
+        except XapiFailure as exc:
+            if exc.code in GONE_CODES:
+                return
+            raise
+        raise ExportFailed("%s %s still exists after it was destroyed" % (cls, obj.uuid))
+
+    def drop_disk(self, vbd, vdi):
+        """Remove a disk from a snapshot before its export ([NOBAK]), as Xen Orchestra does."""
+        self.retry_busy("destroy VBD", lambda: self.xapi.call("VBD.destroy", vbd.ref))
+        self.retry_busy("destroy VDI", lambda: self.xapi.call("VDI.destroy", vdi.ref))
+
+    def close(self):
+        """Release what the transport holds (temporary files)."""

@@ -1,0 +1,208 @@
+"""The transport over the xe command line, as NAUbackup used on a pool host.
+
+Owns: XeTransport, XeFailed (and the xe sentences mapped back to XAPI codes), find_xe.
+Imports: errors, util, transport.base.
+"""
+
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+import time
+
+from vmbackup.errors import CallFailed, ExportStalled, VmBackupError, log
+from vmbackup.transport.base import Transport
+from vmbackup.util import fsync_path, one_line
+
+
+#: Where xe lives on a pool host (then: the first xe on PATH).
+DEFAULT_XE_PATHS = ("/opt/xensource/bin/xe", "/usr/bin/xe")
+
+
+#: The sentence real xe prints for an API error (the datamodel's doc string), mapped
+#: back to its code, for the errors the tool acts on; others print "Error code: X".
+XE_ERROR_SENTENCES = {
+    "Another operation involving the object is currently in progress": "OTHER_OPERATION_IN_PROGRESS",
+    "this VDI is in use by some other operation": "VDI_IN_USE",
+    "The uuid you supplied was invalid": "UUID_INVALID",
+    "You gave an invalid object reference": "HANDLE_INVALID",
+    "This function is no longer available": "MESSAGE_REMOVED",
+    "The SR backend does not support the operation": "SR_OPERATION_NOT_SUPPORTED",
+    "The SR is full": "SR_FULL",
+    "You attempted an operation that was explicitly blocked": "OPERATION_BLOCKED",
+    "not in an appropriate power state": "VM_BAD_POWER_STATE",
+    "The credentials given by the user are incorrect": "SESSION_AUTHENTICATION_FAILED",
+    "The server failed to handle your request, due to an internal error": "INTERNAL_ERROR",
+}
+
+
+class XeFailed(CallFailed):
+    """xe {} failed (exit {}): {}"""
+
+    def __init__(self, argv, rc, stderr):
+        self.argv, self.rc, self.stderr = argv, rc, stderr
+        text = one_line(stderr) or "no message"
+        if self.code and self.code not in text:
+            text = self.code + ": " + text
+        VmBackupError.__init__(self, argv[1] if len(argv) > 1 else "?", rc, text)
+
+    @property
+    def code(self):
+        """The XAPI error code behind xe's message, if it can be told."""
+        match = re.search(r"Error code: (\S+)", self.stderr)
+        if match:
+            return match.group(1)
+        for sentence, code in XE_ERROR_SENTENCES.items():
+            if sentence in self.stderr:
+                return code
+        return ""
+
+
+class XeTransport(Transport):
+    """The xe command, as NAUbackup used it on the pool host; XenAPI only for reading and tags."""
+
+    name = "xe"
+    POLL = 0.5
+
+    def __init__(self, xapi, config, password=None, xe_path=None):
+        Transport.__init__(self, xapi, config, password)
+        self.xe_path = xe_path
+        self.connect_args = []
+        self.pw_file = None
+        endpoint = xapi.endpoint
+        if not endpoint.is_local:
+            # The password goes to xe in a 0600 file (-pwf), never on its command line.
+            fd, self.pw_file = tempfile.mkstemp(prefix="vmbackup-xe-")
+            with os.fdopen(fd, "w") as handle:  # xe's -pwf: user, then password
+                handle.write("%s\n%s\n" % (xapi.username, password or ""))
+            self.connect_args = ["-s", endpoint.host, "-u", xapi.username, "-pwf", self.pw_file]
+            if endpoint.port:
+                self.connect_args[2:2] = ["-p", str(endpoint.port)]
+            if endpoint.scheme == "http":
+                self.connect_args.append("--nossl")
+
+    def argv(self, command, *flags, **params):
+        """Return xe's argument list: xe("vm-export", uuid=u) -> [XE, 'vm-export', 'uuid=u']."""
+        args = [self.xe_path, command]
+        for key, value in params.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            args.append("%s=%s" % (key.replace("_", "-"), value))
+        return args + list(flags) + self.connect_args
+
+    def xe(self, command, *flags, **params):
+        """Run xe and return its stdout; raise XeFailed with its stderr."""
+        args = self.argv(command, *flags, **params)
+        log.debug("run %s", args[:2] + [a for a in args[2:] if not a.startswith("-pw")])
+        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, universal_newlines=True)
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise XeFailed(args, proc.returncode, err or out)
+        return out
+
+    def xe_long(self, dest, what, command, **params):
+        """Run a downloading xe command, aborting it if `dest` stops growing for stall_timeout."""
+        args = self.argv(command, **params)
+        log.debug("run %s", args[:2])
+        with tempfile.TemporaryFile() as err:
+            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                    stderr=err)
+            try:
+                size, moved = -1, time.monotonic()
+                while proc.poll() is None:
+                    time.sleep(self.POLL)
+                    now_size = os.path.getsize(dest) if os.path.exists(dest) else 0
+                    if now_size != size:
+                        size, moved = now_size, time.monotonic()
+                    elif time.monotonic() - moved > self.config.stall_timeout:
+                        raise ExportStalled(what, self.config.stall_timeout)
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(10)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            if proc.returncode != 0:
+                err.seek(0)
+                raise XeFailed(args, proc.returncode, err.read().decode("utf-8", "replace"))
+        fsync_path(dest)
+        return os.path.getsize(dest), None
+
+    # -- snapshots
+    def take_snapshot(self, vm, name, quiesce):
+        command = "vm-snapshot-with-quiesce" if quiesce else "vm-snapshot"
+        return self.vm_obj(uuid=self.xe(command, uuid=vm.uuid, new_name_label=name).strip())
+
+    def prepare_snapshot(self, snap):
+        self.xe("template-param-set", uuid=snap.uuid, is_a_template=False, ha_always_run=False)
+
+    def destroy_snapshot(self, snap):
+        # snapshot-uninstall, not vm-uninstall: vm-uninstall finds nothing while the
+        # snapshot is still a template (e.g. when the export never started).
+        self.retry_busy("snapshot-uninstall",
+                        lambda: self.xe("snapshot-uninstall", uuid=snap.uuid, force=True))
+
+    def snapshot_vdi(self, vdi, name):
+        snap = self.vdi_obj(uuid=self.xe("vdi-snapshot", uuid=vdi.uuid).strip())
+        self.xe("vdi-param-set", uuid=snap.uuid, name_label=name)
+        return snap
+
+    def destroy_vdi(self, vdi):
+        self.retry_busy("vdi-destroy", lambda: self.xe("vdi-destroy", uuid=vdi.uuid))
+
+    # -- data
+    def export_vm(self, snap, dest, compress=None):
+        # xe matches compress= exactly: only true/gzip/zstd compress ("True" would not).
+        return self.xe_long(dest, "export of %s" % snap.uuid, "vm-export", uuid=snap.uuid,
+                            filename=dest, compress=compress or "false")
+
+    def export_vdi(self, vdi, dest, fmt):
+        return self.xe_long(dest, "export of VDI %s" % vdi.uuid, "vdi-export", uuid=vdi.uuid,
+                            filename=dest, format=fmt)
+
+    def export_metadata(self, vm, dest):
+        return self.xe_long(dest, "metadata export of %s" % vm.uuid, "vm-export", uuid=vm.uuid,
+                            filename=dest, metadata=True)
+
+    def dump_pool_db(self, dest):
+        return self.xe_long(dest, "pool database dump", "pool-dump-database", file_name=dest)
+
+    def import_vm(self, src, sr, preserve=False):
+        out = self.xe("vm-import", filename=src, sr_uuid=sr.uuid, preserve=preserve or None)
+        return [self.vm_obj(uuid=u).ref for u in re.split(r"[\s,]+", out.strip()) if u]
+
+    def import_vdi(self, vdi, src, fmt):
+        self.xe("vdi-import", uuid=vdi.uuid, filename=src, format=fmt)
+
+    def create_vdi(self, sr, name, size):
+        return self.vdi_obj(uuid=self.xe("vdi-create", sr_uuid=sr.uuid, name_label=name,
+                                         virtual_size=size, type="user").strip())
+
+    def backup_host(self, host, dest):
+        return self.xe_long(dest, "backup of host %s" % host["name_label"], "host-backup",
+                            host=host["uuid"], file_name=dest)
+
+    def close(self):
+        if self.pw_file and os.path.exists(self.pw_file):
+            os.unlink(self.pw_file)
+
+
+def find_xe(config):
+    """Return the xe binary to use, or None: xe_path, then /opt/xensource/bin/xe, then PATH."""
+    if config.xe_path:
+        return config.xe_path
+    for path in DEFAULT_XE_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    return shutil.which("xe")
