@@ -5,7 +5,6 @@ Imports: everything.
 """
 
 import collections
-import re
 import signal
 import sys
 import traceback
@@ -14,7 +13,7 @@ from vmbackup.commands.backup import (
     LEGACY_EXAMPLES, LEGACY_USAGE, cmd_backup, parse_legacy, parse_modern)
 from vmbackup.commands.diff import cmd_diff
 from vmbackup.commands.list import cmd_list
-from vmbackup.commands.options import EXIT_STATUS_TEXT
+from vmbackup.commands.options import EXIT_STATUS_TEXT, verbosity
 from vmbackup.commands.restore import cmd_restore
 from vmbackup.commands.verify import cmd_verify
 from vmbackup.config import example_config, write_password_file
@@ -31,8 +30,7 @@ def is_legacy(argv):
 
 def dispatch(argv):
     """Parse argv, run the command, return its exit code."""
-    setup_logging(sum(a.count("v") for a in argv if re.match(r"^-v+$", a))
-                  - sum(a.count("q") for a in argv if re.match(r"^-q+$", a)))
+    setup_logging(verbosity(argv))
     if is_legacy(argv):
         inv = parse_legacy(argv)
     else:
@@ -41,7 +39,6 @@ def dispatch(argv):
         elif argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         inv = parse_modern(argv)
-    setup_logging(inv.verbosity)
     if inv.action == "help":
         sys.stdout.write(LEGACY_USAGE + "\n" + EXIT_STATUS_TEXT)
         return EXIT_OK
@@ -70,7 +67,7 @@ def _raise_terminated(signum, frame):
 def main(argv=None):
     """Run vmbackup with `argv` (default sys.argv[1:]); return the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = any(a in ("-v", "-vv", "--verbose") for a in argv)
+    verbose = verbosity(argv) > 0
     previous = {}
     try:
         for signum in (signal.SIGTERM, signal.SIGHUP):  # so every `finally` runs

@@ -5,15 +5,15 @@ Imports: errors, util, config, xapi, run, commands.options.
 """
 
 import argparse
-import json
 import os
 import re
 import typing
 
 from vmbackup import __version__
-from vmbackup.commands.options import CLI_SETTINGS, EXIT_STATUS_TEXT
+from vmbackup.commands.options import (
+    EXIT_STATUS_TEXT, connection_options, load_config, output_options, settings_from_args)
 from vmbackup.config import (
-    LEGACY_WORD_KEYS, Selector, build_config, normalise_key, parse_selector,
+    LEGACY_WORD_KEYS, Selector, normalise_key, parse_selector,
     read_config_file, read_password_file)
 from vmbackup.errors import PROG, UsageError, log
 from vmbackup.run import preview, run_backup
@@ -73,7 +73,6 @@ class Invocation(typing.NamedTuple):
     password: typing.Optional[str] = None
     ignore_extra_keys: bool = False
     json: typing.Optional[str] = None
-    verbosity: int = 0
     legacy: bool = False
     target: typing.Optional[str] = None   # create-password-file=FILE
 
@@ -82,6 +81,8 @@ def build_parser():
     """Return the modern argparse parser (backup is the default command)."""
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[connection_options(),
+                 output_options("write the run summary (or preview) as JSON")],
         description="Back up the VMs of a XenServer / XCP-ng pool: snapshot, export, metadata, "
                     "retention, pool database and host backups.",
         epilog=EXAMPLES + "\n" + EXIT_STATUS_TEXT)
@@ -108,27 +109,12 @@ def build_parser():
     opt("--quiesce", action="store_const", const=True, help="quiesced snapshots where supported")
     opt("--preview", "--dry-run", action="store_true",
         help="show the settings and the selection; change nothing")
-    opt("-s", "--server", metavar="URL",
-        help="https://host, http://host or unix:/path (default: this host's local xapi)")
-    opt("-u", "--username", metavar="USER", help="XAPI user (default root)")
-    opt("--password-file", metavar="FILE",
-        help="file with the XAPI password (or set VMBACKUP_PASSWORD); never on the command line")
-    opt("--transport", choices=("auto", "xe", "api"),
-        help="xe: shell out to xe on the pool host; api: XenAPI + HTTP (default: auto)")
-    opt("--xe", metavar="PATH", dest="xe_path", help="the xe binary (default /opt/xensource/bin/xe)")
-    opt("--tls-ca-file", metavar="FILE", help="CA bundle for the pool's certificate")
-    opt("--tls-fingerprint", metavar="SHA256", help="pin the pool's certificate by fingerprint")
-    opt("--insecure", action="store_const", const=True, dest="tls_insecure",
-        help="do not verify the pool's certificate (warns; prefer --tls-fingerprint)")
     opt("--space-threshold", metavar="PERCENT", help="minimum %% free in backup_dir")
     opt("--retries", metavar="N", help="retries of a failed export (new snapshot each time)")
     opt("--stall-timeout", metavar="SECONDS", help="abort an export that makes no progress")
     opt("--umask", metavar="OCTAL", help="umask for backup files (default 077)")
     opt("--status-log", metavar="FILE", help="append NAUbackup-style status lines to FILE")
     opt("--ignore-extra-keys", action="store_true", help="skip unknown config keys")
-    opt("--json", metavar="FILE", help="write the run summary (or preview) as JSON ('-': stdout)")
-    opt("-q", "--quiet", action="count", default=0, help="less output")
-    opt("-v", "--verbose", action="count", default=0, help="more output (-vv: debug)")
     opt("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -136,15 +122,7 @@ def build_parser():
 def parse_modern(argv):
     """Return the Invocation of a modern command line; raise UsageError on bad values."""
     args = build_parser().parse_args(argv)
-    values = {}
-    for option, (key, parse) in CLI_SETTINGS.items():
-        raw = getattr(args, option)
-        if raw is None:
-            continue
-        try:
-            values[key] = parse(raw)
-        except ValueError as exc:
-            raise UsageError("--%s %s: %s" % (option.replace("_", "-"), raw, exc))
+    values = settings_from_args(args)
     selectors = []
     for option, mode in (("vdi_export", "vdi-export"), ("vm_export", "vm-export"),
                          ("meta_export", "meta-export"), ("exclude", "exclude")):
@@ -155,8 +133,7 @@ def parse_modern(argv):
                 raise UsageError("--%s %s: %s" % (mode, text, exc))
     return Invocation("backup", config_file=args.config, cli_values=values,
                       cli_selectors=tuple(selectors), preview=args.preview,
-                      ignore_extra_keys=args.ignore_extra_keys, json=args.json,
-                      verbosity=args.verbose - args.quiet)
+                      ignore_extra_keys=args.ignore_extra_keys, json=args.json)
 
 
 #: A legacy selector word: 'vm-export=SEL' or 'vdi-export=SEL'; other 'key=' words are errors.
@@ -221,20 +198,12 @@ def load_settings(inv):
     parsed = None
     if inv.config_file:
         parsed = read_config_file(inv.config_file, inv.ignore_extra_keys)
-    values = dict(inv.cli_values)
-    env_server = os.environ.get("VMBACKUP_SERVER")
-    if env_server and "server" not in values and not (parsed and "server" in parsed.values):
-        values["server"] = env_server
-    config = build_config(parsed, values, inv.cli_selectors, inv.config_file)
+    config, password = load_config(inv.cli_values, parsed, inv.cli_selectors, inv.config_file,
+                                   inv.password)
     if not inv.legacy and not any(s.mode != "exclude" for s in config.selectors) \
             and not config.pool_db_backup and not config.host_backup:
         raise UsageError("nothing to back up: give -c FILE, -e/-E/-m SELECTOR, "
                          "--pool-db-backup or --host-backup (see --help)")
-    password = inv.password
-    if config.password_file:
-        password = read_password_file(config.password_file)
-    elif password is None:
-        password = os.environ.get("VMBACKUP_PASSWORD")
     return config, password
 
 

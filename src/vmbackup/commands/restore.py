@@ -12,11 +12,11 @@ import time
 import typing
 
 from vmbackup.check import display_path, verify_backup
-from vmbackup.commands.options import CLI_SETTINGS, EXIT_STATUS_TEXT
-from vmbackup.config import build_config, read_password_file
+from vmbackup.commands.options import (
+    EXIT_STATUS_TEXT, connection_options, load_config, output_options, settings_from_args)
 from vmbackup.errors import EXIT_OK, PROG, RestoreError, UsageError, VmBackupError, log
 from vmbackup.metadata import read_manifest
-from vmbackup.report import setup_logging, write_json
+from vmbackup.report import write_json
 from vmbackup.selection import is_candidate
 from vmbackup.store import SUCCESS_MARKERS, backup_folders, parse_backup_name
 from vmbackup.transport.base import Obj, TAG_KEY
@@ -170,6 +170,7 @@ def build_restore_parser():
     """Return the parser of `vmbackup.py restore`."""
     parser = argparse.ArgumentParser(
         prog=PROG + " restore", formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[connection_options(), output_options("write what was restored as JSON")],
         description="Restore a backup into the pool: a vm-export backup becomes a new VM, a "
                     "vdi-export backup becomes new disks. The backup is verified first.",
         epilog="examples:\n"
@@ -187,37 +188,13 @@ def build_restore_parser():
     opt("--start", action="store_true", help="start the restored VM")
     opt("--attach-to", metavar="VM", help="vdi-export: attach the restored disks to this VM")
     opt("--preview", "--dry-run", action="store_true", help="show what would be created; change nothing")
-    opt("-s", "--server", metavar="URL")
-    opt("-u", "--username", metavar="USER")
-    opt("--password-file", metavar="FILE")
-    opt("--transport", choices=("auto", "xe", "api"))
-    opt("--xe", metavar="PATH", dest="xe_path")
-    opt("--tls-ca-file", metavar="FILE")
-    opt("--tls-fingerprint", metavar="SHA256")
-    opt("--insecure", action="store_const", const=True, dest="tls_insecure")
-    opt("--json", metavar="FILE", help="write what was restored as JSON ('-': stdout)")
-    opt("-q", "--quiet", action="count", default=0)
-    opt("-v", "--verbose", action="count", default=0)
     return parser
 
 
 def cmd_restore(argv):
     """`vmbackup.py restore BACKUP ...`: verify, then import; return the exit code."""
     args = build_restore_parser().parse_args(argv)
-    setup_logging(args.verbose - args.quiet)
-    values = {}
-    for option in ("server", "username", "password_file", "transport", "xe_path", "tls_ca_file",
-                   "tls_fingerprint", "tls_insecure"):
-        raw = getattr(args, option)
-        if raw is not None:
-            key, parse = CLI_SETTINGS[option]
-            try:
-                values[key] = parse(raw)
-            except ValueError as exc:
-                raise UsageError("--%s %s: %s" % (option.replace("_", "-"), raw, exc))
-    config = build_config(None, dict(values, server=values.get("server") or os.environ.get("VMBACKUP_SERVER")))
-    password = read_password_file(config.password_file) if config.password_file \
-        else os.environ.get("VMBACKUP_PASSWORD")
+    config, password = load_config(settings_from_args(args))
     folder = resolve_backup(args.backup)
     check = verify_backup(folder)
     if check["status"] in ("bad", "incomplete"):
