@@ -22,7 +22,7 @@ __all__ = ["start_pool", "SimPool", "pools"]
 HERE = os.path.dirname(os.path.abspath(__file__))
 XE_PATH = os.path.join(HERE, "xe")
 
-_SUBMODULES = ("calllog", "disks", "faults", "model", "pools", "rpc", "server", "vhd", "xecli", "xva")
+_SUBMODULES = ("calllog", "cbt", "disks", "faults", "model", "nbd", "pools", "rpc", "server", "vhd", "xecli", "xva")
 _NAMES = {"CallLog": "calllog", "Faults": "faults"}
 
 

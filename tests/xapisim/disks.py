@@ -77,6 +77,14 @@ def generate_block(seed, index):
     return data
 
 
+class _Node(object):
+    """A frozen piece of write history (see Disk.changed_blocks)."""
+    __slots__ = ("blocks",)
+
+    def __init__(self, blocks):
+        self.blocks = frozenset(blocks)
+
+
 class Disk(object):
     """A virtual disk of ``virtual_size`` bytes (see module docstring)."""
 
@@ -96,6 +104,10 @@ class Disk(object):
         self._over = {}                    # index -> bytes (len BLOCK) or None (= zero)
         self._lock = threading.RLock()
         self._sha = None                   # cached sha256 hex, reset by writes
+        # write history, as a VHD tree keeps it (see "Write history" below):
+        # frozen ancestor nodes, and the blocks this disk itself has written
+        self._chain = ()
+        self._leaf = set(bs)
 
     # -- constructors ---------------------------------------------------
     @classmethod
@@ -111,6 +123,7 @@ class Disk(object):
             chunk = mv[i:i + BLOCK]
             if chunk.tobytes().count(0) != len(chunk):
                 d._set_block(i // BLOCK, chunk.tobytes())
+        d._leaf.update(d._over)
         return d
 
     # -- basic properties ---------------------------------------------------
@@ -301,6 +314,7 @@ class Disk(object):
                 s = pos - bstart
                 e = min(end, bstart + BLOCK) - bstart
                 piece = mv[pos - offset:pos - offset + (e - s)]
+                self._leaf.add(idx)
                 if s == 0 and e == BLOCK:
                     self._set_block(idx, piece.tobytes())
                 else:
@@ -321,7 +335,59 @@ class Disk(object):
             d._over = dict(self._over)     # values are immutable bytes / None
             d._lock = threading.RLock()
             d._sha = self._sha
+            d._chain = self._freeze()
+            d._leaf = set()
             return d
+
+    # -- write history -------------------------------------------------------
+    # A VHD-backed VDI is a chain of VHD files: a snapshot (or clone) freezes the
+    # leaf into a read-only parent shared by the source and the copy, and each
+    # goes on writing into a new empty leaf.  A Disk keeps the same history: a
+    # tuple of frozen nodes (the 64 KiB blocks written while each was the leaf)
+    # and its own leaf.  ``changed_blocks`` compares two histories the way
+    # vhd-tool's ``include_block`` compares two VHD chains; CBT logs (cbt.py)
+    # use ``mark`` / ``written_since``.
+    def _freeze(self):
+        if self._leaf:
+            self._chain = self._chain + (_Node(self._leaf),)
+            self._leaf = set()
+        return self._chain
+
+    def mark(self):
+        """Start a new leaf; returns a marker for ``written_since``."""
+        with self._lock:
+            chain = self._freeze()
+            return chain[-1] if chain else None
+
+    def written_since(self, marker):
+        """64 KiB block indices written after ``mark()`` returned ``marker``
+        (everything this disk's history holds if the marker is not in it)."""
+        with self._lock:
+            chain = self._chain
+            start = 0
+            if marker is not None:
+                for i, node in enumerate(chain):
+                    if node is marker:
+                        start = i + 1
+                        break
+            out = set(self._leaf)
+            for node in chain[start:]:
+                out |= node.blocks
+            return out
+
+    def changed_blocks(self, base):
+        """64 KiB block indices written in this disk's history or ``base``'s but
+        not in both (vhd-tool's "t - from" and "from - t" branches)."""
+        with self._lock:
+            mine, my_leaf = self._chain, set(self._leaf)
+        with base._lock:
+            theirs, their_leaf = base._chain, set(base._leaf)
+        a = {id(n): n for n in mine}
+        b = {id(n): n for n in theirs}
+        out = my_leaf | their_leaf
+        for k in set(a) ^ set(b):
+            out |= (a.get(k) or b.get(k)).blocks
+        return out
 
     def resize(self, new_size):
         """Grow (or shrink) the disk; content beyond the new end is dropped."""

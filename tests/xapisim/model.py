@@ -876,7 +876,7 @@ def new_vdi(db, sr, disk, **fields):
     return ref
 
 
-def snapshot_vdi(db, vdi, driver_params=None):
+def snapshot_vdi(db, vdi, driver_params=None, clone=False):
     src = db.get("VDI", vdi)
     if db.tables["SR"][src["SR"]]["content_type"] == "iso":
         raise ApiError("SR_OPERATION_NOT_SUPPORTED", src["SR"])
@@ -889,6 +889,9 @@ def snapshot_vdi(db, vdi, driver_params=None):
     fields["sm_config"].pop("vhd-parent", None)
     ref = new_vdi(db, src["SR"], disk, **fields)
     src["snapshots"].append(ref)
+    if not clone:
+        from xapisim import cbt
+        cbt.on_snapshot(db, vdi, ref)      # the CBT log moves to the snapshot
     return ref
 
 
@@ -907,6 +910,8 @@ def destroy_vdi(db, vdi):
     src = db.tables["VDI"].get(rec["snapshot_of"])
     if src and vdi in src["snapshots"]:
         src["snapshots"].remove(vdi)
+    from xapisim import cbt
+    cbt.on_destroy(db, vdi)                # CBT log: link parent and child, coalesce
     db.content.pop(vdi, None)
     db.remove("VDI", vdi)
 
@@ -950,6 +955,9 @@ def destroy_vbd(db, vbd):
     vdi = db.tables["VDI"].get(rec["VDI"])
     if vdi and vbd in vdi["VBDs"]:
         vdi["VBDs"].remove(vbd)
+        if not vdi["VBDs"]:
+            from xapisim import cbt
+            cbt.on_vbd_gone(db, rec["VDI"])    # data_destroy's VDI_IN_USE window
     db.remove("VBD", vbd)
 
 
@@ -1260,6 +1268,8 @@ def build(desc):
     """Description dict -> Database."""
     from xapisim.disks import Disk
     db = Database(seed=desc.get("seed", 1))
+    from xapisim import cbt
+    cbt.configure(db, desc.get("cbt"))    # CBT timing switches (cbt.py)
     rel = db.release = _release(desc)
     rng = db.rng
     # hosts
@@ -1290,7 +1300,7 @@ def build(desc):
         hosts.append(ref)
     pool = db.create("pool", name_label=desc.get("name", "pool"), master=hosts[0],
                      other_config={"memory-ratio-hvm": "0.25", "memory-ratio-pv": "0.25"},
-                     restrictions={"restrict_vtpm": "false"},
+                     restrictions=dict({"restrict_vtpm": "false"}, **desc.get("restrictions", {})),
                      cpu_info={"cpu_count": str(8 * len(hosts)), "vendor": "GenuineIntel"})
     # networks + PIFs
     nets = []

@@ -329,7 +329,7 @@ def vdi_snapshot(ctx, vdi, driver_params=None):
 @action("VDI.clone")
 def vdi_clone(ctx, vdi, driver_params=None):
     db = ctx.db
-    ref = model.snapshot_vdi(db, vdi, driver_params)
+    ref = model.snapshot_vdi(db, vdi, driver_params, clone=True)
     rec = db.tables["VDI"][ref]
     db.tables["VDI"][vdi]["snapshots"].remove(ref)
     rec.update(is_a_snapshot=False, snapshot_of=NULL, snapshot_time=model.EPOCH)
@@ -801,3 +801,9 @@ def _run_async(ctx, fn, args, task):
             model.task_fail(db, task, e.description)
         except Exception as e:  # pragma: no cover - a simulator bug
             model.task_fail(db, task, ["INTERNAL_ERROR", repr(e)])
+
+
+# CBT and the storage operations that touch its logs (VDI.enable_cbt,
+# list_changed_blocks, data_destroy, resize, pool_migrate ...) live in cbt.py.
+from xapisim import cbt as _cbt  # noqa: E402
+_cbt.register(action)

@@ -21,7 +21,7 @@ import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
-from xapisim import model, rpc
+from xapisim import cbt, model, rpc
 from xapisim.model import NULL, ApiError
 
 SERVER_NAME = "xapi/25.0"
@@ -947,10 +947,11 @@ class Handler(BaseHTTPRequestHandler):
                 if redirect is None:
                     if fmt not in ("raw", "vhd"):
                         raise ApiError("INTERNAL_ERROR", "Unknown format %s" % fmt)
+                    diff = None
                     if q.get("base"):
-                        db.resolve("VDI", q["base"])   # must exist; the VHD is sent whole
-                        if fmt != "vhd":
-                            raise ApiError("VDI_IO_ERROR", "Cannot compute differences on non-VHD images")
+                        diff = cbt.export_base(db, vdi, q["base"])  # (base blocks, parent)
+                    elif cbt.is_cbt_metadata(db, vdi):
+                        raise cbt.incompatible(vdi)
                     if fmt == "vhd" and rec["virtual_size"] > 2040 * (1 << 30):
                         raise ApiError("VDI_TOO_LARGE", vdi, str(2040 * (1 << 30)))
                     disk = db.content[vdi]
@@ -972,9 +973,13 @@ class Handler(BaseHTTPRequestHandler):
         sender = self._sender(path)
         error = None
         try:
-            if fmt == "vhd":
-                from xapisim import vhd
+            from xapisim import vhd
+            if fmt == "vhd" and diff:
+                stream, ctype = vhd.vhd_stream(disk, parent=diff[1], blocks=diff[0]), "application/vhd"
+            elif fmt == "vhd":
                 stream, ctype = vhd.vhd_stream(disk), "application/vhd"
+            elif diff:
+                stream, ctype = vhd.raw_diff_stream(disk, diff[0]), "application/octet-stream"
             else:
                 stream, ctype = disk.iter_raw(RAW_CHUNK), "application/octet-stream"
             self._head("HTTP/1.1 200 OK", [

@@ -83,49 +83,71 @@ def make_footer(size, disk_type=DISK_DYNAMIC, uid=None, data_offset=DATA_OFFSET,
     return bytes(buf)
 
 
-def make_header(size, table_offset=TABLE_OFFSET):
-    """A 1024-byte dynamic disk header (no parent)."""
+PARENT_NAME_OFFSET = 64                 # UTF-16BE, 512 bytes
+PARENT_LOCATOR_OFFSET = 576             # 8 entries of 24 bytes
+LOCATOR_DATA_OFFSET = 1536              # the "empty sector" before the BAT
+_LOCATOR = struct.Struct(">4sIIIQ")     # code, data space (sectors), length, reserved, offset
+
+
+def make_header(size, table_offset=TABLE_OFFSET, parent=None):
+    """A 1024-byte dynamic disk header.  ``parent`` (a differencing disk's) is a
+    dict ``{"uid", "name", "timestamp"}``: as vhd-tool writes it (vhd_format
+    f.ml ``Header.create`` with ``Parent_locator.from_filename``), the parent's
+    footer uid, its file name in UTF-16BE, its modification time, and one MacX
+    locator of the ``file://`` URI pointing at byte 1536 (a sector vhd-tool's
+    stream leaves empty)."""
     entries = (size + VHD_BLOCK - 1) // VHD_BLOCK
+    puid, pts = bytes(16), 0
+    if parent:
+        puid, pts = _uid_bytes(parent["uid"]), int(parent.get("timestamp", 0)) & 0xFFFFFFFF
     buf = bytearray(_HEADER.pack(HEADER_COOKIE, 0xFFFFFFFFFFFFFFFF, table_offset,
-                                 0x00010000, entries, VHD_BLOCK, 0, bytes(16), 0, 0)
+                                 0x00010000, entries, VHD_BLOCK, 0, puid, pts, 0)
                     + bytes(1024 - _HEADER.size))
+    if parent:
+        name = parent.get("name", "").encode("utf-16-be")[:512]
+        buf[PARENT_NAME_OFFSET:PARENT_NAME_OFFSET + len(name)] = name
+        uri = ("file://" + parent.get("name", "")).encode("utf-8")
+        _LOCATOR.pack_into(buf, PARENT_LOCATOR_OFFSET, b"MacX", 1, len(uri), 0,
+                           LOCATOR_DATA_OFFSET)
     struct.pack_into(">I", buf, 36, checksum(buf))
     return bytes(buf)
 
 
-def _included_blocks(disk):
+def _included_blocks(disk, blocks=None):
+    """Sorted 2 MiB block indices: those holding allocated 64 KiB blocks, or (for
+    a differencing disk) those containing any of the 64 KiB ``blocks`` given."""
     per = VHD_BLOCK // BLOCK
-    out = []
-    last = -1
-    for b in disk.allocated_blocks():
-        v = b // per
-        if v != last:
-            out.append(v)
-            last = v
-    return out
+    if blocks is None:
+        blocks = disk.allocated_blocks()
+    entries = (disk.virtual_size + VHD_BLOCK - 1) // VHD_BLOCK
+    return sorted({b // per for b in blocks if b // per < entries})
 
 
 def _bat_size(entries):
     return (entries * 4 + SECTOR - 1) // SECTOR * SECTOR
 
 
-def vhd_length(disk):
-    """The exact byte length of ``vhd_stream(disk)``."""
+def vhd_length(disk, blocks=None):
+    """The exact byte length of ``vhd_stream(disk, blocks=blocks)``."""
     entries = (disk.virtual_size + VHD_BLOCK - 1) // VHD_BLOCK
-    n = len(_included_blocks(disk))
+    n = len(_included_blocks(disk, blocks))
     return TABLE_OFFSET + _bat_size(entries) + n * (BITMAP_SIZE + VHD_BLOCK) + SECTOR
 
 
-def vhd_stream(disk, uid=None, timestamp=0):
-    """Yield a dynamic VHD of ``disk`` (bytes pieces), vhd-tool style."""
+def vhd_stream(disk, uid=None, timestamp=0, parent=None, blocks=None):
+    """Yield a dynamic VHD of ``disk`` (bytes pieces), vhd-tool style.  With
+    ``parent`` (see make_header) and ``blocks`` (64 KiB block indices) it is a
+    differencing VHD (disk type 4) holding the 2 MiB blocks that contain them,
+    as ``/export_raw_vdi?format=vhd&base=`` sends."""
     size = disk.virtual_size
     if size > MAX_VHD_SIZE:
         raise VhdError("VDI_TOO_LARGE: %d bytes is more than the 2040 GiB a VHD can hold"
                        % size)
-    footer = make_footer(size, DISK_DYNAMIC, uid=uid, timestamp=timestamp)
-    header = make_header(size)
+    footer = make_footer(size, DISK_DIFFERENCING if parent else DISK_DYNAMIC, uid=uid,
+                         timestamp=timestamp)
+    header = make_header(size, parent=parent)
     entries = (size + VHD_BLOCK - 1) // VHD_BLOCK
-    blocks = _included_blocks(disk)
+    blocks = _included_blocks(disk, blocks)
     bat = bytearray(b"\xff" * _bat_size(entries))
     pos = TABLE_OFFSET + len(bat)
     for b in blocks:
@@ -142,6 +164,19 @@ def vhd_stream(disk, uid=None, timestamp=0):
         else:
             yield disk.read(off, n) + zeros(VHD_BLOCK - n)
     yield footer
+
+
+def raw_diff_stream(disk, blocks):
+    """``virtual_size`` raw bytes where only the 2 MiB blocks containing the 64
+    KiB ``blocks`` carry data and every other block reads as zero: vhd-tool's
+    raw output relative to a base (``Vhd_input.raw ?from``, ``Empty`` extents
+    written as zeros), i.e. ``/export_raw_vdi?format=raw&base=``."""
+    size = disk.virtual_size
+    keep = set(_included_blocks(disk, blocks))
+    for i in range((size + VHD_BLOCK - 1) // VHD_BLOCK):
+        off = i * VHD_BLOCK
+        n = min(VHD_BLOCK, size - off)
+        yield disk.read(off, n) if i in keep else zeros(n)
 
 
 # ---------------------------------------------------------------------------
