@@ -40,7 +40,7 @@ import uuid as uuidlib
 
 from xapisim import model
 from xapisim.disks import BLOCK, Disk
-from xapisim.model import NULL, ApiError
+from xapisim.model import ApiError
 
 CBT_BLOCK = BLOCK                          # 64 KiB (sm VDI.CBT_BLOCK_SIZE)
 # SR types whose SM driver has the VDI_CONFIG_CBT capability (sm: FileSR, EXTSR,
@@ -76,13 +76,23 @@ def decode_bitmap(text):
 
 def is_cbt_metadata(db, vdi):
     """True for a VDI whose data ``VDI.data_destroy`` removed: it has no content to
-    export or serve over NBD (xapi answers VDI_INCOMPATIBLE_TYPE [vdi, "cbt_metadata"])."""
+    export or serve over NBD (xapi answers ``incompatible(vdi)``:
+    VDI_INCOMPATIBLE_TYPE [vdi, "CBT metadata"])."""
     rec = db.tables["VDI"].get(vdi)
     return bool(rec) and rec["type"] == "cbt_metadata"
 
 
-def incompatible(vdi):
-    return ApiError("VDI_INCOMPATIBLE_TYPE", vdi, "cbt_metadata")
+# Record_util.vdi_type_to_string (xapi-cli-server/record_util.ml): how xapi names a
+# VDI type in VDI_INCOMPATIBLE_TYPE's second parameter
+TYPE_NAMES = {"system": "System", "user": "User", "ephemeral": "Ephemeral",
+              "suspend": "Suspend", "crashdump": "Crashdump", "ha_statefile": "HA statefile",
+              "metadata": "Metadata", "redo_log": "Redo log", "rrd": "rrd",
+              "pvs_cache": "PVS cache", "cbt_metadata": "CBT metadata"}
+
+
+def incompatible(vdi, vdi_type="cbt_metadata"):
+    """VDI_INCOMPATIBLE_TYPE [vdi, "CBT metadata"] (or another type's name)."""
+    return ApiError("VDI_INCOMPATIBLE_TYPE", vdi, TYPE_NAMES.get(vdi_type, vdi_type))
 
 
 def vhd_uid(db, vdi):
@@ -240,7 +250,7 @@ def set_cbt(ctx, vdi, enable):
     if rec["is_a_snapshot"]:
         raise ApiError("OPERATION_NOT_ALLOWED", "VDI is a snapshot: %s" % vdi)
     if rec["type"] not in ("user", "system"):
-        raise ApiError("VDI_INCOMPATIBLE_TYPE", vdi, rec["type"])
+        raise incompatible(vdi, rec["type"])
     if rec["on_boot"] == "reset":
         raise ApiError("VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION")
     if enable and db.pool()["restrictions"].get("restrict_cbt") == "true":

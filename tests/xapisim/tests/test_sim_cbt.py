@@ -97,7 +97,7 @@ def test_enable_refusals(pool, x):
     assert failure(x.VDI.enable_cbt, iso) == ["SR_OPERATION_NOT_SUPPORTED", sr]
     sr0 = x.VDI.get_SR(vdi)
     susp = x.VDI.create({"SR": sr0, "virtual_size": str(MiB), "type": "suspend", "name_label": "s"})
-    assert failure(x.VDI.enable_cbt, susp) == ["VDI_INCOMPATIBLE_TYPE", susp, "suspend"]
+    assert failure(x.VDI.enable_cbt, susp) == ["VDI_INCOMPATIBLE_TYPE", susp, "Suspend"]
     x.VDI.set_on_boot(vdi, "reset")
     x.VDI.disable_cbt(disk(pool, "other"))     # on a VDI without CBT: nothing to do
     assert failure(x.VDI.disable_cbt, vdi) == ["VDI_ON_BOOT_MODE_INCOMPATIBLE_WITH_OPERATION"]
@@ -276,8 +276,8 @@ def test_data_destroy_makes_cbt_metadata(pool, x):
     for q in ({"vdi": snap}, {"vdi": vdi, "base": snap, "format": "vhd"}):
         st, body, task = _get(pool, session, dict(q))
         assert st == 500 and b"VDI_INCOMPATIBLE_TYPE" in body
-        assert x.task.get_error_info(task) == ["VDI_INCOMPATIBLE_TYPE", snap, "cbt_metadata"]
-    assert failure(x.VDI.enable_cbt, snap)[0] == "VDI_INCOMPATIBLE_TYPE"
+        assert x.task.get_error_info(task) == ["VDI_INCOMPATIBLE_TYPE", snap, "CBT metadata"]
+    assert failure(x.VDI.enable_cbt, snap) == ["VDI_INCOMPATIBLE_TYPE", snap, "CBT metadata"]
     x.VDI.destroy(snap)
     assert failure(x.VDI.get_record, snap)[0] == "HANDLE_INVALID"
 
