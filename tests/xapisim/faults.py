@@ -15,6 +15,9 @@ changes such as a designated master or a filled SR).
     pool.faults.vanish_vm("web01", before="VM.snapshot")
     pool.faults.drop_rpc("VM.snapshot", times=2)        # connection closed before the answer
     pool.faults.http_error("VM.get_all_records", status=503)
+    pool.faults.drop_nbd(after_bytes=1 << 20)          # cut the next NBD connection
+    pool.faults.throttle_nbd(256 * 1024)                # NBD replies at 256 KiB/s
+    pool.faults.refuse_nbd()                            # NBD connections reset at once
 """
 import threading
 
@@ -110,6 +113,20 @@ class Faults(object):
         """Answer an XML-RPC call (``method``, or any) with an HTTP error page
         instead of a methodResponse (e.g. a proxy or stunnel in trouble)."""
         return self._add(_Rule("http_error", times, method=method, status=int(status)))
+
+    def drop_nbd(self, after_bytes=0, times=1, host=None):
+        """Cut the next ``times`` NBD connections (to ``host``, a name, or any)
+        once ``after_bytes`` bytes of replies and data have been sent."""
+        return self._add(_Rule("nbd_drop", times, after_bytes=int(after_bytes), host=host))
+
+    def throttle_nbd(self, bytes_per_second, host=None):
+        """Send NBD replies and data at this rate (until cleared)."""
+        return self._add(_Rule("nbd_throttle", None, rate=float(bytes_per_second), host=host))
+
+    def refuse_nbd(self, times=None, host=None):
+        """Reset NBD connections as soon as they arrive (``times`` of them, None = until
+        cleared), as a REJECTing firewall does."""
+        return self._add(_Rule("nbd_refuse", times, host=host))
 
     def vanish_vm(self, name_label, before="VM.snapshot"):
         """Destroy the VM (with its disks) just before the first ``before`` call that
@@ -247,4 +264,20 @@ class Faults(object):
         if r is not None:
             plan["stall_after"] = r.after_bytes
             plan["stall_seconds"] = r.seconds
+        return plan
+
+    def nbd_refuse(self, host):
+        """Should this NBD connection to ``host`` (name) be reset?"""
+        return self._take("nbd_refuse", lambda r: r.host in (None, host)) is not None
+
+    def nbd_plan(self, host):
+        """Faults for one NBD connection's transmission phase."""
+        plan = {"drop_after": None, "rate": None}
+        r = self._take("nbd_drop", lambda r: r.host in (None, host))
+        if r is not None:
+            plan["drop_after"] = r.after_bytes
+        with self._lock:
+            for r in self._rules:
+                if r.kind == "nbd_throttle" and r.host in (None, host):
+                    plan["rate"] = r.rate
         return plan

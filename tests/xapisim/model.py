@@ -1315,8 +1315,9 @@ def build(desc):
             hrec = db.tables["host"][h]
             pif = db.create("PIF", device="eth%d" % i, network=ref, host=h, MAC=random_mac(rng),
                             MTU=int(n.get("mtu", 1500)), physical=True, currently_attached=True,
-                            ip_configuration_mode="Static" if i == 0 else "None",
-                            IP=hrec["address"] if i == 0 else "", netmask="255.0.0.0" if i == 0 else "",
+                            ip_configuration_mode="Static" if i == 0 or n.get("ip") else "None",
+                            IP=hrec["address"] if i == 0 or n.get("ip") else "",
+                            netmask="255.0.0.0" if i == 0 or n.get("ip") else "",
                             management=(i == 0), managed=True)
             db.tables["network"][ref]["PIFs"].append(pif)
             hrec["PIFs"].append(pif)

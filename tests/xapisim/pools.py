@@ -11,7 +11,15 @@ Format (every key optional except ``vms`` entries' ``name``)::
       "seed": 1,                            # uuids, MACs and disk seeds derive from it
       "hosts": ["xcp1", "xcp2"],            # first = master; or dicts {"name": ...}
       "networks": [{"name": "Pool-wide network associated with eth0",
-                    "bridge": "xenbr0", "mtu": 1500}],
+                    "bridge": "xenbr0", "mtu": 1500,
+                    "purpose": ["insecure_nbd"],   # or ["nbd"] (TLS): VDI.get_nbd_info
+                    "ip": true}],                  # hosts' PIFs carry their address
+                                                   # (always so on the first network)
+      "nbd": {"purpose": "nbd",             # shorthand: add it to the first network
+              "protocol": "xapi",           # "xapi" (as xapi-nbd) | "extended" (GO, INFO,
+                                            # structured replies); see nbd.py
+              "port": 0,                    # 0 = a free port shared by all hosts
+              "max_connections": 16},
       "srs": [
         {"name": "NFS storage", "type": "nfs", "shared": true, "size": "100G",
          "default": true},
@@ -217,7 +225,16 @@ def large_pool(n=2000):
 
 
 def describe(description=None):
-    """None -> the demo pool; a dict -> a deep copy of it."""
+    """None -> the demo pool; a dict -> a deep copy of it (with the ``nbd``
+    entry's ``purpose`` shorthand applied to the first network)."""
     if description is None:
         return demo_pool()
-    return copy.deepcopy(description)
+    d = copy.deepcopy(description)
+    purpose = (d.get("nbd") or {}).get("purpose")
+    if purpose:
+        nets = d.get("networks") or [{"name": NET0}]
+        nets = [{"name": n} if isinstance(n, str) else n for n in nets]
+        if purpose not in nets[0].setdefault("purpose", []):
+            nets[0]["purpose"].append(purpose)
+        d["networks"] = nets
+    return d

@@ -370,8 +370,20 @@ def vdi_create(ctx, record):
 
 @action("VDI.get_nbd_info", async_ok=False)
 def vdi_get_nbd_info(ctx, vdi):
-    ctx.db.get("VDI", vdi)
-    return []
+    from xapisim import nbd
+    return nbd.get_nbd_info(ctx, vdi)
+
+
+@action("network.add_purpose")
+def network_add_purpose(ctx, network, value):
+    from xapisim import nbd
+    return nbd.add_purpose(ctx, network, value)
+
+
+@action("network.remove_purpose")
+def network_remove_purpose(ctx, network, value):
+    from xapisim import nbd
+    return nbd.remove_purpose(ctx, network, value)
 
 
 # -- VBD / VIF ---------------------------------------------------------------

@@ -1448,6 +1448,8 @@ def bind_hosts(sim, host_refs, ssl_ctx=None, port=0, tries=20):
             p = first.server_address[1]
             for i, h in enumerate(host_refs[1:], start=2):
                 servers.append(HostServer(("127.0.0.%d" % i, p), sim, h, ssl_ctx))
+            from xapisim import nbd
+            servers.extend(nbd.bind(sim, host_refs))    # each host's NBD server (sim.nbd)
             return servers, p
         except OSError as e:
             last = e
