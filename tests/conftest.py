@@ -47,8 +47,8 @@ def backup_dir(tmp_path):
     return path
 
 
-def run_vmbackup(*args, exit_code=0, fork=False, env=None, cwd=None):
-    """Run vmbackup with `args`; assert its exit code (None: any); return its output.
+def invoke(*args, fork=False, env=None, cwd=None):
+    """Run vmbackup with `args`; return (exit code, output).
 
     In-process by default (calls main()), or as a real subprocess with fork=True.
     """
@@ -57,15 +57,41 @@ def run_vmbackup(*args, exit_code=0, fork=False, env=None, cwd=None):
         proc = subprocess.run([sys.executable, VMBACKUP] + args, stdout=subprocess.PIPE,
                               stderr=subprocess.STDOUT, universal_newlines=True,
                               env=env, cwd=cwd, timeout=600)
-        output, rc = proc.stdout, proc.returncode
-    else:
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-            rc = vmbackup.main(args)
-        output = buf.getvalue()
+        return proc.returncode, proc.stdout
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
+        rc = vmbackup.main(args)
+    return rc, buf.getvalue()
+
+
+def run_vmbackup(*args, exit_code=0, fork=False, env=None, cwd=None):
+    """Run vmbackup with `args`; assert its exit code (None: any); return its output."""
+    rc, output = invoke(*args, fork=fork, env=env, cwd=cwd)
     if exit_code is not None and rc != exit_code:
-        pytest.fail("vmbackup %s exited %s, expected %s; output:\n%s" % (args, rc, exit_code, output))
+        pytest.fail("vmbackup %s exited %s, expected %s; output:\n%s"
+                    % ([str(a) for a in args], rc, exit_code, output))
     return output
+
+
+def spawn(args):
+    """Start vmbackup as a real process in its own session (like a cron job)."""
+    return subprocess.Popen([sys.executable, VMBACKUP] + [str(a) for a in args],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            universal_newlines=True, start_new_session=True)
+
+
+def backups_of(backup_dir, vm_folder):
+    """The backup-* folder names of one VM folder of backup_dir, oldest first ([] if none)."""
+    path = os.path.join(str(backup_dir), vm_folder)
+    if not os.path.isdir(path):
+        return []
+    return sorted(n for n in os.listdir(path) if n.startswith("backup-"))
+
+
+def assert_pool_clean(pool):
+    """No snapshot and no VDI the tool made is left in the pool."""
+    left = pool.leftovers()
+    assert not left["snapshots"] and not left["vdis"], left
 
 
 class Connect:

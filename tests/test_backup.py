@@ -8,13 +8,8 @@ import tarfile
 import pytest
 
 from vmbackup import sha256_file
-from conftest import run_vmbackup, session
+from conftest import assert_pool_clean, backups_of, run_vmbackup, session
 from xapisim import pools, start_pool
-
-
-def backups_of(backup_dir, folder):
-    vm_dir = os.path.join(str(backup_dir), folder)
-    return sorted(n for n in os.listdir(vm_dir) if n.startswith("backup-"))
 
 
 def only_backup(backup_dir, folder):
@@ -52,11 +47,6 @@ def xva_disks(xva_path, workdir):
                            check=True, stdout=subprocess.DEVNULL)
             found[entry] = sha256_file(str(out))
     return found
-
-
-def assert_pool_clean(pool):
-    left = pool.leftovers()
-    assert left == {"snapshots": [], "vdis": []} or not any(left.values()), left
 
 
 @pytest.fixture
@@ -179,13 +169,14 @@ def test_retention_five_runs_max_three_with_override(sim_pool, transport, backup
     cfg = tmp_path / "ret.cfg"
     cfg.write_text("backup_dir=%s\nmax_backups=3\nvm-export=db01\nvm-export=PRD-print7:2\n"
                    "status_log=%s\n" % (backup_dir, tmp_path / "status.log"))
-    seen = []
+    seen, printer = [], []
     for _ in range(5):
         run_vmbackup(*transport(sim_pool), "-c", cfg)
         seen.append(backups_of(backup_dir, "db01")[-1])
-    assert backups_of(backup_dir, "db01") == seen[-3:]
-    assert backups_of(backup_dir, "PRD-print7") == sorted(backups_of(backup_dir, "PRD-print7"))[-2:]
-    assert len(backups_of(backup_dir, "PRD-print7")) == 2
+        printer.append(backups_of(backup_dir, "PRD-print7")[-1])
+    assert len(set(seen)) == 5 and len(set(printer)) == 5   # each run made a new folder
+    assert backups_of(backup_dir, "db01") == seen[-3:]      # the newest 3 kept
+    assert backups_of(backup_dir, "PRD-print7") == printer[-2:]   # its :2 override
     assert_pool_clean(sim_pool)
     lines = (tmp_path / "status.log").read_text().splitlines()
     assert len([l for l in lines if ",vmbackup.py," in l and ",begin" in l]) == 5

@@ -62,7 +62,13 @@ def test_list_shows_complete_incomplete_and_legacy(sim_pool, api, backup_dir):
     assert "legacy" in row("2019-09-05")
     assert "pool_db_" in out
     data = json.loads(run_vmbackup("list", "-d", backup_dir, "--json", "-"))
-    assert data
+    (vm,) = data["vms"]
+    assert (vm["name"], vm["folder"]) == ("PRD-print7", "PRD-print7")
+    rows = {b["name"]: (b["complete"], b["legacy"]) for b in vm["backups"]}
+    assert rows == {good: (True, False), "backup-2020-01-01-000000": (False, False),
+                    "backup-2019-09-05-(00:10:01)": (True, True)}
+    assert [b["name"] for b in vm["backups"]][0] == good            # newest first
+    assert len(data["pool_db"]) == 1 and data["pool_db"][0]["file"].startswith("pool_db_")
     # and verify agrees: the incomplete one is reported, the others are good
     out = run_vmbackup("verify", backup_dir, exit_code=2)
     assert "backup-2020-01-01-000000" in out

@@ -11,15 +11,8 @@ import time
 import pytest
 
 import vmbackup
-from conftest import VMBACKUP, run_vmbackup, session
+from conftest import assert_pool_clean, backups_of, run_vmbackup, session, spawn
 from xapisim import pools, start_pool
-
-
-def backups_of(backup_dir, vm):
-    path = os.path.join(str(backup_dir), vm)
-    if not os.path.isdir(path):
-        return []
-    return sorted(n for n in os.listdir(path) if n.startswith("backup-"))
 
 
 def complete(backup_dir, vm):
@@ -33,11 +26,6 @@ def stray_files(backup_dir):
             if f.endswith(".part")]
 
 
-def assert_pool_clean(pool):
-    left = pool.leftovers()
-    assert not left["snapshots"] and not left["vdis"], left
-
-
 def wait_for(predicate, timeout=30.0, what="condition"):
     """Poll `predicate` until true (bounded); fail the test if it never is."""
     deadline = time.monotonic() + timeout
@@ -46,13 +34,6 @@ def wait_for(predicate, timeout=30.0, what="condition"):
             return
         time.sleep(0.05)
     pytest.fail("timed out waiting for " + what)
-
-
-def spawn(args):
-    """Start vmbackup as a real process in its own session (like a cron job)."""
-    return subprocess.Popen([sys.executable, VMBACKUP] + [str(a) for a in args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, start_new_session=True)
 
 
 def exporting(pool, path="/export"):
@@ -152,8 +133,14 @@ def test_leftovers_of_a_killed_run_are_destroyed_next_run(sim_pool, transport, b
     names = sorted(s["name_label"] for s in sim_pool.leftovers()["snapshots"])
     assert names == ["copied tag", "vmbackup_web01_2026-01-01-000000"]
     assert sim_pool.vm("vmbackup_db01_2026-01-01-000000")  # the real VM survives
-    assert not sim_pool.leftovers()["vdis"] or all(
-        v["name_label"] for v in sim_pool.leftovers()["vdis"])
+    s = session(sim_pool)
+    try:
+        kept = {s.xenapi.VBD.get_VDI(vbd) for snap in sim_pool.leftovers()["snapshots"]
+                for vbd in s.xenapi.VM.get_VBDs(snap["ref"])}
+    finally:
+        s.xenapi.session.logout()
+    # the killed run's snapshot disks went with it: what is left belongs to the two kept
+    assert {v["ref"] for v in sim_pool.leftovers()["vdis"]} <= kept
 
 
 # -- 3. no false success --------------------------------------------------------

@@ -25,8 +25,6 @@ The backup runs are in-process (like `run_vmbackup`) for speed, with vmbackup's 
 backoff and xe poll interval shortened; killed and terminated runs are real processes in
 their own session, like cron jobs.
 """
-import contextlib
-import io
 import json
 import os
 import pathlib
@@ -34,15 +32,13 @@ import random
 import re
 import shutil
 import signal
-import subprocess
-import sys
 import tempfile
 import time
 
 import pytest
 
 import vmbackup
-from conftest import VMBACKUP, run_vmbackup
+from conftest import invoke, run_vmbackup, spawn
 from xapisim import pools, start_pool
 
 SEED = int(os.environ.get("SOAK_SEED", "20260505"))
@@ -308,21 +304,6 @@ OPEN_BUGS = set()
 
 # -- the soak ----------------------------------------------------------------------------
 
-def invoke(args):
-    """Run vmbackup in-process (as run_vmbackup does); return (exit code, output)."""
-    buf = io.StringIO()
-    with contextlib.redirect_stdout(buf), contextlib.redirect_stderr(buf):
-        rc = vmbackup.main([str(a) for a in args])
-    return rc, buf.getvalue()
-
-
-def spawn(args):
-    """Start vmbackup as a real process in its own session (like a cron job)."""
-    return subprocess.Popen([sys.executable, VMBACKUP] + [str(a) for a in args],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            universal_newlines=True, start_new_session=True)
-
-
 def tail(text, lines=25):
     """The lines of vmbackup's output that matter: warnings, errors and the last lines."""
     all_lines = text.rstrip().splitlines()
@@ -470,7 +451,7 @@ class Soak:
         if signal_kind:
             rc, out, killed, terminated = self.run_and_signal(entry, args, http_before, rpc_before)
         else:
-            rc, out = invoke(args)
+            rc, out = invoke(*args)
         self.pool.faults.clear()
         requests = self.pool.calls.requests()[http_before:]
         where = "%s -> exit %s%s\n%s" % (describe_run(entry), rc, " (killed)" if killed else "",
@@ -733,7 +714,7 @@ class Soak:
             except pytest.fail.Exception as exc:
                 self.check(False, "verify BACKUP_DIR: %s" % exc)
         report = self.tmp_path / "verify.json"
-        rc, out = invoke(["verify", self.backup_dir, "--json", report])
+        rc, out = invoke("verify", self.backup_dir, "--json", report)
         self.check(rc == (2 if incomplete else 0),
                    "verify %s: exit %d\n%s" % (self.backup_dir, rc, tail(out)))
         data = json.loads(report.read_text())

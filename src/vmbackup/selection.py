@@ -9,7 +9,7 @@ import collections
 import typing
 
 from vmbackup.config import DEFAULT_MAX_BACKUPS, MODES, Selector
-from vmbackup.util import printable
+from vmbackup.util import UNNUMBERED, printable
 
 
 class Selected(typing.NamedTuple):
@@ -133,7 +133,7 @@ def _userdevice_key(text):
     try:
         return int(text)
     except ValueError:
-        return 1 << 30
+        return UNNUMBERED
 
 
 def pick_disks(disks, devices):

@@ -12,6 +12,10 @@ import re
 
 
 
+#: Sorts after every real device number (a userdevice that is not a number).
+UNNUMBERED = 1 << 30
+
+
 def parse_bool(text):
     """Return True/False for 1/0, true/false, yes/no, on/off; raise ValueError otherwise."""
     word = str(text).strip().lower()

@@ -5,16 +5,19 @@ xva_compression, the zstd reader, ova_xml_from_tar, xva_is_complete.
 Imports: errors, util, formats.xxh64, formats.tar.
 """
 
+import base64
 import collections
+import contextlib
 import gzip
 import hashlib
 import os
 import re
 import shutil
 import subprocess
-import tarfile
 import threading
 import xml.etree.ElementTree
+import xml.parsers.expat
+import xmlrpc.client
 import zlib
 
 from vmbackup.errors import BadFile, ExportFailed
@@ -23,15 +26,54 @@ from vmbackup.formats.xxh64 import xxh64_hex
 from vmbackup.util import one_line, printable
 
 
+#: The most ova.xml the tool reads: a VM's metadata is kilobytes; this bounds a hostile file.
+MAX_OVA_XML = 256 << 20
+
+
+def first_ova_xml(tar):
+    """Return the body of ova.xml, the first member of an XVA's tar; raise BadFile."""
+    first = tar.next()
+    if first is None:
+        raise BadFile("empty tar: no ova.xml")
+    if first.name != "ova.xml":
+        raise BadFile("first member is %r, not ova.xml: not an XVA" % first.name)
+    return tar.read_body(limit=MAX_OVA_XML)
+
+
+@contextlib.contextmanager
+def xva_reader(path):
+    """Open an XVA (.xva, .xva.gz, .xva.zst, or a metadata export's tar): yield its tar bytes."""
+    algo = xva_compression(path)
+    with open(path, "rb") as handle:
+        if algo == "gzip":
+            yield gzip.GzipFile(fileobj=handle, mode="rb")
+        elif algo == "zstd":
+            zstd = find_zstd()
+            if zstd is None:
+                raise BadFile("zstd is not installed: %s cannot be read here" % printable(path))
+            stream = _ZstdStream(handle, zstd)
+            try:
+                yield stream
+            finally:
+                stream.kill()
+        else:
+            yield handle
+
+
+def read_ova_xml(path):
+    """Return the ova.xml bytes at the start of an XVA or a metadata export; raise BadFile."""
+    try:
+        with xva_reader(path) as stream:
+            return first_ova_xml(TarStream(stream))
+    except (EOFError, zlib.error) as exc:
+        raise BadFile("gzip stream: %s" % (one_line(exc) or "truncated"))
+
+
 def ova_xml_from_tar(path):
     """Return the ova.xml bytes of a metadata export (a tar holding ova.xml)."""
     try:
-        with tarfile.open(path, "r:*") as archive:
-            member = archive.extractfile("ova.xml")
-            if member is None:
-                raise KeyError("ova.xml")
-            return member.read()
-    except (tarfile.TarError, KeyError, OSError) as exc:
+        return read_ova_xml(path)
+    except (BadFile, OSError) as exc:
         raise ExportFailed("metadata export is not a tar with ova.xml: %s" % one_line(exc))
 
 
@@ -50,33 +92,27 @@ def xva_is_complete(path):
 
 
 # -- ova.xml: one XML-RPC value ----------------------------------------------
-def _xmlrpc_value(elem):
-    """Return the Python value of an XML-RPC <value> element (untyped text is a string)."""
-    children = list(elem)
-    if not children:
-        return elem.text or ""
-    typed = children[0]
-    tag = typed.tag
-    if tag == "struct":
-        out = {}
-        for member in typed.findall("member"):
-            name, value = member.find("name"), member.find("value")
-            if name is None or value is None:
-                raise ValueError("struct member without name or value")
-            out[name.text or ""] = _xmlrpc_value(value)
-        return out
-    if tag == "array":
-        data = typed.find("data")
-        return [_xmlrpc_value(v) for v in (data.findall("value") if data is not None else [])]
-    if tag in ("int", "i4", "i8"):
-        return int((typed.text or "").strip())
-    if tag == "boolean":
-        return (typed.text or "").strip() == "1"
-    if tag == "double":
-        return float((typed.text or "").strip())
-    if tag == "nil":
-        return None
-    return typed.text or ""  # string, dateTime.iso8601, base64: kept as text
+def _plain(value):
+    """Turn xmlrpc.client's DateTime and Binary into the text they came from, recursively."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, xmlrpc.client.DateTime):
+        return value.value
+    if isinstance(value, xmlrpc.client.Binary):
+        return base64.b64encode(value.data).decode("ascii")
+    return value
+
+
+def xmlrpc_value(data):
+    """Return the Python value of one XML-RPC <value> document, by the standard library's parser."""
+    body = re.sub(br"^\s*<\?xml[^>]*\?>", b"", data if isinstance(data, bytes) else data.encode())
+    parser, unmarshaller = xmlrpc.client.getparser()
+    parser.feed(b"<params><param>" + body + b"</param></params>")
+    parser.close()
+    (value,) = unmarshaller.close()
+    return _plain(value)
 
 
 def parse_ova_xml(data):
@@ -91,8 +127,8 @@ def parse_ova_xml(data):
     if root.tag != "value":
         raise ValueError("root element is <%s>, not an XML-RPC <value>" % root.tag)
     try:
-        ova = _xmlrpc_value(root)
-    except (ValueError, AttributeError) as exc:
+        ova = xmlrpc_value(data)
+    except (ValueError, TypeError, xml.parsers.expat.ExpatError, xmlrpc.client.Error) as exc:
         raise ValueError("not an XML-RPC value: %s" % exc)
     if not isinstance(ova, dict) or not isinstance(ova.get("objects"), list):
         raise ValueError("no 'objects' list: not XAPI export metadata")
@@ -181,14 +217,10 @@ def check_xva_stream(stream):
     """
     tar = TarStream(stream)
     problems = []
-    first = tar.next()
-    if first is None:
-        raise BadFile("empty tar: no ova.xml")
-    if first.name != "ova.xml":
-        raise BadFile("first member is %r, not ova.xml: not an XVA" % first.name)
+    body = first_ova_xml(tar)
     ova, expected = None, {}
     try:
-        ova = parse_ova_xml(tar.read_body(limit=256 << 20))
+        ova = parse_ova_xml(body)
         expected = ova_disks(ova)
     except ValueError as exc:
         problems.append("ova.xml does not parse: %s" % exc)
