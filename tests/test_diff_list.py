@@ -72,3 +72,21 @@ def test_list_shows_complete_incomplete_and_legacy(sim_pool, api, backup_dir):
     # and verify agrees: the incomplete one is reported, the others are good
     out = run_vmbackup("verify", backup_dir, exit_code=2)
     assert "backup-2020-01-01-000000" in out
+
+
+def test_diff_reads_compressed_xva_backups(sim_pool, api, backup_dir):
+    """diff compares the ova.xml inside .xva.zst and .xva.gz files, not only plain ones."""
+    args = api(sim_pool) + ["-d", str(backup_dir), "-e", "PRD-print7"]
+    run_vmbackup(*args, "--compress", "zstd")
+    s = session(sim_pool)
+    try:
+        vm, _ = sim_pool.vm("PRD-print7")
+        s.xenapi.VM.set_name_description(vm, "moved to the second floor")
+    finally:
+        s.xenapi.session.logout()
+    run_vmbackup(*args, "--compress", "gzip")
+    old, new = [backup_dir / "PRD-print7" / f for f in sorted(os.listdir(str(backup_dir / "PRD-print7")))]
+    xvas = [[n for n in os.listdir(str(p)) if ".xva" in n][0] for p in (old, new)]
+    assert xvas == ["PRD-print7.xva.zst", "PRD-print7.xva.gz"]
+    out = run_vmbackup("diff", old / xvas[0], new / xvas[1])
+    assert 'name_description: "" -> "moved to the second floor"' in out, out
