@@ -1,7 +1,10 @@
-"""Talking to XAPI: endpoints, TLS pinning, the XML-RPC session and login.
+"""Talking to XAPI: endpoints, TLS pinning, the XML-RPC session and login, HTTP, tasks.
 
 Owns: Endpoint/parse_endpoint (https, http, the local socket), the pinned and unix
-HTTP connections, Xapi (one session, calls, XapiFailure), login, xapi_value.
+HTTP connections, Xapi (one session, calls, XapiFailure), login, xapi_value, the one
+timeout policy and the one mapping of TLS/connection errors, http_request (the one
+path to XAPI's HTTP handlers, following its redirects) and XapiTask (the one owner
+of a XAPI task: create, cancel on error, wait, destroy).
 Imports: errors, util; XenAPI (the official client) when installed.
 """
 
@@ -16,8 +19,9 @@ import xmlrpc.client
 
 from vmbackup import __version__
 from vmbackup.errors import (
-    CallFailed, ConfigError, LoginError, VmBackupError, XapiCallFailed, log, xapi_error_text)
-from vmbackup.util import one_line
+    CallFailed, ConfigError, ExportFailed, ExportStalled, LoginError, VmBackupError,
+    XapiCallFailed, log, xapi_error_text)
+from vmbackup.util import human_size, one_line
 
 
 try:  # the official client; dom0 ships it, elsewhere: pip install XenAPI
@@ -28,6 +32,34 @@ except ImportError:  # pragma: no cover - exercised only where XenAPI is absent
 
 #: dom0's local XAPI socket; root needs no password on it.
 LOCAL_XAPI_SOCKET = "/var/lib/xcp/xapi"
+
+
+# The timeout policy, in one place. An HTTP transfer's socket gives up after the
+# run's stall_timeout without a byte; an XML-RPC call after XMLRPC_TIMEOUT; a task
+# is waited for max(TASK_WAIT_MIN, stall_timeout) once its data has moved.
+
+#: Seconds one XML-RPC call may take (XAPI answers a VM.snapshot only once it is done).
+XMLRPC_TIMEOUT = 300
+
+#: Seconds a task is waited for at least once its data has moved: an import still
+#: writes its disks after the last byte is in.
+TASK_WAIT_MIN = 600
+
+#: Polling a task: the first delay and the longest one (seconds), doubling between.
+TASK_POLL_FIRST, TASK_POLL_MAX = 0.05, 1.0
+
+#: HOST_IS_SLAVE answers followed at login (a member, then a master that just moved).
+LOGIN_HOPS = 2
+
+#: Redirects one HTTP request follows. XAPI redirects once, to a host that sees the
+#: VM's or the disk's SRs; more hops than this is a loop.
+MAX_REDIRECTS = 3
+
+#: HTTP answers that send the client elsewhere (XAPI sends 302).
+REDIRECT_STATUSES = (301, 302, 303, 307)
+
+#: Bytes of an HTTP error page read, and characters of it quoted in the error.
+ERROR_PAGE_READ, ERROR_PAGE_QUOTE = 2048, 200
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -89,6 +121,15 @@ class Endpoint(typing.NamedTuple):
     @property
     def is_local(self):
         return self.scheme == "unix"
+
+    def redirected(self, location):
+        """Return (endpoint, "path?query") that a Location header points to (same TLS settings)."""
+        parts = urllib.parse.urlsplit(location)
+        endpoint = self
+        if parts.hostname:
+            endpoint = self._replace(scheme=parts.scheme or self.scheme, host=parts.hostname,
+                                     port=parts.port)
+        return endpoint, parts.path + ("?" + parts.query if parts.query else "")
 
     def with_host(self, host):
         """Return this endpoint pointed at another pool host (same scheme, port and TLS)."""
@@ -155,6 +196,17 @@ class EndpointTransport(xmlrpc.client.Transport):
         self._connection = host, self.endpoint.connection(timeout=self.timeout)
         return self._connection[1]
 
+    def single_request(self, host, handler, request_body, verbose=False):
+        try:
+            return xmlrpc.client.Transport.single_request(self, host, handler, request_body,
+                                                          verbose)
+        except BaseException:
+            # xmlrpc.client drops a connection after an Exception but keeps it after
+            # KeyboardInterrupt or Terminated, half-way through a request: the cleanup
+            # calls that follow (task.cancel, VM.destroy) need a fresh one.
+            self.close()
+            raise
+
 
 class XapiFailure(CallFailed):
     """{}"""
@@ -171,6 +223,29 @@ class XapiFailure(CallFailed):
 
 #: Errors of the connection itself, as opposed to XAPI's answers.
 CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError)
+
+
+#: TLS failures (before Python 3.7 a certificate for the wrong host is a ValueError).
+TLS_ERRORS = (ssl.SSLError, ssl.CertificateError)
+
+
+def connection_error_text(exc):
+    """Return one line for a TLS or connection error: the one wording every caller uses.
+
+    ConnectionRefusedError(111, 'Connection refused') -> 'Connection refused'
+    ssl.SSLError('[SSL: CERTIFICATE_VERIFY_FAILED] ...') -> 'TLS: [SSL: CERTIFICATE_VERIFY_FAILED] ...'
+    """
+    if isinstance(exc, TLS_ERRORS):
+        return "TLS: " + one_line(exc)
+    return one_line(getattr(exc, "strerror", None) or exc)
+
+
+def transfer_error(what, exc, done, stall_timeout):
+    """Return the tool's error for a connection lost (or silent) after `done` bytes of a transfer."""
+    if isinstance(exc, socket.timeout):
+        return ExportStalled(what, stall_timeout)
+    return ExportFailed("%s: connection lost after %s: %s"
+                        % (what, human_size(done), connection_error_text(exc)))
 
 
 class Xapi:
@@ -201,10 +276,10 @@ class Xapi:
                 return target(*args)
             except XenAPI.Failure as exc:
                 raise XapiFailure(method, exc.details)
-            except (CONNECTION_ERRORS + (xmlrpc.client.Fault,)) as exc:
+            except (TLS_ERRORS + CONNECTION_ERRORS + (xmlrpc.client.Fault,)) as exc:
                 if attempt + 1 >= attempts:
-                    raise XapiCallFailed(method, one_line(exc))
-                log.info("XAPI %s: %s; retrying", method, one_line(exc))
+                    raise XapiCallFailed(method, connection_error_text(exc))
+                log.info("XAPI %s: %s; retrying", method, connection_error_text(exc))
                 time.sleep(self.BACKOFF * (2 ** attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
@@ -216,28 +291,26 @@ class Xapi:
             log.debug("logout: %s", exc)
 
 
-def login(endpoint, username, password, _redirects=2):
+def login(endpoint, username, password, _hops=LOGIN_HOPS):
     """Return a Xapi session; follow HOST_IS_SLAVE to the master; raise LoginError."""
     if XenAPI is None:
         raise LoginError(endpoint.url, "the XenAPI package is missing (pip install XenAPI)")
     uri = "http://localhost/" if endpoint.is_local else endpoint.url
-    session = XenAPI.Session(uri, transport=EndpointTransport(endpoint, timeout=300))
+    session = XenAPI.Session(uri, transport=EndpointTransport(endpoint, timeout=XMLRPC_TIMEOUT))
     try:
         session.xenapi.login_with_password(username, password or "", "2.0",
                                            "vmbackup/" + __version__)
     except XenAPI.Failure as exc:
         details = [str(d) for d in exc.details]
-        if details[:1] == ["HOST_IS_SLAVE"] and len(details) > 1 and _redirects > 0:
+        if details[:1] == ["HOST_IS_SLAVE"] and len(details) > 1 and _hops > 0:
             master = endpoint.with_host(details[1])
             log.info("%s is a pool member; logging in to the master %s", endpoint.url, master.url)
-            return login(master, username, password, _redirects - 1)
+            return login(master, username, password, _hops - 1)
         if details[:1] == ["SESSION_AUTHENTICATION_FAILED"]:
             raise LoginError(endpoint.url, "authentication failed for user %r" % username)
         raise LoginError(endpoint.url, xapi_error_text(details))
-    except ssl.SSLError as exc:
-        raise LoginError(endpoint.url, "TLS: %s" % one_line(getattr(exc, "reason", None) or exc))
-    except CONNECTION_ERRORS + (xmlrpc.client.Fault,) as exc:
-        raise LoginError(endpoint.url, one_line(getattr(exc, "strerror", None) or exc))
+    except TLS_ERRORS + CONNECTION_ERRORS + (xmlrpc.client.Fault,) as exc:
+        raise LoginError(endpoint.url, connection_error_text(exc))
     return Xapi(endpoint, session, username)
 
 
@@ -250,3 +323,159 @@ def xapi_value(text):
         return None
     wrapped = "<methodResponse><params><param>%s</param></params></methodResponse>" % text
     return xmlrpc.client.loads(wrapped)[0][0]
+
+
+def http_request(endpoint, method, path, query, stall_timeout, content_length=None):
+    """Return (response, connection) of XAPI's 200 answer to `method path?query`.
+
+    The one HTTP path to XAPI: it follows up to MAX_REDIRECTS redirects, gives the
+    socket stall_timeout, and raises ExportFailed for a TLS or connection error, an
+    answer other than 200 (quoting the page) or a redirect loop. A PUT sends only its
+    headers here: XAPI answers (200, or 302 to the host that sees the SR) before it
+    reads the body, so the caller sends the content_length bytes after this returns.
+    The caller closes both.
+    """
+    target = path + "?" + urllib.parse.urlencode(query)
+    for _ in range(MAX_REDIRECTS + 1):
+        conn = endpoint.connection(timeout=stall_timeout)
+        response = None
+        try:
+            response = _send_head(conn, method, target, content_length)
+            location = response.getheader("Location")
+            if response.status in REDIRECT_STATUSES and location:
+                close_http(response, conn)
+                endpoint, target = endpoint.redirected(location)
+                log.debug("%s %s redirected to %s", method, path, endpoint.url)
+                continue
+            if response.status != http.client.OK:
+                page = response.read(ERROR_PAGE_READ).decode("utf-8", "replace")
+                raise ExportFailed("%s %s: HTTP %d %s: %s" % (method, path, response.status,
+                                                               response.reason,
+                                                               one_line(page, ERROR_PAGE_QUOTE)))
+            return response, conn
+        except TLS_ERRORS + CONNECTION_ERRORS as exc:
+            close_http(response, conn)
+            raise ExportFailed("%s %s on %s: %s" % (method, path, endpoint.url,
+                                                    connection_error_text(exc)))
+        except BaseException:
+            close_http(response, conn)
+            raise
+    raise ExportFailed("%s %s: too many redirects (more than %d)" % (method, path, MAX_REDIRECTS))
+
+
+def _send_head(conn, method, target, content_length):
+    """Send the request line and headers (no body); return the response, its status read."""
+    conn.putrequest(method, target)
+    if content_length is not None:
+        conn.putheader("Content-Length", str(content_length))
+    conn.endheaders()
+    # Read the answer on the socket ourselves: conn.getresponse() would drop the socket
+    # of a Connection: close answer, and a PUT's body is sent after the answer.
+    response = http.client.HTTPResponse(conn.sock, method=method)
+    response.begin()
+    return response
+
+
+def close_http(response, conn):
+    """Close a response (None: not read yet) and its connection."""
+    if response is not None:
+        response.close()
+    conn.close()
+
+
+class XapiTask:
+    """The one owner of a XAPI task around an HTTP transfer: create, cancel on error, wait, destroy.
+
+        with XapiTask(xapi, "export of web01", stall_timeout) as task:
+            response, conn = task.http(endpoint, "GET", "/export", {"ref": ref})
+            ...
+        task.record      # the finished task's record; its status is "success"
+
+    Leaving the block normally waits for the task (unless `finish()` was called inside
+    it) and raises ExportFailed unless the task succeeded: XAPI sends no Content-Length,
+    so a cut stream looks finished and only the task tells. Leaving it by any exception,
+    KeyboardInterrupt and Terminated included, cancels the task if it still runs. The
+    task is destroyed either way.
+    """
+
+    def __init__(self, xapi, what, stall_timeout):
+        self.xapi, self.what, self.stall_timeout = xapi, what, stall_timeout
+        self.ref = None
+        self.record = None
+
+    def __enter__(self):
+        self.ref = self.xapi.call("task.create", "vmbackup: " + self.what, "")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is not None:
+                self.cancel()
+            elif self.record is None:
+                try:
+                    self.finish()
+                except BaseException:
+                    self.cancel()
+                    raise
+        finally:
+            self.destroy()
+        return False
+
+    def http(self, endpoint, method, path, params, content_length=None):
+        """Return (response, connection) of http_request for `path` run under this task.
+
+        XAPI's error page is HTML; when the handler failed the task, the error says why
+        in XAPI's own words.
+        """
+        query = dict(params, session_id=self.xapi.ref, task_id=self.ref)
+        try:
+            return http_request(endpoint, method, path, query, self.stall_timeout, content_length)
+        except ExportFailed:
+            reason = self.xapi.call("task.get_record", self.ref).get("error_info")
+            if reason:
+                raise ExportFailed("%s refused: %s" % (self.what, xapi_error_text(reason)))
+            raise
+
+    def finish(self):
+        """Wait for the task; return its record; raise ExportFailed unless it succeeded."""
+        record = self.wait()
+        if record["status"] != "success":
+            raise ExportFailed("%s failed: task %s: %s" % (
+                self.what, record["status"], xapi_error_text(record.get("error_info"))))
+        self.record = record
+        return record
+
+    @property
+    def result(self):
+        """The finished task's result as a Python value (e.g. the refs an import made)."""
+        return xapi_value(self.record.get("result")) if self.record else None
+
+    def wait(self):
+        """Return the task's record once it has left `pending`; raise ExportFailed if it never does."""
+        timeout = max(TASK_WAIT_MIN, self.stall_timeout)
+        deadline = time.monotonic() + timeout
+        delay = TASK_POLL_FIRST
+        while True:
+            record = self.xapi.call("task.get_record", self.ref)
+            if record.get("status") not in ("pending", "cancelling"):
+                return record
+            if time.monotonic() > deadline:
+                raise ExportFailed("%s: the task did not finish within %d seconds"
+                                   % (self.what, timeout))
+            time.sleep(delay)
+            delay = min(delay * 2, TASK_POLL_MAX)
+
+    def cancel(self):
+        """Cancel the task if it still runs, best effort: the transfer is being abandoned."""
+        try:
+            if self.xapi.call("task.get_status", self.ref) == "pending":
+                self.xapi.call("task.cancel", self.ref)
+        except VmBackupError as exc:
+            log.debug("task.cancel: %s", exc)
+
+    def destroy(self):
+        """Destroy the task, best effort (XAPI would keep it for an hour)."""
+        try:
+            self.xapi.call("task.destroy", self.ref)
+        except VmBackupError as exc:
+            log.debug("task.destroy: %s", exc)

@@ -64,11 +64,12 @@ class Transport:
     name = "?"
     #: How long a destroy keeps retrying while the object is busy (seconds).
     BUSY_WAIT = 120.0
+    #: Retrying a busy destroy: the first delay and the longest one (seconds), doubling between.
+    BUSY_POLL_FIRST, BUSY_POLL_MAX = 0.2, 5.0
 
-    def __init__(self, xapi, config, password=None):
+    def __init__(self, xapi, config):
         self.xapi = xapi
         self.config = config
-        self.password = password
 
     def tag(self, cls, obj, note):
         """Mark `obj` (a VM snapshot or a VDI) as this tool's own."""
@@ -76,7 +77,7 @@ class Transport:
 
     def retry_busy(self, what, action):
         """Run `action()` until it stops failing with a busy code; treat gone as done."""
-        delay, deadline = 0.2, time.monotonic() + self.BUSY_WAIT
+        delay, deadline = self.BUSY_POLL_FIRST, time.monotonic() + self.BUSY_WAIT
         while True:
             try:
                 return action()
@@ -89,7 +90,7 @@ class Transport:
                     raise
                 log.debug("%s: %s, retrying in %.1fs", what, code, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, self.BUSY_POLL_MAX)
 
     def vm_obj(self, ref=None, uuid=None):
         """Return Obj for a VM known by ref or uuid (one call)."""

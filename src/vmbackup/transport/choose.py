@@ -11,11 +11,11 @@ from vmbackup.transport.api import ApiTransport
 from vmbackup.transport.xe import XeTransport, find_xe
 
 
-TRANSPORTS = {"api": ApiTransport, "xe": XeTransport}
-
-
 def make_transport(config, xapi, password):
-    """Return the transport for this run: xe on the pool host when xe exists, else api."""
+    """Return the transport for this run: xe on the pool host when xe exists, else api.
+
+    Only xe needs the password (in its -pwf file); the API transport uses the session.
+    """
     name = config.transport
     xe_path = find_xe(config) if name in ("auto", "xe") else None
     if name == "auto":
@@ -25,4 +25,4 @@ def make_transport(config, xapi, password):
             raise ConfigError("transport=xe (%s): no xe binary found (xe_path=%s)"
                               % (config.where("transport"), config.xe_path or "-"))
         return XeTransport(xapi, config, password, xe_path)
-    return ApiTransport(xapi, config, password)
+    return ApiTransport(xapi, config)

@@ -63,10 +63,13 @@ class XeTransport(Transport):
     """The xe command, as NAUbackup used it on the pool host; XenAPI only for reading and tags."""
 
     name = "xe"
+    #: Seconds between looks at a downloading xe's file (has it grown?).
     POLL = 0.5
+    #: Seconds an aborted xe gets to exit on SIGTERM before it is killed.
+    TERM_GRACE = 10
 
     def __init__(self, xapi, config, password=None, xe_path=None):
-        Transport.__init__(self, xapi, config, password)
+        Transport.__init__(self, xapi, config)
         self.xe_path = xe_path
         self.connect_args = []
         self.pw_file = None
@@ -129,7 +132,7 @@ class XeTransport(Transport):
                 if proc.poll() is None:
                     proc.terminate()
                     try:
-                        proc.wait(10)
+                        proc.wait(self.TERM_GRACE)
                     except subprocess.TimeoutExpired:
                         proc.kill()
                         proc.wait()
