@@ -12,10 +12,9 @@ import time
 import pytest
 
 import vmbackup
-from conftest import run_vmbackup, session
+from conftest import assert_pool_clean, run_vmbackup, session, spawn
+from test_reliability import complete, stray_files, wait_for
 from xapisim import server
-
-from test_reliability import assert_pool_clean, complete, spawn, stray_files, wait_for
 
 
 def our_tasks(pool):
