@@ -49,7 +49,7 @@ def test_retention_counts_legacy_nau_folders_by_date(tmp_path):
         if marker:
             (vm_dir / name / marker).write_text("")
     (vm_dir / "README.txt").write_text("never touched")
-    doomed = vmbackup.prune_vm_backups(str(vm_dir), 2)
+    doomed = vmbackup.prune_vm_backups(vmbackup.LocalStore(str(tmp_path)), "web01", 2)
     assert doomed == ["backup-2019-09-05-(00:10:01)", "backup-2019-09-12-(00:10:01)",
                       "backup-2026-11-21-001001"]
     assert sorted(os.listdir(str(vm_dir))) == ["README.txt", "backup-2026-11-20-001001",

@@ -309,7 +309,7 @@ def test_zstd_xva_without_zstd_is_unchecked_never_good(tmp_path, monkeypatch):
     monkeypatch.setattr(V, "find_zstd", lambda: None)
     out = verify(folder, code=1)
     assert "UNCHECKED web01/backup-2026-11-23-101500/web01.xva.zst: zstd is not installed" in out
-    assert V.verify_backup(folder)["status"] == "unchecked"
+    assert V.verify_backup(folder).status == "unchecked"
 
 
 # -- cross-checks with Debian's xva-img (reads the SHA-1 `.checksum` form only)
@@ -430,7 +430,7 @@ def test_raw_must_be_exactly_the_virtual_size(tmp_path):
             "virtual_size is %d (truncated?)" % (len(raw) - 4096, len(raw))) in out
     good = write_backup(tmp_path, [("web01.raw", raw)], stamp="2026-11-24-101500", mode="vdi-export",
                         vdi_format="raw", disks=[("xvda", VDISK.virtual_size, "web01.raw")])
-    assert V.verify_backup(good)["status"] == "good"
+    assert V.verify_backup(good).status == "good"
 
 
 # ---------------------------------------------------------------------------
@@ -457,7 +457,7 @@ def test_good_backups_verify_with_exit_0(vm_backup, tmp_path):
     assert "  good      web01.vhd (" in out
     assert "verified 2 backups: 2 good" in out
     result = V.verify_backup(xva_folder)
-    assert result["status"] == "good" and result["problems"] == [] and result["complete"]
+    assert result.status == "good" and result.problems == () and result.complete
 
 
 def test_verify_json_has_per_backup_results(vm_backup, tmp_path):
@@ -510,7 +510,7 @@ def test_damaged_backup_is_rejected_with_one_line_saying_why(vm_backup, damage, 
     damage(folder)
     out = verify(folder, code=2)
     assert line in out, out
-    assert V.verify_backup(folder)["status"] in ("bad", "incomplete")
+    assert V.verify_backup(folder).status in ("bad", "incomplete")
 
 
 def test_interrupted_backup_without_manifest_is_incomplete(tmp_path):
@@ -546,9 +546,9 @@ def test_legacy_nau_backup_is_checked_by_format(tmp_path):
     out = verify(bad, code=2)
     assert "BAD web01/backup-2025-01-06-(10:00:00)/web01.xva: truncated" in out
     result = V.verify_backup(bad)
-    assert result["legacy"] and result["status"] == "bad"
+    assert result.legacy and result.status == "bad"
     big = make_legacy(tmp_path, success="success_compress", name="backup-2025-01-07-(10:00:00)")
-    assert V.verify_backup(big)["status"] == "good"     # NAUbackup's marker for files over 60 GiB
+    assert V.verify_backup(big).status == "good"     # NAUbackup's marker for files over 60 GiB
     unfinished = make_legacy(tmp_path, success=None, name="backup-2025-01-08-(10:00:00)")
     assert "INCOMPLETE web01/backup-2025-01-08-(10:00:00): legacy NAUbackup backup: no manifest" in verify(
         unfinished, code=2)
@@ -631,8 +631,8 @@ def test_verify_accepts_what_vmbackup_writes(transport, sim_pool, backup_dir):
     assert out == ""                            # -q: nothing wrong, nothing printed
     results = [V.verify_backup(os.path.join(str(backup_dir), vm, b))
                for vm, _ in expected for b in os.listdir(os.path.join(str(backup_dir), vm))]
-    assert [(r["vm"], r["mode"], r["status"]) for r in results] == [e + ("good",) for e in expected]
-    files = {f["name"] for r in results for f in r["files"]}
+    assert [(r.vm, r.mode, r.status) for r in results] == [e + ("good",) for e in expected]
+    files = {f.name for r in results for f in r.files}
     assert {"web01.xva.zst", "db01.vhd", "db01-xvdb.vhd"} <= files
     if transport.kind == "api":
         assert {"name.with.dots.xva", "my VM with spaces.raw"} <= files

@@ -1,14 +1,13 @@
 """Backing up one VM: snapshot, export, metadata, manifest, success, retention; and the dated files.
 
 Owns: Context, VmLog, tool_snapshot (the snapshot's lifetime), export_vm_mode/
-export_vdi_mode, export_with_retries, backup_vm/backup_vm_safely (a failure
+export_vdi_mode, export_with_retries, build_manifest, backup_vm/backup_vm_safely (a failure
 becomes a VmResult), backup_pool_db/backup_hosts, run_note.
 Imports: everything below it (errors .. report).
 """
 
 import contextlib
 import datetime
-import json
 import logging
 import os
 import signal
@@ -20,15 +19,15 @@ import typing
 from vmbackup import __version__
 from vmbackup.config import Config
 from vmbackup.errors import (
-    BackupDirError, CallFailed, ExportFailed, VmBackupError, XapiCallFailed, log)
+    CallFailed, ExportFailed, VmBackupError, XapiCallFailed, log)
 from vmbackup.formats.xva import xva_is_complete
 from vmbackup.metadata import file_entry, pool_info, save_vm_metadata, write_cfg_files
 from vmbackup.report import VmResult
 from vmbackup.retention import prune_dated_files, prune_vm_backups
 from vmbackup.selection import PoolView
-from vmbackup.store import MANIFEST, SUCCESS_MARKER, check_space, inside, safe_dirname, stamp
+from vmbackup.store import XVA_SUFFIXES, LocalStore, check_space, inside, safe_dirname, stamp
 from vmbackup.transport.base import Obj, Transport
-from vmbackup.util import fsync_dir, human_size, one_line, partial_file, printable, write_text
+from vmbackup.util import human_size, one_line, partial_file, printable
 
 
 class VmLog(logging.LoggerAdapter):
@@ -146,24 +145,10 @@ def wants_quiesce(vm_record):
     return flag.lower() in ("1", "true", "yes") or "vmbackup:quiesce" in (vm_record.get("tags") or ())
 
 
-def new_backup_folder(vm_dir):
-    """Create and return a new backup-YYYY-MM-DD-HHMMSS folder (waiting a second on a clash)."""
-    for _ in range(3):
-        moment = datetime.datetime.now().replace(microsecond=0)
-        path = os.path.join(vm_dir, "backup-" + stamp(moment))
-        try:
-            os.mkdir(path, 0o777)
-            return path, moment
-        except FileExistsError:
-            time.sleep(1.05 - datetime.datetime.now().microsecond / 1e6)
-    raise BackupDirError("cannot create a new backup folder in %s" % vm_dir)
-
-
 def export_vm_mode(ctx, plan, folder, moment, vlog):
     """vm-export: snapshot, leave out [NOBAK] disks, export the .xva; return file entries."""
     compress = ctx.config.compress
-    dest = os.path.join(folder, safe_dirname(plan.vm.name) + {None: ".xva", "gzip": ".xva.gz",
-                                                              "zstd": ".xva.zst"}[compress])
+    dest = os.path.join(folder, safe_dirname(plan.vm.name) + XVA_SUFFIXES[compress])
     with vm_snapshot(ctx, plan.vm, vlog, moment) as snap:
         if plan.skipped:
             skip = {d.userdevice for d in plan.skipped}
@@ -246,23 +231,11 @@ def estimate_size(plan):
                for d in plan.disks)
 
 
-def backup_vm(ctx, plan, vlog):
-    """Back up one VM into a new dated folder; return its VmResult; raise VmBackupError."""
+def build_manifest(ctx, plan, started, files):
+    """Return the backup.json of one VM's backup: what was backed up, how, and every file."""
     config, vm = ctx.config, plan.vm
-    if plan.problems:
-        raise ExportFailed("; ".join(plan.problems))
-    began = time.monotonic()
-    vm_dir = inside(config.backup_dir, safe_dirname(vm.name))
-    os.makedirs(vm_dir, exist_ok=True)
-    check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
-    if config.pre_clean and vm.mode != "meta-export":
-        prune_vm_backups(vm_dir, vm.max_backups - 1, drop_incomplete=False, vlog=vlog)
-    folder, moment = new_backup_folder(vm_dir)
-    vlog.info("%s to %s", vm.mode, folder)
-    started = datetime.datetime.now()
-    files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
     record = ctx.view.vms[vm.ref]
-    manifest = {
+    return {
         "tool": "vmbackup", "version": __version__, "format": 1,
         "vm": {"name": vm.name, "uuid": vm.uuid, "power_state": record.get("power_state")},
         "mode": vm.mode, "transport": ctx.transport.name,
@@ -275,13 +248,28 @@ def backup_vm(ctx, plan, vlog):
                    "file": (disk_file_name(vm.name, d, config.vdi_export_format)
                             if vm.mode == "vdi-export" else None)} for d in plan.disks],
         "skipped_disks": [d.device for d in plan.skipped],
-        "files": files + exported,
+        "files": files,
         "pool": pool_info(ctx.view),
     }
-    write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    write_text(os.path.join(folder, SUCCESS_MARKER), "")
-    fsync_dir(folder)
-    prune_vm_backups(vm_dir, vm.max_backups, vlog=vlog)
+
+
+def backup_vm(ctx, plan, vlog):
+    """Back up one VM into a new dated folder; return its VmResult; raise VmBackupError."""
+    config, vm = ctx.config, plan.vm
+    if plan.problems:
+        raise ExportFailed("; ".join(plan.problems))
+    began = time.monotonic()
+    store, vm_folder = LocalStore(config.backup_dir), safe_dirname(vm.name)
+    os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
+    check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
+    if config.pre_clean and vm.mode != "meta-export":
+        prune_vm_backups(store, vm_folder, vm.max_backups - 1, drop_incomplete=False, vlog=vlog)
+    folder, moment = store.new_folder(vm_folder)
+    vlog.info("%s to %s", vm.mode, folder)
+    started = datetime.datetime.now()
+    files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
+    store.commit(folder, build_manifest(ctx, plan, started, files + exported))
+    prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog)
     total = sum(f["size"] for f in exported)
     return VmResult(vm.name, vm.uuid, vm.mode, "warning" if vlog.warnings else "success", folder,
                     total, time.monotonic() - began, "; ".join(vlog.warnings))
@@ -326,7 +314,8 @@ def backup_dated_file(ctx, folder_name, file_name, what, fetch):
             nbytes, _ = fetch(tmp)
             if not nbytes:
                 raise ExportFailed("%s is empty: XAPI sent nothing" % what)
-        prune_dated_files(folder, ctx.config.max_backups)
+        prune_dated_files(LocalStore(ctx.config.backup_dir), safe_dirname(folder_name),
+                          ctx.config.max_backups)
         log.info("%s: %s (%s)", what, dest, human_size(nbytes))
         return VmResult(what, "", "pool", "success", dest, nbytes, time.monotonic() - began)
     except (VmBackupError, OSError) as exc:

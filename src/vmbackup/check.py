@@ -1,6 +1,7 @@
-"""Verifying backups without a server: each file, each folder, each dated file.
+"""Verifying backups without a server: each file, each folder, each dated file, as typed results.
 
-Owns: check_file, verify_backup/verify_dated_file/verify_single_file, verify_targets,
+Owns: check_file; the typed results (Problem, FileCheck, CheckResult, each with to_json);
+check_backup/verify_backup/verify_dated_file/verify_single_file, verify_targets,
 verify_lines, verify_exit_code.
 Imports: errors, util, store, metadata, formats.
 """
@@ -8,6 +9,7 @@ Imports: errors, util, store, metadata, formats.
 import collections
 import gzip
 import os
+import typing
 import xml.parsers.expat
 import zlib
 
@@ -15,10 +17,9 @@ from vmbackup.errors import BackupDirError, BadFile, EXIT_ERROR, EXIT_OK, EXIT_W
 from vmbackup.formats.tar import TarStream
 from vmbackup.formats.vhd import check_vhd
 from vmbackup.formats.xva import _int, check_xva_file, parse_ova_xml
-from vmbackup.metadata import file_kind, read_cfg, read_manifest
 from vmbackup.store import (
-    MANIFEST, SUCCESS_MARKER, SUCCESS_MARKERS, backup_folders, dated_files, inside,
-    parse_backup_name, parse_dated_file)
+    LEGACY_SUCCESS_MARKERS, MANIFEST, METADATA_FILE, backup_folders, dated_files, file_kind,
+    inside, parse_backup_name, parse_dated_file, read_backup_folder)
 from vmbackup.util import human_size, sha256_file
 
 
@@ -92,15 +93,97 @@ def check_file(path, kind, virtual_size=None, want_sha256=False):
     return problems, unchecked, (sha256_file(path) if want_sha256 else None)
 
 
-def _new_result(folder):
-    """Return the empty verify result of a backup folder."""
-    when = parse_backup_name(os.path.basename(folder))
-    return collections.OrderedDict([
-        ("path", folder), ("display", display_path(folder)),
-        ("vm", os.path.basename(os.path.dirname(folder))), ("name", os.path.basename(folder)),
-        ("date", when.isoformat() if when else None), ("kind", "vm"), ("mode", None),
-        ("legacy", False), ("complete", False), ("status", "good"),
-        ("problems", []), ("unchecked", []), ("notes", []), ("files", [])])
+# -- typed results ------------------------------------------------------------------
+class Problem(typing.NamedTuple):
+    """One thing wrong with a backup, or one thing not checkable here: which file
+    (relative to the backup folder; "" for the backup itself) and what, in words."""
+    file: str
+    message: str
+
+    def to_json(self):
+        """Return {"file": ..., "message": ...}."""
+        return self._asdict()
+
+    def __str__(self):
+        return "%s: %s" % (self.file, self.message) if self.file else self.message
+
+
+class FileCheck(typing.NamedTuple):
+    """One file of a backup as verify saw it."""
+    name: str
+    size: int
+    status: str                 # good, bad or unchecked
+
+    def to_json(self):
+        """Return {"name": ..., "size": ..., "status": ...}."""
+        return self._asdict()
+
+
+class CheckResult(typing.NamedTuple):
+    """The verdict on one backup folder, pool database dump, host backup or loose file."""
+    path: str
+    display: str                # last two path components, as verify prints it
+    vm: typing.Optional[str]
+    name: str
+    date: typing.Optional[str]  # ISO 8601, from the name
+    kind: str                   # vm, pool-db, host or file
+    mode: typing.Optional[str]
+    legacy: bool
+    complete: bool
+    status: str                 # good, bad, incomplete or unchecked (final_status)
+    problems: typing.Tuple[Problem, ...]
+    unchecked: typing.Tuple[Problem, ...]
+    notes: typing.Tuple[str, ...]
+    files: typing.Tuple[FileCheck, ...]
+
+    def to_json(self):
+        """Return the result as verify --json writes it (the same keys, in this order)."""
+        out = collections.OrderedDict((field, getattr(self, field)) for field in self._fields)
+        for field in ("problems", "unchecked", "files"):
+            out[field] = [item.to_json() for item in out[field]]
+        out["notes"] = list(self.notes)
+        return out
+
+
+def final_status(problems, complete, unchecked):
+    """Return a result's status: bad (any problem), incomplete, unchecked, or good."""
+    if problems:
+        return "bad"
+    if not complete:
+        return "incomplete"
+    if unchecked:
+        return "unchecked"
+    return "good"
+
+
+class Findings:
+    """What checking one backup finds, gathered file by file; result() makes the CheckResult."""
+
+    def __init__(self):
+        self.problems, self.unchecked, self.notes, self.files = [], [], [], []
+
+    def bad(self, rel, message):
+        """Record a problem of the file `rel` ("" for the backup itself)."""
+        self.problems.append(Problem(rel, message))
+
+    def checked(self, rel, size, problems=(), unchecked=(), listed_as=None):
+        """Record one file and what its check said (its problems filed under `rel`, the
+        file listed as `listed_as` or `rel`); return its status."""
+        for message in problems:
+            self.bad(rel, message)
+        self.unchecked += [Problem(rel, message) for message in unchecked]
+        status = "bad" if problems else "unchecked" if unchecked else "good"
+        self.files.append(FileCheck(rel if listed_as is None else listed_as, size, status))
+        return status
+
+    def result(self, path, vm, name, when, kind, mode=None, legacy=False, complete=True,
+               display=None):
+        """Return the CheckResult of what was found."""
+        return CheckResult(path, display or display_path(path), vm, name,
+                           when.isoformat() if when else None, kind, mode, legacy, complete,
+                           final_status(self.problems, complete, self.unchecked),
+                           tuple(self.problems), tuple(self.unchecked), tuple(self.notes),
+                           tuple(self.files))
 
 
 def display_path(path):
@@ -109,171 +192,119 @@ def display_path(path):
     return "/".join(p for p in parts[-2:] if p)
 
 
-def final_status(result):
-    """Return a result's status: bad (any problem), incomplete, unchecked, or good."""
-    if result["problems"]:
-        return "bad"
-    if not result["complete"]:
-        return "incomplete"
-    if result["unchecked"]:
-        return "unchecked"
-    return "good"
+def unreadable_result(path, exc):
+    """Return the (bad) result of a backup that could not be read at all."""
+    found = Findings()
+    found.bad("", "cannot read: %s" % (exc.strerror or exc))
+    name = os.path.basename(path)
+    return found.result(path, os.path.basename(os.path.dirname(path)), name,
+                        parse_backup_name(name), "vm", complete=False)
 
 
-def _problem(result, rel, message):
-    result["problems"].append({"file": rel, "message": message})
+# -- backup folders -------------------------------------------------------------------
+def verify_backup(path, quick=False):
+    """Return the CheckResult of the backup folder at `path` (see check_backup); raise OSError."""
+    return check_backup(read_backup_folder(path), quick)
 
 
-def legacy_raw_size(folder):
-    """Return the virtual size NAUbackup recorded for the root disk (DISK-*/vdi.cfg), or None."""
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.startswith("DISK-"))
-    except OSError:
-        return None
-    for name in names:
-        vbd = read_cfg(os.path.join(folder, name, "vbd.cfg"))
-        vdi = read_cfg(os.path.join(folder, name, "vdi.cfg"))
-        if vbd.get("userdevice", "0") == "0" and vdi.get("virtual_size", "").isdigit():
-            return int(vdi["virtual_size"])
-    return None
-
-
-def _check_listed_file(result, folder, entry, sizes, quick=False):
-    """Check one manifest file entry into `result`: size, then (unless `quick`) SHA-256 and format."""
-    rel = str(entry.get("name", ""))
-    try:
-        path = inside(folder, rel)
-    except BackupDirError:
-        return _problem(result, rel, "file name leaves the backup folder: refused")
-    if not os.path.isfile(path):
-        return _problem(result, rel, "missing (listed in %s)" % MANIFEST)
-    size = os.path.getsize(path)
-    record = {"name": rel, "size": size, "status": "good"}
-    result["files"].append(record)
-    if size != entry.get("size"):
-        record["status"] = "bad"
-        return _problem(result, rel, "size is %d bytes, the manifest says %s%s"
-                        % (size, entry.get("size"),
-                           " (truncated?)" if size < _int(entry.get("size"), size) else ""))
-    if quick:
-        return None
-    problems, unchecked, digest = check_file(path, file_kind(rel), sizes.get(rel), True)
-    if digest != entry.get("sha256"):
-        problems.insert(0, "sha256 mismatch: the file changed since the backup")
-    for message in problems:
-        _problem(result, rel, message)
-    for message in unchecked:
-        result["unchecked"].append({"file": rel, "message": message})
-    record["status"] = "bad" if problems else "unchecked" if unchecked else "good"
-
-
-def verify_backup(folder, quick=False):
-    """Return the verify result (a dict; "status": good|bad|incomplete|unchecked) of a backup folder.
+def check_backup(backup, quick=False):
+    """Return the CheckResult of a BackupFolder (status good|bad|incomplete|unchecked).
 
     Checks the manifest, the success marker, every listed file's size and
     SHA-256 and its format. quick=True checks sizes only (no file is read).
     A legacy NAUbackup folder (no manifest) has its files checked by format.
     """
-    result = _new_result(folder)
-    names = set(os.listdir(folder))
-    result["complete"] = SUCCESS_MARKER in names
-    try:
-        manifest = read_manifest(folder)
-    except BadFile as exc:
-        _problem(result, MANIFEST, str(exc))
-        manifest = {}
-    if manifest:
-        result["mode"] = manifest.get("mode")
-        result["vm"] = (manifest.get("vm") or {}).get("name", result["vm"])
-        sizes = {d.get("file"): _int(d.get("virtual_size"), None)
-                 for d in manifest.get("disks", ()) if d.get("file")}
-        listed = [str(f.get("name", "")) for f in manifest["files"] if isinstance(f, dict)]
-        for entry in manifest["files"]:
-            if not isinstance(entry, dict):
-                _problem(result, MANIFEST, "a files entry is not an object")
-                continue
-            _check_listed_file(result, folder, entry, sizes, quick)
-        _check_mode(result, manifest, listed)
-    elif manifest is not None:
-        pass    # a broken manifest: nothing to check the files against
-    elif not result["complete"] and "(" not in result["name"]:
-        result["notes"].append("no %s and no success marker: the backup did not finish" % MANIFEST)
+    found = Findings()
+    if backup.manifest_error:
+        found.bad(MANIFEST, backup.manifest_error)
+    elif backup.manifest is not None:
+        _check_manifest_files(found, backup, quick)
+    elif not backup.legacy:
+        found.notes.append("no %s and no success marker: the backup did not finish" % MANIFEST)
     else:
-        result["legacy"] = True
-        result["complete"] = bool(names.intersection(SUCCESS_MARKERS))
-        result["notes"].append("legacy NAUbackup backup: no manifest")
-        _check_legacy_files(result, folder, names, quick)
-    result["status"] = final_status(result)
-    return result
+        found.notes.append("legacy NAUbackup backup: no manifest")
+        _check_legacy_files(found, backup, quick)
+    return found.result(backup.path, backup.vm, backup.name, backup.when, "vm", backup.mode,
+                        backup.legacy, backup.complete)
 
 
-def _check_mode(result, manifest, listed):
-    """Check that the manifest lists the files its mode must have."""
-    mode = manifest.get("mode")
-    if mode == "vm-export" and not any(file_kind(n) == "xva" for n in listed):
-        _problem(result, MANIFEST, "a vm-export backup without an .xva file")
-    if mode == "vdi-export":
+def _check_manifest_files(found, backup, quick):
+    """Check every file the manifest lists, then that the mode's files are there."""
+    manifest = backup.manifest
+    sizes = {d.get("file"): _int(d.get("virtual_size"), None)
+             for d in manifest.get("disks", ()) if d.get("file")}
+    for entry in manifest["files"]:
+        if not isinstance(entry, dict):
+            found.bad(MANIFEST, "a files entry is not an object")
+            continue
+        _check_listed_file(found, backup.path, entry, sizes, quick)
+    listed = [f.name for f in backup.files]
+    if backup.mode == "vm-export" and not backup.names_of("xva"):
+        found.bad(MANIFEST, "a vm-export backup without an .xva file")
+    if backup.mode == "vdi-export":
         for disk in manifest.get("disks", ()):
             if disk.get("file") not in listed:
-                _problem(result, MANIFEST, "disk %s: its file %r is not in the backup"
-                         % (disk.get("device"), disk.get("file")))
-    if "vm-metadata.xml" not in listed:
-        _problem(result, MANIFEST, "no vm-metadata.xml in the backup")
+                found.bad(MANIFEST, "disk %s: its file %r is not in the backup"
+                          % (disk.get("device"), disk.get("file")))
+    if METADATA_FILE not in listed:
+        found.bad(MANIFEST, "no %s in the backup" % METADATA_FILE)
 
 
-def _check_legacy_files(result, folder, names, quick):
+def _check_listed_file(found, folder, entry, sizes, quick=False):
+    """Check one manifest file entry: size, then (unless `quick`) SHA-256 and format."""
+    rel = str(entry.get("name", ""))
+    try:
+        path = inside(folder, rel)
+    except BackupDirError:
+        return found.bad(rel, "file name leaves the backup folder: refused")
+    if not os.path.isfile(path):
+        return found.bad(rel, "missing (listed in %s)" % MANIFEST)
+    size = os.path.getsize(path)
+    if size != entry.get("size"):
+        return found.checked(rel, size, ["size is %d bytes, the manifest says %s%s" % (
+            size, entry.get("size"), " (truncated?)" if size < _int(entry.get("size"), size) else "")])
+    if quick:
+        return found.checked(rel, size)
+    problems, unchecked, digest = check_file(path, file_kind(rel), sizes.get(rel), True)
+    if digest != entry.get("sha256"):
+        problems.insert(0, "sha256 mismatch: the file changed since the backup")
+    return found.checked(rel, size, problems, unchecked)
+
+
+def _check_legacy_files(found, backup, quick):
     """Check a NAUbackup folder's files by their format (no manifest: no sizes or SHA-256 to compare)."""
-    raw_size = legacy_raw_size(folder)
-    kinds = [(n, file_kind(n)) for n in sorted(names - set(SUCCESS_MARKERS))
-             if os.path.isfile(os.path.join(folder, n))]
-    modes = {"xva": "vm-export", "vhd": "vdi-export", "raw": "vdi-export"}
-    result["mode"] = next((modes[k] for _, k in kinds if k in modes), "meta-export")
-    for name, kind in kinds:
-        path = os.path.join(folder, name)
-        record = {"name": name, "size": os.path.getsize(path), "status": "good"}
-        result["files"].append(record)
-        if kind is None or quick:
+    raw_size = backup.root_disk.virtual_size if backup.root_disk else None
+    for item in backup.files:
+        path = os.path.join(backup.path, item.name)
+        size = os.path.getsize(path)
+        if item.kind is None or quick:
+            found.checked(item.name, size)
             continue
-        problems, unchecked, _ = check_file(path, kind, raw_size if kind in ("raw", "vhd") else None)
-        for message in problems:
-            _problem(result, name, message)
-        for message in unchecked:
-            result["unchecked"].append({"file": name, "message": message})
-        record["status"] = "bad" if problems else "unchecked" if unchecked else "good"
+        problems, unchecked, _ = check_file(path, item.kind,
+                                            raw_size if item.kind in ("raw", "vhd") else None)
+        found.checked(item.name, size, problems, unchecked)
 
 
+# -- dated files and loose files --------------------------------------------------------
 def verify_dated_file(path):
-    """Return the verify result of a pool_db_*.dump or host_*.xbk file."""
+    """Return the CheckResult of a pool_db_*.dump or host_*.xbk file."""
     name = os.path.basename(path)
-    when = parse_dated_file(name)
-    result = collections.OrderedDict([
-        ("path", path), ("display", display_path(path)),
-        ("vm", None), ("name", name), ("date", when.isoformat() if when else None),
-        ("kind", "pool-db" if name.startswith("pool_db_") else "host"), ("mode", None),
-        ("legacy", False), ("complete", True), ("status", "good"),
-        ("problems", []), ("unchecked", []), ("notes", []),
-        ("files", [{"name": name, "size": os.path.getsize(path), "status": "good"}])])
-    check = check_pool_dump if result["kind"] == "pool-db" else check_host_backup
-    for message in check(path):
-        _problem(result, "", message)
-    result["status"] = final_status(result)
-    result["files"][0]["status"] = result["status"]
-    return result
+    kind = "pool-db" if name.startswith("pool_db_") else "host"
+    found = Findings()
+    problems = (check_pool_dump if kind == "pool-db" else check_host_backup)(path)
+    found.checked("", os.path.getsize(path), problems, listed_as=name)
+    return found.result(path, None, name, parse_dated_file(name), kind)
 
 
 def verify_single_file(path):
-    """Return the verify result of one loose .xva/.vhd/.raw file (format checks only)."""
-    result = _new_result(os.path.dirname(os.path.abspath(path)))
+    """Return the CheckResult of one loose .xva/.vhd/.raw file (format checks only)."""
+    folder = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    result.update(path=path, display=display_path(path), name=name, kind="file", complete=True)
+    found = Findings()
     problems, unchecked, _ = check_file(path, file_kind(name))
-    for message in problems:
-        _problem(result, "", message)
-    for message in unchecked:
-        result["unchecked"].append({"file": "", "message": message})
-    result["status"] = final_status(result)
-    result["files"] = [{"name": name, "size": os.path.getsize(path), "status": result["status"]}]
-    return result
+    found.checked("", os.path.getsize(path), problems, unchecked, listed_as=name)
+    return found.result(path, os.path.basename(os.path.dirname(folder)), name,
+                        parse_backup_name(os.path.basename(folder)), "file")
 
 
 def verify_targets(path):
@@ -282,7 +313,7 @@ def verify_targets(path):
         name = os.path.basename(path)
         if parse_dated_file(name):
             return [("dated", path)]
-        if name in (MANIFEST, SUCCESS_MARKER):
+        if name in (MANIFEST,) + LEGACY_SUCCESS_MARKERS:
             return verify_targets(os.path.dirname(os.path.abspath(path)))
         if file_kind(name) in ("xva", "vhd", "raw"):
             return [("file", path)]
@@ -312,35 +343,34 @@ VERIFIERS = {"backup": verify_backup, "dated": verify_dated_file, "file": verify
 
 
 def verify_lines(result, verbosity=0):
-    """Return the report lines of one verify result: one per bad file, then the verdict."""
-    lines = []
-    shown = result["display"]
-    for item in result["problems"]:
-        where = shown + ("/" + item["file"] if item["file"] else "")
-        lines.append("BAD %s: %s" % (where, item["message"]))
-    for item in result["unchecked"]:
-        where = shown + ("/" + item["file"] if item["file"] else "")
-        lines.append("UNCHECKED %s: %s" % (where, item["message"]))
-    status = result["status"]
-    detail = "; ".join(result["notes"])
-    if status == "incomplete":
+    """Return the report lines of one CheckResult: one per bad file, then the verdict.
+
+    verbosity < 0 gives only what is wrong (BAD, UNCHECKED, INCOMPLETE lines).
+    """
+    shown = result.display
+    lines = ["BAD %s: %s" % (_where(shown, p), p.message) for p in result.problems]
+    lines += ["UNCHECKED %s: %s" % (_where(shown, p), p.message) for p in result.unchecked]
+    detail = "; ".join(result.notes)
+    if result.status == "incomplete":
         lines.append("INCOMPLETE %s: %s" % (shown, detail or "no success marker: the backup "
                                             "did not finish"))
-    elif verbosity >= 0 and status in ("good", "unchecked") or verbosity > 0:
-        total = sum(f["size"] for f in result["files"])
-        what = ", ".join(x for x in (result["mode"], "%d file%s" % (
-            len(result["files"]), "" if len(result["files"]) == 1 else "s"), human_size(total),
-            detail) if x)
-        lines.append("%s %s: %s" % (status, shown, what))
+    elif verbosity >= 0 and result.status in ("good", "unchecked") or verbosity > 0:
+        count = len(result.files)
+        what = ", ".join(x for x in (result.mode, "%d file%s" % (count, "" if count == 1 else "s"),
+                                     human_size(sum(f.size for f in result.files)), detail) if x)
+        lines.append("%s %s: %s" % (result.status, shown, what))
     if verbosity > 0:
-        lines += ["  %-9s %s (%s)" % (f["status"], f["name"], human_size(f["size"]))
-                  for f in result["files"]]
+        lines += ["  %-9s %s (%s)" % (f.status, f.name, human_size(f.size)) for f in result.files]
     return lines
+
+
+def _where(shown, problem):
+    return shown + ("/" + problem.file if problem.file else "")
 
 
 def verify_exit_code(results):
     """Return verify's exit code: 2 if any backup is bad or incomplete, 1 if any unchecked, else 0."""
-    states = {r["status"] for r in results}
+    states = {r.status for r in results}
     if states & {"bad", "incomplete"}:
         return EXIT_ERROR
     return EXIT_WARNING if "unchecked" in states else EXIT_OK

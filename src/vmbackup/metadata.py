@@ -1,18 +1,17 @@
-"""What a backup folder says about itself: vm-metadata, NAUbackup's .cfg files, the manifest.
+"""What a backup writes about its VM: vm-metadata, NAUbackup's .cfg files, the manifest's parts.
 
-Owns: write_cfg_files/save_vm_metadata, file_entry/pool_info (manifest parts),
-read_cfg/read_manifest, FILE_KINDS/file_kind.
+Owns: write_cfg_files/save_vm_metadata, file_entry/pool_info (manifest parts).
+Reading a backup folder back (manifest, .cfg files, file kinds) is store's.
 Imports: errors, util, selection, store, formats.xva.
 """
 
-import json
 import os
 import xml.dom.minidom
 
-from vmbackup.errors import BadFile, ExportFailed
+from vmbackup.errors import ExportFailed
 from vmbackup.formats.xva import ova_xml_from_tar
 from vmbackup.selection import vm_disks
-from vmbackup.store import MANIFEST, inside, safe_dirname
+from vmbackup.store import METADATA_FILE, inside, safe_dirname
 from vmbackup.util import one_line, printable, sha256_file, write_text
 
 
@@ -80,8 +79,8 @@ def save_vm_metadata(transport, vm, folder):
         pretty = xml.dom.minidom.parseString(raw).toprettyxml(indent="  ")
     except Exception as exc:  # noqa: BLE001 - expat raises several types
         raise ExportFailed("metadata export: ova.xml does not parse: %s" % one_line(exc))
-    write_text(os.path.join(folder, "vm-metadata.xml"), pretty)
-    return "vm-metadata.xml"
+    write_text(os.path.join(folder, METADATA_FILE), pretty)
+    return METADATA_FILE
 
 
 def file_entry(folder, rel, digest=None):
@@ -100,46 +99,3 @@ def pool_info(view):
             "xapi": software.get("xapi", ""),
             "api_version": "%s.%s" % (master.get("API_version_major", "?"),
                                       master.get("API_version_minor", "?"))}
-
-
-#: NAUbackup marks a complete backup with `success`, or `success_compress` for large files.
-
-#: What a check of one file can say.
-FILE_KINDS = (("xva", (".xva", ".xva.gz", ".xva.zst")), ("vhd", (".vhd",)), ("raw", (".raw",)),
-              ("metadata", ("vm-metadata.xml",)))
-
-
-def file_kind(name):
-    """Return the kind of a backup file by its name: xva, vhd, raw, metadata, or None."""
-    for kind, endings in FILE_KINDS:
-        if name.endswith(endings):
-            return kind
-    return None
-
-
-def read_cfg(path):
-    """Return the key=value pairs of a NAUbackup .cfg file as a dict ({} if unreadable)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
-    except OSError:
-        return {}
-
-
-def read_manifest(folder):
-    """Return the backup.json of a backup folder as a dict, or None if absent; raise BadFile."""
-    path = os.path.join(folder, MANIFEST)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise BadFile("%s does not parse: %s" % (MANIFEST, one_line(exc)))
-    if not isinstance(manifest, dict) or manifest.get("tool") != "vmbackup" \
-            or not isinstance(manifest.get("files"), list):
-        raise BadFile("%s is not a vmbackup manifest" % MANIFEST)
-    if manifest.get("format") != 1:
-        raise BadFile("%s has format %r; this vmbackup reads format 1"
-                      % (MANIFEST, manifest.get("format")))
-    return manifest

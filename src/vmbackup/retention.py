@@ -1,14 +1,13 @@
-"""Which old backups to delete, as a pure decision, and deleting them.
+"""Which old backups to delete, as a pure decision, and deleting them through the Store.
 
 Owns: plan_retention (pure, table-tested), prune_vm_backups, prune_dated_files.
 Imports: errors, store.
 """
 
 import os
-import shutil
 
 from vmbackup.errors import log
-from vmbackup.store import inside, parse_dated_file, vm_backups
+from vmbackup.store import parse_dated_file
 
 
 def plan_retention(entries, keep, drop_incomplete=True):
@@ -16,7 +15,7 @@ def plan_retention(entries, keep, drop_incomplete=True):
 
     The `keep` newest complete backups stay; older complete ones go; incomplete
     ones go when `drop_incomplete`. Never returns the newest complete backup.
-    Pure: works from names and markers, never from mtimes.
+    Pure: works from names and markers (store.is_complete), never from mtimes.
     """
     complete = sorted((e for e in entries if e[2]), key=lambda e: e[1], reverse=True)
     keep = max(1, keep)
@@ -26,30 +25,26 @@ def plan_retention(entries, keep, drop_incomplete=True):
     return sorted(doomed)
 
 
-def prune_vm_backups(vm_dir, keep, drop_incomplete=True, vlog=None):
-    """Delete what plan_retention says in `vm_dir`; return the names deleted."""
+def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None):
+    """Delete what plan_retention says among the backups of `vm` in `store`; return the names deleted."""
     vlog = vlog or log
-    entries = vm_backups(vm_dir)
-    doomed = plan_retention(entries, keep, drop_incomplete)
-    complete = {name for name, _, done in entries if done}
+    folders = {f.name: f for f in store.backups(vm)}
+    doomed = plan_retention([(f.name, f.when, f.complete) for f in folders.values()], keep,
+                            drop_incomplete)
     for name in doomed:
-        if name in complete:
+        if folders[name].complete:
             vlog.info("retention: deleting %s", name)
         else:
             vlog.warning("deleting incomplete backup %s (no success marker)", name)
-        shutil.rmtree(inside(vm_dir, name), ignore_errors=False)
+        store.delete(folders[name].path)
     return doomed
 
 
-def prune_dated_files(folder, keep):
-    """Delete the oldest pool_db_/host_ backup files in `folder` beyond `keep`; return them."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    entries = [(n, parse_dated_file(n), True) for n in names if parse_dated_file(n)]
-    doomed = plan_retention(entries, keep)
+def prune_dated_files(store, folder, keep):
+    """Delete the oldest pool_db_/host_ files in `store`'s `folder` beyond `keep`; return their names."""
+    paths = {os.path.basename(p): p for p in store.dated_files(folder)}
+    doomed = plan_retention([(n, parse_dated_file(n), True) for n in paths], keep)
     for name in doomed:
-        log.info("retention: deleting %s", os.path.join(os.path.basename(folder), name))
-        os.unlink(inside(folder, name))
+        log.info("retention: deleting %s", os.path.join(folder, name))
+        store.delete(paths[name])
     return doomed

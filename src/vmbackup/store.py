@@ -1,18 +1,25 @@
-"""The backup directory on disk: folder names, paths kept inside it, the run lock, free space.
+"""The backup directory and the one model of a backup folder in it.
 
-Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names,
-SUCCESS_MARKER(S), MANIFEST, vm_backups/backup_folders/dated_files, RunLock,
+Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names; the backup
+folder model (BackupFolder, read_backup_folder) and its rules, each written once:
+is_complete (is this folder a finished backup?), file_kind (is this file an XVA?),
+legacy_root_disk (which DISK-* did NAUbackup export?); MANIFEST and the success
+markers, read_manifest/read_cfg; the Store interface and LocalStore; RunLock;
 check_backup_dir/check_space/log_df, folder_size.
-Imports: errors, util, config.
+Imports: errors, util.
 """
 
 import datetime
+import json
 import os
 import re
+import shutil
 import socket
+import time
+import typing
 
-from vmbackup.errors import BackupDirError, LockHeld, log
-from vmbackup.util import free_space, human_size
+from vmbackup.errors import BackupDirError, BadFile, LockHeld, log
+from vmbackup.util import free_space, fsync_dir, human_size, one_line, partial_file, write_text
 
 
 def check_backup_dir_readonly(config):
@@ -41,14 +48,33 @@ BACKUP_DIR_RE = re.compile(r"^backup-(\d{4})-(\d\d)-(\d\d)-(?:(\d\d)(\d\d)(\d\d)
 DATED_FILE_RE = re.compile(r"^(?:pool_db|host)_(\d{8})-(\d{6})\.(?:dump|xbk)$")
 
 
+#: The marker vmbackup writes last, after the manifest: the backup is complete.
 SUCCESS_MARKER = "success"
 
 
-#: NAUbackup also wrote `success_compress` (for a server-side compression script).
-SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress")
+#: The markers of a complete NAUbackup backup (no manifest). VmBackup.py v3.25 wrote
+#: `success`, or `success_compress` when the export was over 60 GiB (for a server-side
+#: compression script, which leaves `success_compressing`/`success_restore`); its own
+#: check (get_last_backup_dir_that_failed) counts all four as complete.
+LEGACY_SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress", "success_compressing",
+                          "success_restore")
 
 
+#: vmbackup's manifest: its presence makes a folder a vmbackup backup, not a legacy one.
 MANIFEST = "backup.json"
+
+
+#: The VM's metadata (the ova.xml of a metadata export) in every backup folder.
+METADATA_FILE = "vm-metadata.xml"
+
+
+#: The file a vm-export writes, by the `compress` setting.
+XVA_SUFFIXES = {None: ".xva", "gzip": ".xva.gz", "zstd": ".xva.zst"}
+
+
+#: What a backup file is, by how its name ends; verify checks each kind its own way.
+FILE_KINDS = (("xva", (".xva", ".xva.gz", ".xva.zst")), ("vhd", (".vhd",)), ("raw", (".raw",)),
+              ("metadata", (METADATA_FILE,)))
 
 
 def safe_dirname(name):
@@ -102,20 +128,161 @@ def parse_dated_file(name):
         return None
 
 
-def vm_backups(vm_dir):
-    """Return [(name, datetime, complete)] for the backup folders in a VM's folder."""
+# -- the backup folder model: each rule once ----------------------------------------
+def is_nau_name(name):
+    """Return True if `name` is NAUbackup's backup-YYYY-MM-DD-(HH:MM:SS) folder name."""
+    match = BACKUP_DIR_RE.match(name)
+    return bool(match) and match.group(7) is not None
+
+
+def is_complete(entries):
+    """Return True if a backup folder holding `entries` (its file names) is a finished backup.
+
+    The one rule. A vmbackup folder (it has backup.json) is complete with `success`,
+    which vmbackup writes only after the manifest. A NAUbackup folder (no manifest) is
+    complete with any of NAUbackup's markers, success_compress included.
+    """
+    if MANIFEST in entries:
+        return SUCCESS_MARKER in entries
+    return any(marker in entries for marker in LEGACY_SUCCESS_MARKERS)
+
+
+def is_legacy_folder(name, entries):
+    """Return True if NAUbackup wrote the folder `name` holding `entries`: no manifest, and a
+    NAUbackup name or a success marker (a vmbackup folder without either did not finish)."""
+    return MANIFEST not in entries and (is_nau_name(name) or is_complete(entries))
+
+
+def file_kind(name):
+    """Return the kind of a backup file by its name: xva, vhd, raw, metadata, or None.
+
+    "web01.xva.zst" -> "xva", "db01-xvdb.vhd" -> "vhd", "web01.xva.part" -> None.
+    """
+    for kind, endings in FILE_KINDS:
+        if name.endswith(endings):
+            return kind
+    return None
+
+
+def legacy_mode(kinds):
+    """Return the mode of a NAUbackup folder from its files' kinds (in name order):
+    an .xva makes vm-export, a .vhd/.raw vdi-export, neither meta-export."""
+    modes = {"xva": "vm-export", "vhd": "vdi-export", "raw": "vdi-export"}
+    return next((modes[k] for k in kinds if k in modes), "meta-export")
+
+
+class LegacyDisk(typing.NamedTuple):
+    """The disk a NAUbackup vdi-export wrote, as its DISK-<device>/*.cfg files record it."""
+    device: str
+    userdevice: str
+    virtual_size: typing.Optional[int]    # None when vdi.cfg does not record it
+
+
+#: NAUbackup's vdi-export exports the disk whose VBD device is xvda, and no other.
+LEGACY_ROOT_DEVICE = "xvda"
+
+
+def legacy_root_disk(disks):
+    """Return the LegacyDisk a NAUbackup .raw/.vhd holds, from {device: (vbd.cfg, vdi.cfg)}.
+
+    The one rule: NAUbackup snapshots "the xvda disk only" (VmBackup.py's gather_vm_meta
+    picks `vbd_record['device'] == 'xvda'`) and writes its .cfg files to DISK-<device>,
+    so the root disk is DISK-xvda whatever its userdevice; no DISK-xvda, no root disk.
+    {"xvda": ({"userdevice": "0"}, {"virtual_size": "10737418240"})} -> ("xvda", "0", 10737418240)
+    """
+    if LEGACY_ROOT_DEVICE not in disks:
+        return None
+    vbd, vdi = disks[LEGACY_ROOT_DEVICE]
+    size = vdi.get("virtual_size", "").strip()
+    return LegacyDisk(LEGACY_ROOT_DEVICE, vbd.get("userdevice", "0") or "0",
+                      int(size) if size.isdigit() else None)
+
+
+class BackupFile(typing.NamedTuple):
+    """One file of a backup: its name in the folder and its kind (file_kind)."""
+    name: str
+    kind: typing.Optional[str]
+
+
+class BackupFolder(typing.NamedTuple):
+    """One backup folder as read once by read_backup_folder; every command looks, none recounts."""
+    path: str
+    name: str                                   # backup-2026-11-23-184501
+    vm: str                                     # the manifest's VM name, else the VM folder's
+    when: typing.Optional[datetime.datetime]    # from the name
+    complete: bool                              # is_complete
+    legacy: bool                                # is_legacy_folder: NAUbackup wrote it
+    mode: typing.Optional[str]                  # vm-export, vdi-export, meta-export; None: unknown
+    manifest: typing.Optional[dict]             # backup.json; None if absent or broken
+    manifest_error: typing.Optional[str]        # why backup.json is broken
+    files: typing.Tuple[BackupFile, ...]        # the manifest's files, or (legacy) the folder's
+    entries: typing.FrozenSet[str]              # every name in the folder
+    root_disk: typing.Optional[LegacyDisk]      # legacy only: legacy_root_disk
+
+    def names_of(self, kind):
+        """Return the names of this backup's files of `kind` (xva, vhd, raw, metadata)."""
+        return [f.name for f in self.files if f.kind == kind]
+
+
+def read_cfg(path):
+    """Return the key=value pairs of a NAUbackup .cfg file as a dict ({} if unreadable)."""
     try:
-        names = os.listdir(vm_dir)
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
     except OSError:
-        return []
-    found = []
-    for name in names:
-        when = parse_backup_name(name)
-        path = os.path.join(vm_dir, name)
-        if when is None or not os.path.isdir(path) or os.path.islink(path):
-            continue
-        found.append((name, when, any(os.path.exists(os.path.join(path, m)) for m in SUCCESS_MARKERS)))
-    return found
+        return {}
+
+
+def read_manifest(folder):
+    """Return the backup.json of a backup folder as a dict, or None if absent; raise BadFile."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise BadFile("%s does not parse: %s" % (MANIFEST, one_line(exc)))
+    if not isinstance(manifest, dict) or manifest.get("tool") != "vmbackup" \
+            or not isinstance(manifest.get("files"), list):
+        raise BadFile("%s is not a vmbackup manifest" % MANIFEST)
+    if manifest.get("format") != 1:
+        raise BadFile("%s has format %r; this vmbackup reads format 1"
+                      % (MANIFEST, manifest.get("format")))
+    return manifest
+
+
+def read_legacy_disks(folder, entries):
+    """Return {device: (vbd.cfg, vdi.cfg)} of a NAUbackup folder's DISK-<device> folders."""
+    return {name[len("DISK-"):]: (read_cfg(os.path.join(folder, name, "vbd.cfg")),
+                                  read_cfg(os.path.join(folder, name, "vdi.cfg")))
+            for name in entries if name.startswith("DISK-")}
+
+
+def read_backup_folder(path):
+    """Return the BackupFolder at `path`: its names, markers and manifest, read once; raise OSError."""
+    name = os.path.basename(os.path.normpath(path))
+    entries = frozenset(os.listdir(path))
+    vm = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    manifest = error = root_disk = None
+    if MANIFEST in entries:
+        try:
+            manifest = read_manifest(path)
+        except BadFile as exc:
+            error = str(exc)
+    legacy = is_legacy_folder(name, entries)
+    mode, names = None, []
+    if manifest is not None:
+        names = [str(f.get("name", "")) for f in manifest["files"] if isinstance(f, dict)]
+        mode, vm = manifest.get("mode"), (manifest.get("vm") or {}).get("name", vm)
+    elif legacy:
+        names = sorted(n for n in entries.difference(LEGACY_SUCCESS_MARKERS)
+                       if os.path.isfile(os.path.join(path, n)))
+        mode = legacy_mode(file_kind(n) for n in names)
+        root_disk = legacy_root_disk(read_legacy_disks(path, entries))
+    return BackupFolder(path, name, vm, parse_backup_name(name), is_complete(entries), legacy, mode,
+                        manifest, error, tuple(BackupFile(n, file_kind(n)) for n in names),
+                        entries, root_disk)
 
 
 class RunLock:
@@ -245,3 +412,133 @@ def folder_size(path):
             except OSError:
                 pass
     return count, total
+
+
+def new_backup_folder(vm_dir, now=datetime.datetime.now):
+    """Create and return (path, moment) of a new backup-YYYY-MM-DD-HHMMSS folder in `vm_dir`.
+
+    On a clash with an existing folder it waits for the clock's next second (three tries).
+    """
+    for _ in range(3):
+        moment = now().replace(microsecond=0)
+        path = os.path.join(vm_dir, "backup-" + stamp(moment))
+        try:
+            os.mkdir(path, 0o777)
+            return path, moment
+        except FileExistsError:
+            time.sleep(1.05 - now().microsecond / 1e6)
+    raise BackupDirError("cannot create a new backup folder in %s" % vm_dir)
+
+
+# -- the Store seam ----------------------------------------------------------------
+class Store:
+    """Where backup folders live: what the tool asks of its storage, and nothing more.
+
+    A VM's backups are filed under `vm`, the VM's folder name (a safe_dirname); a
+    backup folder is named by the `path` the store hands out. A backup is written
+    with new_folder, write_file (each file appears whole or not at all) and commit
+    (the manifest, then `success` last). LocalStore is the one implementation; an
+    object-storage target implements the same methods.
+    """
+
+    def vm_folders(self):
+        """Return the names of the VM (and METADATA_/HOST_) folders, sorted."""
+        raise NotImplementedError
+
+    def backups(self, vm):
+        """Return the [BackupFolder] of a VM's folder, oldest first."""
+        raise NotImplementedError
+
+    def dated_files(self, vm):
+        """Return the paths of the pool_db_/host_ files in a METADATA_/HOST_ folder, oldest first."""
+        raise NotImplementedError
+
+    def read(self, path):
+        """Return the BackupFolder at `path`."""
+        raise NotImplementedError
+
+    def new_folder(self, vm):
+        """Create a new, empty backup folder for `vm`; return (path, moment)."""
+        raise NotImplementedError
+
+    def write_file(self, path, rel, text):
+        """Write `text` as the file `rel` of the backup folder `path`, atomically."""
+        raise NotImplementedError
+
+    def commit(self, path, manifest):
+        """Write the manifest, then the success marker: the backup at `path` is complete."""
+        raise NotImplementedError
+
+    def delete(self, path):
+        """Delete a backup folder or a dated file."""
+        raise NotImplementedError
+
+    def usage(self, path):
+        """Return (number of files, total bytes) of a backup folder."""
+        raise NotImplementedError
+
+    def lock(self):
+        """Return the context manager that holds the store for one run."""
+        raise NotImplementedError
+
+
+class LocalStore(Store):
+    """The Store in a local (or NFS/SMB-mounted) folder: backup_dir."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def _vm_dir(self, vm):
+        return inside(self.root, vm)
+
+    def vm_folders(self):
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return []
+        return sorted(n for n in names if os.path.isdir(os.path.join(self.root, n))
+                      and not os.path.islink(os.path.join(self.root, n)))
+
+    def backups(self, vm):
+        vm_dir = self._vm_dir(vm)
+        if not os.path.isdir(vm_dir):
+            return []
+        return [read_backup_folder(path) for path in backup_folders(vm_dir)]
+
+    def dated_files(self, vm):
+        vm_dir = self._vm_dir(vm)
+        return dated_files(vm_dir) if os.path.isdir(vm_dir) else []
+
+    def read(self, path):
+        return read_backup_folder(path)
+
+    def new_folder(self, vm, now=datetime.datetime.now):
+        vm_dir = self._vm_dir(vm)
+        os.makedirs(vm_dir, exist_ok=True)
+        return new_backup_folder(vm_dir, now)
+
+    def write_file(self, path, rel, text):
+        dest = inside(path, rel)
+        with partial_file(dest) as tmp:
+            write_text(tmp, text)
+        return dest
+
+    def commit(self, path, manifest):
+        self.write_file(path, MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_text(os.path.join(path, SUCCESS_MARKER), "")
+        fsync_dir(path)
+
+    def delete(self, path):
+        target = inside(self.root, os.path.relpath(path, self.root))
+        if target == os.path.realpath(self.root):
+            raise BackupDirError("refusing to delete backup_dir itself: %s" % path)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        else:
+            os.unlink(target)
+
+    def usage(self, path):
+        return folder_size(path)
+
+    def lock(self):
+        return RunLock(self.root)

@@ -5,7 +5,6 @@ Imports: errors, util, selection, store, metadata, formats, report, check.
 
 import argparse
 import collections
-import gzip
 import json
 import os
 import sys
@@ -13,13 +12,11 @@ import zlib
 
 from vmbackup.check import display_path
 from vmbackup.errors import BackupDirError, BadFile, EXIT_OK, PROG, UsageError
-from vmbackup.formats.tar import TarStream
-from vmbackup.formats.xva import _int, ova_objects, parse_ova_xml
-from vmbackup.metadata import file_kind, read_manifest
+from vmbackup.formats.xva import MAX_OVA_XML, _int, ova_objects, parse_ova_xml, read_ova_xml
 from vmbackup.report import write_json
 from vmbackup.selection import device_name
-from vmbackup.store import backup_folders
-from vmbackup.util import human_size, one_line, printable
+from vmbackup.store import METADATA_FILE, LocalStore, file_kind, read_backup_folder
+from vmbackup.util import UNNUMBERED, human_size, one_line, printable
 
 
 #: VM fields diff compares, in the order it reports them; memory fields print as sizes.
@@ -143,7 +140,7 @@ def diff_vm_configs(old, new):
                                            b.get(key), "%s %s: %s %s -> %s" % (
                                                what, device, key, _shown(key, a[key]),
                                                _shown(key, b.get(key)))))
-    for device in sorted(set(old["VIFs"]) | set(new["VIFs"]), key=lambda d: (_int(d, 1 << 30), d)):
+    for device in sorted(set(old["VIFs"]) | set(new["VIFs"]), key=lambda d: (_int(d, UNNUMBERED), d)):
         a, b = old["VIFs"].get(device), new["VIFs"].get(device)
         if a is None or b is None:
             kind, vif = ("added", b) if a is None else ("removed", a)
@@ -183,24 +180,15 @@ def read_backup_metadata(path):
     manifest, source = None, path
     try:
         if os.path.isdir(path):
-            source = os.path.join(path, "vm-metadata.xml")
-            try:
-                manifest = read_manifest(path)
-            except BadFile:
-                manifest = None
-            if not os.path.isfile(source):
-                raise BackupDirError("%s has no vm-metadata.xml to compare" % path)
+            backup = read_backup_folder(path)
+            manifest, source = backup.manifest, os.path.join(path, METADATA_FILE)
+            if METADATA_FILE not in backup.entries:
+                raise BackupDirError("%s has no %s to compare" % (path, METADATA_FILE))
         if file_kind(source) == "xva":
-            with open(source, "rb") as handle:
-                stream = gzip.GzipFile(fileobj=handle) if source.endswith(".gz") else handle
-                tar = TarStream(stream)
-                first = tar.next()
-                if first is None or first.name != "ova.xml":
-                    raise BackupDirError("%s: not an XVA (no ova.xml first)" % source)
-                data = tar.read_body(limit=256 << 20)
+            data = read_ova_xml(source)
         else:
             with open(source, "rb") as handle:
-                data = handle.read(256 << 20)
+                data = handle.read(MAX_OVA_XML)
         return parse_ova_xml(data), manifest, display_path(path)
     except (OSError, EOFError, zlib.error, BadFile, ValueError) as exc:
         raise BackupDirError("cannot read the VM metadata of %s: %s"
@@ -219,10 +207,12 @@ def diff_inputs(paths):
     folder = paths[0]
     if not os.path.isdir(folder):
         raise UsageError("%s: no such folder" % folder)
-    found = [p for p in backup_folders(folder) if os.path.isfile(os.path.join(p, "vm-metadata.xml"))]
+    vm_dir = os.path.abspath(folder)
+    store = LocalStore(os.path.dirname(vm_dir))
+    found = [b.path for b in store.backups(os.path.basename(vm_dir)) if METADATA_FILE in b.entries]
     if len(found) < 2:
-        raise UsageError("%s: %d backup%s with vm-metadata.xml; diff needs two"
-                         % (folder, len(found), "" if len(found) == 1 else "s"))
+        raise UsageError("%s: %d backup%s with %s; diff needs two"
+                         % (folder, len(found), "" if len(found) == 1 else "s", METADATA_FILE))
     return found[-2:]
 
 

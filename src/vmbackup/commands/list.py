@@ -1,4 +1,4 @@
-"""`vmbackup.py list`: what backups exist, newest first.
+"""`vmbackup.py list`: what backups exist, newest first, as typed results (Listing).
 
 Imports: errors, util, config, store, report, check.
 """
@@ -8,98 +8,146 @@ import collections
 import os
 import re
 import sys
+import typing
 
-from vmbackup.check import verify_backup
+from vmbackup.check import check_backup
 from vmbackup.config import DEFAULT_BACKUP_DIR, PLAIN_NAME_RE, Selector, read_config_file
 from vmbackup.errors import BackupDirError, EXIT_OK, PROG, UsageError
 from vmbackup.report import write_json
-from vmbackup.store import backup_folders, dated_files, folder_size, parse_dated_file
+from vmbackup.store import LocalStore, parse_dated_file
 from vmbackup.util import human_size, printable
 
 
-def backup_summary(folder):
-    """Return what `list` shows of one backup folder: date, mode, files, size, complete, check.
+class BackupSummary(typing.NamedTuple):
+    """What `list` shows of one backup folder."""
+    name: str
+    path: str
+    date: typing.Optional[str]
+    mode: typing.Optional[str]
+    files: int
+    size: int
+    complete: bool
+    legacy: bool
+    check: str                  # sizes ok, BAD: ..., not verified (...)
+    vm_name: typing.Optional[str]
+
+    def to_json(self):
+        """Return the summary as list --json writes it."""
+        return self._asdict()
+
+
+class VmListing(typing.NamedTuple):
+    """One VM folder's backups, newest first."""
+    name: str
+    folder: str
+    backups: typing.Tuple[BackupSummary, ...]
+
+    def to_json(self):
+        """Return {"name", "folder", "backups": [...]}."""
+        return collections.OrderedDict([("name", self.name), ("folder", self.folder),
+                                        ("backups", [b.to_json() for b in self.backups])])
+
+
+class DatedListing(typing.NamedTuple):
+    """One pool database dump or host backup file."""
+    folder: str
+    file: str
+    date: str
+    size: int
+
+    def to_json(self):
+        """Return {"folder", "file", "date", "size"}."""
+        return self._asdict()
+
+
+class Listing(typing.NamedTuple):
+    """What backup_dir holds, as `list` reports it."""
+    backup_dir: str
+    vms: typing.Tuple[VmListing, ...]
+    pool_db: typing.Tuple[DatedListing, ...]
+    hosts: typing.Tuple[DatedListing, ...]
+
+    def to_json(self):
+        """Return {"backup_dir", "vms", "pool_db", "hosts"} as list --json writes it."""
+        return collections.OrderedDict(
+            [("backup_dir", self.backup_dir)]
+            + [(key, [item.to_json() for item in getattr(self, key)])
+               for key in ("vms", "pool_db", "hosts")])
+
+
+def backup_summary(store, backup):
+    """Return the BackupSummary of a BackupFolder: date, mode, files, size, complete, check.
 
     Files and size are the manifest's files; without a manifest, everything in the folder.
     """
-    result = verify_backup(folder, quick=True)
-    if result["mode"] and not result["legacy"]:
-        count, total = len(result["files"]), sum(f["size"] for f in result["files"])
+    result = check_backup(backup, quick=True)
+    if result.mode and not result.legacy:
+        count, total = len(result.files), sum(f.size for f in result.files)
     else:
-        count, total = folder_size(folder)
-    if result["legacy"]:
+        count, total = store.usage(backup.path)
+    if result.legacy:
         check = "not verified (legacy NAUbackup)"
-    elif result["problems"]:
-        check = "BAD: " + "; ".join("%s: %s" % (p["file"], p["message"])
-                                    for p in result["problems"][:3])
-    elif result["mode"] is None:
+    elif result.problems:
+        check = "BAD: " + "; ".join("%s: %s" % (p.file, p.message) for p in result.problems[:3])
+    elif result.mode is None:
         check = "not verified"
     else:
         check = "sizes ok"
-    return collections.OrderedDict([
-        ("name", result["name"]), ("path", folder), ("date", result["date"]),
-        ("mode", result["mode"]), ("files", count), ("size", total),
-        ("complete", result["complete"]), ("legacy", result["legacy"]), ("check", check),
-        ("vm_name", result["vm"] if result["mode"] and not result["legacy"] else None)])
+    return BackupSummary(result.name, backup.path, result.date, result.mode, count, total,
+                         result.complete, result.legacy, check,
+                         result.vm if result.mode and not result.legacy else None)
 
 
 def scan_backup_dir(root, pattern=None):
-    """Return what backup_dir holds: {"vms": [...], "pool_db": [...], "hosts": [...]}, newest first.
+    """Return the Listing of backup_dir: per VM, pool database and host backups, newest first.
 
     `pattern` selects VMs like a vm-export selector (a plain name exactly, else a
     regex matched at the start), against the VM's name or its folder's name.
     """
     selector = Selector("vm-export", pattern) if pattern else None
-    data = collections.OrderedDict([("backup_dir", root), ("vms", []), ("pool_db", []),
-                                    ("hosts", [])])
-    for name in sorted(os.listdir(root)):
-        sub = os.path.join(root, name)
-        if not os.path.isdir(sub) or os.path.islink(sub):
-            continue
-        backups = [backup_summary(p) for p in reversed(backup_folders(sub))]
+    store = LocalStore(root)
+    vms, dated = [], {"pool_db": [], "hosts": []}
+    for name in store.vm_folders():
+        backups = tuple(backup_summary(store, b) for b in reversed(store.backups(name)))
         if backups:
-            vm_name = next((b["vm_name"] for b in backups if b["vm_name"]), name)
-            if selector and not (selector.matches(vm_name) or selector.matches(name)):
-                continue
-            data["vms"].append(collections.OrderedDict([
-                ("name", vm_name), ("folder", name), ("backups", backups)]))
+            vm_name = next((b.vm_name for b in backups if b.vm_name), name)
+            if not selector or selector.matches(vm_name) or selector.matches(name):
+                vms.append(VmListing(vm_name, name, backups))
             continue
-        for path in reversed(dated_files(sub)):
-            entry = collections.OrderedDict([
-                ("folder", name), ("file", os.path.basename(path)),
-                ("date", parse_dated_file(os.path.basename(path)).isoformat()),
-                ("size", os.path.getsize(path))])
-            data["pool_db" if entry["file"].startswith("pool_db_") else "hosts"].append(entry)
+        for path in reversed(store.dated_files(name)):
+            file = os.path.basename(path)
+            dated["pool_db" if file.startswith("pool_db_") else "hosts"].append(DatedListing(
+                name, file, parse_dated_file(file).isoformat(), os.path.getsize(path)))
     if selector:
-        data["pool_db"], data["hosts"] = [], []
-    return data
+        dated = {"pool_db": [], "hosts": []}
+    return Listing(root, tuple(vms), tuple(dated["pool_db"]), tuple(dated["hosts"]))
 
 
 def format_list(data):
-    """Return the human table of scan_backup_dir's data."""
-    out = ["backup_dir %s" % data["backup_dir"]]
+    """Return the human table of a Listing."""
+    out = ["backup_dir %s" % data.backup_dir]
     row = "  %-19s  %-11s %5s  %8s  %-10s  %s"
-    for vm in data["vms"]:
-        shown = printable(vm["name"])
-        if vm["folder"] != vm["name"]:
-            shown += "  (folder %s)" % printable(vm["folder"])
-        out += ["", "%s: %d backup%s" % (shown, len(vm["backups"]),
-                                         "" if len(vm["backups"]) == 1 else "s"),
+    for vm in data.vms:
+        shown = printable(vm.name)
+        if vm.folder != vm.name:
+            shown += "  (folder %s)" % printable(vm.folder)
+        out += ["", "%s: %d backup%s" % (shown, len(vm.backups),
+                                         "" if len(vm.backups) == 1 else "s"),
                 row % ("DATE", "MODE", "FILES", "SIZE", "STATE", "CHECK")]
-        for b in vm["backups"]:
-            out.append(row % ((b["date"] or "?").replace("T", " "), b["mode"] or "?", b["files"],
-                              human_size(b["size"]),
-                              "complete" if b["complete"] else "INCOMPLETE", b["check"]))
+        for b in vm.backups:
+            out.append(row % ((b.date or "?").replace("T", " "), b.mode or "?", b.files,
+                              human_size(b.size),
+                              "complete" if b.complete else "INCOMPLETE", b.check))
     for key, title in (("pool_db", "pool database"), ("hosts", "host backup")):
         folders = collections.OrderedDict()
-        for entry in data[key]:
-            folders.setdefault(entry["folder"], []).append(entry)
+        for entry in getattr(data, key):
+            folders.setdefault(entry.folder, []).append(entry)
         for folder, entries in folders.items():
             out += ["", "%s: %s (%d file%s)" % (title, printable(folder), len(entries),
                                                "" if len(entries) == 1 else "s")]
-            out += ["  %-19s  %-30s %8s" % (e["date"].replace("T", " "), e["file"],
-                                            human_size(e["size"])) for e in entries]
-    if not (data["vms"] or data["pool_db"] or data["hosts"]):
+            out += ["  %-19s  %-30s %8s" % (e.date.replace("T", " "), e.file,
+                                            human_size(e.size)) for e in entries]
+    if not (data.vms or data.pool_db or data.hosts):
         out.append("no backups")
     return "\n".join(out) + "\n"
 
@@ -137,7 +185,7 @@ def cmd_list(argv):
         raise BackupDirError("backup_dir %s does not exist" % root)
     data = scan_backup_dir(root, args.pattern)
     if args.json:
-        write_json(args.json, data)
+        write_json(args.json, data.to_json())
     if args.json != "-":
         sys.stdout.write(format_list(data))
     return EXIT_OK

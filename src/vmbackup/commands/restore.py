@@ -6,19 +6,17 @@ Imports: everything below commands, and commands.options.
 import argparse
 import datetime
 import os
-import re
 import sys
 import time
 import typing
 
-from vmbackup.check import display_path, verify_backup
+from vmbackup.check import check_backup, verify_lines
 from vmbackup.commands.options import (
     EXIT_STATUS_TEXT, connection_options, load_config, output_options, settings_from_args)
 from vmbackup.errors import EXIT_OK, PROG, RestoreError, UsageError, VmBackupError, log
-from vmbackup.metadata import read_manifest
 from vmbackup.report import write_json
 from vmbackup.selection import is_candidate
-from vmbackup.store import SUCCESS_MARKERS, backup_folders, parse_backup_name
+from vmbackup.store import LocalStore, file_kind, parse_backup_name, read_backup_folder
 from vmbackup.transport.base import Obj, TAG_KEY
 from vmbackup.transport.choose import make_transport
 from vmbackup.util import human_size, printable
@@ -26,20 +24,21 @@ from vmbackup.xapi import login, parse_endpoint
 
 
 def newest_complete(vm_dir):
-    """Return the newest complete backup folder of a VM folder; raise RestoreError if none."""
-    for folder in reversed(backup_folders(vm_dir)):
-        if any(os.path.exists(os.path.join(folder, m)) for m in SUCCESS_MARKERS):
-            return folder
+    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none."""
+    store = LocalStore(os.path.dirname(vm_dir))
+    for backup in reversed(store.backups(os.path.basename(vm_dir))):
+        if backup.complete:
+            return backup
     raise RestoreError("%s holds no complete backup" % vm_dir)
 
 
 def resolve_backup(path):
-    """Return the backup folder `path` names: a backup folder, or a VM folder (its newest)."""
+    """Return the BackupFolder `path` names: a backup folder, or a VM folder (its newest)."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise RestoreError("%s is not a backup folder" % path)
     if parse_backup_name(os.path.basename(path)) is not None:
-        return path
+        return read_backup_folder(path)
     return newest_complete(path)
 
 
@@ -57,20 +56,23 @@ class RestoreItem(typing.NamedTuple):
 def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
     """Return the [RestoreItem] that restoring `folder` creates (pure; raises RestoreError)."""
     if manifest is None:
-        manifest = legacy_manifest(folder)
+        manifest = legacy_manifest(read_backup_folder(folder))
     vm_name = (manifest.get("vm") or {}).get("name") or os.path.basename(os.path.dirname(folder))
     day = (today or datetime.date.today()).isoformat()
     name = new_name or (vm_name if preserve else "%s (restored %s)" % (vm_name, day))
     mode = manifest.get("mode")
     if mode == "vm-export":
-        xvas = [f["name"] for f in manifest["files"] if re.search(r"\.xva(\.gz|\.zst)?$", f["name"])]
+        xvas = [f["name"] for f in manifest["files"] if file_kind(f["name"]) == "xva"]
         if len(xvas) != 1:
             raise RestoreError("%s: expected one .xva file, found %d" % (folder, len(xvas)))
         return [RestoreItem("vm", os.path.join(folder, xvas[0]), name, "xva")]
     if mode == "vdi-export":
         items = []
         for disk in manifest.get("disks", ()):
-            fmt = os.path.splitext(disk["file"])[1].lstrip(".")
+            fmt = file_kind(disk["file"])
+            if fmt not in ("raw", "vhd"):
+                raise RestoreError("%s: disk %s: %s is not a .raw or .vhd file"
+                                   % (folder, disk.get("device", ""), disk["file"]))
             items.append(RestoreItem("disk", os.path.join(folder, disk["file"]),
                                      "%s %s" % (name, disk.get("device", "")),
                                      fmt, int(disk["virtual_size"]), str(disk.get("userdevice", "")),
@@ -84,22 +86,23 @@ def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
     raise RestoreError("%s: unknown backup mode %r" % (folder, mode))
 
 
-def legacy_manifest(folder):
-    """Return a manifest-like dict for a NAUbackup folder (its .xva, or .raw/.vhd + vdi.cfg)."""
-    names = os.listdir(folder)
-    xvas = [n for n in names if re.search(r"\.xva(\.gz)?$", n)]
+def legacy_manifest(backup):
+    """Return a manifest-like dict for a NAUbackup BackupFolder: its .xva, or its one
+    .raw/.vhd file and the root disk (store.legacy_root_disk) that file holds."""
+    xvas = backup.names_of("xva")
     if xvas:
         return {"mode": "vm-export", "files": [{"name": n} for n in xvas], "vm": {}}
-    disks = [n for n in names if n.endswith((".raw", ".vhd"))]
-    cfg = os.path.join(folder, "DISK-xvda", "vdi.cfg")
-    if len(disks) == 1 and os.path.exists(cfg):
-        with open(cfg, encoding="utf-8", errors="replace") as handle:
-            fields = dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
+    disks, root = backup.names_of("raw") + backup.names_of("vhd"), backup.root_disk
+    if len(disks) == 1 and root is not None:
+        if root.virtual_size is None:
+            raise RestoreError("%s: DISK-%s/vdi.cfg records no virtual_size for %s"
+                               % (backup.path, root.device, disks[0]))
         return {"mode": "vdi-export", "vm": {},
-                "disks": [{"file": disks[0], "device": "xvda", "userdevice": "0",
-                           "virtual_size": int(fields.get("virtual_size", 0))}],
+                "disks": [{"file": disks[0], "device": root.device, "userdevice": root.userdevice,
+                           "virtual_size": root.virtual_size}],
                 "files": [{"name": disks[0]}]}
-    raise RestoreError("%s: legacy NAUbackup folder with nothing this tool can restore" % folder)
+    raise RestoreError("%s: legacy NAUbackup folder with nothing this tool can restore"
+                       % backup.path)
 
 
 def find_sr(xapi, wanted):
@@ -195,17 +198,18 @@ def cmd_restore(argv):
     """`vmbackup.py restore BACKUP ...`: verify, then import; return the exit code."""
     args = build_restore_parser().parse_args(argv)
     config, password = load_config(settings_from_args(args))
-    folder = resolve_backup(args.backup)
-    check = verify_backup(folder)
-    if check["status"] in ("bad", "incomplete"):
-        for line in check["problems"] or check["notes"] or ["no success marker"]:
-            log.error("%s: %s", display_path(folder), line if isinstance(line, str) else line)
+    backup = resolve_backup(args.backup)
+    folder = backup.path
+    check = check_backup(backup)
+    if check.status in ("bad", "incomplete"):
+        for line in verify_lines(check, verbosity=-1):
+            log.error("%s", printable(line))
         raise RestoreError("%s is %s: refusing to restore it (see `vmbackup.py verify`)"
-                           % (folder, check["status"]))
-    if check["status"] == "unchecked":
+                           % (folder, check.status))
+    if check.status == "unchecked":
         log.warning("%s could not be fully checked here (%s); restoring anyway",
-                    display_path(folder), "; ".join(str(u) for u in check["unchecked"]))
-    manifest = read_manifest(folder)
+                    check.display, printable("; ".join(str(u) for u in check.unchecked)))
+    manifest = legacy_manifest(backup) if backup.legacy else backup.manifest
     items = plan_restore(folder, manifest, args.name, args.preserve)
     if args.attach_to and items[0].kind != "disk":
         raise UsageError("--attach-to is for vdi-export backups; %s holds a whole VM" % folder)

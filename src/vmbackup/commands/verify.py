@@ -8,7 +8,7 @@ import collections
 import sys
 
 from vmbackup.check import (
-    VERIFIERS, _new_result, _problem, verify_exit_code, verify_lines, verify_targets)
+    VERIFIERS, unreadable_result, verify_exit_code, verify_lines, verify_targets)
 from vmbackup.errors import PROG
 from vmbackup.report import write_json
 from vmbackup.util import printable
@@ -43,15 +43,13 @@ def cmd_verify(argv):
         try:
             result = VERIFIERS[kind](path)
         except OSError as exc:
-            result = _new_result(path)
-            _problem(result, "", "cannot read: %s" % (exc.strerror or exc))
-            result["status"] = "bad"
+            result = unreadable_result(path, exc)
         results.append(result)
         for line in verify_lines(result, verbosity):
             out.write(printable(line) + "\n")
         out.flush()
     code = verify_exit_code(results)
-    counts = collections.Counter(r["status"] for r in results)
+    counts = collections.Counter(r.status for r in results)
     summary = ", ".join("%d %s" % (counts[s], s) for s in ("good", "bad", "incomplete", "unchecked")
                         if counts[s])
     if verbosity >= 0:
@@ -59,5 +57,5 @@ def cmd_verify(argv):
                                                   summary))
     if args.json:
         write_json(args.json, {"paths": args.paths, "exit_code": code, "summary": dict(counts),
-                               "backups": results})
+                               "backups": [r.to_json() for r in results]})
     return code
