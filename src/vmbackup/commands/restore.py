@@ -17,7 +17,7 @@ from vmbackup.errors import EXIT_OK, PROG, RestoreError, UsageError, VmBackupErr
 from vmbackup.report import write_json
 from vmbackup.selection import is_candidate
 from vmbackup.store import LocalStore, file_kind, parse_backup_name, read_backup_folder
-from vmbackup.transport.base import Obj, TAG_KEY
+from vmbackup.transport.base import Obj
 from vmbackup.transport.choose import make_transport
 from vmbackup.util import human_size, printable
 from vmbackup.xapi import login, parse_endpoint
@@ -140,8 +140,7 @@ def restore_vm(transport, item, sr, preserve, start):
     ref = vms[0]
     xapi = transport.xapi
     xapi.call("VM.set_name_label", ref, item.name)
-    if TAG_KEY in xapi.call("VM.get_other_config", ref):
-        xapi.call("VM.remove_from_other_config", ref, TAG_KEY)
+    transport.untag_copy(ref)   # the exported snapshot's tags came along in the .xva
     if xapi.call("VM.get_is_a_template", ref):
         xapi.call("VM.set_is_a_template", ref, False)
     if start:

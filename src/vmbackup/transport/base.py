@@ -72,8 +72,22 @@ class Transport:
         self.config = config
 
     def tag(self, cls, obj, note):
-        """Mark `obj` (a VM snapshot or a VDI) as this tool's own."""
+        """Mark `obj` (a VM snapshot or a VDI) as this tool's own, replacing a copied tag.
+
+        A snapshot copies its source's other_config, and the disks of a VM restored from
+        a backup carry the tag of the snapshot that was exported; XAPI's
+        add_to_other_config refuses an existing key (MAP_DUPLICATE_KEY), so remove first.
+        """
+        self.remove_key(cls, obj, TAG_KEY)
         self.xapi.call(cls + ".add_to_other_config", obj.ref, TAG_KEY, "%s %s" % (obj.uuid, note))
+
+    def remove_key(self, cls, obj, key):
+        """Remove `key` from `obj`'s other_config (absent, or `obj` gone, is fine)."""
+        try:
+            self.xapi.call(cls + ".remove_from_other_config", obj.ref, key)
+        except XapiFailure as exc:
+            if exc.code not in GONE_CODES:
+                raise
 
     def retry_busy(self, what, action):
         """Run `action()` until it stops failing with a busy code; treat gone as done."""
@@ -137,11 +151,17 @@ class Transport:
 
     def unmark_pending(self, cls, obj):
         """Remove the pending mark (absent is fine)."""
-        try:
-            self.xapi.call(cls + ".remove_from_other_config", obj.ref, PENDING_KEY)
-        except XapiFailure as exc:
-            if exc.code not in GONE_CODES:
-                raise
+        self.remove_key(cls, obj, PENDING_KEY)
+
+    def untag_copy(self, vm_ref):
+        """Remove the tool's keys from a VM made from a backup and from its disks: they are
+        copies, and left in place they would be copied into every later snapshot."""
+        for cls, ref in [("VM", vm_ref)] + [("VDI", vdi.ref) for _, vdi, _ in
+                                           self.snapshot_disks(Obj(vm_ref, ""))]:
+            other = self.xapi.call(cls + ".get_other_config", ref)
+            for key in (TAG_KEY, PENDING_KEY):
+                if key in other:
+                    self.remove_key(cls, Obj(ref, ""), key)
 
     def check_gone(self, cls, obj):
         """Raise ExportFailed if `obj` still exists: a destroy that 'succeeded' must have worked."""
