@@ -11,7 +11,7 @@ import time
 
 
 class RpcCall(object):
-    __slots__ = ("method", "args", "host", "time", "status", "error", "transport")
+    __slots__ = ("method", "args", "host", "time", "status", "error", "transport", "encoding")
 
     def __init__(self, method, args, host, transport):
         self.method = method
@@ -21,6 +21,7 @@ class RpcCall(object):
         self.status = None          # "Success" | "Failure" | "dropped" | "http <code>"
         self.error = None           # ErrorDescription on failure
         self.transport = transport  # "tcp" | "unix"
+        self.encoding = "xmlrpc"    # "xmlrpc" | "jsonrpc"
 
     def __repr__(self):
         return "RpcCall(%r, %r, status=%r)" % (self.method, self.args, self.status)

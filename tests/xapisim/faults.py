@@ -98,6 +98,14 @@ class Faults(object):
         return self._add(_Rule("stall", times, after_bytes=int(after_bytes),
                                seconds=float(seconds), path=path))
 
+    def crash_export(self, after_bytes=None, times=1, path=None):
+        """Raise a Python exception inside the next ``times`` HTTP download handlers
+        (``path`` or any export path), after they took their task, the VM's
+        ``current_operations`` and the VDIs: before the response header when
+        ``after_bytes`` is None (the client gets HTTP 500 with the text), else after
+        that many body bytes (the body is cut).  The handler must release it all."""
+        return self._add(_Rule("crash", times, after_bytes=after_bytes, path=path))
+
     def slow(self, method, seconds, times=None):
         """``method`` answers only after ``seconds``."""
         return self._add(_Rule("slow", times, method=method, seconds=float(seconds)))
@@ -252,7 +260,11 @@ class Faults(object):
         """Faults for one HTTP download body on ``path``."""
         def on_path(r):
             return (r.path is None and path in EXPORT_PATHS) or r.path == path
-        plan = {"drop_after": None, "rate": None, "stall_after": None, "stall_seconds": 0.0}
+        plan = {"drop_after": None, "rate": None, "stall_after": None, "stall_seconds": 0.0,
+                "crash": None}
+        r = self._take("crash", on_path)
+        if r is not None:
+            plan["crash"] = "before" if r.after_bytes is None else int(r.after_bytes)
         r = self._take("drop_export", on_path)
         if r is not None:
             plan["drop_after"] = r.after_bytes

@@ -15,6 +15,7 @@ import datetime
 import random
 import re
 import threading
+import time
 import uuid as uuidlib
 
 NULL = "OpaqueRef:NULL"
@@ -691,6 +692,7 @@ class Database:
         self.generation = 0        # bumped on every change (event.from token)
         self.release = {}
         self.export_counter = 0    # xapi's process-global export id counter
+        self.events = Events(self)  # event.from / event.inject (below)
 
     # -- identity ---------------------------------------------------------
     def new_uuid(self):
@@ -710,6 +712,7 @@ class Database:
         self.tables[cls][ref] = rec
         self.by_uuid[cls][rec["uuid"]] = ref
         self.generation += 1
+        self.events.changed()
         return ref
 
     def exists(self, cls, ref):
@@ -740,6 +743,7 @@ class Database:
         self.by_uuid[cls].pop(rec["uuid"], None)
         self.client_created.discard(ref)
         self.generation += 1
+        self.events.changed()
         return rec
 
     def all(self, cls):
@@ -747,6 +751,7 @@ class Database:
 
     def touch(self):
         self.generation += 1
+        self.events.changed()
 
     # -- convenience --------------------------------------------------------
     def pool_ref(self):
@@ -796,6 +801,221 @@ class Database:
     def vdi_users(self, vdi):
         """Operations holding the VDI (exports/imports in progress)."""
         return self.in_use.get(vdi, {})
+
+
+# ---------------------------------------------------------------------------
+# Events (xapi_event.ml): event.from and event.inject
+# ---------------------------------------------------------------------------
+class Int32(int):
+    """An int that XAPI types as int32 (rpclib writes ``<i4>``), e.g. the counts
+    in event.from's ``valid_ref_counts``."""
+
+
+# Classes whose datamodel entry has gen_events=false: no events, no subscription.
+NO_EVENT_CLASSES = {"session"}
+
+
+def _event_copy(rec):
+    # records hold scalars, string lists and string->string maps: one level is enough
+    return {k: (v.copy() if isinstance(v, (dict, list)) else v) for k, v in rec.items()}
+
+
+class Events:
+    """xapi's event model: every object carries the generation it was created and
+    last modified at, deleted objects are remembered with the generation they went
+    at, and ``event.from(classes, token, timeout)`` returns every matching object
+    whose generation is newer than the token (``add`` and/or ``mod``, with the full
+    record as ``snapshot``; ``del`` without one), blocking until one exists or the
+    timeout passes.  Tokens are ``"%020d,%020d"`` (generation, message generation).
+
+    Records are changed in place all over the simulator, so the generations are
+    found by comparing each record with a copy taken at the last look (only once
+    a client has used events, and only when ``Database.generation`` moved).
+    ``Database.create/remove/touch`` call ``changed()``, which wakes the waiters.
+    All methods except ``changed`` run with ``db.lock`` held."""
+
+    KEEP_DELETED = 20000
+
+    def __init__(self, db):
+        self.db = db
+        self.cond = threading.Condition(threading.Lock())
+        self.waiters = 0
+        self.active = False
+        self.gen = 0
+        self.stat = {}          # (cls, ref) -> [created, modified]
+        self.shadow = {}        # (cls, ref) -> copy of the record as last seen
+        self.deleted = {}       # (cls, ref) -> (created, deleted)
+        self.forgotten = 0      # newest deletion generation dropped from self.deleted
+        self.seen = -1          # Database.generation at the last scan
+        self.view = lambda db, cls, ref: db.tables[cls][ref]   # rpc.py sets get_record's view
+
+    # -- change tracking -----------------------------------------------------
+    def changed(self):
+        if self.waiters:
+            with self.cond:
+                self.cond.notify_all()
+
+    def _classes(self):
+        return [c for c in SCHEMA if c not in NO_EVENT_CLASSES]
+
+    def scan(self):
+        db = self.db
+        if self.active and db.generation == self.seen:
+            return
+        self.seen = db.generation
+        if not self.active:
+            self.active, self.gen = True, 1
+            for cls in self._classes():
+                for ref in db.tables[cls]:
+                    self.stat[(cls, ref)] = [1, 1]
+                    self.shadow[(cls, ref)] = _event_copy(self.view(db, cls, ref))
+            return
+        g = self.gen + 1
+        changed = False
+        for cls in self._classes():
+            for ref in db.tables[cls]:
+                key = (cls, ref)
+                rec = self.view(db, cls, ref)
+                old = self.shadow.get(key)
+                if old is None:
+                    self.stat[key] = [g, g]
+                elif old != rec:
+                    self.stat[key][1] = g
+                else:
+                    continue
+                self.shadow[key] = _event_copy(rec)
+                changed = True
+        for key in [k for k in self.stat if k[1] not in db.tables[k[0]]]:
+            created, _ = self.stat.pop(key)
+            self.shadow.pop(key, None)
+            self.deleted[key] = (created, g)
+            changed = True
+        if len(self.deleted) > self.KEEP_DELETED:
+            old = sorted(self.deleted.items(), key=lambda kv: kv[1][1])[:len(self.deleted) // 2]
+            for key, (_, d) in old:
+                del self.deleted[key]
+                self.forgotten = max(self.forgotten, d)
+        if changed:
+            self.gen = g
+
+    # -- the API -----------------------------------------------------------
+    @staticmethod
+    def parse_token(token):
+        token = str(token)
+        if token == "":
+            return 0
+        parts = token.split(",")
+        try:
+            if len(parts) != 2:
+                raise ValueError(token)
+            return int(parts[0])
+        except ValueError:
+            raise ApiError("EVENT_FROM_TOKEN_PARSE_FAILURE", token)
+
+    def token(self):
+        return "%020d,%020d" % (self.gen, 0)
+
+    @staticmethod
+    def parse_subscriptions(classes):
+        subs = []
+        for x in classes:
+            x = str(x)
+            if x == "*":
+                subs.append(("*", None))
+                continue
+            cls, sep, ref = x.partition("/")
+            if not cls:
+                raise ApiError("EVENT_SUBSCRIPTION_PARSE_FAILURE", x)
+            subs.append((cls.lower(), ref if sep else None))
+        return subs
+
+    @staticmethod
+    def _matches(subs, cls, ref):
+        lc = cls.lower()
+        for c, r in subs:
+            if c == "*" or (c == lc and (r is None or r == ref)):
+                return True
+        return False
+
+    def _collect(self, subs, since):
+        adds, mods, dels = [], [], []
+        for (cls, ref), (created, modified) in self.stat.items():
+            if (created > since or modified > since) and self._matches(subs, cls, ref):
+                snap = self.shadow[(cls, ref)]
+                if created > since:
+                    adds.append(self._event(created, cls, "add", ref, snap))
+                if modified > since:
+                    mods.append(self._event(modified, cls, "mod", ref, snap))
+        for (cls, ref), (created, deleted) in self.deleted.items():
+            # created and destroyed since the token: nothing to tell (as xapi)
+            if deleted > since and created <= since and self._matches(subs, cls, ref):
+                dels.append(self._event(deleted, cls, "del", ref, None))
+        key = lambda e: int(e["id"])   # noqa: E731
+        return sorted(adds, key=key) + sorted(mods, key=key) + sorted(dels, key=key)
+
+    @staticmethod
+    def _event(gen, cls, op, ref, snapshot):
+        ev = {"id": "%d" % gen, "timestamp": "0.0", "class": cls.lower(), "operation": op,
+              "ref": ref}
+        if snapshot is not None:
+            ev["snapshot"] = snapshot
+        return ev
+
+    def valid_ref_counts(self):
+        return {cls.lower(): Int32(len(self.db.tables[cls])) for cls in SCHEMA}
+
+    def event_from(self, classes, token, timeout, session=None):
+        """event.from; waits with db.lock released.  A logout of ``session`` while
+        waiting answers SESSION_INVALID (xapi's ``From.on_session_deleted``)."""
+        db = self.db
+        since = self.parse_token(token)
+        subs = self.parse_subscriptions(classes)
+        deadline = time.time() + max(0.0, float(timeout))
+        while True:
+            self.scan()
+            if since < self.forgotten:
+                raise ApiError("EVENTS_LOST")
+            events = self._collect(subs, since)
+            if events or time.time() >= deadline:
+                break
+            since = self.gen
+            self._wait(deadline, session)
+            if session is not None and session not in db.tables["session"]:
+                raise ApiError("SESSION_INVALID", session)
+        return {"events": events, "valid_ref_counts": self.valid_ref_counts(),
+                "token": self.token()}
+
+    def _wait(self, deadline, session):
+        db = self.db
+        seen = db.generation
+        db.lock.release()
+        try:
+            with self.cond:
+                self.waiters += 1
+                try:
+                    while db.generation == seen and time.time() < deadline and \
+                            (session is None or session in db.tables["session"]):
+                        self.cond.wait(max(0.0, deadline - time.time()))
+                finally:
+                    self.waiters -= 1
+        finally:
+            db.lock.acquire()
+
+    def inject(self, cls, ref):
+        """event.inject: a ``mod`` event for the object; returns the token just
+        before it, so ``event.from(.., token, ..)`` sees it."""
+        db = self.db
+        table = next((c for c in SCHEMA if c.lower() == str(cls).lower()), None)
+        if table is None or ref not in db.tables[table]:
+            raise ApiError("HANDLE_INVALID", cls, ref)
+        self.scan()
+        if table not in NO_EVENT_CLASSES:
+            self.gen += 1
+            self.stat[(table, ref)][1] = self.gen
+        token = "%020d,%020d" % (self.gen - 1, 0)
+        db.touch()
+        self.seen = db.generation
+        return token
 
 
 # ---------------------------------------------------------------------------

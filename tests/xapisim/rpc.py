@@ -5,9 +5,14 @@ Encoding (facts 1.2): no whitespace; strings and ints as untyped
 ``<value>text</value>`` (ints therefore reach Python clients as strings);
 bools ``<boolean>``; floats ``<double>`` (%.16g); datetimes
 ``YYYYMMDDTHH:MM:SSZ``; maps as structs; sets as arrays.
+
+One dispatcher (``dispatch``), two encodings: XML-RPC (``parse_request``,
+``xml_response``) and JSON-RPC 1.0/2.0 (``parse_json_request``, ``json_response``)
+as api_server.ml and ocaml-rpc's jsonrpc.ml write them.
 """
 import datetime
 import inspect
+import json
 import re
 import threading
 import time
@@ -65,6 +70,8 @@ def _enc(v, out):
         out.append("<value></value>")
     elif isinstance(v, xmlrpc.client.DateTime):
         out.append("<value><dateTime.iso8601>" + v.value + "</dateTime.iso8601></value>")
+    elif t is model.Int32:
+        out.append("<value><i4>%d</i4></value>" % v)
     elif isinstance(v, str):
         _enc(str(v), out)
     elif isinstance(v, int):
@@ -115,6 +122,104 @@ def decode_value(xml_text):
     params, _ = xmlrpc.client.loads(
         "<methodResponse><params><param>" + xml_text + "</param></params></methodResponse>")
     return params[0]
+
+
+LIST_METHODS = "system.listMethods"
+
+
+def xml_response(method, resp):
+    """The XML-RPC body for ``dispatch``'s answer.  ``system.listMethods`` is
+    answered with the bare array, not ``{Status, Value}`` (api_server.ml)."""
+    if method == LIST_METHODS and resp["Status"] == "Success":
+        return ('<?xml version="1.0"?><methodResponse><params><param>'
+                + encode_value(resp["Value"]) + "</param></params></methodResponse>").encode("utf-8")
+    if resp["Status"] == "Success":
+        return success_body(resp["Value"])
+    return failure_body(resp["ErrorDescription"])
+
+
+# -- JSON-RPC (ocaml-rpc src/lib/jsonrpc.ml; xapi ocaml/xapi/api_server.ml) -------------
+JSON_V1, JSON_V2 = "1.0", "2.0"
+
+
+def _json_default(v):
+    if isinstance(v, datetime.datetime):
+        return v.strftime("%Y%m%dT%H:%M:%SZ")     # rpclib DateTime -> JSON string
+    if isinstance(v, xmlrpc.client.DateTime):
+        return v.value
+    if isinstance(v, tuple):
+        return list(v)
+    raise TypeError("cannot encode %r" % (v,))
+
+
+def json_dumps(v):
+    return json.dumps(v, default=_json_default, ensure_ascii=False, separators=(",", ":"))
+
+
+def parse_json_request(body):
+    """-> (version, id, method, params); raises ValueError with jsonrpc.ml's text
+    for a malformed request (xapi answers it with an HTTP 500)."""
+    if isinstance(body, bytes):
+        try:
+            body = body.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(str(e))
+    try:
+        d = json.loads(body)
+    except ValueError as e:
+        raise ValueError("Yojson.Json_error(%s)" % e)
+    if not isinstance(d, dict):
+        raise ValueError("Invalid request body")
+    if "method" not in d:
+        raise ValueError("Required field method is missing")
+    method = d["method"]
+    if not isinstance(method, str):
+        raise ValueError("Invalid field 'method' in request body")
+    if "jsonrpc" not in d:
+        version = JSON_V1
+    elif d["jsonrpc"] == "2.0":
+        version = JSON_V2
+    else:
+        raise ValueError("Invalid field 'jsonrpc' in request body")
+    params = d.get("params")
+    if version == JSON_V1:
+        if "params" not in d:
+            raise ValueError("Required field params is missing")
+        if not isinstance(params, list):
+            raise ValueError("Invalid field 'params' in request body")
+    elif params is None:
+        params = []
+    elif isinstance(params, dict):
+        params = [params]
+    elif not isinstance(params, list):
+        raise ValueError("Invalid field 'params' in request body")
+    rid = d.get("id")
+    if rid is None or isinstance(rid, bool) or not isinstance(rid, (int, str)):
+        # a notification (no id) is refused: version_id_and_call_of_string
+        raise ValueError("Invalid field 'id' in request body")
+    return version, rid, method, params
+
+
+def json_response(version, rid, method, resp):
+    """JSON-RPC body for ``dispatch``'s answer.  1.0: ``{result, error, id}`` with the
+    error as ``[code, params...]``; 2.0: ``{jsonrpc, result|error, id}`` with the error
+    as ``{"code": 1, "message": code, "data": [params...]}`` (api_server.ml
+    ``error_code_lit``)."""
+    ok = resp["Status"] == "Success"
+    if ok:
+        value = resp["Value"]
+    else:
+        desc = [str(x) for x in resp["ErrorDescription"]]
+        if version == JSON_V2 and method != LIST_METHODS:
+            value = {"code": 1, "message": desc[0] if desc else "", "data": desc[1:]}
+        else:
+            value = desc
+    if version == JSON_V1:
+        out = {"result": value, "error": None, "id": rid} if ok else \
+            {"result": None, "error": value, "id": rid}
+    else:
+        out = {"jsonrpc": "2.0", ("result" if ok else "error"): value, "id": rid}
+    return json_dumps(out).encode("utf-8")
 
 
 # ---------------------------------------------------------------------------
@@ -452,6 +557,7 @@ def task_destroy(ctx, task):
 def task_set_status(ctx, task, value):
     rec = ctx.db.get("task", task)
     rec["status"] = str(value)
+    ctx.db.touch()
     return ""
 
 
@@ -459,27 +565,56 @@ def task_set_status(ctx, task, value):
 def task_set_progress(ctx, task, value):
     rec = ctx.db.get("task", task)
     rec["progress"] = float(value)
+    ctx.db.touch()
     return ""
 
 
-# -- event (minimal) ------------------------------------------------------------
+# -- event (model.Events: xapi_event.ml) -------------------------------------------
 @action("event.from", async_ok=False)
 def event_from(ctx, classes, token, timeout):
-    """Minimal event.from: returns no per-object events, only a fresh token,
-    after waiting up to ``timeout`` seconds for the database to change."""
-    db = ctx.db
+    """Objects of the subscribed classes (``*``, ``vm``, ``task/<ref>``...) created,
+    changed or deleted since ``token``; blocks until there is one or ``timeout``
+    seconds have passed (a logout of the session ends the wait: SESSION_INVALID)."""
+    if not isinstance(classes, (list, tuple)):
+        raise ApiError("FIELD_TYPE_ERROR", "classes")
     try:
-        start_gen = int(token) if token else -1
-    except ValueError:
-        raise ApiError("EVENT_FROM_TOKEN_INVALID", token)
-    deadline = time.time() + min(float(timeout), 30.0)
-    while db.generation <= start_gen and time.time() < deadline:
-        db.lock.release()
-        try:
-            time.sleep(0.05)
-        finally:
-            db.lock.acquire()
-    return {"events": [], "valid_ref_counts": {}, "token": "%d" % db.generation}
+        timeout = float(timeout)
+    except (TypeError, ValueError):
+        raise ApiError("FIELD_TYPE_ERROR", "timeout")
+    ctx.db.events.view = _record
+    return ctx.db.events.event_from(classes, token, timeout, session=ctx.session)
+
+
+@action("event.inject", async_ok=False)
+def event_inject(ctx, cls, ref):
+    """A ``mod`` event for one object; returns a token from just before it."""
+    ctx.db.events.view = _record
+    return ctx.db.events.inject(cls, ref)
+
+
+def list_methods():
+    """system.listMethods: the sync wire names of the messages the simulator
+    serves, all of them messages of xapi's datamodel (gen_server.ml lists every
+    message of every class; no ``Async.`` names, no ``system.*``)."""
+    names = ["session.login_with_password", "session.logout",
+             "session.slave_local_login_with_password", "session.local_logout"]
+    for cls, fields in SCHEMA.items():
+        verbs = [] if cls in NO_GET_ALL else ["get_all", "get_all_records", "get_all_records_where"]
+        verbs += ["get_record", "get_by_uuid"]
+        if cls in NAMED:
+            verbs.append("get_by_name_label")
+        for f, spec in fields.items():
+            verbs.append("get_" + f)
+            if spec[1]:
+                verbs.append("set_" + f)
+            if spec == ("m", True):
+                verbs += ["add_to_" + f, "remove_from_" + f]
+            elif spec == ("S", True):
+                verbs += ["add_" + f, "remove_" + f]
+        names += ["%s.%s" % (cls, v) for v in verbs]
+    names += sorted(ACTIONS)
+    seen = set()
+    return [n for n in names if not (n in seen or seen.add(n))]
 
 
 # ---------------------------------------------------------------------------
@@ -700,6 +835,10 @@ def generic(ctx, cls, verb, args):
 
 NAMED = model.NAMED_CLASSES
 
+# Classes without get_all/get_all_records/get_all_records_where: not in the
+# datamodel's expose_get_all_messages_for (sessions cannot be listed).
+NO_GET_ALL = {"session"}
+
 
 def _lookup(method):
     """-> ("action", entry) | ("generic", (cls, verb)) | None"""
@@ -708,6 +847,8 @@ def _lookup(method):
     cls, _, verb = method.partition(".")
     if cls in SCHEMA and verb and "." not in verb:
         f = SCHEMA[cls]
+        if verb in ("get_all", "get_all_records", "get_all_records_where") and cls in NO_GET_ALL:
+            return None
         if verb in ("get_all", "get_all_records", "get_all_records_where", "get_record",
                     "get_by_uuid") or (verb == "get_by_name_label" and cls in NAMED):
             return "generic", (cls, verb)
@@ -751,6 +892,8 @@ def dispatch(ctx, method, params):
         return {"Status": "Success", "Value": _dispatch(ctx, method, list(params))}
     except ApiError as e:
         return {"Status": "Failure", "ErrorDescription": e.description}
+    except Exception as e:  # a simulator bug: xapi's dispatch_exn_wrapper answers INTERNAL_ERROR
+        return {"Status": "Failure", "ErrorDescription": ["INTERNAL_ERROR", "%s: %s" % (type(e).__name__, e)]}
 
 
 def _dispatch(ctx, method, params):
@@ -758,6 +901,8 @@ def _dispatch(ctx, method, params):
     db = ctx.db
     ctx.method = method
     faults = sim.faults
+    if method == LIST_METHODS:
+        return list_methods()
     if method in LOGIN_METHODS:
         if not 2 <= len(params) <= 4:
             raise ApiError("MESSAGE_PARAMETER_COUNT_MISMATCH", method, "4", str(len(params)))

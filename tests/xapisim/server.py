@@ -536,6 +536,7 @@ class Handler(BaseHTTPRequestHandler):
 
     def _head(self, status_line, headers):
         lines = [status_line] + ["%s: %s" % kv for kv in headers] + ["", ""]
+        self._head_sent = True
         self._raw("\r\n".join(lines).encode("latin-1"))
 
     def _simple(self, code, reason, body=b"", headers=(), content_type="text/html", close=True):
@@ -544,11 +545,11 @@ class Handler(BaseHTTPRequestHandler):
             hs.append(("Connection", "close"))
             self.close_connection = True
         hs += list(headers)
+        if self.req is not None:
+            self.req.status = code      # before sending: a client may look as soon as it reads
         self._head("HTTP/1.1 %d %s" % (code, reason), hs)
         if body and self.command != "HEAD":
             self._raw(body)
-        if self.req is not None:
-            self.req.status = code
 
     def _error_500(self, err):
         body = ("<html><body><h1>HTTP 500 internal server error</h1>An unexpected error occurred; "
@@ -574,14 +575,13 @@ class Handler(BaseHTTPRequestHandler):
     # -- verbs -------------------------------------------------------------------
     req = None
 
+    # xapi's handlers are found by longest prefix (http_svr.ml, Radix_tree.longest_prefix):
+    # every POST reaches one of the RPC handlers ("/" is a prefix of any path, so XO's
+    # "/xmlrpc" is XML-RPC), "/export/" and "/export_raw_vdi/" reach their handlers.
     def do_POST(self):
-        path, rawq, q = self._query()
         self.req = None
-        if path in ("/", "/RPC2"):
-            return self.handle_rpc()
-        self.req = self.sim.calls.record_http("POST", path, q, self.host_name, self._transport())
-        self._discard_body()
-        self._simple(404, "Not Found", b"<html><body><h1>HTTP 404 not found</h1></body></html>")
+        self._route("POST", {"/": self.h_xmlrpc, "/RPC2": self.h_xmlrpc,
+                             "/jsonrpc": self.h_jsonrpc, "/json": self.h_jsonrpc})
 
     def do_GET(self):
         self._route("GET", {"/export": self.h_export, "/export_metadata": self.h_export_metadata,
@@ -594,22 +594,83 @@ class Handler(BaseHTTPRequestHandler):
     def _transport(self):
         return "unix" if self.server.unix else "tcp"
 
+    @staticmethod
+    def _longest_prefix(table, path):
+        best = None
+        for key in table:
+            if path.startswith(key) and (best is None or len(key) > len(best)):
+                best = key
+        return best
+
     def _route(self, verb, table):
         path, rawq, q = self._query()
+        self._raw_path = path             # as received: xapi's redirects keep it (req.uri)
+        self._head_sent = False
+        self._held = None                 # (task, temporary?) once a handler has a task
+        key = self._longest_prefix(table, path)
+        if verb == "POST":                  # RPC: logged as calls, not requests
+            try:
+                table[key](key, rawq, q)
+            except (BrokenPipeError, ConnectionResetError, ssl.SSLError, socket.timeout):
+                self.close_connection = True
+            except Exception as e:
+                self._crashed(e)
+            return
         norm = path.rstrip("/") or "/"
         self.req = self.sim.calls.record_http(verb, norm, q, self.host_name, self._transport())
-        fn = table.get(norm)
-        if fn is None:
+        if key is None:
             if verb == "PUT":
                 self._discard_body()
             self._simple(404, "Not Found", b"<html><body><h1>HTTP 404 not found</h1></body></html>")
             return
         try:
-            fn(norm, rawq, q)
+            table[key](key, rawq, q)
         except (BrokenPipeError, ConnectionResetError, ssl.SSLError, socket.timeout):
             self.close_connection = True
+            self._release(["CLIENT_ERROR", "connection lost"])
+        except Exception as e:  # a bug or a crash fault: answer 500, release what was held
+            self._crashed(e)
         finally:
             self.close_connection = True
+
+    def _crashed(self, exc):
+        """An exception escaped a handler: as xapi's http_svr, answer 500 with its
+        text if no header went out yet (else cut the body), fail the request's
+        task and release everything held under it."""
+        err = ApiError("INTERNAL_ERROR", "%s: %s" % (type(exc).__name__, exc))
+        if self.req is not None:
+            self.req.error = str(err)
+        self._release(err.description)
+        if self._head_sent:
+            self._drop()
+            return
+        try:
+            if self.command == "PUT":
+                self._discard_body()
+            self._error_500(err)
+        except OSError:
+            self._drop()
+
+    def _release(self, description):
+        """Free what the request's task holds: VM/VDI ``current_operations``, VDIs
+        in use, the task itself (failed; removed if it was a temporary one)."""
+        held = getattr(self, "_held", None)
+        if not held:
+            return
+        task, temp = held
+        db = self.sim.db
+        with db.lock:
+            for cls in ("VM", "VDI", "SR"):
+                for rec in db.tables[cls].values():
+                    if task in rec["current_operations"]:
+                        rec["current_operations"].pop(task, None)
+            for vdi in [v for v, users in db.in_use.items() if task in users]:
+                db.in_use[vdi].pop(task, None)
+                if not db.in_use[vdi]:
+                    db.in_use.pop(vdi, None)
+            model.task_fail(db, task, description)
+            db.touch()
+        self._end_task(task, temp)
 
     def _discard_body(self):
         if "chunked" in (self.headers.get("Transfer-Encoding") or "").lower():
@@ -630,8 +691,26 @@ class Handler(BaseHTTPRequestHandler):
                 break
             n -= len(chunk)
 
-    # -- XML-RPC -----------------------------------------------------------------
-    def handle_rpc(self):
+    # -- XML-RPC and JSON-RPC: one dispatcher (rpc.dispatch), two encodings -------------
+    def h_xmlrpc(self, path, rawq, q):
+        def parse(body):
+            try:
+                method, params = rpc.parse_request(body)
+            except ValueError as e:
+                raise ValueError("Xml.Error(%s)" % e)
+            return method, params, lambda resp: rpc.xml_response(method, resp)
+        self._rpc(parse, "text/xml", "xmlrpc")
+
+    def h_jsonrpc(self, path, rawq, q):
+        def parse(body):
+            try:
+                version, rid, method, params = rpc.parse_json_request(body)
+            except ValueError as e:
+                raise ValueError("Jsonrpc.Malformed_method_request(%s)" % e)
+            return method, params, lambda resp: rpc.json_response(version, rid, method, resp)
+        self._rpc(parse, "application/json", "jsonrpc")
+
+    def _rpc(self, parse, content_type, encoding):
         sim = self.sim
         length = self.headers.get("Content-Length")
         if length is None:
@@ -640,12 +719,13 @@ class Handler(BaseHTTPRequestHandler):
             return
         body = self.rfile.read(int(length))
         try:
-            method, params = rpc.parse_request(body)
+            method, params, encode = parse(body)
         except ValueError as e:
             self.req = sim.calls.record_http("POST", self.path, {}, self.host_name, self._transport())
-            self._error_500("Xml.Error(%s)" % e)
+            self._error_500(e)
             return
         call = sim.calls.record_rpc(method, params, self.host_name, self._transport())
+        call.encoding = encoding
         delay, act = sim.faults.rpc_transport(method)
         if delay:
             sim.sleep(delay)
@@ -661,18 +741,18 @@ class Handler(BaseHTTPRequestHandler):
         ctx = rpc.Context(sim, self.host_ref, unix=self.server.unix, client=self.client_address)
         with sim.db.lock:
             resp = rpc.dispatch(ctx, method, params)
-            if resp["Status"] == "Success":
-                out = rpc.success_body(resp["Value"])
-            else:
-                out = rpc.failure_body(resp["ErrorDescription"])
+            out = encode(resp)
         call.status = resp["Status"]
         call.error = resp.get("ErrorDescription")
         if act and act[0] == "drop":
             call.status = "dropped"
             self._drop()
             return
-        hs = [("Content-Length", str(len(out))), ("Content-Type", "text/xml"),
+        hs = [("Content-Length", str(len(out))), ("Content-Type", content_type),
               ("Cache-Control", "no-cache, no-store")]
+        if content_type == "application/json":
+            hs += [("Access-Control-Allow-Origin", "*"),
+                   ("Access-Control-Allow-Headers", "X-Requested-With")]
         if self.close_connection:
             hs.append(("Connection", "close"))
         self._head("HTTP/1.1 200 OK", hs)
@@ -719,8 +799,11 @@ class Handler(BaseHTTPRequestHandler):
             if t:
                 db.get("task", t)
                 model.task_progress(db, t, 0.0)
+                self._held = (t, False)
                 return t, False
-            return model.create_task(db, label, "", host=self.host_ref), True
+            t = model.create_task(db, label, "", host=self.host_ref)
+            self._held = (t, True)
+            return t, True
 
     def _end_task(self, task, temp):
         if temp:
@@ -739,8 +822,13 @@ class Handler(BaseHTTPRequestHandler):
         db = self.sim.db
         with db.lock:
             addr = db.tables["host"][host]["address"]
+        # xapi: Printf.sprintf "https://%s%s?%s" address req.uri (k=v joined by "&", the
+        # values as parsed, not re-encoded).  xapi's https is stunnel on 443; the
+        # simulator keeps its own scheme and port, the path as received and xapi's query.
         scheme = "https" if self.sim.tls else "http"
-        loc = "%s://%s:%d%s%s" % (scheme, addr, self.sim.port, path, "?" + rawq if rawq else "")
+        query = "&".join("%s=%s" % kv for kv in urllib.parse.parse_qsl(rawq, keep_blank_values=True))
+        loc = "%s://%s:%d%s?%s" % (scheme, addr, self.sim.port,
+                                   getattr(self, "_raw_path", None) or path, query)
         self._simple(302, "Found", b"", headers=[("Cache-Control", "no-cache, no-store"),
                                                   ("Location", loc)])
 
@@ -764,7 +852,10 @@ class Handler(BaseHTTPRequestHandler):
         self._end_task(task, temp)
 
     def _sender(self, path):
-        return _Sender(self, self.sim.faults.body_plan(path))
+        plan = self.sim.faults.body_plan(path)
+        if plan.get("crash") == "before":
+            raise RuntimeError("fault: %s handler crashed before its response header" % path)
+        return _Sender(self, plan)
 
     # -- GET /export -----------------------------------------------------------
     def h_export(self, path, rawq, q):
@@ -842,6 +933,9 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ssl.SSLError) as e:
             error = ["CLIENT_ERROR", "Unix.Unix_error(Unix.EPIPE, \"write\", \"\")"]
             self.req.error = "client gone: %r" % (e,)
+        except Exception as e:   # a bug or a crash fault after the header: fail, cut the body
+            error = ["INTERNAL_ERROR", "%s: %s" % (type(e).__name__, e)]
+            self.req.error = "internal error: %r" % (e,)
         finally:
             close = getattr(stream, "close", None)
             if close:
@@ -919,6 +1013,9 @@ class Handler(BaseHTTPRequestHandler):
             self.req.error = e.why
         except OSError:
             error = ["CLIENT_ERROR", "write failed"]
+        except Exception as e:   # a bug or a crash fault after the header: fail, cut the body
+            error = ["INTERNAL_ERROR", "%s: %s" % (type(e).__name__, e)]
+            self.req.error = "internal error: %r" % (e,)
         finally:
             with db.lock:
                 if error:
@@ -1003,6 +1100,9 @@ class Handler(BaseHTTPRequestHandler):
         except (OSError, ssl.SSLError) as e:
             error = ["VDI_IO_ERROR", "Device I/O errors"]
             self.req.error = "client gone: %r" % (e,)
+        except Exception as e:   # a bug or a crash fault after the header: fail, cut the body
+            error = ["INTERNAL_ERROR", "%s: %s" % (type(e).__name__, e)]
+            self.req.error = "internal error: %r" % (e,)
         finally:
             with db.lock:
                 db.in_use.get(vdi, {}).pop(task, None)
@@ -1041,6 +1141,9 @@ class Handler(BaseHTTPRequestHandler):
             error = e.description if e.description else ["INTERNAL_ERROR", e.why]
         except OSError:
             error = ["CLIENT_ERROR", "write failed"]
+        except Exception as e:   # a bug or a crash fault after the header: fail, cut the body
+            error = ["INTERNAL_ERROR", "%s: %s" % (type(e).__name__, e)]
+            self.req.error = "internal error: %r" % (e,)
         finally:
             with db.lock:
                 if error:
@@ -1072,6 +1175,9 @@ class Handler(BaseHTTPRequestHandler):
             error = ["BACKUP_SCRIPT_FAILED", e.why]
         except OSError:
             error = ["CLIENT_ERROR", "write failed"]
+        except Exception as e:   # a bug or a crash fault after the header: fail, cut the body
+            error = ["INTERNAL_ERROR", "%s: %s" % (type(e).__name__, e)]
+            self.req.error = "internal error: %r" % (e,)
         finally:
             with db.lock:
                 if error:
@@ -1335,8 +1441,11 @@ class _Sender(object):
         self.rate = plan["rate"]
         self.stall_after = plan["stall_after"]
         self.stall_seconds = plan["stall_seconds"]
+        crash = plan.get("crash")
+        self.crash_after = crash if isinstance(crash, int) else None
         self.t0 = time.time()
-        self.fast = self.drop_after is None and self.rate is None and self.stall_after is None
+        self.fast = self.drop_after is None and self.rate is None and self.stall_after is None \
+            and self.crash_after is None
 
     def send(self, data):
         if self.fast:
@@ -1351,6 +1460,11 @@ class _Sender(object):
                 room = self.drop_after - self.sent
                 if room <= 0:
                     raise _Stop(None, "dropped by fault after %d bytes" % self.sent)
+                n = min(n, room)
+            if self.crash_after is not None:
+                room = self.crash_after - self.sent
+                if room <= 0:
+                    raise RuntimeError("fault: handler crashed after %d body bytes" % self.sent)
                 n = min(n, room)
             if self.stall_after is not None:
                 room = self.stall_after - self.sent
@@ -1404,7 +1518,7 @@ class _Tracking(object):
 class HostServer(_Tracking, socketserver.ThreadingMixIn, HTTPServer):
     daemon_threads = True
     request_queue_size = 128
-    allow_reuse_address = False
+    allow_reuse_address = True      # SO_REUSEADDR: a fixed --port rebinds at once after a stop
     unix = False
 
     def __init__(self, addr, sim, host_ref, ssl_ctx=None):
