@@ -6,7 +6,7 @@ import os
 import pytest
 
 import vmbackup
-from vmbackup import (BackupDirError, VmResult, exit_code_for, inside, is_leftover,
+from vmbackup import (BackupDirError, inside, is_leftover,
                       parse_backup_name, plan_retention, safe_dirname)
 
 D = datetime.datetime
@@ -135,22 +135,6 @@ def test_is_leftover(record, leftover):
     assert is_leftover(record, now=NOW) is leftover
 
 
-def r(status):
-    return VmResult("vm", "", "vm-export", status)
-
-
-@pytest.mark.parametrize("statuses, warnings, errors, code", [
-    ([], [], [], 0),
-    (["success", "success"], [], [], 0),
-    (["success", "warning"], [], [], 1),
-    (["success"], ["vm not found: x"], [], 1),
-    (["success", "error", "warning"], [], [], 2),
-    (["success"], [], ["cannot destroy leftover"], 2),
-])
-def test_exit_code_is_the_most_severe(statuses, warnings, errors, code):
-    assert exit_code_for([r(s) for s in statuses], warnings, errors) == code
-
-
 @pytest.mark.parametrize("server, url, local", [
     (None, "unix:/var/lib/xcp/xapi", True),
     ("unix:/tmp/x.sock", "unix:/tmp/x.sock", True),
@@ -183,11 +167,13 @@ def test_xe_error_codes_from_xe_sentences():
 
 
 def test_plan_restore_names():
-    manifest = {"mode": "vm-export", "vm": {"name": "web01"},
-                "files": [{"name": "web01.xva.zst"}, {"name": "vm.cfg"}]}
+    manifest = vmbackup.manifest_record(
+        {"name": "web01", "uuid": "u"}, "vm-export", "api", "t0", "t1",
+        [{"name": "web01.xva.zst", "size": 1}, {"name": "vm.cfg", "size": 1}], compress="zstd")
     (item,) = vmbackup.plan_restore("/b/web01/backup-x", manifest, today=datetime.date(2026, 11, 23))
     assert item.name == "web01 (restored 2026-11-23)" and item.file.endswith("web01.xva.zst")
     (item,) = vmbackup.plan_restore("/b/web01/backup-x", manifest, preserve=True)
     assert item.name == "web01"
     with pytest.raises(vmbackup.RestoreError, match="metadata-only"):
-        vmbackup.plan_restore("/b", {"mode": "meta-export", "files": []})
+        vmbackup.plan_restore("/b", vmbackup.manifest_record({"name": "web01"}, "meta-export",
+                                                             "api", "t0", "t1", []))

@@ -150,15 +150,13 @@ def write_backup(root, files, vm="web01", stamp="2026-11-23-101500", mode="vm-ex
     for name, data in files.items():
         with open(os.path.join(folder, name), "wb") as handle:
             handle.write(data)
-    manifest = {
-        "tool": "vmbackup", "version": vmbackup.__version__, "format": 1,
-        "vm": {"name": vm, "uuid": "11111111-2222-3333-4444-555555555555", "power_state": "Running"},
-        "mode": mode, "transport": "api", "started": "2026-11-23T10:15:00",
-        "finished": "2026-11-23T10:16:00", "compress": compress, "vdi_format": vdi_format,
-        "disks": [dict(device=d, userdevice=str(n), vdi_uuid="vdi-%d" % n, name_label=d,
-                       virtual_size=size, file=f) for n, (d, size, f) in enumerate(disks)],
-        "skipped_disks": [], "files": [vmbackup.file_entry(folder, name) for name in files],
-        "pool": {"master": "xcp1"}}
+    manifest = vmbackup.manifest_record(
+        {"name": vm, "uuid": "11111111-2222-3333-4444-555555555555", "power_state": "Running"},
+        mode, "api", "2026-11-23T10:15:00", "2026-11-23T10:16:00",
+        [vmbackup.file_entry(folder, name) for name in files],
+        [dict(device=d, userdevice=str(n), vdi_uuid="vdi-%d" % n, name_label=d,
+              virtual_size=size, file=f) for n, (d, size, f) in enumerate(disks)],
+        compress=compress, vdi_format=vdi_format, pool={"master": "xcp1"})
     with open(os.path.join(folder, vmbackup.MANIFEST), "w") as handle:
         json.dump(manifest, handle, indent=2)
     if success:

@@ -8,6 +8,8 @@ Imports: errors, util, selection, store, formats.xva.
 import os
 import xml.dom.minidom
 
+from vmbackup import __version__
+
 from vmbackup.errors import ExportFailed
 from vmbackup.formats.xva import ova_xml_from_tar
 from vmbackup.selection import vm_disks
@@ -99,3 +101,26 @@ def pool_info(view):
             "xapi": software.get("xapi", ""),
             "api_version": "%s.%s" % (master.get("API_version_major", "?"),
                                       master.get("API_version_minor", "?"))}
+
+
+#: The manifest's format: readers refuse a newer one rather than guess.
+MANIFEST_FORMAT = 1
+
+
+def manifest_record(vm, mode, transport, started, finished, files, disks=(), skipped=(),
+                    compress=None, vdi_format=None, pool=None):
+    """Return a backup.json: what was backed up (vm: name, uuid, power_state), how, and every file.
+
+    `disks` are {device, userdevice, vdi_uuid, name_label, virtual_size, file} and `files`
+    are file_entry()s; the one place the manifest's shape is written down.
+    """
+    return {
+        "tool": "vmbackup", "version": __version__, "format": MANIFEST_FORMAT,
+        "vm": dict(vm), "mode": mode, "transport": transport,
+        "started": started, "finished": finished,
+        "compress": compress if mode == "vm-export" else None,
+        "vdi_format": vdi_format if mode == "vdi-export" else None,
+        "disks": [dict(d) for d in disks], "skipped_disks": list(skipped),
+        "files": list(files), "pool": pool or {},
+    }
+
