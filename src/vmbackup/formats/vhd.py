@@ -91,18 +91,21 @@ def check_vhd(path, virtual_size=None):
                                % (entries, table_offset)]
         handle.seek(table_offset)
         bat = struct.unpack(">%dI" % entries, _read_exact(handle, entries * 4))
+    return problems + bat_problems(bat, block_size, table_end, size)
+
+
+def bat_problems(bat, block_size, table_end, size):
+    """Return the problems of a dynamic VHD's block table: blocks past the end or overlapping."""
     bitmap = (-(-(block_size // 512) // 8) + 511) & ~511   # one bit per sector, in whole sectors
     span = bitmap + block_size
     used = sorted((sector * 512, index) for index, sector in enumerate(bat) if sector != 0xFFFFFFFF)
     previous_end = table_end
     for start, index in used:
         if start + span > size - 512:
-            problems.append("BAT entry %d points past the end of the file (block at byte %d; "
-                            "truncated?)" % (index, start))
-            break
+            return ["BAT entry %d points past the end of the file (block at byte %d; "
+                    "truncated?)" % (index, start)]
         if start < previous_end:
-            problems.append("BAT entry %d (block at byte %d) overlaps the BAT or another block"
-                            % (index, start))
-            break
+            return ["BAT entry %d (block at byte %d) overlaps the BAT or another block"
+                    % (index, start)]
         previous_end = start + span
-    return problems
+    return []

@@ -259,10 +259,17 @@ def check_xva_stream(stream):
     if pending:
         problems.append("chunk %s has no checksum member" % pending[0])
     tar.skip_rest()
+    if ova is not None:
+        problems += disk_problems(disks, expected)
+    return problems, {"disks": {ref: d.end for ref, d in disks.items()}, "ova": ova,
+                      "chunks": sum(d.chunks for d in disks.values())}
+
+
+def disk_problems(disks, expected):
+    """Return how the disks found in an XVA ({ref: _DiskChunks}) differ from ova.xml's VDIs."""
+    problems = []
     for ref, disk in disks.items():
         size, _ = expected.get(ref, (None, ""))
-        if ova is None:
-            continue
         if size is None:
             problems.append("disk %s has data but no VDI in ova.xml" % ref)
         elif disk.end != size:
@@ -272,8 +279,7 @@ def check_xva_stream(stream):
         if ref not in disks:
             problems.append("disk %s%s has no data in the XVA"
                             % (ref, " (%s)" % printable(label) if label else ""))
-    return problems, {"disks": {ref: d.end for ref, d in disks.items()}, "ova": ova,
-                      "chunks": sum(d.chunks for d in disks.values())}
+    return problems
 
 
 def find_zstd():
