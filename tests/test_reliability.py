@@ -194,7 +194,8 @@ def test_second_run_is_refused_while_one_runs(sim_pool, api, backup_dir):
     try:
         wait_for(exporting(sim_pool), what="the first run's export")
         out = run_vmbackup(*args, exit_code=2)
-        assert "backup_dir %s is in use by another vmbackup run (pid %d)" % (backup_dir, first.pid) in out
+        assert "backup_dir %s is in use by another vmbackup run (pid %d;" % (backup_dir, first.pid) in out
+        assert str(backup_dir / ".vmbackup.lock") in out    # the file, should it need removing
     finally:
         first.terminate()
         first.communicate(timeout=120)

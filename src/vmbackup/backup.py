@@ -26,7 +26,7 @@ from vmbackup.report import VmResult
 from vmbackup.retention import prune_dated_files, prune_vm_backups
 from vmbackup.selection import PoolView
 from vmbackup.store import XVA_SUFFIXES, LocalStore, check_space, inside, safe_dirname, stamp
-from vmbackup.transport.base import Obj, Transport
+from vmbackup.transport.base import BEAT_WORD, Obj, Transport
 from vmbackup.util import human_size, one_line, partial_file, printable
 
 
@@ -343,6 +343,7 @@ def backup_hosts(ctx, moment):
 
 
 def run_note():
-    """Return what the tool's tags record about this run: 'host pid UTC-time'."""
-    return "%s %d %s" % (socket.gethostname(), os.getpid(),
-                         datetime.datetime.utcnow().replace(microsecond=0).isoformat())
+    """Return what the tool's tags record about this run: 'host pid UTC-time beat'
+    (beat: the run keeps a heartbeat in the pool, see leftovers.PoolBeat)."""
+    return "%s %d %s %s" % (socket.gethostname(), os.getpid(),
+                            datetime.datetime.utcnow().replace(microsecond=0).isoformat(), BEAT_WORD)

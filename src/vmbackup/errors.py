@@ -47,7 +47,7 @@ class BackupDirError(VmBackupError):
 
 
 class LockHeld(VmBackupError):
-    """backup_dir {} is in use by another vmbackup run (pid {}); try again when it has finished"""
+    """backup_dir {} is in use by another vmbackup run (pid {}; its lock {} was refreshed {} ago); try again when it has finished (a lock not refreshed for 5 minutes is taken over)"""
 
 
 class XapiCallFailed(VmBackupError):

@@ -10,7 +10,7 @@ import sys
 
 from vmbackup.backup import Context, backup_hosts, backup_pool_db, backup_vm_safely, run_note
 from vmbackup.errors import EXIT_ERROR, EXIT_OK, EXIT_WARNING, PROG, log
-from vmbackup.leftovers import clean_leftovers
+from vmbackup.leftovers import PoolBeat, clean_leftovers
 from vmbackup.report import (
     RunProblems, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     run_summary, tally, write_json)
@@ -83,9 +83,11 @@ def back_up_everything(config, endpoint, password, status_log, started):
     xapi = login(endpoint, config.username, password)
     try:
         transport = make_transport(config, xapi, password)
+        beat = PoolBeat(xapi, run_note())   # any host can tell this run lives
         try:
+            beat.start()
             view = read_pool(xapi)
-            ctx = Context(config, transport, view, run_note())
+            ctx = Context(config, transport, view, beat.note)
             clean_leftovers(ctx)
             selection = select_for_run(config, view)
             for warning in selection.warnings:
@@ -102,6 +104,7 @@ def back_up_everything(config, endpoint, password, status_log, started):
                 results.extend(backup_hosts(ctx, started))
             return results, selection
         finally:
+            beat.stop()
             transport.close()
     finally:
         xapi.logout()

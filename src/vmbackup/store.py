@@ -14,7 +14,9 @@ import json
 import os
 import re
 import shutil
+import signal
 import socket
+import threading
 import time
 import typing
 
@@ -285,18 +287,82 @@ def read_backup_folder(path):
                         entries, root_disk)
 
 
-class RunLock:
-    """`with RunLock(backup_dir):` one run at a time per backup_dir.
+#: A run touches its lock's mtime this often (seconds) while it lives.
+LOCK_REFRESH = 60.0
 
-    The lock file holds 'pid host'; a lock whose process is dead on this host is
-    taken over with a warning.
+
+#: A lock not touched for this long (seconds) is stale, whichever host wrote it: its run
+#: is over (killed, its host rebooted, its container gone).
+LOCK_STALE = 300.0
+
+
+#: The signals that end a run: only the main thread takes them (see backup.signals_deferred).
+RUN_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def start_thread(target, name):
+    """Start a daemon thread that never takes RUN_SIGNALS (it inherits them blocked), so a
+    signal the main thread holds off is never delivered to it instead; return the thread."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, RUN_SIGNALS)
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not Linux / not main thread
+        old = None
+    try:
+        thread.start()
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return thread
+
+
+def lock_verdict(holder, age, my_host, alive=None):
+    """Return "stale" or "held" for a lock that `holder` (pid, host) last touched `age` seconds ago.
+
+    Pure. A lock not touched for LOCK_STALE is stale whatever host wrote it; a fresh one
+    is held unless it names a pid of this host that is gone. An unreadable lock is held
+    while it is fresh (its run may be writing it), stale after.
+    (123, "h1", 30, "h1", dead) -> "stale"; (123, "h2", 30, "h1") -> "held"
+    """
+    pid, host = holder
+    if age > LOCK_STALE:
+        return "stale"
+    if pid is not None and host == my_host and alive is not None and not alive(pid):
+        return "stale"
+    if pid is None and age > 5:
+        return "stale"
+    return "held"
+
+
+def read_lock(path):
+    """Return ((pid, host), started, age in seconds) of a lock file; pid None if unreadable."""
+    try:
+        age = time.time() - os.stat(path).st_mtime
+        with open(path) as handle:
+            words = handle.read().split()
+        return (int(words[0]), words[1] if len(words) > 1 else ""), " ".join(words[2:3]), age
+    except (OSError, ValueError, IndexError):
+        return (None, ""), "", 0.0
+
+
+class RunLock:
+    """`with RunLock(backup_dir):` one run at a time per backup_dir, across hosts.
+
+    The lock file holds 'pid host start-time'; a thread touches its mtime every
+    LOCK_REFRESH seconds while the run lives, so a lock is stale once it has not been
+    touched for LOCK_STALE (whatever host wrote it, e.g. an NFS backup_dir shared by two
+    hosts, or a container with a new hostname) or names a dead pid of this host; a stale
+    lock is taken over with a warning naming its file.
     """
 
     NAME = ".vmbackup.lock"
 
     def __init__(self, folder):
         self.path = os.path.join(folder, self.NAME)
-        self.me = "%d %s\n" % (os.getpid(), socket.gethostname())
+        self.me = "%d %s %s\n" % (os.getpid(), socket.gethostname(),
+                                   datetime.datetime.utcnow().replace(microsecond=0).isoformat())
+        self.stopped = threading.Event()
+        self.thread = None
 
     def __enter__(self):
         for _ in range(3):
@@ -307,27 +373,36 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as handle:
                 handle.write(self.me)
+            self.thread = start_thread(self._keep_fresh, "vmbackup-lock")
             return self
-        raise LockHeld(os.path.dirname(self.path), "unknown")
+        raise LockHeld(os.path.dirname(self.path), "unknown", self.path, "?")
+
+    def _keep_fresh(self):
+        """Touch the lock every LOCK_REFRESH seconds until the run ends (a thread)."""
+        while not self.stopped.wait(LOCK_REFRESH):
+            try:
+                os.utime(self.path)
+            except OSError as exc:
+                log.warning("cannot refresh the run lock %s: %s", self.path, exc)
 
     def _take_over_if_stale(self):
-        try:
-            with open(self.path) as handle:
-                pid_text, _, host = handle.read().strip().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            pid, host = None, ""
-        if pid is not None and host not in ("", socket.gethostname()):
-            raise LockHeld(os.path.dirname(self.path), "%d on host %s" % (pid, host))
-        if pid is not None and pid_alive(pid):
-            raise LockHeld(os.path.dirname(self.path), pid)
-        log.warning("taking over stale lock %s (pid %s is gone)", self.path, pid)
+        (pid, host), started, age = read_lock(self.path)
+        if lock_verdict((pid, host), age, socket.gethostname(), pid_alive) == "held":
+            who = "%s on host %s" % (pid, host) if host != socket.gethostname() else pid
+            raise LockHeld(os.path.dirname(self.path), who, self.path, "%ds" % age)
+        # housekeeping after a killed run, like destroying its leftovers: not a problem of this run
+        log.info("taking over stale lock %s (pid %s on host %s%s, last refreshed %ds ago: "
+                 "its run is over)", self.path, pid, host or "?",
+                 ", started " + started if started else "", age)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
     def __exit__(self, *exc):
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
         try:
             with open(self.path) as handle:
                 if handle.read() == self.me:

@@ -283,6 +283,15 @@ class Xapi:
                 time.sleep(self.BACKOFF * (2 ** attempt))
         raise AssertionError("unreachable")  # pragma: no cover
 
+    def twin(self):
+        """Return a Xapi on this session over a connection of its own, for another thread
+        (an xmlrpc connection is not shared between threads). Never log a twin out."""
+        uri = "http://localhost/" if self.endpoint.is_local else self.endpoint.url
+        session = XenAPI.Session(uri, transport=EndpointTransport(self.endpoint,
+                                                                  timeout=XMLRPC_TIMEOUT))
+        session._session = self.session._session
+        return Xapi(self.endpoint, session, self.username)
+
     def logout(self):
         """Log out, ignoring errors: the run is over either way."""
         try:

@@ -31,6 +31,11 @@ TAG_KEY = "vmbackup_snapshot"
 PENDING_KEY = "vmbackup_pending"
 
 
+#: The last word of a run note ('host pid start beat'): the run keeps a heartbeat in the
+#: pool (leftovers.PoolBeat), so any host can tell when it is over.
+BEAT_WORD = "beat"
+
+
 #: A pending-marked snapshot counts as the run's only if taken this soon after the mark.
 PENDING_WINDOW = datetime.timedelta(minutes=30)
 

@@ -1,12 +1,14 @@
 """The transport over the xe command line, as NAUbackup used on a pool host.
 
-Owns: XeTransport, XeFailed (and the xe sentences mapped back to XAPI codes), find_xe.
+Owns: XeTransport, XeFailed (and the xe sentences mapped back to XAPI codes), find_xe,
+die_with_parent (an xe child never outlives vmbackup).
 Imports: errors, util, transport.base.
 """
 
 import os
 import re
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -35,6 +37,38 @@ XE_ERROR_SENTENCES = {
     "The credentials given by the user are incorrect": "SESSION_AUTHENTICATION_FAILED",
     "The server failed to handle your request, due to an internal error": "INTERNAL_ERROR",
 }
+
+
+#: prctl(2) option: the signal the kernel sends a process when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl():
+    """Return libc's prctl, or None where there is none (not Linux)."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+
+
+def die_with_parent():
+    """Return a preexec_fn that makes a child die (SIGKILL) when vmbackup dies, even by
+    `kill -9`, or None where the system has no PR_SET_PDEATHSIG.
+
+    Without it a killed run leaves `xe vm-export` downloading into its .part file and
+    holding the snapshot, so the next run's destroy waits on OTHER_OPERATION_IN_PROGRESS.
+    (Where it is missing, the next run cancels the export's task; see leftovers.)
+    """
+    prctl, parent = _load_prctl(), os.getpid()
+    if prctl is None:  # pragma: no cover - not Linux
+        return None
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:   # vmbackup died before the call took effect
+            os._exit(127)
+    return preexec
 
 
 class XeFailed(CallFailed):
@@ -72,14 +106,14 @@ class XeTransport(Transport):
         Transport.__init__(self, xapi, config)
         self.xe_path = xe_path
         self.connect_args = []
-        self.pw_file = None
+        self.secret = None
         endpoint = xapi.endpoint
         if not endpoint.is_local:
-            # The password goes to xe in a 0600 file (-pwf), never on its command line.
-            fd, self.pw_file = tempfile.mkstemp(prefix="vmbackup-xe-")
-            with os.fdopen(fd, "w") as handle:  # xe's -pwf: user, then password
-                handle.write("%s\n%s\n" % (xapi.username, password or ""))
-            self.connect_args = ["-s", endpoint.host, "-u", xapi.username, "-pwf", self.pw_file]
+            # xe's -pwf: the user, then the password. It reaches xe through a pipe
+            # (-pwf /dev/fd/N), never on its command line nor in a file that a killed
+            # run would leave behind.
+            self.secret = ("%s\n%s\n" % (xapi.username, password or "")).encode("utf-8")
+            self.connect_args = ["-s", endpoint.host, "-u", xapi.username]
             if endpoint.port:
                 self.connect_args[2:2] = ["-p", str(endpoint.port)]
             if endpoint.scheme == "http":
@@ -96,12 +130,30 @@ class XeTransport(Transport):
             args.append("%s=%s" % (key.replace("_", "-"), value))
         return args + list(flags) + self.connect_args
 
+    def start_xe(self, args, **kwargs):
+        """Start xe with `args` (plus -pwf /dev/fd/N when it needs the password); return the
+        Popen. The child dies with vmbackup (die_with_parent)."""
+        read_fd = None
+        if self.secret is not None:
+            read_fd, write_fd = os.pipe()   # a few bytes: the pipe holds them, no writer blocks
+            try:
+                os.write(write_fd, self.secret)
+            finally:
+                os.close(write_fd)
+            args = args + ["-pwf", "/dev/fd/%d" % read_fd]
+        try:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(),
+                                    pass_fds=(read_fd,) if read_fd is not None else (), **kwargs)
+        finally:
+            if read_fd is not None:
+                os.close(read_fd)
+
     def xe(self, command, *flags, **params):
         """Run xe and return its stdout; raise XeFailed with its stderr."""
         args = self.argv(command, *flags, **params)
-        log.debug("run %s", args[:2] + [a for a in args[2:] if not a.startswith("-pw")])
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, universal_newlines=True)
+        log.debug("run %s", args[:2])
+        proc = self.start_xe(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True)
         try:
             out, err = proc.communicate()
         except BaseException:
@@ -117,8 +169,7 @@ class XeTransport(Transport):
         args = self.argv(command, **params)
         log.debug("run %s", args[:2])
         with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err)
+            proc = self.start_xe(args, stdout=subprocess.DEVNULL, stderr=err)
             try:
                 size, moved = -1, time.monotonic()
                 while proc.poll() is None:
@@ -197,8 +248,7 @@ class XeTransport(Transport):
                             host=host["uuid"], file_name=dest)
 
     def close(self):
-        if self.pw_file and os.path.exists(self.pw_file):
-            os.unlink(self.pw_file)
+        self.secret = None
 
 
 def find_xe(config):
