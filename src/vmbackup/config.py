@@ -16,7 +16,7 @@ import typing
 from vmbackup.errors import ConfigError, log
 from vmbackup.util import (
     choice, parse_bool, parse_compress, parse_fingerprint, parse_int, parse_percent,
-    parse_text, parse_umask)
+    parse_rate, parse_text, parse_umask)
 
 
 #: NAUbackup's documented defaults, kept so its config files mean the same here.
@@ -61,6 +61,9 @@ SETTINGS = collections.OrderedDict([
     ("retries", Setting(0, lambda v: parse_int(v, 0), "retries of a failed export, with a new snapshot")),
     ("stall_timeout", Setting(600, lambda v: parse_int(v, 1),
                               "seconds without export progress before it is aborted")),
+    ("max_rate", Setting(None, parse_rate, "bandwidth limit per export, e.g. 100M (bytes/s; 0: none)")),
+    ("progress_interval", Setting(60, lambda v: parse_int(v, 1),
+                                  "seconds between progress lines of an export when not on a terminal")),
     ("umask", Setting(0o077, parse_umask, "umask for backup files and folders (077: 0600/0700)")),
     ("server", Setting(None, parse_text, "https://host, http://host or unix:/path (default: this host)")),
     ("username", Setting("root", parse_text, "XAPI user")),
@@ -154,6 +157,8 @@ class Config(typing.NamedTuple):
     space_threshold: float = 5.0
     retries: int = 0
     stall_timeout: int = 600
+    max_rate: typing.Optional[int] = None
+    progress_interval: int = 60
     umask: int = 0o077
     server: typing.Optional[str] = None
     username: str = "root"

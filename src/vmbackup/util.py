@@ -1,6 +1,6 @@
 """Small helpers every layer uses: value parsers, human sizes, printable names, durable writes.
 
-Owns: parse_bool/int/percent/compress/umask/fingerprint/text, human_size, one_line,
+Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text, human_size, one_line,
 printable, partial_file (write to .part, rename on success), fsync, write_text,
 sha256_file, free_space.
 Imports: errors.
@@ -46,6 +46,20 @@ def parse_percent(text):
     if not 0 <= value <= 100:
         raise ValueError("must be between 0 and 100")
     return value
+
+
+def parse_rate(text):
+    """Return bytes per second for a rate like 100M (K, M, G, T are powers of 1024), or None.
+
+    >>> parse_rate("100M"), parse_rate("1.5G/s"), parse_rate("2048"), parse_rate("0")
+    (104857600, 1610612736, 2048, None)
+    """
+    word = str(text).strip().upper()
+    match = re.match(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?(?:/S)?$", word)
+    if not match:
+        raise ValueError("expected a rate such as 100M (bytes per second; 0 means no limit)")
+    value = float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " ")
+    return int(value) or None
 
 
 def parse_compress(text):

@@ -112,6 +112,9 @@ def build_parser():
     opt("--space-threshold", metavar="PERCENT", help="minimum %% free in backup_dir")
     opt("--retries", metavar="N", help="retries of a failed export (new snapshot each time)")
     opt("--stall-timeout", metavar="SECONDS", help="abort an export that makes no progress")
+    opt("--max-rate", metavar="RATE", help="bandwidth limit per export, e.g. 100M (bytes/s)")
+    opt("--progress-interval", metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal (default 60)")
     opt("--umask", metavar="OCTAL", help="umask for backup files (default 077)")
     opt("--status-log", metavar="FILE", help="append NAUbackup-style status lines to FILE")
     opt("--ignore-extra-keys", action="store_true", help="skip unknown config keys")

@@ -16,8 +16,8 @@ from vmbackup import __doc__
 from vmbackup.config import build_config, read_password_file
 from vmbackup.errors import UsageError
 from vmbackup.util import (
-    choice, parse_compress, parse_fingerprint, parse_int, parse_percent, parse_text,
-    parse_umask)
+    choice, parse_compress, parse_fingerprint, parse_int, parse_percent, parse_rate,
+    parse_text, parse_umask)
 
 
 EXIT_STATUS_TEXT = __doc__[__doc__.index("EXIT STATUS"):]
@@ -45,6 +45,8 @@ CLI_SETTINGS = {
     "space_threshold": ("space_threshold", parse_percent),
     "retries": ("retries", lambda v: parse_int(v, 0)),
     "stall_timeout": ("stall_timeout", lambda v: parse_int(v, 1)),
+    "max_rate": ("max_rate", parse_rate),
+    "progress_interval": ("progress_interval", lambda v: parse_int(v, 1)),
     "umask": ("umask", parse_umask),
     "status_log": ("status_log", parse_text),
 }

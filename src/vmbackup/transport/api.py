@@ -1,11 +1,13 @@
 """The transport over XenAPI and XAPI's HTTP handlers (/export, /export_raw_vdi, /import...).
 
-Owns: ApiTransport.
+Owns: ApiTransport, BlockHasher (sha256 in a second thread), Pacer (max_rate).
 Imports: errors, util, xapi, transport.base.
 """
 
 import hashlib
 import os
+import queue
+import threading
 import time
 
 from vmbackup.errors import log
@@ -17,6 +19,10 @@ from vmbackup.xapi import (
 
 #: Bytes read or sent per block; also the unit a raw disk's all-zero blocks are skipped in.
 BUFSIZE = 1 << 20
+
+
+#: Buffers shared by the reader and the hashing thread: an export holds NBUFFERS * BUFSIZE.
+NBUFFERS = 4
 
 
 #: Seconds between "N so far" lines of a long download.
@@ -148,33 +154,126 @@ class ApiTransport(Transport):
     def stream(self, response, dest, what, sparse=False):
         """Copy the response body into a new file `dest`; return (bytes, sha256 hex).
 
+        One reused set of buffers: the body is read into one (readinto), written from it
+        (os.write, no copy) and hashed in BlockHasher's thread while the next is read.
         All-zero blocks of a raw disk are skipped with a seek, so the file stays sparse.
         """
-        digest = hashlib.sha256()
-        buf = bytearray(BUFSIZE)
-        view = memoryview(buf)
-        zero = bytes(BUFSIZE)
-        total, last_log = 0, time.monotonic()
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as out:
-            while True:
-                try:
-                    n = response.readinto(buf)
-                except TLS_ERRORS + CONNECTION_ERRORS as exc:
-                    raise transfer_error(what, exc, total, self.config.stall_timeout)
-                if not n:
-                    break
-                chunk = view[:n]
-                digest.update(chunk)
-                if sparse and n == BUFSIZE and buf == zero:
-                    out.seek(n, os.SEEK_CUR)
-                else:
-                    out.write(chunk)
-                total += n
-                if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
-                    last_log = time.monotonic()
-                    log.info("%s: %s so far", what, human_size(total))
-            out.truncate(total)
-            out.flush()
-            os.fsync(out.fileno())
-        return total, digest.hexdigest()
+        try:
+            with BlockHasher() as hasher:
+                total = self.copy_blocks(response, fd, hasher, what, sparse)
+                digest = hasher.hexdigest()
+            os.ftruncate(fd, total)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return total, digest
+
+    def copy_blocks(self, response, fd, hasher, what, sparse):
+        """Read `response` into the hasher's buffers and write them to `fd`; return the bytes."""
+        zero = bytes(BUFSIZE) if sparse else None
+        pacer = Pacer(self.config.max_rate)
+        total, last_log = 0, time.monotonic()
+        while True:
+            buf = hasher.buffer()
+            try:
+                n = response.readinto(buf)
+            except TLS_ERRORS + CONNECTION_ERRORS as exc:
+                hasher.give_back(buf)
+                raise transfer_error(what, exc, total, self.config.stall_timeout)
+            if not n:
+                hasher.give_back(buf)
+                return total
+            if zero is not None and n == BUFSIZE and buf == zero:
+                os.lseek(fd, n, os.SEEK_CUR)
+            else:
+                write_all(fd, buf, n)
+            hasher.hash(buf, n)
+            total += n
+            pacer.pace(total)
+            if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
+                last_log = time.monotonic()
+                log.info("%s: %s so far", what, human_size(total))
+
+
+class Pacer:
+    """Keeps a transfer at or under `rate` bytes/s (None: no limit), like XO's maxExportRate.
+
+    pace(total) sleeps until `total` bytes are due (start + total/rate): the average rate
+    since the start never exceeds `rate`, whatever the block sizes.
+    """
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.start = time.monotonic()
+
+    def pace(self, total):
+        if self.rate:
+            ahead = self.start + total / float(self.rate) - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def write_all(fd, buf, n):
+    """Write the first `n` bytes of `buf` to `fd`, without copying them."""
+    with memoryview(buf) as whole:
+        view = whole[:n]
+        while view:
+            view = view[os.write(fd, view):]
+
+
+class BlockHasher:
+    """`with BlockHasher() as h:` sha256 of the blocks handed to h.hash, in a thread of its own.
+
+    hashlib releases the GIL on large buffers, so hashing one block runs beside reading
+    and writing the next. The blocks are NBUFFERS reused buffers (h.buffer() waits for a
+    free one), so memory stays flat whatever the export's size.
+    """
+
+    def __init__(self, nbuffers=None, size=BUFSIZE):
+        self.sha = hashlib.sha256()
+        self.free = queue.Queue()
+        for _ in range(nbuffers or NBUFFERS):
+            self.free.put(bytearray(size))
+        self.work = queue.Queue()
+        self.thread = threading.Thread(target=self.run, name="sha256", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.stop()
+        return False
+
+    def buffer(self):
+        """Return a free buffer (waits while every one is still being hashed)."""
+        return self.free.get()
+
+    def give_back(self, buf):
+        """Return an unused buffer to the pool."""
+        self.free.put(buf)
+
+    def hash(self, buf, n):
+        """Hash the first `n` bytes of `buf`; the buffer comes back to the pool afterwards."""
+        self.work.put((buf, n))
+
+    def run(self):
+        while True:
+            item = self.work.get()
+            if item is None:
+                return
+            buf, n = item
+            with memoryview(buf) as whole:
+                self.sha.update(whole[:n])
+            self.free.put(buf)
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.work.put(None)
+            self.thread.join()
+
+    def hexdigest(self):
+        """Wait for the blocks handed so far; return their sha256 in hex."""
+        self.stop()
+        return self.sha.hexdigest()
