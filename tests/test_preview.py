@@ -52,7 +52,7 @@ def test_preview_shows_selection_and_changes_nothing(sim_pool, weekly, backup_di
     for line in ("DEV-web3", "vdi-export", "max_backups=7", "PRD-print4", "PRD-fileserverSAVE"):
         assert line in out
     assert "***ERROR - 2 VMs are named 'dup-vm'" in out
-    assert "Preview INVALID" in out
+    assert "Preview: the run would start, but end with errors (exit 2, S:6 W:1 E:1)" in out
     assert os.listdir(str(backup_dir)) == []
     assert not (tmp_path / "status.log").exists()
     written = [c.method for c in sim_pool.calls if not c.method.startswith(("session.",))
@@ -135,7 +135,8 @@ def test_wrong_password_is_one_line(sim_pool, api, backup_dir, tmp_path):
     out = run_vmbackup("--server", sim_pool.url, "--password-file", pw, "-e", "web01",
                        "-d", backup_dir, "--preview", exit_code=2)
     assert out.strip().splitlines()[-1] == (
-        "vmbackup.py: error: cannot log in to %s: authentication failed for user 'root'" % sim_pool.url)
+        "Preview: the run would not start (exit 2): cannot log in to %s: authentication failed "
+        "for user 'root'" % sim_pool.url)
     assert "not-the-password" not in out
 
 

@@ -25,11 +25,15 @@ Usage (NAUbackup VmBackup.py compatible):
     vmbackup.py help|config|example
 
 EXIT STATUS
-    0  all selected work succeeded (and a valid preview)
-    1  finished, with warnings
-    2  something failed (a VM, the pool or host backup), the run could not
-       start (usage, configuration, login, unusable backup_dir, invalid preview),
+    0  all selected work succeeded, nothing warned
+    1  finished, with warnings (a VM's, or the run's: a selector matched no VM,
+       nothing to back up)
+    2  something failed (a VM, the pool or host backup, or the run itself), the
+       run could not start (usage, configuration, login, unusable backup_dir),
        or it was terminated (SIGTERM)
+    --preview exits with the code the run would have.
+    Summary S:n W:n E:n: S units that succeeded (with or without warnings),
+    W warnings, E failures; the run's own problems count in W or E.
   130  interrupted (Ctrl-C)
 """
 

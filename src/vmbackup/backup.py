@@ -1,6 +1,6 @@
 """Backing up one VM: snapshot, export, metadata, manifest, success, retention; and the dated files.
 
-Owns: Context, VmLog, tool_snapshot (the snapshot's lifetime), export_vm_mode/
+Owns: Context, VmLog (a VM's UnitLog), tool_snapshot (the snapshot's lifetime), export_vm_mode/
 export_vdi_mode, export_with_retries, build_manifest, backup_vm/backup_vm_safely (a failure
 becomes a VmResult), backup_pool_db/backup_hosts, run_note.
 Imports: everything below it (errors .. report).
@@ -8,7 +8,6 @@ Imports: everything below it (errors .. report).
 
 import contextlib
 import datetime
-import logging
 import os
 import signal
 import socket
@@ -16,13 +15,13 @@ import sys
 import time
 import typing
 
-from vmbackup import __version__
 from vmbackup.config import Config
 from vmbackup.errors import (
     CallFailed, ExportFailed, VmBackupError, XapiCallFailed, log)
 from vmbackup.formats.xva import xva_is_complete
-from vmbackup.metadata import file_entry, pool_info, save_vm_metadata, write_cfg_files
-from vmbackup.report import VmResult
+from vmbackup.metadata import (
+    file_entry, manifest_record, pool_info, save_vm_metadata, write_cfg_files)
+from vmbackup.report import RunRecord, UnitLog, VmResult, status_size
 from vmbackup.retention import prune_dated_files, prune_vm_backups
 from vmbackup.selection import PoolView
 from vmbackup.store import XVA_SUFFIXES, LocalStore, check_space, inside, safe_dirname, stamp
@@ -30,21 +29,8 @@ from vmbackup.transport.base import BEAT_WORD, Obj, Transport
 from vmbackup.util import human_size, one_line, partial_file, printable
 
 
-class VmLog(logging.LoggerAdapter):
-    """Log lines prefixed with the VM's name; remembers its warnings."""
-
-    def __init__(self, name):
-        logging.LoggerAdapter.__init__(self, log, {})
-        self.prefix = "vm=%s: " % printable(name)
-        self.warnings = []
-
-    def process(self, msg, kwargs):
-        kwargs.setdefault("extra", {})["vm"] = self.prefix
-        return self.prefix + msg, kwargs
-
-    def warning(self, msg, *args, **kwargs):
-        self.warnings.append(msg % args if args else msg)
-        logging.LoggerAdapter.warning(self, msg, *args, **kwargs)
+class VmLog(UnitLog):
+    """The log of one VM: lines prefixed `vm=<name>: `; its warnings and errors go in its VmResult."""
 
 
 class Context(typing.NamedTuple):
@@ -53,6 +39,7 @@ class Context(typing.NamedTuple):
     transport: Transport
     view: PoolView
     run_note: str               # host pid time, recorded in snapshot tags
+    record: typing.Optional[RunRecord] = None   # the run's outcome so far
 
 
 def snapshot_label(vm_name, moment):
@@ -99,6 +86,8 @@ class tool_snapshot:
                         for _, vdi, _ in t.snapshot_disks(self.snap):
                             t.tag("VDI", vdi, note)
                     t.unmark_pending(self.cls, self.snap)
+                    if self.ctx.record is not None:
+                        self.ctx.record.open_snapshots[self.snap.uuid] = self.vlog.unit
                 finally:
                     t.unmark_pending(self.cls, self.source)
         except BaseException:
@@ -116,6 +105,8 @@ class tool_snapshot:
             with signals_deferred():   # a destroy cut in half leaves orphan disks
                 (t.destroy_snapshot if self.cls == "VM" else t.destroy_vdi)(self.snap)
                 t.check_gone(self.cls, self.snap)
+            if self.ctx.record is not None:
+                self.ctx.record.open_snapshots.pop(self.snap.uuid, None)
             self.vlog.info("%s snapshot %s destroyed", self.cls, self.snap.uuid)
         except VmBackupError as err:
             self.vlog.error("could not destroy %s snapshot %s: %s (the next run retries)",
@@ -130,7 +121,7 @@ def vm_snapshot(ctx, vm, vlog, moment):
     quiesce = ctx.config.quiesce or wants_quiesce(ctx.view.vms[vm.ref])
     source = Obj(vm.ref, vm.uuid)
     return tool_snapshot(ctx, "VM", source, lambda: ctx.transport.snapshot_vm(
-        source, snapshot_label(vm.name, moment), quiesce), vlog)
+        source, snapshot_label(vm.name, moment), quiesce, vlog), vlog)
 
 
 def vdi_snapshot(ctx, disk, label, vlog):
@@ -191,8 +182,8 @@ def export_vdi_mode(ctx, plan, folder, moment, vlog):
                                        % (disk.device, nbytes, want))
                 if nbytes <= 0:
                     raise ExportFailed("export of disk %s is empty" % disk.device)
-        vlog.info("exported disk %s to %s (%s) in %.1fs", disk.device, os.path.basename(dest),
-                  human_size(nbytes), time.monotonic() - began)
+            vlog.info("exported disk %s to %s (%s) in %.1fs", disk.device, os.path.basename(dest),
+                      human_size(nbytes), time.monotonic() - began)
         entries.append(file_entry(folder, os.path.basename(dest), digest))
     if plan.skipped:
         vlog.info("left out ([NOBAK]): %s", ", ".join(d.device for d in plan.skipped))
@@ -235,22 +226,16 @@ def build_manifest(ctx, plan, started, files):
     """Return the backup.json of one VM's backup: what was backed up, how, and every file."""
     config, vm = ctx.config, plan.vm
     record = ctx.view.vms[vm.ref]
-    return {
-        "tool": "vmbackup", "version": __version__, "format": 1,
-        "vm": {"name": vm.name, "uuid": vm.uuid, "power_state": record.get("power_state")},
-        "mode": vm.mode, "transport": ctx.transport.name,
-        "started": started.isoformat(), "finished": datetime.datetime.now().isoformat(),
-        "compress": config.compress if vm.mode == "vm-export" else None,
-        "vdi_format": config.vdi_export_format if vm.mode == "vdi-export" else None,
-        "disks": [{"device": d.device, "userdevice": d.userdevice, "vdi_uuid": d.vdi["uuid"],
-                   "name_label": d.vdi.get("name_label", ""),
-                   "virtual_size": int(d.vdi.get("virtual_size", 0)),
-                   "file": (disk_file_name(vm.name, d, config.vdi_export_format)
-                            if vm.mode == "vdi-export" else None)} for d in plan.disks],
-        "skipped_disks": [d.device for d in plan.skipped],
-        "files": files,
-        "pool": pool_info(ctx.view),
-    }
+    disks = [{"device": d.device, "userdevice": d.userdevice, "vdi_uuid": d.vdi["uuid"],
+              "name_label": d.vdi.get("name_label", ""),
+              "virtual_size": int(d.vdi.get("virtual_size", 0)),
+              "file": (disk_file_name(vm.name, d, config.vdi_export_format)
+                       if vm.mode == "vdi-export" else None)} for d in plan.disks]
+    return manifest_record(
+        {"name": vm.name, "uuid": vm.uuid, "power_state": record.get("power_state")},
+        vm.mode, ctx.transport.name, started.isoformat(), datetime.datetime.now().isoformat(),
+        files, disks, [d.device for d in plan.skipped], config.compress,
+        config.vdi_export_format, pool_info(ctx.view))
 
 
 def backup_vm(ctx, plan, vlog):
@@ -271,8 +256,11 @@ def backup_vm(ctx, plan, vlog):
     store.commit(folder, build_manifest(ctx, plan, started, files + exported))
     prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog)
     total = sum(f["size"] for f in exported)
+    if vlog.errors:
+        return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,
+                        time.monotonic() - began, "; ".join(vlog.errors), tuple(vlog.warnings))
     return VmResult(vm.name, vm.uuid, vm.mode, "warning" if vlog.warnings else "success", folder,
-                    total, time.monotonic() - began, "; ".join(vlog.warnings))
+                    total, time.monotonic() - began, "; ".join(vlog.warnings), tuple(vlog.warnings))
 
 
 def backup_vm_safely(ctx, plan, status_log):
@@ -286,26 +274,30 @@ def backup_vm_safely(ctx, plan, status_log):
     except (VmBackupError, OSError) as exc:
         message = str(exc) if isinstance(exc, VmBackupError) else "%s: %s" % (
             getattr(exc, "filename", "") or "backup_dir", exc.strerror or exc)
-        vlog.error("FAILED: %s", message)
-        result = VmResult(vm.name, vm.uuid, vm.mode, "error", None, 0,
-                          time.monotonic() - began, message)
+        result = failed_result(vm, vlog, message, began)
     except Exception as exc:  # noqa: BLE001 - a bug met by one VM must not stop the others
-        message = "internal error: %s: %s" % (type(exc).__name__, one_line(exc))
-        vlog.error("FAILED: %s (run with -v for the traceback)", message)
         vlog.debug("traceback", exc_info=True)
-        result = VmResult(vm.name, vm.uuid, vm.mode, "error", None, 0,
-                          time.monotonic() - began, message)
+        result = failed_result(vm, vlog, "internal error: %s: %s (run with -v for the traceback)"
+                               % (type(exc).__name__, one_line(exc)), began)
     if result.status == "error":
         status_log.line(vm.mode, "end", "%s-FAIL %s" % (vm.mode.upper(), printable(vm.name)))
     else:
-        status_log.line(vm.mode, "end", "SUCCESS %s,elapse:%d size:%.1fG" % (
-            printable(vm.name), round(result.seconds / 60.0), result.bytes / 2.0 ** 30))
+        status_log.line(vm.mode, "end", "SUCCESS %s,elapse:%d size:%s" % (
+            printable(vm.name), round(result.seconds / 60.0), status_size(result.bytes)))
     return result
+
+
+def failed_result(vm, vlog, message, began):
+    """Return the error VmResult of a VM whose backup raised `message` (plus what it logged)."""
+    vlog.failed(message)
+    message = "; ".join([message] + vlog.errors)
+    return VmResult(vm.name, vm.uuid, vm.mode, "error", None, 0, time.monotonic() - began,
+                    message, tuple(vlog.warnings))
 
 
 def backup_dated_file(ctx, folder_name, file_name, what, fetch):
     """Write one pool_db_/host_ backup file via `fetch(tmp)`, prune its folder; return VmResult."""
-    began = time.monotonic()
+    began, ulog = time.monotonic(), UnitLog(what)
     try:
         folder = inside(ctx.config.backup_dir, safe_dirname(folder_name))
         os.makedirs(folder, exist_ok=True)
@@ -319,7 +311,7 @@ def backup_dated_file(ctx, folder_name, file_name, what, fetch):
         log.info("%s: %s (%s)", what, dest, human_size(nbytes))
         return VmResult(what, "", "pool", "success", dest, nbytes, time.monotonic() - began)
     except (VmBackupError, OSError) as exc:
-        log.error("%s FAILED: %s", what, exc, extra={"vm": what})
+        ulog.failed(str(exc))
         return VmResult(what, "", "pool", "error", None, 0, time.monotonic() - began, str(exc))
 
 

@@ -87,7 +87,8 @@ def main(argv=None):
         sys.stderr.write("%s: interrupted\n" % PROG)
         return EXIT_INTERRUPTED
     except Terminated as exc:
-        sys.stderr.write("%s: terminated by %s; snapshots cleaned up\n" % (PROG, exc.args[0]))
+        # the run says what became of its snapshots (args[1]); outside a run there were none
+        sys.stderr.write("%s: terminated by %s\n" % (PROG, "; ".join(exc.args)))
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the one place unknown errors become exit 2
         if verbose:

@@ -116,6 +116,15 @@ _SELECTOR_TAIL = {
 }
 
 
+#: What a selector with a mistyped MAX looks like ('web01:abc', 'DEV-web3:x:xvda'): a word
+#: after the last (or, for vdi-export, the last but one) colon. Regex syntax never ends so.
+_BAD_MAX = {
+    "vdi-export": re.compile(r"^.*?[^:]:(?P<max>[A-Za-z0-9_+.-]*[A-Za-z_+.][A-Za-z0-9_+.-]*)"
+                             r"(?::[A-Za-z0-9;, ]*)?$", re.S),
+    "other": re.compile(r"^.*[^:]:(?P<max>[A-Za-z0-9_+.-]*[A-Za-z_+.][A-Za-z0-9_+.-]*)$", re.S),
+}
+
+
 def parse_selector(text, mode, origin="command line"):
     """Return a Selector for 'NAME_OR_REGEX[:MAX[:DEV;DEV]]'; raise ValueError if invalid.
 
@@ -128,6 +137,10 @@ def parse_selector(text, mode, origin="command line"):
     match = _SELECTOR_TAIL["vdi-export" if mode == "vdi-export" else "other"].match(raw)
     name, max_text = match.group("name"), match.group("max")
     devs = match.groupdict().get("devs") or ""
+    bad = _BAD_MAX["vdi-export" if mode == "vdi-export" else "other"].match(name)
+    if bad and not PLAIN_NAME_RE.match(name):
+        raise ValueError("MAX_BACKUPS %r in %r is not a whole number (NAME_OR_REGEX[:MAX%s])"
+                         % (bad.group("max"), raw, "[:DEV;DEV]" if mode == "vdi-export" else ""))
     max_backups = None
     if max_text not in (None, "", "-1"):
         max_backups = int(max_text)

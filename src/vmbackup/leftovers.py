@@ -204,6 +204,11 @@ def forget_pending(ctx, beats=None):
                 ctx.transport.unmark_pending(cls, Obj(ref, rec.get("uuid", "")))
 
 
+def run_log(ctx):
+    """Return where the run's own problems are recorded (the module log outside a run)."""
+    return ctx.record.log if getattr(ctx, "record", None) is not None else log
+
+
 def stop_exports(ctx, rec):
     """Cancel the tasks still at work on a leftover (the export of a killed run whose xe or
     connection lives on), so that its destroy can succeed; say what the destroy waits for."""
@@ -218,13 +223,16 @@ def stop_exports(ctx, rec):
 
 
 def clean_leftovers(ctx):
-    """Destroy the tool's snapshots and VDI snapshots left by a killed run; return how many."""
+    """Destroy the tool's snapshots and VDI snapshots left by a killed run; return how many.
+
+    Destroying one is housekeeping (info); failing to is an error of the run.
+    """
     count, now = 0, datetime.datetime.utcnow()
     # read after the view: a run that started since then already beats
     pool, other_config, beats = pool_beats(ctx.transport.xapi)
     for ref, rec in ctx.view.vms.items():
         if is_leftover(rec, now, beats):
-            log.warning("destroying leftover snapshot %r (%s) of an interrupted run",
+            log.info("destroying leftover snapshot %r (%s) of an interrupted run",
                         printable(rec["name_label"]), rec["uuid"])
             try:
                 stop_exports(ctx, rec)
@@ -232,10 +240,10 @@ def clean_leftovers(ctx):
                     ctx.transport.destroy_snapshot(Obj(ref, rec["uuid"]))
                 count += 1
             except VmBackupError as exc:
-                log.error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
+                run_log(ctx).error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
     for ref, rec in ctx.view.vdis.items():
         if is_leftover(rec, now, beats) and not rec.get("VBDs"):
-            log.warning("destroying leftover disk snapshot %r (%s) of an interrupted run",
+            log.info("destroying leftover disk snapshot %r (%s) of an interrupted run",
                         printable(rec.get("name_label", "")), rec["uuid"])
             try:
                 stop_exports(ctx, rec)
@@ -243,7 +251,7 @@ def clean_leftovers(ctx):
                     ctx.transport.destroy_vdi(Obj(ref, rec["uuid"]))
                 count += 1
             except VmBackupError as exc:
-                log.error("cannot destroy leftover disk snapshot %s: %s", rec["uuid"], exc)
+                run_log(ctx).error("cannot destroy leftover disk snapshot %s: %s", rec["uuid"], exc)
     forget_pending(ctx, beats)
     forget_beats(ctx, pool, other_config, beats, now)
     return count

@@ -35,7 +35,8 @@ def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None):
         if folders[name].complete:
             vlog.info("retention: deleting %s", name)
         else:
-            vlog.warning("deleting incomplete backup %s (no success marker)", name)
+            # housekeeping: the run that left it already reported its failure
+            vlog.info("deleting incomplete backup %s (no success marker)", name)
         store.delete(folders[name].path)
     return doomed
 

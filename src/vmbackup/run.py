@@ -1,85 +1,71 @@
-"""The whole backup run, as a list of named steps; and the preview.
+"""The whole backup run, as a list of named steps; and the preview, the same run without side effects.
 
-Owns: run_backup, back_up_everything, select_for_run, preview.
+Owns: run_backup, back_up_everything, select_for_run, report_run, report_cannot_start,
+preview (and what it plans: planned_deletions, planned_destroys).
 Imports: everything below it.
 """
 
+import contextlib
 import datetime
 import os
 import sys
 
 from vmbackup.backup import Context, backup_hosts, backup_pool_db, backup_vm_safely, run_note
-from vmbackup.errors import EXIT_ERROR, EXIT_OK, EXIT_WARNING, PROG, log
-from vmbackup.leftovers import PoolBeat, clean_leftovers
+from vmbackup.errors import PROG, Terminated, VmBackupError, log
+from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
 from vmbackup.report import (
-    RunProblems, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
-    run_summary, tally, write_json)
+    PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
+    recap, run_summary, status_end_fields, tally, write_json)
+from vmbackup.retention import plan_retention
 from vmbackup.selection import plan_vm, read_pool, select_vms
-from vmbackup.store import RunLock, check_backup_dir, check_backup_dir_readonly, log_df
+from vmbackup.store import (
+    LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
+    safe_dirname)
 from vmbackup.transport.choose import make_transport
 from vmbackup.xapi import login
 
 
-def preview(config, endpoint, password, json_target=None):
-    """Print what a run would do; return EXIT_OK if it would start, else EXIT_ERROR."""
-    problems = check_backup_dir_readonly(config)
-    xapi = login(endpoint, config.username, password)
-    try:
-        view = read_pool(xapi)
-    finally:
-        xapi.logout()
-    selection = select_vms(view.vms, config.selectors, config.max_backups)
-    plans = [plan_vm(vm, view) for vm in selection.vms]
-    data = preview_data(config, selection, plans, problems)
-    if json_target:
-        write_json(json_target, data)
-    if json_target != "-":
-        sys.stdout.write(format_preview(data, config))
-    return EXIT_ERROR if data["status"] == "error" else EXIT_OK
-
-
-def select_for_run(config, view):
-    """Return the Selection for a run (metadata_only turns every VM into meta-export)."""
-    selection = select_vms(view.vms, config.selectors, config.max_backups)
-    if config.metadata_only:
-        selection = selection._replace(vms=[vm._replace(mode="meta-export") for vm in selection.vms])
-    return selection
-
-
 def run_backup(config, endpoint, password, inv):
-    """The run: check, lock, log in, clean leftovers, back up each VM, pool, hosts, report."""
-    started = datetime.datetime.now().replace(microsecond=0)
-    problems = RunProblems()
-    log.addHandler(problems)
+    """The run: check, lock, log in, clean leftovers, back up each VM, pool, hosts, report.
+
+    Returns the exit code of its Outcome; a run that cannot start reports too (status
+    log, --json) and then raises its error, as a signal does.
+    """
+    record = RunRecord()
+    status_log = StatusLog(config.status_log, config.where("status_log"), record.log)
     try:
         check_backup_dir(config)
-        status_log = StatusLog(config.status_log, config.where("status_log"))
-        results, selection = [], None
-        old_umask = os.umask(config.umask)
-        try:
-            with RunLock(config.backup_dir):
-                status_log.line(PROG, "begin")
-                code = EXIT_ERROR  # until the run gets through: a login error, a signal...
-                try:
-                    results, selection = back_up_everything(config, endpoint, password, status_log,
-                                                            started)
-                    code = exit_code_for(results, problems.warnings, problems.errors)
-                finally:
-                    word = {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
-                    status_log.line(PROG, "end", word, tally(results, problems.warnings))
-        finally:
-            os.umask(old_umask)
-        log_df(config.backup_dir, "after")
-        log.info("done: %s, exit %d", tally(results, problems.warnings), code)
+        with umask(config.umask), RunLock(config.backup_dir):
+            status_log.line(PROG, "begin")
+            record.begun = True
+            back_up_everything(config, endpoint, password, status_log, record)
+    except VmBackupError as exc:
+        record.cannot_start = str(exc)
+        raise
+    except Terminated as exc:
+        record.terminated = exc.args[0] if exc.args else "a signal"
+        exc.args = (record.terminated, record.terminated_note())
+        raise
+    except KeyboardInterrupt:
+        record.terminated = "SIGINT"
+        raise
     finally:
-        log.removeHandler(problems)
-    if inv.json:
-        write_json(inv.json, run_summary(config, selection, results, problems.warnings, started, code))
-    return code
+        report_run(config, record, status_log, inv.json)
+    return exit_code_for(record.outcome())
 
 
-def back_up_everything(config, endpoint, password, status_log, started):
-    """Log in, clean leftovers, back up each selected VM, the pool and the hosts; return (results, selection)."""
+@contextlib.contextmanager
+def umask(mask):
+    """Set the process umask for the block."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def back_up_everything(config, endpoint, password, status_log, record):
+    """Log in, clean leftovers, back up each selected VM, the pool and the hosts into `record`."""
     xapi = login(endpoint, config.username, password)
     try:
         transport = make_transport(config, xapi, password)
@@ -87,24 +73,132 @@ def back_up_everything(config, endpoint, password, status_log, started):
         try:
             beat.start()
             view = read_pool(xapi)
-            ctx = Context(config, transport, view, beat.note)
+            ctx = Context(config, transport, view, beat.note, record)
             clean_leftovers(ctx)
-            selection = select_for_run(config, view)
-            for warning in selection.warnings:
-                log.warning("%s", warning)
-            results = [VmResult("selection", "", "-", "error", message=e) for e in selection.errors]
-            for message in selection.errors:
-                log.error("%s", message, extra={"vm": "selection"})
+            selection = select_for_run(config, view, record)
             log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
             for vm in selection.vms:
-                results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
+                record.results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
             if config.pool_db_backup:
-                results.append(backup_pool_db(ctx, started))
+                record.results.append(backup_pool_db(ctx, record.started))
             if config.host_backup:
-                results.extend(backup_hosts(ctx, started))
-            return results, selection
+                record.results.extend(backup_hosts(ctx, record.started))
         finally:
             beat.stop()
             transport.close()
     finally:
         xapi.logout()
+
+
+def select_for_run(config, view, record):
+    """Return the Selection (metadata_only turns every VM into meta-export); record its problems."""
+    selection = select_vms(view.vms, config.selectors, config.max_backups)
+    if config.metadata_only:
+        selection = selection._replace(vms=[vm._replace(mode="meta-export") for vm in selection.vms])
+    record.selection = selection
+    for warning in selection.warnings:
+        record.log.warning("%s", warning)
+    for message in selection.errors:
+        record.log.error("%s", message)
+    if not selection.vms and not selection.errors \
+            and not config.pool_db_backup and not config.host_backup:
+        record.log.warning("nothing to back up: %s", "every VM excluded" if selection.excluded
+                           else "no VM selected")
+    return selection
+
+
+def report_run(config, record, status_log, json_target):
+    """Print and write the run's Outcome: status log `end`, summary, recap, --json."""
+    outcome = record.outcome()
+    if not record.begun and status_log.folder_exists():
+        status_log.line(PROG, "begin")      # a run that cannot start still leaves its pair
+        record.begun = True
+    if record.begun:
+        status_log.line(PROG, *status_end_fields(outcome))
+    if outcome.cannot_start is None:
+        if os.path.isdir(config.backup_dir):
+            log_df(config.backup_dir, "after")
+        log.info("done: %s, exit %d", tally(outcome), exit_code_for(outcome))
+        for line in recap(outcome):
+            (log.error if line.startswith("FAILED") else log.warning)("recap: %s", line)
+    if json_target:
+        write_json(json_target, run_summary(config, record.outcome()))
+
+
+def report_cannot_start(json_target, reason):
+    """Write the --json of a run stopped before its settings were read (a config error)."""
+    record = RunRecord()
+    record.cannot_start = reason
+    if json_target:
+        write_json(json_target, run_summary(None, record.outcome()))
+
+
+# -- the preview: the same checks, nothing changed --------------------------------
+
+def preview(config, endpoint, password, json_target=None):
+    """Print what a run would do; return the exit code the run would have (0/1/2)."""
+    record = RunRecord()
+    found = PreviewPlan()
+    try:
+        problems = check_backup_dir_readonly(config)
+        if problems:
+            record.cannot_start = problems[0]
+        else:
+            check_space(config)
+        found = preview_pool(config, endpoint, password, record)
+    except VmBackupError as exc:
+        record.cannot_start = record.cannot_start or str(exc)
+    outcome = record.outcome()
+    data = preview_data(config, outcome, found)
+    if json_target:
+        write_json(json_target, data)
+    if json_target != "-":
+        sys.stdout.write(format_preview(data, config))
+    return exit_code_for(outcome)
+
+
+def preview_pool(config, endpoint, password, record):
+    """Log in, check the transport, read the pool, select and plan; return the PreviewPlan."""
+    xapi = login(endpoint, config.username, password)
+    try:
+        make_transport(config, xapi, password).close()
+        view = read_pool(xapi)
+    finally:
+        xapi.logout()
+    selection = select_for_run(config, view, record)
+    plans = [plan_vm(vm, view) for vm in selection.vms]
+    for plan in plans:
+        vm = plan.vm
+        record.results.append(VmResult(vm.name, vm.uuid, vm.mode,
+                                       "error" if plan.problems else "success",
+                                       message="; ".join(plan.problems)))
+    if config.pool_db_backup:
+        record.results.append(VmResult("pool database", "", "pool", "success"))
+    if config.host_backup:
+        record.results.extend(VmResult("host backup of %s" % (h.get("hostname") or ref), "",
+                                       "pool", "success") for ref, h in view.hosts.items())
+    deletions = planned_deletions(config, plans) if not record.cannot_start else ()
+    return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
+
+
+def planned_deletions(config, plans):
+    """Return [(VM folder, backup name)] retention would delete after each plan's new backup."""
+    store, found = LocalStore(config.backup_dir), []
+    for plan in plans:
+        if plan.problems:
+            continue
+        folder = safe_dirname(plan.vm.name)
+        entries = [(f.name, f.when, f.complete) for f in store.backups(folder)]
+        new = ("(this run)", datetime.datetime.max, True)
+        found.extend((folder, name) for name in plan_retention(entries + [new], plan.vm.max_backups)
+                     if name != new[0])
+    return tuple(found)
+
+
+def planned_destroys(view):
+    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy."""
+    found = [("VM", rec.get("name_label", ""), rec.get("uuid", ""))
+             for rec in view.vms.values() if is_leftover(rec)]
+    found += [("VDI", rec.get("name_label", ""), rec.get("uuid", ""))
+              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")]
+    return tuple(sorted(found))

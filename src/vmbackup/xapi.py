@@ -8,8 +8,10 @@ of a XAPI task: create, cancel on error, wait, destroy).
 Imports: errors, util; XenAPI (the official client) when installed.
 """
 
+import base64
 import hashlib
 import http.client
+import re
 import socket
 import ssl
 import time
@@ -47,6 +49,13 @@ TASK_WAIT_MIN = 600
 
 #: Polling a task: the first delay and the longest one (seconds), doubling between.
 TASK_POLL_FIRST, TASK_POLL_MAX = 0.05, 1.0
+
+#: Seconds the login may take, connecting included: a hung or wrong server is named
+#: quickly, not after XMLRPC_TIMEOUT. (XAPI answers a wrong password after ~5 s.)
+LOGIN_TIMEOUT = 30
+
+#: Seconds fetching a certificate's fingerprint for an error message may take.
+FINGERPRINT_TIMEOUT = 10
 
 #: HOST_IS_SLAVE answers followed at login (a member, then a master that just moved).
 LOGIN_HOPS = 2
@@ -173,6 +182,10 @@ def parse_endpoint(server, ca_file=None, fingerprint=None, insecure=False):
     if "://" not in server:
         server = "https://" + server
     parts = urllib.parse.urlsplit(server)
+    if "@" in parts.netloc:
+        raise ConfigError("server=%s: a user or password in the URL is refused (it would show in "
+                          "process lists and logs); use username= and password_file="
+                          % mask_credentials(server))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("server=%s: expected https://host, http://host or unix:/path" % server)
     try:
@@ -182,6 +195,17 @@ def parse_endpoint(server, ca_file=None, fingerprint=None, insecure=False):
     return Endpoint(parts.scheme, parts.hostname, port, ca_file, fingerprint, insecure)
 
 
+def mask_credentials(url):
+    """Return `url` with any user:password@ replaced: 'https://root:pw@h/' -> 'https://***@h/'."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return scheme + sep + netloc + slash + tail
+
+
 class EndpointTransport(xmlrpc.client.Transport):
     """xmlrpc transport that opens its connections through an Endpoint."""
 
@@ -189,6 +213,15 @@ class EndpointTransport(xmlrpc.client.Transport):
         xmlrpc.client.Transport.__init__(self)
         self.endpoint = endpoint
         self.timeout = timeout
+
+    def set_timeout(self, timeout):
+        """Use `timeout` from now on, on the open connection too (after login: XMLRPC_TIMEOUT)."""
+        self.timeout = timeout
+        conn = self._connection[1] if self._connection else None
+        if conn is not None:
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
 
     def make_connection(self, host):
         if self._connection and self._connection[0] == host:
@@ -276,6 +309,9 @@ class Xapi:
                 return target(*args)
             except XenAPI.Failure as exc:
                 raise XapiFailure(method, exc.details)
+            except socket.timeout:
+                raise XapiCallFailed(method, "no answer within %d s (the XAPI call timeout)"
+                                     % XMLRPC_TIMEOUT)
             except (TLS_ERRORS + CONNECTION_ERRORS + (xmlrpc.client.Fault,)) as exc:
                 if attempt + 1 >= attempts:
                     raise XapiCallFailed(method, connection_error_text(exc))
@@ -304,8 +340,12 @@ def login(endpoint, username, password, _hops=LOGIN_HOPS):
     """Return a Xapi session; follow HOST_IS_SLAVE to the master; raise LoginError."""
     if XenAPI is None:
         raise LoginError(endpoint.url, "the XenAPI package is missing (pip install XenAPI)")
+    if not endpoint.is_local and not password:
+        raise LoginError(endpoint.url, "no password given: use --password-file FILE (mode 0600), "
+                                       "password_file= in the config file, or VMBACKUP_PASSWORD")
     uri = "http://localhost/" if endpoint.is_local else endpoint.url
-    session = XenAPI.Session(uri, transport=EndpointTransport(endpoint, timeout=XMLRPC_TIMEOUT))
+    transport = EndpointTransport(endpoint, timeout=LOGIN_TIMEOUT)
+    session = XenAPI.Session(uri, transport=transport)
     try:
         session.xenapi.login_with_password(username, password or "", "2.0",
                                            "vmbackup/" + __version__)
@@ -316,11 +356,66 @@ def login(endpoint, username, password, _hops=LOGIN_HOPS):
             log.info("%s is a pool member; logging in to the master %s", endpoint.url, master.url)
             return login(master, username, password, _hops - 1)
         if details[:1] == ["SESSION_AUTHENTICATION_FAILED"]:
-            raise LoginError(endpoint.url, "authentication failed for user %r" % username)
+            raise LoginError(endpoint.url, "authentication failed for user %r%s"
+                             % (username, base64_hint(password)))
         raise LoginError(endpoint.url, xapi_error_text(details))
+    except socket.timeout:
+        raise LoginError(endpoint.url, "no answer within %d s (the login timeout): is it a "
+                                       "XAPI server, and reachable?" % LOGIN_TIMEOUT)
     except TLS_ERRORS + CONNECTION_ERRORS + (xmlrpc.client.Fault,) as exc:
-        raise LoginError(endpoint.url, connection_error_text(exc))
+        raise LoginError(endpoint.url, first_contact_text(endpoint, exc))
+    transport.set_timeout(XMLRPC_TIMEOUT)
     return Xapi(endpoint, session, username)
+
+
+def base64_hint(password):
+    """Return a hint when a password looks like NAUbackup's base64 password file ('' if not)."""
+    text = (password or "").strip()
+    if len(text) < 8 or len(text) % 4 or not re.match(r"^[A-Za-z0-9+/]+=*$", text):
+        return ""
+    try:
+        base64.b64decode(text, validate=True).decode("utf-8")
+    except (ValueError, UnicodeError):
+        return ""
+    return (" (the password looks base64-encoded: this looks like NAUbackup's base64 password "
+            "file; give it as the first argument of the NAUbackup command line, or put the plain "
+            "password in --password-file)")
+
+
+def first_contact_text(endpoint, exc):
+    """Return the one line for a connection or TLS failure at login, with what to do about it."""
+    text = connection_error_text(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        seen = server_fingerprint(endpoint)
+        if seen:
+            return ("%s; the server's certificate has SHA-256 fingerprint %s: check it on the "
+                    "host (openssl x509 -noout -fingerprint -sha256 -in /etc/xensource/xapi-ssl.pem) "
+                    "and pin it with --tls-fingerprint %s (tls_fingerprint=)" % (text, seen, seen))
+        return text + "; pin the server's certificate with --tls-fingerprint SHA256"
+    if "WRONG_VERSION_NUMBER" in text or "UNKNOWN_PROTOCOL" in text:
+        return ("%s: the server does not speak TLS on this port; if it serves plain HTTP, use "
+                "http://%s" % (text, endpoint.url.split("://", 1)[-1]))
+    if endpoint.scheme == "http" and isinstance(exc, (http.client.HTTPException, ConnectionError)) \
+            and not isinstance(exc, ConnectionRefusedError):
+        return ("%s: no HTTP answer; if the server speaks HTTPS on this port, use https://%s"
+                % (text, endpoint.url.split("://", 1)[-1]))
+    return text
+
+
+def server_fingerprint(endpoint):
+    """Return the SHA-256 fingerprint (AB:CD:...) of the certificate the server shows, or None."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((endpoint.host, endpoint.port or 443),
+                                      timeout=FINGERPRINT_TIMEOUT) as sock:
+            with context.wrap_socket(sock, server_hostname=endpoint.host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError):
+        return None
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
 def xapi_value(text):

@@ -57,8 +57,12 @@ def main(argv=None):
     out.write("\nTry:\n")
     out.write("  XAPISIM_URL=%s XAPISIM_PASSWORD=%s %s vm-list params=name-label --minimal\n"
               % (pool.url, pool.password, pool.xe_path))
-    out.write("  echo %s > %s; python3 %s --server %s --password-file %s -d /tmp/demo-backups "
-              "--preview\n" % (pool.password, pwfile, os.path.join(root, "vmbackup.py"), pool.url, pwfile))
+    # works as printed: a 0600 password file, an existing folder, this (venv's) Python, a selector
+    pin = " --tls-fingerprint %s" % pool.cert_sha256 if pool.cert_path else ""
+    out.write("  (umask 077; rm -f %s; echo %s > %s); mkdir -p /tmp/demo-backups; %s %s --server %s "
+              "--password-file %s%s -d /tmp/demo-backups -e '.*' --preview\n"
+              % (pwfile, pool.password, pwfile, sys.executable, os.path.join(root, "vmbackup.py"),
+                 pool.url, pwfile, pin))
     out.write("  curl -s '%spool/xmldbdump' -u %s:%s | head -c 300\n" % (pool.url, pool.user, pool.password))
     out.write("Ctrl-C stops it.\n")
     out.flush()

@@ -15,8 +15,8 @@ from vmbackup.commands.options import (
 from vmbackup.config import (
     LEGACY_WORD_KEYS, Selector, normalise_key, parse_selector,
     read_config_file, read_password_file)
-from vmbackup.errors import PROG, UsageError, log
-from vmbackup.run import preview, run_backup
+from vmbackup.errors import PROG, UsageError, VmBackupError, log
+from vmbackup.run import preview, report_cannot_start, run_backup
 from vmbackup.util import parse_bool
 from vmbackup.xapi import parse_endpoint
 
@@ -181,6 +181,9 @@ def parse_legacy(argv):
     if os.path.isfile(target):
         return Invocation("backup", config_file=target, cli_values=values, preview=preview,
                           password=password, ignore_extra_keys=ignore_extra, legacy=True)
+    if looks_like_path(target):
+        raise UsageError("config file %s does not exist (a second argument with '/' or ending "
+                         "like .cfg is a config file, not a vm-selector)" % target)
     match = LEGACY_KEY_RE.match(target)
     mode = "vm-export"
     if match and normalise_key(match.group(1)) in ("vm-export", "vdi-export"):
@@ -196,6 +199,16 @@ def parse_legacy(argv):
                       password=password, ignore_extra_keys=ignore_extra, legacy=True)
 
 
+def looks_like_path(word):
+    """Return True if a NAUbackup second argument is meant as a config file.
+
+    'conf/weekly', 'weekend.cfg' and the typos 'weekend.cgf', 'weekend.conf' (an ending of
+    letters holding a c and an f) are; 'DEV-my.*', 'web01', 'db.example.com' are not.
+    """
+    ending = re.search(r"\.([A-Za-z]{2,6})$", word)
+    return "/" in word or bool(ending and set("cf") <= set(ending.group(1).lower()))
+
+
 def load_settings(inv):
     """Return (Config, password) for a backup Invocation: defaults < file < command line."""
     parsed = None
@@ -205,17 +218,30 @@ def load_settings(inv):
                                    inv.password)
     if not inv.legacy and not any(s.mode != "exclude" for s in config.selectors) \
             and not config.pool_db_backup and not config.host_backup:
+        if inv.config_file and not inv.cli_selectors:
+            raise UsageError("config file %s selects nothing: it has no vm-export, vdi-export or "
+                             "meta-export line (and no pool_db_backup=1 or host_backup=1)"
+                             % inv.config_file)
         raise UsageError("nothing to back up: give -c FILE, -e/-E/-m SELECTOR, "
                          "--pool-db-backup or --host-backup (see --help)")
     return config, password
 
 
 def cmd_backup(inv):
-    """Run (or preview) a backup; return the exit code."""
-    config, password = load_settings(inv)
-    endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
-                              config.tls_insecure)
+    """Run (or preview) a backup; return the exit code.
+
+    A run stopped by its settings still writes --json (status error, the reason).
+    """
+    try:
+        config, password = load_settings(inv)
+        endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
+                                  config.tls_insecure)
+    except VmBackupError as exc:
+        if not inv.preview:
+            report_cannot_start(inv.json, str(exc))
+        raise
     if config.tls_insecure and not endpoint.is_local and not config.tls_fingerprint:
+        # a caution about a chosen setting, printed each run; not a problem of the run
         log.warning("TLS certificate verification is off (tls_insecure): anyone on the path "
                     "can read the backups; prefer tls_fingerprint")
     if inv.preview:

@@ -133,16 +133,19 @@ class Transport:
                               str(vbd.get("userdevice"))))
         return found
 
-    def snapshot_vm(self, vm, name, quiesce=False):
-        """Snapshot `vm`: quiesced if asked and the pool and guest can, else a normal one."""
+    def snapshot_vm(self, vm, name, quiesce=False, vlog=None):
+        """Snapshot `vm`: quiesced if asked and the pool and guest can, else a normal one.
+
+        The fallback is a warning of the VM's (`vlog`, the VM's UnitLog), not of the run.
+        """
         if quiesce:
             try:
                 return self.take_snapshot(vm, name, quiesce=True)
             except CallFailed as exc:
                 if not quiesce_unavailable(exc):
                     raise
-                log.warning("no quiesced snapshot (%s): taking a normal snapshot for %s",
-                            exc.code, printable(name))
+                (vlog or log).warning("no quiesced snapshot (%s): taking a normal snapshot "
+                                      "(%s)", exc.code, printable(name))
         return self.take_snapshot(vm, name, quiesce=False)
 
     def take_snapshot(self, vm, name, quiesce):
