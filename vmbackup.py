@@ -26,11 +26,15 @@ Usage (NAUbackup VmBackup.py compatible):
     vmbackup.py help|config|example
 
 EXIT STATUS
-    0  all selected work succeeded (and a valid preview)
-    1  finished, with warnings
-    2  something failed (a VM, the pool or host backup), the run could not
-       start (usage, configuration, login, unusable backup_dir, invalid preview),
+    0  all selected work succeeded, nothing warned
+    1  finished, with warnings (a VM's, or the run's: a selector matched no VM,
+       nothing to back up)
+    2  something failed (a VM, the pool or host backup, or the run itself), the
+       run could not start (usage, configuration, login, unusable backup_dir),
        or it was terminated (SIGTERM)
+    --preview exits with the code the run would have.
+    Summary S:n W:n E:n: S units that succeeded (with or without warnings),
+    W warnings, E failures; the run's own problems count in W or E.
   130  interrupted (Ctrl-C)
 """
 
@@ -51,6 +55,7 @@ import http.client
 import json
 import logging
 import os
+import queue
 import re
 import shutil
 import signal
@@ -60,7 +65,6 @@ import stat
 import struct
 import subprocess
 import sys
-import tarfile
 import tempfile
 import threading
 import time
@@ -119,7 +123,7 @@ class BackupDirError(VmBackupError):
 
 
 class LockHeld(VmBackupError):
-    """backup_dir {} is in use by another vmbackup run (pid {}); try again when it has finished"""
+    """backup_dir {} is in use by another vmbackup run (pid {}; its lock {} was refreshed {} ago); try again when it has finished (a lock not refreshed for 5 minutes is taken over)"""
 
 
 class XapiCallFailed(VmBackupError):
@@ -260,10 +264,14 @@ def xxh64_hex(data):
 # === vmbackup/util.py =======================================================
 # Small helpers every layer uses: value parsers, human sizes, printable names, durable writes.
 #
-# Owns: parse_bool/int/percent/compress/umask/fingerprint/text, human_size, one_line,
+# Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text, human_size, one_line,
 # printable, partial_file (write to .part, rename on success), fsync, write_text,
 # sha256_file, free_space.
 # Imports: errors.
+
+#: Sorts after every real device number (a userdevice that is not a number).
+UNNUMBERED = 1 << 30
+
 
 def parse_bool(text):
     """Return True/False for 1/0, true/false, yes/no, on/off; raise ValueError otherwise."""
@@ -295,6 +303,20 @@ def parse_percent(text):
     if not 0 <= value <= 100:
         raise ValueError("must be between 0 and 100")
     return value
+
+
+def parse_rate(text):
+    """Return bytes per second for a rate like 100M (K, M, G, T are powers of 1024), or None.
+
+    >>> parse_rate("100M"), parse_rate("1.5G/s"), parse_rate("2048"), parse_rate("0")
+    (104857600, 1610612736, 2048, None)
+    """
+    word = str(text).strip().upper()
+    match = re.match(r"^(\d+(?:\.\d+)?)\s*([KMGT]?)(?:I?B)?(?:/S)?$", word)
+    if not match:
+        raise ValueError("expected a rate such as 100M (bytes per second; 0 means no limit)")
+    value = float(match.group(1)) * 1024 ** " KMGT".index(match.group(2) or " ")
+    return int(value) or None
 
 
 def parse_compress(text):
@@ -438,42 +460,6 @@ def free_space(path):
     return free, total, (100.0 * free / total) if total else 0.0
 
 
-# === vmbackup/commands/options.py ===========================================
-# What the commands share on the command line: settings options and the exit status text.
-#
-# Owns: EXIT_STATUS_TEXT, CLI_SETTINGS.
-# Imports: util.
-
-EXIT_STATUS_TEXT = __doc__[__doc__.index("EXIT STATUS"):]
-
-
-#: Modern option -> (config key, parser of its text).
-CLI_SETTINGS = {
-    "backup_dir": ("backup_dir", parse_text),
-    "max_backups": ("max_backups", lambda v: parse_int(v, 1)),
-    "compress": ("compress", parse_compress),
-    "vdi_format": ("vdi_export_format", choice("raw", "vhd")),
-    "pool_db_backup": ("pool_db_backup", bool),
-    "host_backup": ("host_backup", bool),
-    "pre_clean": ("pre_clean", bool),
-    "metadata_only": ("metadata_only", bool),
-    "quiesce": ("quiesce", bool),
-    "server": ("server", parse_text),
-    "username": ("username", parse_text),
-    "password_file": ("password_file", parse_text),
-    "transport": ("transport", choice("auto", "xe", "api")),
-    "xe_path": ("xe_path", parse_text),
-    "tls_ca_file": ("tls_ca_file", parse_text),
-    "tls_fingerprint": ("tls_fingerprint", parse_fingerprint),
-    "tls_insecure": ("tls_insecure", bool),
-    "space_threshold": ("space_threshold", parse_percent),
-    "retries": ("retries", lambda v: parse_int(v, 0)),
-    "stall_timeout": ("stall_timeout", lambda v: parse_int(v, 1)),
-    "umask": ("umask", parse_umask),
-    "status_log": ("status_log", parse_text),
-}
-
-
 # === vmbackup/config.py =====================================================
 # The settings: NAUbackup's .cfg keys, the selectors, the merged Config, example.cfg, password files.
 #
@@ -524,6 +510,9 @@ SETTINGS = collections.OrderedDict([
     ("retries", Setting(0, lambda v: parse_int(v, 0), "retries of a failed export, with a new snapshot")),
     ("stall_timeout", Setting(600, lambda v: parse_int(v, 1),
                               "seconds without export progress before it is aborted")),
+    ("max_rate", Setting(None, parse_rate, "bandwidth limit per export, e.g. 100M (bytes/s; 0: none)")),
+    ("progress_interval", Setting(60, lambda v: parse_int(v, 1),
+                                  "seconds between progress lines of an export when not on a terminal")),
     ("umask", Setting(0o077, parse_umask, "umask for backup files and folders (077: 0600/0700)")),
     ("server", Setting(None, parse_text, "https://host, http://host or unix:/path (default: this host)")),
     ("username", Setting("root", parse_text, "XAPI user")),
@@ -576,6 +565,15 @@ _SELECTOR_TAIL = {
 }
 
 
+#: What a selector with a mistyped MAX looks like ('web01:abc', 'DEV-web3:x:xvda'): a word
+#: after the last (or, for vdi-export, the last but one) colon. Regex syntax never ends so.
+_BAD_MAX = {
+    "vdi-export": re.compile(r"^.*?[^:]:(?P<max>[A-Za-z0-9_+.-]*[A-Za-z_+.][A-Za-z0-9_+.-]*)"
+                             r"(?::[A-Za-z0-9;, ]*)?$", re.S),
+    "other": re.compile(r"^.*[^:]:(?P<max>[A-Za-z0-9_+.-]*[A-Za-z_+.][A-Za-z0-9_+.-]*)$", re.S),
+}
+
+
 def parse_selector(text, mode, origin="command line"):
     """Return a Selector for 'NAME_OR_REGEX[:MAX[:DEV;DEV]]'; raise ValueError if invalid.
 
@@ -588,6 +586,10 @@ def parse_selector(text, mode, origin="command line"):
     match = _SELECTOR_TAIL["vdi-export" if mode == "vdi-export" else "other"].match(raw)
     name, max_text = match.group("name"), match.group("max")
     devs = match.groupdict().get("devs") or ""
+    bad = _BAD_MAX["vdi-export" if mode == "vdi-export" else "other"].match(name)
+    if bad and not PLAIN_NAME_RE.match(name):
+        raise ValueError("MAX_BACKUPS %r in %r is not a whole number (NAME_OR_REGEX[:MAX%s])"
+                         % (bad.group("max"), raw, "[:DEV;DEV]" if mode == "vdi-export" else ""))
     max_backups = None
     if max_text not in (None, "", "-1"):
         max_backups = int(max_text)
@@ -617,6 +619,8 @@ class Config(typing.NamedTuple):
     space_threshold: float = 5.0
     retries: int = 0
     stall_timeout: int = 600
+    max_rate: typing.Optional[int] = None
+    progress_interval: int = 60
     umask: int = 0o077
     server: typing.Optional[str] = None
     username: str = "root"
@@ -961,13 +965,174 @@ class TarStream(object):
             total += len(data)
 
 
-# === vmbackup/store.py ======================================================
-# The backup directory on disk: folder names, paths kept inside it, the run lock, free space.
+# === vmbackup/nbd.py ========================================================
+# The one NBD client: reads a snapshot's blocks from XAPI's NBD server (xapi-nbd).
 #
-# Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names,
-# SUCCESS_MARKER(S), MANIFEST, vm_backups/backup_folders/dated_files, RunLock,
+# Owns: NbdClient (fixed newstyle handshake, NBD_OPT_STARTTLS with the certificate that
+# VDI.get_nbd_info returns pinned and checked, NBD_OPT_EXPORT_NAME, NBD_CMD_READ,
+# NBD_CMD_DISC), NbdError, nbd_tls_context, connect_info.
+# xapi-nbd speaks only NBD_OPT_EXPORT_NAME (no GO/INFO, no structured replies), so this
+# client asks for nothing else (facts §7; the simulator's `protocol: xapi`).
+# Imports: errors; the standard library.
+
+NBD_MAGIC = b"NBDMAGIC"
+NBD_IHAVEOPT = b"IHAVEOPT"
+NBD_REPLY_MAGIC = 0x3E889045565A9
+NBD_REQUEST_MAGIC = 0x25609513
+NBD_SIMPLE_REPLY_MAGIC = 0x67446698
+NBD_FLAG_FIXED_NEWSTYLE = 1
+NBD_FLAG_NO_ZEROES = 2
+NBD_OPT_EXPORT_NAME = 1
+NBD_OPT_STARTTLS = 5
+NBD_REP_ACK = 1
+NBD_CMD_READ = 0
+NBD_CMD_DISC = 2
+#: one read request at most this long (xapi-nbd and nbdkit accept 32 MiB; stay well below)
+MAX_READ = 4 << 20
+
+
+class NbdError(VmBackupError):
+    """NBD {}"""
+
+
+def nbd_tls_context(cert_pem):
+    """Return an SSLContext that trusts exactly the PEM certificate `cert_pem`."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.check_hostname = True
+    try:
+        ctx.load_verify_locations(cadata=cert_pem)
+    except (ssl.SSLError, ValueError) as e:
+        raise NbdError("certificate from get_nbd_info unreadable: {}".format(e))
+    return ctx
+
+
+def _recv_exact(sock, n):
+    """Return exactly n bytes from sock; raise NbdError if the peer closes first."""
+    buf = bytearray()
+    while len(buf) < n:
+        try:
+            chunk = sock.recv(min(n - len(buf), 1 << 20))
+        except OSError as e:
+            raise NbdError("connection failed: {}".format(e))
+        if not chunk:
+            raise NbdError("server closed the connection ({} of {} bytes)".format(len(buf), n))
+        buf += chunk
+    return bytes(buf)
+
+
+class NbdClient:
+    """One NBD connection to one export; a context manager that sends NBD_CMD_DISC on exit.
+
+    NbdClient(address, port, exportname, cert=PEM, subject=name) uses TLS and checks the
+    server's certificate against `cert` (hostname `subject`); cert=None means plain NBD.
+    """
+
+    def __init__(self, address, port, exportname, cert=None, subject=None, timeout=60.0):
+        self.size = None
+        self.tls = cert is not None
+        self._handle = 0
+        try:
+            self.sock = socket.create_connection((address, int(port)), timeout=timeout)
+        except OSError as e:
+            raise NbdError("cannot connect to {}:{}: {}".format(address, port, e))
+        try:
+            self._handshake(exportname, cert, subject or address)
+        except BaseException:
+            self.sock.close()
+            raise
+
+    def _handshake(self, exportname, cert, hostname):
+        """Negotiate (fixed newstyle), STARTTLS if cert, then EXPORT_NAME; sets self.size."""
+        head = _recv_exact(self.sock, 18)
+        if head[:16] != NBD_MAGIC + NBD_IHAVEOPT:
+            raise NbdError("server is not a newstyle NBD server")
+        (server_flags,) = struct.unpack(">H", head[16:])
+        if not server_flags & NBD_FLAG_FIXED_NEWSTYLE:
+            raise NbdError("server does not speak fixed newstyle")
+        flags = NBD_FLAG_FIXED_NEWSTYLE | (server_flags & NBD_FLAG_NO_ZEROES)
+        self.sock.sendall(struct.pack(">I", flags))
+        if cert is not None:
+            self._starttls(cert, hostname)
+        name = exportname.encode("utf-8")
+        self.sock.sendall(NBD_IHAVEOPT + struct.pack(">II", NBD_OPT_EXPORT_NAME, len(name)) + name)
+        reply = _recv_exact(self.sock, 10)
+        self.size, self.flags = struct.unpack(">QH", reply)
+        if not flags & NBD_FLAG_NO_ZEROES:
+            _recv_exact(self.sock, 124)
+
+    def _starttls(self, cert, hostname):
+        """Ask for TLS and wrap the socket; raise NbdError if refused or the cert differs."""
+        self.sock.sendall(NBD_IHAVEOPT + struct.pack(">II", NBD_OPT_STARTTLS, 0))
+        magic, opt, rtype, length = struct.unpack(">QIII", _recv_exact(self.sock, 20))
+        _recv_exact(self.sock, length)
+        if magic != NBD_REPLY_MAGIC or opt != NBD_OPT_STARTTLS or rtype != NBD_REP_ACK:
+            raise NbdError("server refused STARTTLS (reply {:#x})".format(rtype))
+        ctx = nbd_tls_context(cert)
+        try:
+            self.sock = ctx.wrap_socket(self.sock, server_hostname=hostname)
+        except (ssl.SSLError, ssl.CertificateError, OSError) as e:
+            raise NbdError("TLS with the certificate from get_nbd_info failed: {}".format(e))
+        pinned = ssl.PEM_cert_to_DER_cert(cert.strip() + "\n")
+        if self.sock.getpeercert(binary_form=True) != pinned:
+            raise NbdError("server certificate is not the one get_nbd_info named")
+
+    def _request(self, cmd, offset, length):
+        self._handle += 1
+        self.sock.sendall(struct.pack(">IHHQQI", NBD_REQUEST_MAGIC, 0, cmd,
+                                      self._handle, offset, length))
+        return self._handle
+
+    def read(self, offset, length):
+        """Return `length` bytes at `offset`; raise NbdError on any error reply or drop."""
+        out = bytearray()
+        while length > 0:
+            n = min(length, MAX_READ)
+            handle = self._request(NBD_CMD_READ, offset, n)
+            magic, error, got = struct.unpack(">IIQ", _recv_exact(self.sock, 16))
+            if magic != NBD_SIMPLE_REPLY_MAGIC or got != handle:
+                raise NbdError("bad reply from server (magic {:#x})".format(magic))
+            if error:
+                raise NbdError("read of {} bytes at {} failed: error {}".format(n, offset, error))
+            out += _recv_exact(self.sock, n)
+            offset, length = offset + n, length - n
+        return bytes(out)
+
+    def close(self):
+        """Send NBD_CMD_DISC (best effort) and close the socket."""
+        try:
+            self._request(NBD_CMD_DISC, 0, 0)
+        except OSError:
+            pass
+        finally:
+            self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def connect_info(info, allow_insecure=False, timeout=60.0):
+    """Return an NbdClient for one get_nbd_info record (TLS when it carries a cert)."""
+    cert = info.get("cert") or None
+    if cert is None and not allow_insecure:
+        raise NbdError("server {} offers only insecure NBD".format(info.get("address")))
+    return NbdClient(info["address"], info["port"], info["exportname"], cert=cert,
+                     subject=info.get("subject") or None, timeout=timeout)
+
+
+# === vmbackup/store.py ======================================================
+# The backup directory and the one model of a backup folder in it.
+#
+# Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names; the backup
+# folder model (BackupFolder, read_backup_folder) and its rules, each written once:
+# is_complete (is this folder a finished backup?), file_kind (is this file an XVA?),
+# legacy_root_disk (which DISK-* did NAUbackup export?); MANIFEST and the success
+# markers, read_manifest/read_cfg; the Store interface and LocalStore; RunLock;
 # check_backup_dir/check_space/log_df, folder_size.
-# Imports: errors, util, config.
+# Imports: errors, util.
 
 def check_backup_dir_readonly(config):
     """Return problems with backup_dir found without writing anything (for preview)."""
@@ -995,14 +1160,33 @@ BACKUP_DIR_RE = re.compile(r"^backup-(\d{4})-(\d\d)-(\d\d)-(?:(\d\d)(\d\d)(\d\d)
 DATED_FILE_RE = re.compile(r"^(?:pool_db|host)_(\d{8})-(\d{6})\.(?:dump|xbk)$")
 
 
+#: The marker vmbackup writes last, after the manifest: the backup is complete.
 SUCCESS_MARKER = "success"
 
 
-#: NAUbackup also wrote `success_compress` (for a server-side compression script).
-SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress")
+#: The markers of a complete NAUbackup backup (no manifest). VmBackup.py v3.25 wrote
+#: `success`, or `success_compress` when the export was over 60 GiB (for a server-side
+#: compression script, which leaves `success_compressing`/`success_restore`); its own
+#: check (get_last_backup_dir_that_failed) counts all four as complete.
+LEGACY_SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress", "success_compressing",
+                          "success_restore")
 
 
+#: vmbackup's manifest: its presence makes a folder a vmbackup backup, not a legacy one.
 MANIFEST = "backup.json"
+
+
+#: The VM's metadata (the ova.xml of a metadata export) in every backup folder.
+METADATA_FILE = "vm-metadata.xml"
+
+
+#: The file a vm-export writes, by the `compress` setting.
+XVA_SUFFIXES = {None: ".xva", "gzip": ".xva.gz", "zstd": ".xva.zst"}
+
+
+#: What a backup file is, by how its name ends; verify checks each kind its own way.
+FILE_KINDS = (("xva", (".xva", ".xva.gz", ".xva.zst")), ("vhd", (".vhd",)), ("raw", (".raw",)),
+              ("metadata", (METADATA_FILE,)))
 
 
 def safe_dirname(name):
@@ -1056,34 +1240,239 @@ def parse_dated_file(name):
         return None
 
 
-def vm_backups(vm_dir):
-    """Return [(name, datetime, complete)] for the backup folders in a VM's folder."""
+# -- the backup folder model: each rule once ----------------------------------------
+def is_nau_name(name):
+    """Return True if `name` is NAUbackup's backup-YYYY-MM-DD-(HH:MM:SS) folder name."""
+    match = BACKUP_DIR_RE.match(name)
+    return bool(match) and match.group(7) is not None
+
+
+def is_complete(entries):
+    """Return True if a backup folder holding `entries` (its file names) is a finished backup.
+
+    The one rule. A vmbackup folder (it has backup.json) is complete with `success`,
+    which vmbackup writes only after the manifest. A NAUbackup folder (no manifest) is
+    complete with any of NAUbackup's markers, success_compress included.
+    """
+    if MANIFEST in entries:
+        return SUCCESS_MARKER in entries
+    return any(marker in entries for marker in LEGACY_SUCCESS_MARKERS)
+
+
+def is_legacy_folder(name, entries):
+    """Return True if NAUbackup wrote the folder `name` holding `entries`: no manifest, and a
+    NAUbackup name or a success marker (a vmbackup folder without either did not finish)."""
+    return MANIFEST not in entries and (is_nau_name(name) or is_complete(entries))
+
+
+def file_kind(name):
+    """Return the kind of a backup file by its name: xva, vhd, raw, metadata, or None.
+
+    "web01.xva.zst" -> "xva", "db01-xvdb.vhd" -> "vhd", "web01.xva.part" -> None.
+    """
+    for kind, endings in FILE_KINDS:
+        if name.endswith(endings):
+            return kind
+    return None
+
+
+def legacy_mode(kinds):
+    """Return the mode of a NAUbackup folder from its files' kinds (in name order):
+    an .xva makes vm-export, a .vhd/.raw vdi-export, neither meta-export."""
+    modes = {"xva": "vm-export", "vhd": "vdi-export", "raw": "vdi-export"}
+    return next((modes[k] for k in kinds if k in modes), "meta-export")
+
+
+class LegacyDisk(typing.NamedTuple):
+    """The disk a NAUbackup vdi-export wrote, as its DISK-<device>/*.cfg files record it."""
+    device: str
+    userdevice: str
+    virtual_size: typing.Optional[int]    # None when vdi.cfg does not record it
+
+
+#: NAUbackup's vdi-export exports the disk whose VBD device is xvda, and no other.
+LEGACY_ROOT_DEVICE = "xvda"
+
+
+def legacy_root_disk(disks):
+    """Return the LegacyDisk a NAUbackup .raw/.vhd holds, from {device: (vbd.cfg, vdi.cfg)}.
+
+    The one rule: NAUbackup snapshots "the xvda disk only" (VmBackup.py's gather_vm_meta
+    picks `vbd_record['device'] == 'xvda'`) and writes its .cfg files to DISK-<device>,
+    so the root disk is DISK-xvda whatever its userdevice; no DISK-xvda, no root disk.
+    {"xvda": ({"userdevice": "0"}, {"virtual_size": "10737418240"})} -> ("xvda", "0", 10737418240)
+    """
+    if LEGACY_ROOT_DEVICE not in disks:
+        return None
+    vbd, vdi = disks[LEGACY_ROOT_DEVICE]
+    size = vdi.get("virtual_size", "").strip()
+    return LegacyDisk(LEGACY_ROOT_DEVICE, vbd.get("userdevice", "0") or "0",
+                      int(size) if size.isdigit() else None)
+
+
+class BackupFile(typing.NamedTuple):
+    """One file of a backup: its name in the folder and its kind (file_kind)."""
+    name: str
+    kind: typing.Optional[str]
+
+
+class BackupFolder(typing.NamedTuple):
+    """One backup folder as read once by read_backup_folder; every command looks, none recounts."""
+    path: str
+    name: str                                   # backup-2026-11-23-184501
+    vm: str                                     # the manifest's VM name, else the VM folder's
+    when: typing.Optional[datetime.datetime]    # from the name
+    complete: bool                              # is_complete
+    legacy: bool                                # is_legacy_folder: NAUbackup wrote it
+    mode: typing.Optional[str]                  # vm-export, vdi-export, meta-export; None: unknown
+    manifest: typing.Optional[dict]             # backup.json; None if absent or broken
+    manifest_error: typing.Optional[str]        # why backup.json is broken
+    files: typing.Tuple[BackupFile, ...]        # the manifest's files, or (legacy) the folder's
+    entries: typing.FrozenSet[str]              # every name in the folder
+    root_disk: typing.Optional[LegacyDisk]      # legacy only: legacy_root_disk
+
+    def names_of(self, kind):
+        """Return the names of this backup's files of `kind` (xva, vhd, raw, metadata)."""
+        return [f.name for f in self.files if f.kind == kind]
+
+
+def read_cfg(path):
+    """Return the key=value pairs of a NAUbackup .cfg file as a dict ({} if unreadable)."""
     try:
-        names = os.listdir(vm_dir)
+        with open(path, encoding="utf-8", errors="replace") as handle:
+            return dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
     except OSError:
-        return []
-    found = []
-    for name in names:
-        when = parse_backup_name(name)
-        path = os.path.join(vm_dir, name)
-        if when is None or not os.path.isdir(path) or os.path.islink(path):
-            continue
-        found.append((name, when, any(os.path.exists(os.path.join(path, m)) for m in SUCCESS_MARKERS)))
-    return found
+        return {}
+
+
+def read_manifest(folder):
+    """Return the backup.json of a backup folder as a dict, or None if absent; raise BadFile."""
+    path = os.path.join(folder, MANIFEST)
+    try:
+        with open(path, encoding="utf-8") as handle:
+            manifest = json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise BadFile("%s does not parse: %s" % (MANIFEST, one_line(exc)))
+    if not isinstance(manifest, dict) or manifest.get("tool") != "vmbackup" \
+            or not isinstance(manifest.get("files"), list):
+        raise BadFile("%s is not a vmbackup manifest" % MANIFEST)
+    if manifest.get("format") != 1:
+        raise BadFile("%s has format %r; this vmbackup reads format 1"
+                      % (MANIFEST, manifest.get("format")))
+    return manifest
+
+
+def read_legacy_disks(folder, entries):
+    """Return {device: (vbd.cfg, vdi.cfg)} of a NAUbackup folder's DISK-<device> folders."""
+    return {name[len("DISK-"):]: (read_cfg(os.path.join(folder, name, "vbd.cfg")),
+                                  read_cfg(os.path.join(folder, name, "vdi.cfg")))
+            for name in entries if name.startswith("DISK-")}
+
+
+def read_backup_folder(path):
+    """Return the BackupFolder at `path`: its names, markers and manifest, read once; raise OSError."""
+    name = os.path.basename(os.path.normpath(path))
+    entries = frozenset(os.listdir(path))
+    vm = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    manifest = error = root_disk = None
+    if MANIFEST in entries:
+        try:
+            manifest = read_manifest(path)
+        except BadFile as exc:
+            error = str(exc)
+    legacy = is_legacy_folder(name, entries)
+    mode, names = None, []
+    if manifest is not None:
+        names = [str(f.get("name", "")) for f in manifest["files"] if isinstance(f, dict)]
+        mode, vm = manifest.get("mode"), (manifest.get("vm") or {}).get("name", vm)
+    elif legacy:
+        names = sorted(n for n in entries.difference(LEGACY_SUCCESS_MARKERS)
+                       if os.path.isfile(os.path.join(path, n)))
+        mode = legacy_mode(file_kind(n) for n in names)
+        root_disk = legacy_root_disk(read_legacy_disks(path, entries))
+    return BackupFolder(path, name, vm, parse_backup_name(name), is_complete(entries), legacy, mode,
+                        manifest, error, tuple(BackupFile(n, file_kind(n)) for n in names),
+                        entries, root_disk)
+
+
+#: A run touches its lock's mtime this often (seconds) while it lives.
+LOCK_REFRESH = 60.0
+
+
+#: A lock not touched for this long (seconds) is stale, whichever host wrote it: its run
+#: is over (killed, its host rebooted, its container gone).
+LOCK_STALE = 300.0
+
+
+#: The signals that end a run: only the main thread takes them (see backup.signals_deferred).
+RUN_SIGNALS = (signal.SIGTERM, signal.SIGHUP, signal.SIGINT)
+
+
+def start_thread(target, name):
+    """Start a daemon thread that never takes RUN_SIGNALS (it inherits them blocked), so a
+    signal the main thread holds off is never delivered to it instead; return the thread."""
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, RUN_SIGNALS)
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not Linux / not main thread
+        old = None
+    try:
+        thread.start()
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+    return thread
+
+
+def lock_verdict(holder, age, my_host, alive=None):
+    """Return "stale" or "held" for a lock that `holder` (pid, host) last touched `age` seconds ago.
+
+    Pure. A lock not touched for LOCK_STALE is stale whatever host wrote it; a fresh one
+    is held unless it names a pid of this host that is gone. An unreadable lock is held
+    while it is fresh (its run may be writing it), stale after.
+    (123, "h1", 30, "h1", dead) -> "stale"; (123, "h2", 30, "h1") -> "held"
+    """
+    pid, host = holder
+    if age > LOCK_STALE:
+        return "stale"
+    if pid is not None and host == my_host and alive is not None and not alive(pid):
+        return "stale"
+    if pid is None and age > 5:
+        return "stale"
+    return "held"
+
+
+def read_lock(path):
+    """Return ((pid, host), started, age in seconds) of a lock file; pid None if unreadable."""
+    try:
+        age = time.time() - os.stat(path).st_mtime
+        with open(path) as handle:
+            words = handle.read().split()
+        return (int(words[0]), words[1] if len(words) > 1 else ""), " ".join(words[2:3]), age
+    except (OSError, ValueError, IndexError):
+        return (None, ""), "", 0.0
 
 
 class RunLock:
-    """`with RunLock(backup_dir):` one run at a time per backup_dir.
+    """`with RunLock(backup_dir):` one run at a time per backup_dir, across hosts.
 
-    The lock file holds 'pid host'; a lock whose process is dead on this host is
-    taken over with a warning.
+    The lock file holds 'pid host start-time'; a thread touches its mtime every
+    LOCK_REFRESH seconds while the run lives, so a lock is stale once it has not been
+    touched for LOCK_STALE (whatever host wrote it, e.g. an NFS backup_dir shared by two
+    hosts, or a container with a new hostname) or names a dead pid of this host; a stale
+    lock is taken over with a warning naming its file.
     """
 
     NAME = ".vmbackup.lock"
 
     def __init__(self, folder):
         self.path = os.path.join(folder, self.NAME)
-        self.me = "%d %s\n" % (os.getpid(), socket.gethostname())
+        self.me = "%d %s %s\n" % (os.getpid(), socket.gethostname(),
+                                   datetime.datetime.utcnow().replace(microsecond=0).isoformat())
+        self.stopped = threading.Event()
+        self.thread = None
 
     def __enter__(self):
         for _ in range(3):
@@ -1094,27 +1483,36 @@ class RunLock:
                 continue
             with os.fdopen(fd, "w") as handle:
                 handle.write(self.me)
+            self.thread = start_thread(self._keep_fresh, "vmbackup-lock")
             return self
-        raise LockHeld(os.path.dirname(self.path), "unknown")
+        raise LockHeld(os.path.dirname(self.path), "unknown", self.path, "?")
+
+    def _keep_fresh(self):
+        """Touch the lock every LOCK_REFRESH seconds until the run ends (a thread)."""
+        while not self.stopped.wait(LOCK_REFRESH):
+            try:
+                os.utime(self.path)
+            except OSError as exc:
+                log.warning("cannot refresh the run lock %s: %s", self.path, exc)
 
     def _take_over_if_stale(self):
-        try:
-            with open(self.path) as handle:
-                pid_text, _, host = handle.read().strip().partition(" ")
-            pid = int(pid_text)
-        except (OSError, ValueError):
-            pid, host = None, ""
-        if pid is not None and host not in ("", socket.gethostname()):
-            raise LockHeld(os.path.dirname(self.path), "%d on host %s" % (pid, host))
-        if pid is not None and pid_alive(pid):
-            raise LockHeld(os.path.dirname(self.path), pid)
-        log.warning("taking over stale lock %s (pid %s is gone)", self.path, pid)
+        (pid, host), started, age = read_lock(self.path)
+        if lock_verdict((pid, host), age, socket.gethostname(), pid_alive) == "held":
+            who = "%s on host %s" % (pid, host) if host != socket.gethostname() else pid
+            raise LockHeld(os.path.dirname(self.path), who, self.path, "%ds" % age)
+        # housekeeping after a killed run, like destroying its leftovers: not a problem of this run
+        log.info("taking over stale lock %s (pid %s on host %s%s, last refreshed %ds ago: "
+                 "its run is over)", self.path, pid, host or "?",
+                 ", started " + started if started else "", age)
         try:
             os.unlink(self.path)
         except FileNotFoundError:
             pass
 
     def __exit__(self, *exc):
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
         try:
             with open(self.path) as handle:
                 if handle.read() == self.me:
@@ -1201,11 +1599,144 @@ def folder_size(path):
     return count, total
 
 
+def new_backup_folder(vm_dir, now=datetime.datetime.now):
+    """Create and return (path, moment) of a new backup-YYYY-MM-DD-HHMMSS folder in `vm_dir`.
+
+    On a clash with an existing folder it waits for the clock's next second (three tries).
+    """
+    for _ in range(3):
+        moment = now().replace(microsecond=0)
+        path = os.path.join(vm_dir, "backup-" + stamp(moment))
+        try:
+            os.mkdir(path, 0o777)
+            return path, moment
+        except FileExistsError:
+            time.sleep(1.05 - now().microsecond / 1e6)
+    raise BackupDirError("cannot create a new backup folder in %s" % vm_dir)
+
+
+# -- the Store seam ----------------------------------------------------------------
+class Store:
+    """Where backup folders live: what the tool asks of its storage, and nothing more.
+
+    A VM's backups are filed under `vm`, the VM's folder name (a safe_dirname); a
+    backup folder is named by the `path` the store hands out. A backup is written
+    with new_folder, write_file (each file appears whole or not at all) and commit
+    (the manifest, then `success` last). LocalStore is the one implementation; an
+    object-storage target implements the same methods.
+    """
+
+    def vm_folders(self):
+        """Return the names of the VM (and METADATA_/HOST_) folders, sorted."""
+        raise NotImplementedError
+
+    def backups(self, vm):
+        """Return the [BackupFolder] of a VM's folder, oldest first."""
+        raise NotImplementedError
+
+    def dated_files(self, vm):
+        """Return the paths of the pool_db_/host_ files in a METADATA_/HOST_ folder, oldest first."""
+        raise NotImplementedError
+
+    def read(self, path):
+        """Return the BackupFolder at `path`."""
+        raise NotImplementedError
+
+    def new_folder(self, vm):
+        """Create a new, empty backup folder for `vm`; return (path, moment)."""
+        raise NotImplementedError
+
+    def write_file(self, path, rel, text):
+        """Write `text` as the file `rel` of the backup folder `path`, atomically."""
+        raise NotImplementedError
+
+    def commit(self, path, manifest):
+        """Write the manifest, then the success marker: the backup at `path` is complete."""
+        raise NotImplementedError
+
+    def delete(self, path):
+        """Delete a backup folder or a dated file."""
+        raise NotImplementedError
+
+    def usage(self, path):
+        """Return (number of files, total bytes) of a backup folder."""
+        raise NotImplementedError
+
+    def lock(self):
+        """Return the context manager that holds the store for one run."""
+        raise NotImplementedError
+
+
+class LocalStore(Store):
+    """The Store in a local (or NFS/SMB-mounted) folder: backup_dir."""
+
+    def __init__(self, root):
+        self.root = root
+
+    def _vm_dir(self, vm):
+        return inside(self.root, vm)
+
+    def vm_folders(self):
+        try:
+            names = os.listdir(self.root)
+        except OSError:
+            return []
+        return sorted(n for n in names if os.path.isdir(os.path.join(self.root, n))
+                      and not os.path.islink(os.path.join(self.root, n)))
+
+    def backups(self, vm):
+        vm_dir = self._vm_dir(vm)
+        if not os.path.isdir(vm_dir):
+            return []
+        return [read_backup_folder(path) for path in backup_folders(vm_dir)]
+
+    def dated_files(self, vm):
+        vm_dir = self._vm_dir(vm)
+        return dated_files(vm_dir) if os.path.isdir(vm_dir) else []
+
+    def read(self, path):
+        return read_backup_folder(path)
+
+    def new_folder(self, vm, now=datetime.datetime.now):
+        vm_dir = self._vm_dir(vm)
+        os.makedirs(vm_dir, exist_ok=True)
+        return new_backup_folder(vm_dir, now)
+
+    def write_file(self, path, rel, text):
+        dest = inside(path, rel)
+        with partial_file(dest) as tmp:
+            write_text(tmp, text)
+        return dest
+
+    def commit(self, path, manifest):
+        self.write_file(path, MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        write_text(os.path.join(path, SUCCESS_MARKER), "")
+        fsync_dir(path)
+
+    def delete(self, path):
+        target = inside(self.root, os.path.relpath(path, self.root))
+        if target == os.path.realpath(self.root):
+            raise BackupDirError("refusing to delete backup_dir itself: %s" % path)
+        if os.path.isdir(target) and not os.path.islink(target):
+            shutil.rmtree(target)
+        else:
+            os.unlink(target)
+
+    def usage(self, path):
+        return folder_size(path)
+
+    def lock(self):
+        return RunLock(self.root)
+
+
 # === vmbackup/xapi.py =======================================================
-# Talking to XAPI: endpoints, TLS pinning, the XML-RPC session and login.
+# Talking to XAPI: endpoints, TLS pinning, the XML-RPC session and login, HTTP, tasks.
 #
 # Owns: Endpoint/parse_endpoint (https, http, the local socket), the pinned and unix
-# HTTP connections, Xapi (one session, calls, XapiFailure), login, xapi_value.
+# HTTP connections, Xapi (one session, calls, XapiFailure), login, xapi_value, the one
+# timeout policy and the one mapping of TLS/connection errors, http_request (the one
+# path to XAPI's HTTP handlers, following its redirects) and XapiTask (the one owner
+# of a XAPI task: create, cancel on error, wait, destroy).
 # Imports: errors, util; XenAPI (the official client) when installed.
 
 try:  # the official client; dom0 ships it, elsewhere: pip install XenAPI
@@ -1216,6 +1747,41 @@ except ImportError:  # pragma: no cover - exercised only where XenAPI is absent
 
 #: dom0's local XAPI socket; root needs no password on it.
 LOCAL_XAPI_SOCKET = "/var/lib/xcp/xapi"
+
+
+# The timeout policy, in one place. An HTTP transfer's socket gives up after the
+# run's stall_timeout without a byte; an XML-RPC call after XMLRPC_TIMEOUT; a task
+# is waited for max(TASK_WAIT_MIN, stall_timeout) once its data has moved.
+
+#: Seconds one XML-RPC call may take (XAPI answers a VM.snapshot only once it is done).
+XMLRPC_TIMEOUT = 300
+
+#: Seconds a task is waited for at least once its data has moved: an import still
+#: writes its disks after the last byte is in.
+TASK_WAIT_MIN = 600
+
+#: Polling a task: the first delay and the longest one (seconds), doubling between.
+TASK_POLL_FIRST, TASK_POLL_MAX = 0.05, 1.0
+
+#: Seconds the login may take, connecting included: a hung or wrong server is named
+#: quickly, not after XMLRPC_TIMEOUT. (XAPI answers a wrong password after ~5 s.)
+LOGIN_TIMEOUT = 30
+
+#: Seconds fetching a certificate's fingerprint for an error message may take.
+FINGERPRINT_TIMEOUT = 10
+
+#: HOST_IS_SLAVE answers followed at login (a member, then a master that just moved).
+LOGIN_HOPS = 2
+
+#: Redirects one HTTP request follows. XAPI redirects once, to a host that sees the
+#: VM's or the disk's SRs; more hops than this is a loop.
+MAX_REDIRECTS = 3
+
+#: HTTP answers that send the client elsewhere (XAPI sends 302).
+REDIRECT_STATUSES = (301, 302, 303, 307)
+
+#: Bytes of an HTTP error page read, and characters of it quoted in the error.
+ERROR_PAGE_READ, ERROR_PAGE_QUOTE = 2048, 200
 
 
 class UnixHTTPConnection(http.client.HTTPConnection):
@@ -1278,6 +1844,15 @@ class Endpoint(typing.NamedTuple):
     def is_local(self):
         return self.scheme == "unix"
 
+    def redirected(self, location):
+        """Return (endpoint, "path?query") that a Location header points to (same TLS settings)."""
+        parts = urllib.parse.urlsplit(location)
+        endpoint = self
+        if parts.hostname:
+            endpoint = self._replace(scheme=parts.scheme or self.scheme, host=parts.hostname,
+                                     port=parts.port)
+        return endpoint, parts.path + ("?" + parts.query if parts.query else "")
+
     def with_host(self, host):
         """Return this endpoint pointed at another pool host (same scheme, port and TLS)."""
         if self.scheme == "unix":
@@ -1320,6 +1895,10 @@ def parse_endpoint(server, ca_file=None, fingerprint=None, insecure=False):
     if "://" not in server:
         server = "https://" + server
     parts = urllib.parse.urlsplit(server)
+    if "@" in parts.netloc:
+        raise ConfigError("server=%s: a user or password in the URL is refused (it would show in "
+                          "process lists and logs); use username= and password_file="
+                          % mask_credentials(server))
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError("server=%s: expected https://host, http://host or unix:/path" % server)
     try:
@@ -1327,6 +1906,17 @@ def parse_endpoint(server, ca_file=None, fingerprint=None, insecure=False):
     except ValueError:
         raise ConfigError("server=%s: bad port" % server)
     return Endpoint(parts.scheme, parts.hostname, port, ca_file, fingerprint, insecure)
+
+
+def mask_credentials(url):
+    """Return `url` with any user:password@ replaced: 'https://root:pw@h/' -> 'https://***@h/'."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return scheme + sep + netloc + slash + tail
 
 
 class EndpointTransport(xmlrpc.client.Transport):
@@ -1337,11 +1927,31 @@ class EndpointTransport(xmlrpc.client.Transport):
         self.endpoint = endpoint
         self.timeout = timeout
 
+    def set_timeout(self, timeout):
+        """Use `timeout` from now on, on the open connection too (after login: XMLRPC_TIMEOUT)."""
+        self.timeout = timeout
+        conn = self._connection[1] if self._connection else None
+        if conn is not None:
+            conn.timeout = timeout
+            if conn.sock is not None:
+                conn.sock.settimeout(timeout)
+
     def make_connection(self, host):
         if self._connection and self._connection[0] == host:
             return self._connection[1]
         self._connection = host, self.endpoint.connection(timeout=self.timeout)
         return self._connection[1]
+
+    def single_request(self, host, handler, request_body, verbose=False):
+        try:
+            return xmlrpc.client.Transport.single_request(self, host, handler, request_body,
+                                                          verbose)
+        except BaseException:
+            # xmlrpc.client drops a connection after an Exception but keeps it after
+            # KeyboardInterrupt or Terminated, half-way through a request: the cleanup
+            # calls that follow (task.cancel, VM.destroy) need a fresh one.
+            self.close()
+            raise
 
 
 class XapiFailure(CallFailed):
@@ -1359,6 +1969,29 @@ class XapiFailure(CallFailed):
 
 #: Errors of the connection itself, as opposed to XAPI's answers.
 CONNECTION_ERRORS = (OSError, http.client.HTTPException, xmlrpc.client.ProtocolError)
+
+
+#: TLS failures (before Python 3.7 a certificate for the wrong host is a ValueError).
+TLS_ERRORS = (ssl.SSLError, ssl.CertificateError)
+
+
+def connection_error_text(exc):
+    """Return one line for a TLS or connection error: the one wording every caller uses.
+
+    ConnectionRefusedError(111, 'Connection refused') -> 'Connection refused'
+    ssl.SSLError('[SSL: CERTIFICATE_VERIFY_FAILED] ...') -> 'TLS: [SSL: CERTIFICATE_VERIFY_FAILED] ...'
+    """
+    if isinstance(exc, TLS_ERRORS):
+        return "TLS: " + one_line(exc)
+    return one_line(getattr(exc, "strerror", None) or exc)
+
+
+def transfer_error(what, exc, done, stall_timeout):
+    """Return the tool's error for a connection lost (or silent) after `done` bytes of a transfer."""
+    if isinstance(exc, socket.timeout):
+        return ExportStalled(what, stall_timeout)
+    return ExportFailed("%s: connection lost after %s: %s"
+                        % (what, human_size(done), connection_error_text(exc)))
 
 
 class Xapi:
@@ -1389,12 +2022,24 @@ class Xapi:
                 return target(*args)
             except XenAPI.Failure as exc:
                 raise XapiFailure(method, exc.details)
-            except (CONNECTION_ERRORS + (xmlrpc.client.Fault,)) as exc:
+            except socket.timeout:
+                raise XapiCallFailed(method, "no answer within %d s (the XAPI call timeout)"
+                                     % XMLRPC_TIMEOUT)
+            except (TLS_ERRORS + CONNECTION_ERRORS + (xmlrpc.client.Fault,)) as exc:
                 if attempt + 1 >= attempts:
-                    raise XapiCallFailed(method, one_line(exc))
-                log.info("XAPI %s: %s; retrying", method, one_line(exc))
+                    raise XapiCallFailed(method, connection_error_text(exc))
+                log.info("XAPI %s: %s; retrying", method, connection_error_text(exc))
                 time.sleep(self.BACKOFF * (2 ** attempt))
         raise AssertionError("unreachable")  # pragma: no cover
+
+    def twin(self):
+        """Return a Xapi on this session over a connection of its own, for another thread
+        (an xmlrpc connection is not shared between threads). Never log a twin out."""
+        uri = "http://localhost/" if self.endpoint.is_local else self.endpoint.url
+        session = XenAPI.Session(uri, transport=EndpointTransport(self.endpoint,
+                                                                  timeout=XMLRPC_TIMEOUT))
+        session._session = self.session._session
+        return Xapi(self.endpoint, session, self.username)
 
     def logout(self):
         """Log out, ignoring errors: the run is over either way."""
@@ -1404,29 +2049,86 @@ class Xapi:
             log.debug("logout: %s", exc)
 
 
-def login(endpoint, username, password, _redirects=2):
+def login(endpoint, username, password, _hops=LOGIN_HOPS):
     """Return a Xapi session; follow HOST_IS_SLAVE to the master; raise LoginError."""
     if XenAPI is None:
         raise LoginError(endpoint.url, "the XenAPI package is missing (pip install XenAPI)")
+    if not endpoint.is_local and not password:
+        raise LoginError(endpoint.url, "no password given: use --password-file FILE (mode 0600), "
+                                       "password_file= in the config file, or VMBACKUP_PASSWORD")
     uri = "http://localhost/" if endpoint.is_local else endpoint.url
-    session = XenAPI.Session(uri, transport=EndpointTransport(endpoint, timeout=300))
+    transport = EndpointTransport(endpoint, timeout=LOGIN_TIMEOUT)
+    session = XenAPI.Session(uri, transport=transport)
     try:
         session.xenapi.login_with_password(username, password or "", "2.0",
                                            "vmbackup/" + __version__)
     except XenAPI.Failure as exc:
         details = [str(d) for d in exc.details]
-        if details[:1] == ["HOST_IS_SLAVE"] and len(details) > 1 and _redirects > 0:
+        if details[:1] == ["HOST_IS_SLAVE"] and len(details) > 1 and _hops > 0:
             master = endpoint.with_host(details[1])
             log.info("%s is a pool member; logging in to the master %s", endpoint.url, master.url)
-            return login(master, username, password, _redirects - 1)
+            return login(master, username, password, _hops - 1)
         if details[:1] == ["SESSION_AUTHENTICATION_FAILED"]:
-            raise LoginError(endpoint.url, "authentication failed for user %r" % username)
+            raise LoginError(endpoint.url, "authentication failed for user %r%s"
+                             % (username, base64_hint(password)))
         raise LoginError(endpoint.url, xapi_error_text(details))
-    except ssl.SSLError as exc:
-        raise LoginError(endpoint.url, "TLS: %s" % one_line(getattr(exc, "reason", None) or exc))
-    except CONNECTION_ERRORS + (xmlrpc.client.Fault,) as exc:
-        raise LoginError(endpoint.url, one_line(getattr(exc, "strerror", None) or exc))
+    except socket.timeout:
+        raise LoginError(endpoint.url, "no answer within %d s (the login timeout): is it a "
+                                       "XAPI server, and reachable?" % LOGIN_TIMEOUT)
+    except TLS_ERRORS + CONNECTION_ERRORS + (xmlrpc.client.Fault,) as exc:
+        raise LoginError(endpoint.url, first_contact_text(endpoint, exc))
+    transport.set_timeout(XMLRPC_TIMEOUT)
     return Xapi(endpoint, session, username)
+
+
+def base64_hint(password):
+    """Return a hint when a password looks like NAUbackup's base64 password file ('' if not)."""
+    text = (password or "").strip()
+    if len(text) < 8 or len(text) % 4 or not re.match(r"^[A-Za-z0-9+/]+=*$", text):
+        return ""
+    try:
+        base64.b64decode(text, validate=True).decode("utf-8")
+    except (ValueError, UnicodeError):
+        return ""
+    return (" (the password looks base64-encoded: this looks like NAUbackup's base64 password "
+            "file; give it as the first argument of the NAUbackup command line, or put the plain "
+            "password in --password-file)")
+
+
+def first_contact_text(endpoint, exc):
+    """Return the one line for a connection or TLS failure at login, with what to do about it."""
+    text = connection_error_text(exc)
+    if "CERTIFICATE_VERIFY_FAILED" in text:
+        seen = server_fingerprint(endpoint)
+        if seen:
+            return ("%s; the server's certificate has SHA-256 fingerprint %s: check it on the "
+                    "host (openssl x509 -noout -fingerprint -sha256 -in /etc/xensource/xapi-ssl.pem) "
+                    "and pin it with --tls-fingerprint %s (tls_fingerprint=)" % (text, seen, seen))
+        return text + "; pin the server's certificate with --tls-fingerprint SHA256"
+    if "WRONG_VERSION_NUMBER" in text or "UNKNOWN_PROTOCOL" in text:
+        return ("%s: the server does not speak TLS on this port; if it serves plain HTTP, use "
+                "http://%s" % (text, endpoint.url.split("://", 1)[-1]))
+    if endpoint.scheme == "http" and isinstance(exc, (http.client.HTTPException, ConnectionError)) \
+            and not isinstance(exc, ConnectionRefusedError):
+        return ("%s: no HTTP answer; if the server speaks HTTPS on this port, use https://%s"
+                % (text, endpoint.url.split("://", 1)[-1]))
+    return text
+
+
+def server_fingerprint(endpoint):
+    """Return the SHA-256 fingerprint (AB:CD:...) of the certificate the server shows, or None."""
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    context.check_hostname = False
+    context.verify_mode = ssl.CERT_NONE
+    try:
+        with socket.create_connection((endpoint.host, endpoint.port or 443),
+                                      timeout=FINGERPRINT_TIMEOUT) as sock:
+            with context.wrap_socket(sock, server_hostname=endpoint.host) as tls:
+                der = tls.getpeercert(binary_form=True)
+    except (OSError, ValueError):
+        return None
+    digest = hashlib.sha256(der).hexdigest().upper()
+    return ":".join(digest[i:i + 2] for i in range(0, len(digest), 2))
 
 
 def xapi_value(text):
@@ -1438,6 +2140,283 @@ def xapi_value(text):
         return None
     wrapped = "<methodResponse><params><param>%s</param></params></methodResponse>" % text
     return xmlrpc.client.loads(wrapped)[0][0]
+
+
+def http_request(endpoint, method, path, query, stall_timeout, content_length=None):
+    """Return (response, connection) of XAPI's 200 answer to `method path?query`.
+
+    The one HTTP path to XAPI: it follows up to MAX_REDIRECTS redirects, gives the
+    socket stall_timeout, and raises ExportFailed for a TLS or connection error, an
+    answer other than 200 (quoting the page) or a redirect loop. A PUT sends only its
+    headers here: XAPI answers (200, or 302 to the host that sees the SR) before it
+    reads the body, so the caller sends the content_length bytes after this returns.
+    The caller closes both.
+    """
+    target = path + "?" + urllib.parse.urlencode(query)
+    for _ in range(MAX_REDIRECTS + 1):
+        conn = endpoint.connection(timeout=stall_timeout)
+        response = None
+        try:
+            response = _send_head(conn, method, target, content_length)
+            location = response.getheader("Location")
+            if response.status in REDIRECT_STATUSES and location:
+                close_http(response, conn)
+                endpoint, target = endpoint.redirected(location)
+                log.debug("%s %s redirected to %s", method, path, endpoint.url)
+                continue
+            if response.status != http.client.OK:
+                page = response.read(ERROR_PAGE_READ).decode("utf-8", "replace")
+                raise ExportFailed("%s %s: HTTP %d %s: %s" % (method, path, response.status,
+                                                               response.reason,
+                                                               one_line(page, ERROR_PAGE_QUOTE)))
+            return response, conn
+        except TLS_ERRORS + CONNECTION_ERRORS as exc:
+            close_http(response, conn)
+            raise ExportFailed("%s %s on %s: %s" % (method, path, endpoint.url,
+                                                    connection_error_text(exc)))
+        except BaseException:
+            close_http(response, conn)
+            raise
+    raise ExportFailed("%s %s: too many redirects (more than %d)" % (method, path, MAX_REDIRECTS))
+
+
+def _send_head(conn, method, target, content_length):
+    """Send the request line and headers (no body); return the response, its status read."""
+    conn.putrequest(method, target)
+    if content_length is not None:
+        conn.putheader("Content-Length", str(content_length))
+    conn.endheaders()
+    # Read the answer on the socket ourselves: conn.getresponse() would drop the socket
+    # of a Connection: close answer, and a PUT's body is sent after the answer.
+    response = http.client.HTTPResponse(conn.sock, method=method)
+    response.begin()
+    return response
+
+
+def close_http(response, conn):
+    """Close a response (None: not read yet) and its connection."""
+    if response is not None:
+        response.close()
+    conn.close()
+
+
+class XapiTask:
+    """The one owner of a XAPI task around an HTTP transfer: create, cancel on error, wait, destroy.
+
+        with XapiTask(xapi, "export of web01", stall_timeout) as task:
+            response, conn = task.http(endpoint, "GET", "/export", {"ref": ref})
+            ...
+        task.record      # the finished task's record; its status is "success"
+
+    Leaving the block normally waits for the task (unless `finish()` was called inside
+    it) and raises ExportFailed unless the task succeeded: XAPI sends no Content-Length,
+    so a cut stream looks finished and only the task tells. Leaving it by any exception,
+    KeyboardInterrupt and Terminated included, cancels the task if it still runs. The
+    task is destroyed either way.
+    """
+
+    def __init__(self, xapi, what, stall_timeout):
+        self.xapi, self.what, self.stall_timeout = xapi, what, stall_timeout
+        self.ref = None
+        self.record = None
+
+    def __enter__(self):
+        self.ref = self.xapi.call("task.create", "vmbackup: " + self.what, "")
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        try:
+            if exc_type is not None:
+                self.cancel()
+            elif self.record is None:
+                try:
+                    self.finish()
+                except BaseException:
+                    self.cancel()
+                    raise
+        finally:
+            self.destroy()
+        return False
+
+    def http(self, endpoint, method, path, params, content_length=None):
+        """Return (response, connection) of http_request for `path` run under this task.
+
+        XAPI's error page is HTML; when the handler failed the task, the error says why
+        in XAPI's own words.
+        """
+        query = dict(params, session_id=self.xapi.ref, task_id=self.ref)
+        try:
+            return http_request(endpoint, method, path, query, self.stall_timeout, content_length)
+        except ExportFailed:
+            reason = self.xapi.call("task.get_record", self.ref).get("error_info")
+            if reason:
+                raise ExportFailed("%s refused: %s" % (self.what, xapi_error_text(reason)))
+            raise
+
+    def finish(self):
+        """Wait for the task; return its record; raise ExportFailed unless it succeeded."""
+        record = self.wait()
+        if record["status"] != "success":
+            raise ExportFailed("%s failed: task %s: %s" % (
+                self.what, record["status"], xapi_error_text(record.get("error_info"))))
+        self.record = record
+        return record
+
+    @property
+    def result(self):
+        """The finished task's result as a Python value (e.g. the refs an import made)."""
+        return xapi_value(self.record.get("result")) if self.record else None
+
+    def wait(self):
+        """Return the task's record once it has left `pending`; raise ExportFailed if it never does."""
+        timeout = max(TASK_WAIT_MIN, self.stall_timeout)
+        deadline = time.monotonic() + timeout
+        delay = TASK_POLL_FIRST
+        while True:
+            record = self.xapi.call("task.get_record", self.ref)
+            if record.get("status") not in ("pending", "cancelling"):
+                return record
+            if time.monotonic() > deadline:
+                raise ExportFailed("%s: the task did not finish within %d seconds"
+                                   % (self.what, timeout))
+            time.sleep(delay)
+            delay = min(delay * 2, TASK_POLL_MAX)
+
+    def cancel(self):
+        """Cancel the task if it still runs, best effort: the transfer is being abandoned."""
+        try:
+            if self.xapi.call("task.get_status", self.ref) == "pending":
+                self.xapi.call("task.cancel", self.ref)
+        except VmBackupError as exc:
+            log.debug("task.cancel: %s", exc)
+
+    def destroy(self):
+        """Destroy the task, best effort (XAPI would keep it for an hour)."""
+        try:
+            self.xapi.call("task.destroy", self.ref)
+        except VmBackupError as exc:
+            log.debug("task.destroy: %s", exc)
+
+
+# === vmbackup/commands/options.py ===========================================
+# What the commands share on the command line, so each is declared once.
+#
+# Owns: EXIT_STATUS_TEXT; the argparse parents every command that talks to a pool
+# (connection_options) or writes a report (output_options) is built from;
+# CLI_SETTINGS and settings_from_args (parsed options -> config values);
+# load_config (defaults < file < environment < command line, and the password);
+# verbosity (the one count of -v/-q).
+# Imports: errors, util, config.
+
+EXIT_STATUS_TEXT = __doc__[__doc__.index("EXIT STATUS"):]
+
+
+#: Modern option -> (config key, parser of its text).
+CLI_SETTINGS = {
+    "backup_dir": ("backup_dir", parse_text),
+    "max_backups": ("max_backups", lambda v: parse_int(v, 1)),
+    "compress": ("compress", parse_compress),
+    "vdi_format": ("vdi_export_format", choice("raw", "vhd")),
+    "pool_db_backup": ("pool_db_backup", bool),
+    "host_backup": ("host_backup", bool),
+    "pre_clean": ("pre_clean", bool),
+    "metadata_only": ("metadata_only", bool),
+    "quiesce": ("quiesce", bool),
+    "server": ("server", parse_text),
+    "username": ("username", parse_text),
+    "password_file": ("password_file", parse_text),
+    "transport": ("transport", choice("auto", "xe", "api")),
+    "xe_path": ("xe_path", parse_text),
+    "tls_ca_file": ("tls_ca_file", parse_text),
+    "tls_fingerprint": ("tls_fingerprint", parse_fingerprint),
+    "tls_insecure": ("tls_insecure", bool),
+    "space_threshold": ("space_threshold", parse_percent),
+    "retries": ("retries", lambda v: parse_int(v, 0)),
+    "stall_timeout": ("stall_timeout", lambda v: parse_int(v, 1)),
+    "max_rate": ("max_rate", parse_rate),
+    "progress_interval": ("progress_interval", lambda v: parse_int(v, 1)),
+    "umask": ("umask", parse_umask),
+    "status_log": ("status_log", parse_text),
+}
+
+
+def connection_options():
+    """The parent parser of every command that talks to a pool: where and how to log in."""
+    parent = argparse.ArgumentParser(add_help=False)
+    group = parent.add_argument_group("connection")
+    opt = group.add_argument
+    opt("-s", "--server", metavar="URL",
+        help="https://host, http://host or unix:/path (default: $VMBACKUP_SERVER, else this "
+             "host's local xapi)")
+    opt("-u", "--username", metavar="USER", help="XAPI user (default root)")
+    opt("--password-file", metavar="FILE",
+        help="file with the XAPI password (or set VMBACKUP_PASSWORD); never on the command line")
+    opt("--transport", choices=("auto", "xe", "api"),
+        help="xe: shell out to xe on the pool host; api: XenAPI + HTTP (default: auto)")
+    opt("--xe", metavar="PATH", dest="xe_path", help="the xe binary (default /opt/xensource/bin/xe)")
+    opt("--tls-ca-file", metavar="FILE", help="CA bundle for the pool's certificate")
+    opt("--tls-fingerprint", metavar="SHA256", help="pin the pool's certificate by fingerprint")
+    opt("--insecure", action="store_const", const=True, dest="tls_insecure",
+        help="do not verify the pool's certificate (warns; prefer --tls-fingerprint)")
+    return parent
+
+
+def output_options(json_help, quiet_help="less output", verbose_help="more output (-vv: debug)"):
+    """The parent parser of every command's report: --json FILE|- and -q/-v."""
+    parent = argparse.ArgumentParser(add_help=False)
+    opt = parent.add_argument
+    opt("--json", metavar="FILE", help=json_help + " ('-': stdout)")
+    opt("-q", "--quiet", action="count", default=0, help=quiet_help)
+    opt("-v", "--verbose", action="count", default=0, help=verbose_help)
+    return parent
+
+
+def settings_from_args(args):
+    """Return {config key: value} for the settings options given in parsed `args`.
+
+    Raises UsageError naming the option and its value when a value does not parse.
+    """
+    values = {}
+    for option, (key, parse) in CLI_SETTINGS.items():
+        raw = getattr(args, option, None)
+        if raw is None:
+            continue
+        try:
+            values[key] = parse(raw)
+        except ValueError as exc:
+            raise UsageError("--%s %s: %s" % (option.replace("_", "-"), raw, exc))
+    return values
+
+
+def load_config(values, parsed=None, selectors=(), config_file=None, password=None):
+    """Return (Config, password): defaults < config file < $VMBACKUP_SERVER < command line.
+
+    The password comes from password_file when one is set, else from `password` (the
+    legacy command line's), else from $VMBACKUP_PASSWORD.
+    """
+    values = dict(values)
+    env_server = os.environ.get("VMBACKUP_SERVER")
+    if env_server and "server" not in values and not (parsed and "server" in parsed.values):
+        values["server"] = env_server
+    config = build_config(parsed, values, selectors, config_file)
+    if config.password_file:
+        password = read_password_file(config.password_file)
+    elif password is None:
+        password = os.environ.get("VMBACKUP_PASSWORD")
+    return config, password
+
+
+def verbosity(argv):
+    """Return the verbosity argv asks for: each -v (or --verbose) +1, each -q (--quiet) -1."""
+    level = 0
+    for arg in argv:
+        if arg == "--":
+            break
+        if arg in ("--verbose", "--quiet"):
+            level += 1 if arg == "--verbose" else -1
+        elif re.match(r"^-[vq]+$", arg):
+            level += arg.count("v") - arg.count("q")
+    return level
 
 
 # === vmbackup/formats/vhd.py ================================================
@@ -1527,21 +2506,24 @@ def check_vhd(path, virtual_size=None):
                                % (entries, table_offset)]
         handle.seek(table_offset)
         bat = struct.unpack(">%dI" % entries, _read_exact(handle, entries * 4))
+    return problems + bat_problems(bat, block_size, table_end, size)
+
+
+def bat_problems(bat, block_size, table_end, size):
+    """Return the problems of a dynamic VHD's block table: blocks past the end or overlapping."""
     bitmap = (-(-(block_size // 512) // 8) + 511) & ~511   # one bit per sector, in whole sectors
     span = bitmap + block_size
     used = sorted((sector * 512, index) for index, sector in enumerate(bat) if sector != 0xFFFFFFFF)
     previous_end = table_end
     for start, index in used:
         if start + span > size - 512:
-            problems.append("BAT entry %d points past the end of the file (block at byte %d; "
-                            "truncated?)" % (index, start))
-            break
+            return ["BAT entry %d points past the end of the file (block at byte %d; "
+                    "truncated?)" % (index, start)]
         if start < previous_end:
-            problems.append("BAT entry %d (block at byte %d) overlaps the BAT or another block"
-                            % (index, start))
-            break
+            return ["BAT entry %d (block at byte %d) overlaps the BAT or another block"
+                    % (index, start)]
         previous_end = start + span
-    return problems
+    return []
 
 
 # === vmbackup/formats/xva.py ================================================
@@ -1551,15 +2533,54 @@ def check_vhd(path, virtual_size=None):
 # xva_compression, the zstd reader, ova_xml_from_tar, xva_is_complete.
 # Imports: errors, util, formats.xxh64, formats.tar.
 
+#: The most ova.xml the tool reads: a VM's metadata is kilobytes; this bounds a hostile file.
+MAX_OVA_XML = 256 << 20
+
+
+def first_ova_xml(tar):
+    """Return the body of ova.xml, the first member of an XVA's tar; raise BadFile."""
+    first = tar.next()
+    if first is None:
+        raise BadFile("empty tar: no ova.xml")
+    if first.name != "ova.xml":
+        raise BadFile("first member is %r, not ova.xml: not an XVA" % first.name)
+    return tar.read_body(limit=MAX_OVA_XML)
+
+
+@contextlib.contextmanager
+def xva_reader(path):
+    """Open an XVA (.xva, .xva.gz, .xva.zst, or a metadata export's tar): yield its tar bytes."""
+    algo = xva_compression(path)
+    with open(path, "rb") as handle:
+        if algo == "gzip":
+            yield gzip.GzipFile(fileobj=handle, mode="rb")
+        elif algo == "zstd":
+            zstd = find_zstd()
+            if zstd is None:
+                raise BadFile("zstd is not installed: %s cannot be read here" % printable(path))
+            stream = _ZstdStream(handle, zstd)
+            try:
+                yield stream
+            finally:
+                stream.kill()
+        else:
+            yield handle
+
+
+def read_ova_xml(path):
+    """Return the ova.xml bytes at the start of an XVA or a metadata export; raise BadFile."""
+    try:
+        with xva_reader(path) as stream:
+            return first_ova_xml(TarStream(stream))
+    except (EOFError, zlib.error) as exc:
+        raise BadFile("gzip stream: %s" % (one_line(exc) or "truncated"))
+
+
 def ova_xml_from_tar(path):
     """Return the ova.xml bytes of a metadata export (a tar holding ova.xml)."""
     try:
-        with tarfile.open(path, "r:*") as archive:
-            member = archive.extractfile("ova.xml")
-            if member is None:
-                raise KeyError("ova.xml")
-            return member.read()
-    except (tarfile.TarError, KeyError, OSError) as exc:
+        return read_ova_xml(path)
+    except (BadFile, OSError) as exc:
         raise ExportFailed("metadata export is not a tar with ova.xml: %s" % one_line(exc))
 
 
@@ -1578,33 +2599,27 @@ def xva_is_complete(path):
 
 
 # -- ova.xml: one XML-RPC value ----------------------------------------------
-def _xmlrpc_value(elem):
-    """Return the Python value of an XML-RPC <value> element (untyped text is a string)."""
-    children = list(elem)
-    if not children:
-        return elem.text or ""
-    typed = children[0]
-    tag = typed.tag
-    if tag == "struct":
-        out = {}
-        for member in typed.findall("member"):
-            name, value = member.find("name"), member.find("value")
-            if name is None or value is None:
-                raise ValueError("struct member without name or value")
-            out[name.text or ""] = _xmlrpc_value(value)
-        return out
-    if tag == "array":
-        data = typed.find("data")
-        return [_xmlrpc_value(v) for v in (data.findall("value") if data is not None else [])]
-    if tag in ("int", "i4", "i8"):
-        return int((typed.text or "").strip())
-    if tag == "boolean":
-        return (typed.text or "").strip() == "1"
-    if tag == "double":
-        return float((typed.text or "").strip())
-    if tag == "nil":
-        return None
-    return typed.text or ""  # string, dateTime.iso8601, base64: kept as text
+def _plain(value):
+    """Turn xmlrpc.client's DateTime and Binary into the text they came from, recursively."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_plain(v) for v in value]
+    if isinstance(value, xmlrpc.client.DateTime):
+        return value.value
+    if isinstance(value, xmlrpc.client.Binary):
+        return base64.b64encode(value.data).decode("ascii")
+    return value
+
+
+def xmlrpc_value(data):
+    """Return the Python value of one XML-RPC <value> document, by the standard library's parser."""
+    body = re.sub(br"^\s*<\?xml[^>]*\?>", b"", data if isinstance(data, bytes) else data.encode())
+    parser, unmarshaller = xmlrpc.client.getparser()
+    parser.feed(b"<params><param>" + body + b"</param></params>")
+    parser.close()
+    (value,) = unmarshaller.close()
+    return _plain(value)
 
 
 def parse_ova_xml(data):
@@ -1619,8 +2634,8 @@ def parse_ova_xml(data):
     if root.tag != "value":
         raise ValueError("root element is <%s>, not an XML-RPC <value>" % root.tag)
     try:
-        ova = _xmlrpc_value(root)
-    except (ValueError, AttributeError) as exc:
+        ova = xmlrpc_value(data)
+    except (ValueError, TypeError, xml.parsers.expat.ExpatError, xmlrpc.client.Error) as exc:
         raise ValueError("not an XML-RPC value: %s" % exc)
     if not isinstance(ova, dict) or not isinstance(ova.get("objects"), list):
         raise ValueError("no 'objects' list: not XAPI export metadata")
@@ -1709,14 +2724,10 @@ def check_xva_stream(stream):
     """
     tar = TarStream(stream)
     problems = []
-    first = tar.next()
-    if first is None:
-        raise BadFile("empty tar: no ova.xml")
-    if first.name != "ova.xml":
-        raise BadFile("first member is %r, not ova.xml: not an XVA" % first.name)
+    body = first_ova_xml(tar)
     ova, expected = None, {}
     try:
-        ova = parse_ova_xml(tar.read_body(limit=256 << 20))
+        ova = parse_ova_xml(body)
         expected = ova_disks(ova)
     except ValueError as exc:
         problems.append("ova.xml does not parse: %s" % exc)
@@ -1755,10 +2766,17 @@ def check_xva_stream(stream):
     if pending:
         problems.append("chunk %s has no checksum member" % pending[0])
     tar.skip_rest()
+    if ova is not None:
+        problems += disk_problems(disks, expected)
+    return problems, {"disks": {ref: d.end for ref, d in disks.items()}, "ova": ova,
+                      "chunks": sum(d.chunks for d in disks.values())}
+
+
+def disk_problems(disks, expected):
+    """Return how the disks found in an XVA ({ref: _DiskChunks}) differ from ova.xml's VDIs."""
+    problems = []
     for ref, disk in disks.items():
         size, _ = expected.get(ref, (None, ""))
-        if ova is None:
-            continue
         if size is None:
             problems.append("disk %s has data but no VDI in ova.xml" % ref)
         elif disk.end != size:
@@ -1768,8 +2786,7 @@ def check_xva_stream(stream):
         if ref not in disks:
             problems.append("disk %s%s has no data in the XVA"
                             % (ref, " (%s)" % printable(label) if label else ""))
-    return problems, {"disks": {ref: d.end for ref, d in disks.items()}, "ova": ova,
-                      "chunks": sum(d.chunks for d in disks.values())}
+    return problems
 
 
 def find_zstd():
@@ -1893,8 +2910,13 @@ def check_xva_file(path, want_sha256=False):
 # === vmbackup/report.py =====================================================
 # The run's outcome and everything that prints it: results, tallies, exit code, summary, preview, JSON.
 #
-# Owns: VmResult, RunProblems, StatusLog, exit_code_for, tally, run_summary,
-# settings_summary, preview_data/format_preview, write_json, setup_logging.
+# Owns: RunProblem, VmResult, Outcome (the one record of a run: every warning and error once,
+# attributed to its VM or to the run), UnitLog and RunRecord (what builds it), the pure
+# readers of an Outcome (tally, exit_code_for, status_word, recap, run_summary,
+# status_end_fields), StatusLog, settings_summary, preview_data/format_preview,
+# write_json, setup_logging. Nothing here infers anything from which logger a line
+# went through: the exit code, the tally, the status log and the JSON all read the
+# Outcome.
 # Imports: errors, util, config.
 
 def settings_summary(config):
@@ -1908,27 +2930,288 @@ def settings_summary(config):
     return rows
 
 
-def preview_data(config, selection, plans, problems):
-    """Return the preview as a JSON-ready dict."""
-    errors = list(problems) + list(selection.errors)
-    for plan in plans:
-        errors.extend(plan.problems)
+# -- the outcome record ---------------------------------------------------------
+
+class RunProblem(typing.NamedTuple):
+    """One warning or error, attributed to a unit (a VM, 'pool database', ...) or to the run ('')."""
+    severity: str               # warning or error
+    unit: str                   # '' for the run itself
+    message: str
+
+    def __str__(self):
+        return "%s: %s" % (printable(self.unit), self.message) if self.unit else self.message
+
+
+class VmResult(typing.NamedTuple):
+    """The outcome of one unit of work (a VM, the pool database, a host)."""
+    name: str
+    uuid: str
+    mode: str
+    status: str                 # success, warning or error
+    path: typing.Optional[str] = None
+    bytes: int = 0
+    seconds: float = 0.0
+    message: str = ""           # the error (error); the warnings joined (warning)
+    warnings: typing.Tuple[str, ...] = ()
+
+    def problems(self):
+        """Return this unit's Problems: each warning, then its failure."""
+        found = [RunProblem("warning", self.name, w) for w in self.warnings]
+        if self.status == "error":
+            found.append(RunProblem("error", self.name, self.message))
+        return found
+
+
+class Outcome(typing.NamedTuple):
+    """The one record of a run (or of a preview): what every printer of it reads."""
+    started: datetime.datetime
+    finished: datetime.datetime
+    results: typing.Tuple[VmResult, ...] = ()
+    problems: typing.Tuple[RunProblem, ...] = ()       # the run's own, in the order met
+    excluded: typing.Tuple[typing.Tuple[str, str], ...] = ()
+    not_selected: typing.Tuple[typing.Tuple[str, str], ...] = ()
+    cannot_start: typing.Optional[str] = None        # why the run never got going
+    terminated: typing.Optional[str] = None          # the signal that stopped it
+
+    def all_problems(self):
+        """Return every RunProblem of the run: the units' in their order, then the run's."""
+        found = [p for r in self.results for p in r.problems()] + list(self.problems)
+        if self.cannot_start:
+            found.append(RunProblem("error", "", self.cannot_start))
+        if self.terminated:
+            found.append(RunProblem("error", "", "terminated by %s" % self.terminated))
+        return found
+
+
+class Tally(typing.NamedTuple):
+    """S: units that succeeded (with or without warnings); W: warnings; E: failures.
+
+    The run's own problems count too: its warnings in W, its errors (a leftover that
+    cannot be destroyed, a duplicate VM name, a run that cannot start or is
+    terminated) in E.
+    """
+    succeeded: int
+    warnings: int
+    errors: int
+
+    def __str__(self):
+        return "S:%d W:%d E:%d" % self
+
+
+def tally(outcome):
+    """Return the Tally of an Outcome."""
+    problems = outcome.all_problems()
+    return Tally(sum(1 for r in outcome.results if r.status != "error"),
+                 sum(1 for p in problems if p.severity == "warning"),
+                 sum(1 for p in problems if p.severity == "error"))
+
+
+def exit_code_for(outcome):
+    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec)."""
+    counts = tally(outcome)
+    if counts.errors:
+        return EXIT_ERROR
+    return EXIT_WARNING if counts.warnings else EXIT_OK
+
+
+def status_word(code):
+    """Return the status log's word for an exit code: SUCCESS, WARNING or ERROR."""
+    return {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
+
+
+def status_end_fields(outcome):
+    """Return the fields of the run's `end` status-log line: ['end', 'SUCCESS', 'S:1 W:0 E:0']."""
+    return ["end", status_word(exit_code_for(outcome)), str(tally(outcome))]
+
+
+def recap(outcome):
+    """Return one line per failed or warned unit (and run problem), with its reason."""
+    lines = []
+    for problem in outcome.all_problems():
+        word = "FAILED" if problem.severity == "error" else "WARNING"
+        lines.append("%s %s: %s" % (word, printable(problem.unit) if problem.unit else "(run)",
+                                    problem.message))
+    return lines
+
+
+class UnitLog(logging.LoggerAdapter):
+    """The log of one unit (lines prefixed `vm=<name>: `) or of the run (no prefix).
+
+    Its `warning()` and `error()` are how a problem enters the run's Outcome: each is
+    recorded here, once, in the order met. Lines logged any other way are only lines.
+    """
+
+    def __init__(self, name=""):
+        logging.LoggerAdapter.__init__(self, log, {})
+        self.unit = name
+        self.prefix = "vm=%s: " % printable(name) if name else ""
+        self.met = []
+
+    def process(self, msg, kwargs):
+        return self.prefix + msg, kwargs
+
+    def _record(self, severity, msg, args):
+        self.met.append(RunProblem(severity, self.unit, msg % args if args else msg))
+
+    def warning(self, msg, *args, **kwargs):
+        self._record("warning", msg, args)
+        logging.LoggerAdapter.warning(self, msg, *args, **kwargs)
+
+    def error(self, msg, *args, **kwargs):
+        self._record("error", msg, args)
+        logging.LoggerAdapter.error(self, msg, *args, **kwargs)
+
+    def failed(self, message):
+        """Log a unit's failure without recording it: its VmResult carries it."""
+        logging.LoggerAdapter.error(self, "FAILED: %s", message)
+
+    @property
+    def warnings(self):
+        return [p.message for p in self.met if p.severity == "warning"]
+
+    @property
+    def errors(self):
+        return [p.message for p in self.met if p.severity == "error"]
+
+
+class RunRecord:
+    """What a run (or a preview) has met so far; outcome() freezes it into the Outcome."""
+
+    def __init__(self, started=None):
+        self.started = started or datetime.datetime.now().replace(microsecond=0)
+        self.log = UnitLog()
+        self.results = []
+        self.selection = None
+        self.cannot_start = None
+        self.terminated = None
+        self.begun = False              # the status log has its `begin` line
+        self.open_snapshots = {}        # uuid -> unit: taken and not yet destroyed
+
+    def outcome(self):
+        sel = self.selection
+        return Outcome(self.started, datetime.datetime.now().replace(microsecond=0),
+                       tuple(self.results), tuple(self.log.met),
+                       tuple(sel.excluded) if sel else (), tuple(sel.not_selected) if sel else (),
+                       self.cannot_start, self.terminated)
+
+    def terminated_note(self):
+        """Return what to say about the snapshots after a signal: only the truth."""
+        if not self.open_snapshots:
+            return "snapshots cleaned up"
+        return "snapshot %s left (the next run destroys it)" % ", ".join(sorted(self.open_snapshots))
+
+
+# -- what prints it -------------------------------------------------------------
+
+class StatusLog:
+    """NAUbackup's status log: `YYYY/MM/DD HH:MM:SS,<what>,<host>,<fields...>` lines, appended."""
+
+    def __init__(self, path, origin="default", runlog=None):
+        self.path = path
+        self.host = socket.gethostname()
+        self.runlog = runlog or log
+        if path and not self.folder_exists():
+            if origin.startswith("default"):
+                log.info("status log %s not written: its folder does not exist", path)
+                self.path = None
+
+    def folder_exists(self):
+        return bool(self.path) and os.path.isdir(os.path.dirname(self.path) or ".")
+
+    def line(self, what, *fields):
+        if not self.path:
+            return
+        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
+                        + [str(f) for f in fields])
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+        except OSError as exc:
+            self.runlog.warning("cannot append to status log %s: %s", self.path, exc.strerror)
+            self.path = None
+
+
+def status_size(nbytes):
+    """Return the status log's size field as NAUbackup 3.25 writes it: whole GiB, '3G'."""
+    return "%dG" % (nbytes // 2 ** 30)
+
+
+def unit_json(result):
+    return {"name": result.name, "uuid": result.uuid, "mode": result.mode,
+            "status": result.status, "path": result.path, "bytes": result.bytes,
+            "seconds": round(result.seconds, 3), "message": result.message,
+            "warnings": list(result.warnings)}
+
+
+def problems_json(outcome):
+    """Return the JSON keys every summary shares: warnings, errors, problems, summary, status."""
+    problems = outcome.all_problems()
+    code = exit_code_for(outcome)
     return {
+        "status": {EXIT_OK: "ok", EXIT_WARNING: "warning"}.get(code, "error"),
+        "exit_code": code,
+        "warnings": [str(p) for p in problems if p.severity == "warning"],
+        "errors": [str(p) for p in problems if p.severity == "error"],
+        "problems": [p._asdict() for p in problems],
+        "summary": str(tally(outcome)),
+        "reason": outcome.cannot_start,
+        "terminated": outcome.terminated,
+    }
+
+
+def run_summary(config, outcome):
+    """Return the JSON summary of a run (config None: it failed before its settings were read)."""
+    data = {
+        "preview": False, "version": __version__,
+        "started": outcome.started.isoformat(), "finished": outcome.finished.isoformat(),
+        "settings": ({key: value for key, value, _ in settings_summary(config)}
+                     if config else {}),
+        "vms": [unit_json(r) for r in outcome.results],
+        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
+        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
+    }
+    data.update(problems_json(outcome))
+    return data
+
+
+class PreviewPlan(typing.NamedTuple):
+    """What a preview found the run would do, beside its Outcome."""
+    plans: typing.Tuple = ()                        # selection.Plan of each selected VM
+    deletions: typing.Tuple[typing.Tuple[str, str], ...] = ()   # (VM folder, backup name)
+    destroys: typing.Tuple[typing.Tuple[str, str, str], ...] = ()   # (VM|VDI, name, uuid)
+
+
+def preview_data(config, outcome, found):
+    """Return the preview as a JSON-ready dict: the Outcome the run would have, and its plan."""
+    data = {
         "preview": True,
         "version": __version__,
-        "status": "error" if errors else ("warning" if selection.warnings else "ok"),
+        "would_start": outcome.cannot_start is None,
         "settings": {key: value for key, value, _ in settings_summary(config)},
         "vms": [{"name": p.vm.name, "uuid": p.vm.uuid, "mode": p.vm.mode,
                  "max_backups": p.vm.max_backups,
                  "disks": [d.device for d in p.disks],
                  "skipped_disks": [d.device for d in p.skipped],
+                 "problems": list(p.problems),
                  "selector": p.vm.selector.text, "origin": p.vm.selector.origin}
-                for p in plans],
-        "excluded": [{"name": n, "uuid": u} for n, u in selection.excluded],
-        "not_selected": [{"name": n, "uuid": u} for n, u in selection.not_selected],
-        "warnings": list(selection.warnings),
-        "errors": errors,
+                for p in found.plans],
+        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
+        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
+        "delete": [{"vm": vm, "backup": name} for vm, name in found.deletions],
+        "destroy": [{"class": cls, "name": name, "uuid": uuid}
+                    for cls, name, uuid in found.destroys],
     }
+    data.update(problems_json(outcome))
+    return data
+
+
+def preview_verdict(data):
+    """Return the preview's last line: what the run would do and how it would exit."""
+    if not data["would_start"]:
+        return "Preview: the run would not start (exit 2): %s" % data["reason"]
+    word = {0: "succeed", 1: "end with warnings", 2: "start, but end with errors"}[data["exit_code"]]
+    return "Preview: the run would %s (exit %d, %s): %d VMs selected." % (
+        word, data["exit_code"], data["summary"], len(data["vms"]))
 
 
 def format_preview(data, config):
@@ -1948,14 +3231,14 @@ def format_preview(data, config):
     for title, key in (("Excluded", "excluded"), ("Not selected", "not_selected")):
         out.append("%s (%d):" % (title, len(data[key])))
         out.extend("  %-24s [%s]" % (printable(v["name"]), v["uuid"]) for v in data[key])
-    for warning in data["warnings"]:
-        out.append("***WARNING - " + warning)
-    for error in data["errors"]:
-        out.append("***ERROR - " + error)
-    verdict = {"ok": "valid", "warning": "valid, with warnings",
-               "error": "INVALID: the run would not start"}[data["status"]]
-    out.append("Preview %s: %d VMs selected, %d warnings, %d errors."
-               % (verdict, len(data["vms"]), len(data["warnings"]), len(data["errors"])))
+    out.append("Retention would delete (%d):" % len(data["delete"]))
+    out.extend("  %s/%s" % (printable(d["vm"]), d["backup"]) for d in data["delete"])
+    out.append("Leftover snapshots the run would destroy (%d):" % len(data["destroy"]))
+    out.extend("  %s %-24s [%s]" % (d["class"], printable(d["name"]), d["uuid"])
+               for d in data["destroy"])
+    out.extend("***WARNING - " + w for w in data["warnings"])
+    out.extend("***ERROR - " + e for e in data["errors"])
+    out.append(preview_verdict(data))
     return "\n".join(out) + "\n"
 
 
@@ -1971,90 +3254,6 @@ def write_json(target, data):
             handle.write(text)
     except OSError as exc:
         raise BackupDirError("cannot write --json file %s: %s" % (target, exc.strerror))
-
-
-class VmResult(typing.NamedTuple):
-    """The outcome of one unit of work (a VM, the pool database, a host)."""
-    name: str
-    uuid: str
-    mode: str
-    status: str                 # success, warning or error
-    path: typing.Optional[str] = None
-    bytes: int = 0
-    seconds: float = 0.0
-    message: str = ""
-
-
-class RunProblems(logging.Handler):
-    """Collects the run's own warnings and errors (not a VM's: those are in its result)."""
-
-    def __init__(self):
-        logging.Handler.__init__(self, logging.WARNING)
-        self.warnings, self.errors = [], []
-
-    def emit(self, record):
-        if getattr(record, "vm", None) is None:
-            (self.errors if record.levelno >= logging.ERROR else self.warnings).append(
-                record.getMessage())
-
-
-class StatusLog:
-    """NAUbackup's status log: `YYYY/MM/DD HH:MM:SS,<what>,<host>,<fields...>` lines, appended."""
-
-    def __init__(self, path, origin="default"):
-        self.path = path
-        self.host = socket.gethostname()
-        if path and origin.startswith("default") and not os.path.isdir(os.path.dirname(path) or "."):
-            log.info("status log %s not written: its folder does not exist", path)
-            self.path = None
-
-    def line(self, what, *fields):
-        if not self.path:
-            return
-        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
-                        + [str(f) for f in fields])
-        try:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(text + "\n")
-        except OSError as exc:
-            log.warning("cannot append to status log %s: %s", self.path, exc.strerror)
-            self.path = None
-
-
-def exit_code_for(results, warnings=(), errors=()):
-    """Return the run's exit code: the most severe of its results and problems (borg's max_ec)."""
-    statuses = {r.status for r in results}
-    if "error" in statuses or errors:
-        return EXIT_ERROR
-    if "warning" in statuses or warnings:
-        return EXIT_WARNING
-    return EXIT_OK
-
-
-def tally(results, warnings=()):
-    """Return 'S:n W:n E:n' for the summary line and the status log."""
-    count = collections.Counter(r.status for r in results)
-    return "S:%d W:%d E:%d" % (count["success"], count["warning"] + len(warnings), count["error"])
-
-
-def run_summary(config, selection, results, warnings, started, code):
-    """Return the JSON summary of a run."""
-    return {
-        "preview": False, "version": __version__,
-        "status": {EXIT_OK: "ok", EXIT_WARNING: "warning"}.get(code, "error"),
-        "exit_code": code, "started": started.isoformat(),
-        "finished": datetime.datetime.now().isoformat(),
-        "settings": {key: value for key, value, _ in settings_summary(config)},
-        "vms": [{"name": r.name, "uuid": r.uuid, "mode": r.mode, "status": r.status,
-                 "path": r.path, "bytes": r.bytes, "seconds": round(r.seconds, 3),
-                 "message": r.message} for r in results],
-        "excluded": [{"name": n, "uuid": u} for n, u in (selection.excluded if selection else [])],
-        "not_selected": [{"name": n, "uuid": u} for n, u in
-                         (selection.not_selected if selection else [])],
-        "warnings": list(warnings),
-        "errors": [r.message for r in results if r.status == "error"],
-        "summary": tally(results, warnings),
-    }
 
 
 def setup_logging(verbosity):
@@ -2076,7 +3275,7 @@ def setup_logging(verbosity):
 
 
 # === vmbackup/retention.py ==================================================
-# Which old backups to delete, as a pure decision, and deleting them.
+# Which old backups to delete, as a pure decision, and deleting them through the Store.
 #
 # Owns: plan_retention (pure, table-tested), prune_vm_backups, prune_dated_files.
 # Imports: errors, store.
@@ -2086,7 +3285,7 @@ def plan_retention(entries, keep, drop_incomplete=True):
 
     The `keep` newest complete backups stay; older complete ones go; incomplete
     ones go when `drop_incomplete`. Never returns the newest complete backup.
-    Pure: works from names and markers, never from mtimes.
+    Pure: works from names and markers (store.is_complete), never from mtimes.
     """
     complete = sorted((e for e in entries if e[2]), key=lambda e: e[1], reverse=True)
     keep = max(1, keep)
@@ -2096,32 +3295,29 @@ def plan_retention(entries, keep, drop_incomplete=True):
     return sorted(doomed)
 
 
-def prune_vm_backups(vm_dir, keep, drop_incomplete=True, vlog=None):
-    """Delete what plan_retention says in `vm_dir`; return the names deleted."""
+def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None):
+    """Delete what plan_retention says among the backups of `vm` in `store`; return the names deleted."""
     vlog = vlog or log
-    entries = vm_backups(vm_dir)
-    doomed = plan_retention(entries, keep, drop_incomplete)
-    complete = {name for name, _, done in entries if done}
+    folders = {f.name: f for f in store.backups(vm)}
+    doomed = plan_retention([(f.name, f.when, f.complete) for f in folders.values()], keep,
+                            drop_incomplete)
     for name in doomed:
-        if name in complete:
+        if folders[name].complete:
             vlog.info("retention: deleting %s", name)
         else:
-            vlog.warning("deleting incomplete backup %s (no success marker)", name)
-        shutil.rmtree(inside(vm_dir, name), ignore_errors=False)
+            # housekeeping: the run that left it already reported its failure
+            vlog.info("deleting incomplete backup %s (no success marker)", name)
+        store.delete(folders[name].path)
     return doomed
 
 
-def prune_dated_files(folder, keep):
-    """Delete the oldest pool_db_/host_ backup files in `folder` beyond `keep`; return them."""
-    try:
-        names = os.listdir(folder)
-    except OSError:
-        return []
-    entries = [(n, parse_dated_file(n), True) for n in names if parse_dated_file(n)]
-    doomed = plan_retention(entries, keep)
+def prune_dated_files(store, folder, keep):
+    """Delete the oldest pool_db_/host_ files in `store`'s `folder` beyond `keep`; return their names."""
+    paths = {os.path.basename(p): p for p in store.dated_files(folder)}
+    doomed = plan_retention([(n, parse_dated_file(n), True) for n in paths], keep)
     for name in doomed:
-        log.info("retention: deleting %s", os.path.join(os.path.basename(folder), name))
-        os.unlink(inside(folder, name))
+        log.info("retention: deleting %s", os.path.join(folder, name))
+        store.delete(paths[name])
     return doomed
 
 
@@ -2253,7 +3449,7 @@ def _userdevice_key(text):
     try:
         return int(text)
     except ValueError:
-        return 1 << 30
+        return UNNUMBERED
 
 
 def pick_disks(disks, devices):
@@ -2356,6 +3552,11 @@ TAG_KEY = "vmbackup_snapshot"
 PENDING_KEY = "vmbackup_pending"
 
 
+#: The last word of a run note ('host pid start beat'): the run keeps a heartbeat in the
+#: pool (leftovers.PoolBeat), so any host can tell when it is over.
+BEAT_WORD = "beat"
+
+
 #: A pending-marked snapshot counts as the run's only if taken this soon after the mark.
 PENDING_WINDOW = datetime.timedelta(minutes=30)
 
@@ -2389,19 +3590,34 @@ class Transport:
     name = "?"
     #: How long a destroy keeps retrying while the object is busy (seconds).
     BUSY_WAIT = 120.0
+    #: Retrying a busy destroy: the first delay and the longest one (seconds), doubling between.
+    BUSY_POLL_FIRST, BUSY_POLL_MAX = 0.2, 5.0
 
-    def __init__(self, xapi, config, password=None):
+    def __init__(self, xapi, config):
         self.xapi = xapi
         self.config = config
-        self.password = password
 
     def tag(self, cls, obj, note):
-        """Mark `obj` (a VM snapshot or a VDI) as this tool's own."""
+        """Mark `obj` (a VM snapshot or a VDI) as this tool's own, replacing a copied tag.
+
+        A snapshot copies its source's other_config, and the disks of a VM restored from
+        a backup carry the tag of the snapshot that was exported; XAPI's
+        add_to_other_config refuses an existing key (MAP_DUPLICATE_KEY), so remove first.
+        """
+        self.remove_key(cls, obj, TAG_KEY)
         self.xapi.call(cls + ".add_to_other_config", obj.ref, TAG_KEY, "%s %s" % (obj.uuid, note))
+
+    def remove_key(self, cls, obj, key):
+        """Remove `key` from `obj`'s other_config (absent, or `obj` gone, is fine)."""
+        try:
+            self.xapi.call(cls + ".remove_from_other_config", obj.ref, key)
+        except XapiFailure as exc:
+            if exc.code not in GONE_CODES:
+                raise
 
     def retry_busy(self, what, action):
         """Run `action()` until it stops failing with a busy code; treat gone as done."""
-        delay, deadline = 0.2, time.monotonic() + self.BUSY_WAIT
+        delay, deadline = self.BUSY_POLL_FIRST, time.monotonic() + self.BUSY_WAIT
         while True:
             try:
                 return action()
@@ -2414,7 +3630,7 @@ class Transport:
                     raise
                 log.debug("%s: %s, retrying in %.1fs", what, code, delay)
                 time.sleep(delay)
-                delay = min(delay * 2, 5.0)
+                delay = min(delay * 2, self.BUSY_POLL_MAX)
 
     def vm_obj(self, ref=None, uuid=None):
         """Return Obj for a VM known by ref or uuid (one call)."""
@@ -2438,16 +3654,19 @@ class Transport:
                               str(vbd.get("userdevice"))))
         return found
 
-    def snapshot_vm(self, vm, name, quiesce=False):
-        """Snapshot `vm`: quiesced if asked and the pool and guest can, else a normal one."""
+    def snapshot_vm(self, vm, name, quiesce=False, vlog=None):
+        """Snapshot `vm`: quiesced if asked and the pool and guest can, else a normal one.
+
+        The fallback is a warning of the VM's (`vlog`, the VM's UnitLog), not of the run.
+        """
         if quiesce:
             try:
                 return self.take_snapshot(vm, name, quiesce=True)
             except CallFailed as exc:
                 if not quiesce_unavailable(exc):
                     raise
-                log.warning("no quiesced snapshot (%s): taking a normal snapshot for %s",
-                            exc.code, printable(name))
+                (vlog or log).warning("no quiesced snapshot (%s): taking a normal snapshot "
+                                      "(%s)", exc.code, printable(name))
         return self.take_snapshot(vm, name, quiesce=False)
 
     def take_snapshot(self, vm, name, quiesce):
@@ -2461,11 +3680,17 @@ class Transport:
 
     def unmark_pending(self, cls, obj):
         """Remove the pending mark (absent is fine)."""
-        try:
-            self.xapi.call(cls + ".remove_from_other_config", obj.ref, PENDING_KEY)
-        except XapiFailure as exc:
-            if exc.code not in GONE_CODES:
-                raise
+        self.remove_key(cls, obj, PENDING_KEY)
+
+    def untag_copy(self, vm_ref):
+        """Remove the tool's keys from a VM made from a backup and from its disks: they are
+        copies, and left in place they would be copied into every later snapshot."""
+        for cls, ref in [("VM", vm_ref)] + [("VDI", vdi.ref) for _, vdi, _ in
+                                           self.snapshot_disks(Obj(vm_ref, ""))]:
+            other = self.xapi.call(cls + ".get_other_config", ref)
+            for key in (TAG_KEY, PENDING_KEY):
+                if key in other:
+                    self.remove_key(cls, Obj(ref, ""), key)
 
     def check_gone(self, cls, obj):
         """Raise ExportFailed if `obj` still exists: a destroy that 'succeeded' must have worked."""
@@ -2486,952 +3711,11 @@ class Transport:
         """Release what the transport holds (temporary files)."""
 
 
-# === vmbackup/metadata.py ===================================================
-# What a backup folder says about itself: vm-metadata, NAUbackup's .cfg files, the manifest.
-#
-# Owns: write_cfg_files/save_vm_metadata, file_entry/pool_info (manifest parts),
-# read_cfg/read_manifest, FILE_KINDS/file_kind.
-# Imports: errors, util, selection, store, formats.xva.
-
-def cfg_text(pairs):
-    """Return NAUbackup's `key=value` lines, control characters escaped so each stays one line."""
-    return "".join("%s=%s\n" % (key, printable(value)) for key, value in pairs)
-
-
-def os_version(view, vm):
-    """Return the guest's OS name from its guest metrics, or ''."""
-    metrics = view.guest_metrics.get(vm.get("guest_metrics"), {})
-    version = metrics.get("os_version", {}) or {}
-    return version.get("name") or version.get("distro") or ""
-
-
-def write_cfg_files(folder, view, vm_ref):
-    """Write vm.cfg, DISK-<dev>/vbd.cfg + vdi.cfg and VIFs/vif-<dev>.cfg; return their paths."""
-    vm = view.vms[vm_ref]
-    written = []
-
-    def put(rel, pairs):
-        path = inside(folder, rel)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        write_text(path, cfg_text(pairs))
-        written.append(rel)
-
-    put("vm.cfg", [("name_label", vm["name_label"]), ("name_description", vm.get("name_description", "")),
-                   ("memory_dynamic_max", vm.get("memory_dynamic_max", "")),
-                   ("VCPUs_max", vm.get("VCPUs_max", "")),
-                   ("VCPUs_at_startup", vm.get("VCPUs_at_startup", "")),
-                   ("os_version", os_version(view, vm)), ("orig_uuid", vm["uuid"])])
-    for disk in vm_disks(vm, view.vbds, view.vdis):
-        vbd, vdi = view.vbds[disk.vbd_ref], disk.vdi
-        base = "DISK-" + safe_dirname(disk.device)
-        put(base + "/vbd.cfg", [(k, vbd.get(k, "")) for k in
-                                ("userdevice", "bootable", "mode", "type", "unpluggable", "empty")]
-            + [("orig_uuid", vbd.get("uuid", ""))])
-        put(base + "/vdi.cfg", [(k, vdi.get(k, "")) for k in
-                                ("name_label", "name_description", "virtual_size", "type",
-                                 "sharable", "read_only")]
-            + [("orig_uuid", vdi.get("uuid", "")),
-               ("orig_sr_uuid", view.srs.get(vdi.get("SR"), {}).get("uuid", ""))])
-    for vif_ref in vm.get("VIFs", ()):
-        vif = view.vifs.get(vif_ref)
-        if not vif:
-            continue
-        network = view.networks.get(vif.get("network"), {})
-        put("VIFs/vif-%s.cfg" % safe_dirname(vif.get("device", "")),
-            [("device", vif.get("device", "")), ("network_name_label", network.get("name_label", "")),
-             ("MTU", vif.get("MTU", "")), ("MAC", vif.get("MAC", "")),
-             ("other_config", vif.get("other_config", {})), ("orig_uuid", vif.get("uuid", ""))])
-    return written
-
-
-def save_vm_metadata(transport, vm, folder):
-    """Export the VM's XAPI metadata and save its ova.xml pretty-printed as vm-metadata.xml."""
-    tmp = os.path.join(folder, ".metadata.tar.part")
-    try:
-        transport.export_metadata(vm, tmp)
-        raw = ova_xml_from_tar(tmp)
-    finally:
-        if os.path.lexists(tmp):
-            os.unlink(tmp)
-    try:
-        pretty = xml.dom.minidom.parseString(raw).toprettyxml(indent="  ")
-    except Exception as exc:  # noqa: BLE001 - expat raises several types
-        raise ExportFailed("metadata export: ova.xml does not parse: %s" % one_line(exc))
-    write_text(os.path.join(folder, "vm-metadata.xml"), pretty)
-    return "vm-metadata.xml"
-
-
-def file_entry(folder, rel, digest=None):
-    """Return the manifest entry {name, size, sha256} of a file in a backup folder."""
-    path = os.path.join(folder, rel)
-    return {"name": rel, "size": os.path.getsize(path), "sha256": digest or sha256_file(path)}
-
-
-def pool_info(view):
-    """Return what the manifest records about the pool's master."""
-    master = view.master
-    software = master.get("software_version", {}) or {}
-    return {"master": master.get("hostname") or master.get("name_label", ""),
-            "product_brand": software.get("product_brand", ""),
-            "product_version": software.get("product_version", ""),
-            "xapi": software.get("xapi", ""),
-            "api_version": "%s.%s" % (master.get("API_version_major", "?"),
-                                      master.get("API_version_minor", "?"))}
-
-
-#: NAUbackup marks a complete backup with `success`, or `success_compress` for large files.
-
-#: What a check of one file can say.
-FILE_KINDS = (("xva", (".xva", ".xva.gz", ".xva.zst")), ("vhd", (".vhd",)), ("raw", (".raw",)),
-              ("metadata", ("vm-metadata.xml",)))
-
-
-def file_kind(name):
-    """Return the kind of a backup file by its name: xva, vhd, raw, metadata, or None."""
-    for kind, endings in FILE_KINDS:
-        if name.endswith(endings):
-            return kind
-    return None
-
-
-def read_cfg(path):
-    """Return the key=value pairs of a NAUbackup .cfg file as a dict ({} if unreadable)."""
-    try:
-        with open(path, encoding="utf-8", errors="replace") as handle:
-            return dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
-    except OSError:
-        return {}
-
-
-def read_manifest(folder):
-    """Return the backup.json of a backup folder as a dict, or None if absent; raise BadFile."""
-    path = os.path.join(folder, MANIFEST)
-    try:
-        with open(path, encoding="utf-8") as handle:
-            manifest = json.load(handle)
-    except FileNotFoundError:
-        return None
-    except (OSError, ValueError) as exc:
-        raise BadFile("%s does not parse: %s" % (MANIFEST, one_line(exc)))
-    if not isinstance(manifest, dict) or manifest.get("tool") != "vmbackup" \
-            or not isinstance(manifest.get("files"), list):
-        raise BadFile("%s is not a vmbackup manifest" % MANIFEST)
-    if manifest.get("format") != 1:
-        raise BadFile("%s has format %r; this vmbackup reads format 1"
-                      % (MANIFEST, manifest.get("format")))
-    return manifest
-
-
-# === vmbackup/transport/api.py ==============================================
-# The transport over XenAPI and XAPI's HTTP handlers (/export, /export_raw_vdi, /import...).
-#
-# Owns: ApiTransport.
-# Imports: errors, util, xapi, transport.base.
-
-class ApiTransport(Transport):
-    """XenAPI calls, and data streamed from XAPI's HTTP handlers straight to the file."""
-
-    name = "api"
-    BUFSIZE = 1 << 20
-
-    def __init__(self, xapi, config, password=None):
-        Transport.__init__(self, xapi, config, password)
-        self.endpoint = xapi.endpoint
-
-    # -- snapshots
-    def take_snapshot(self, vm, name, quiesce):
-        method = "VM.snapshot_with_quiesce" if quiesce else "VM.snapshot"
-        return self.vm_obj(self.xapi.call(method, vm.ref, name))
-
-    def prepare_snapshot(self, snap):
-        self.xapi.call("VM.set_is_a_template", snap.ref, False)
-        self.xapi.call("VM.set_ha_always_run", snap.ref, False)
-
-    def destroy_snapshot(self, snap):
-        """Destroy a snapshot VM and the VDIs it owns (what `xe vm-uninstall` does)."""
-        try:
-            owned = []
-            for vbd_ref in self.xapi.call("VM.get_VBDs", snap.ref):
-                vbd = self.xapi.call("VBD.get_record", vbd_ref)
-                if "owner" in vbd.get("other_config", {}) and vbd.get("VDI") != "OpaqueRef:NULL":
-                    owned.append(vbd["VDI"])
-        except XapiFailure as exc:
-            if exc.code in GONE_CODES:
-                return
-            raise
-        self.retry_busy("destroy snapshot", lambda: self.xapi.call("VM.destroy", snap.ref))
-        for vdi_ref in owned:
-            self.retry_busy("destroy VDI", lambda ref=vdi_ref: self.xapi.call("VDI.destroy", ref))
-
-    def snapshot_vdi(self, vdi, name):
-        snap = self.vdi_obj(self.xapi.call("VDI.snapshot", vdi.ref, {}))
-        self.xapi.call("VDI.set_name_label", snap.ref, name)
-        return snap
-
-    def destroy_vdi(self, vdi):
-        self.retry_busy("destroy VDI", lambda: self.xapi.call("VDI.destroy", vdi.ref))
-
-    # -- data
-    def export_vm(self, snap, dest, compress=None):
-        return self.download("/export", {"ref": snap.ref, "use_compression": compress or "false"},
-                             dest, "export of %s" % snap.uuid)
-
-    def export_vdi(self, vdi, dest, fmt):
-        return self.download("/export_raw_vdi", {"vdi": vdi.ref, "format": fmt}, dest,
-                             "export of VDI %s" % vdi.uuid, sparse=(fmt == "raw"))
-
-    def export_metadata(self, vm, dest):
-        return self.download("/export_metadata", {"ref": vm.ref, "export_snapshots": "false"},
-                             dest, "metadata export of %s" % vm.uuid)
-
-    def dump_pool_db(self, dest):
-        return self.download("/pool/xmldbdump", {}, dest, "pool database dump")
-
-    def import_vm(self, src, sr, preserve=False):
-        """PUT an .xva to /import; return the refs of the VMs it created."""
-        record = self.upload("/import", {"sr_id": sr.ref, "restore": "true" if preserve else "false"},
-                             src, "import of %s" % os.path.basename(src))
-        return list(xapi_value(record.get("result")) or [])
-
-    def create_vdi(self, sr, name, size):
-        """Create an empty VDI of `size` bytes on `sr`; return its Obj."""
-        ref = self.xapi.call("VDI.create", {
-            "name_label": name, "name_description": "restored by vmbackup", "SR": sr.ref,
-            "virtual_size": str(size), "type": "user", "sharable": False, "read_only": False,
-            "other_config": {}, "xenstore_data": {}, "sm_config": {}, "tags": []})
-        return self.vdi_obj(ref)
-
-    def import_vdi(self, vdi, src, fmt):
-        """PUT a raw or vhd disk image into an existing VDI."""
-        self.upload("/import_raw_vdi", {"vdi": vdi.ref, "format": fmt}, src,
-                    "import of %s" % os.path.basename(src))
-
-    def upload(self, path, params, src, what):
-        """Stream the file `src` to PUT `path` under a task; return the task's record.
-
-        XAPI answers (200, or 302 to the host that sees the SR) before it reads the
-        body, so the status line is read first and the body sent after it.
-        """
-        task = self.xapi.call("task.create", "vmbackup: " + what, "")
-        size = os.path.getsize(src)
-        endpoint = self.endpoint
-        target = path + "?" + urllib.parse.urlencode(dict(params, session_id=self.xapi.ref,
-                                                          task_id=task))
-        try:
-            for _ in range(4):
-                conn = endpoint.connection(timeout=self.config.stall_timeout)
-                response = None
-                try:
-                    conn.putrequest("PUT", target, skip_accept_encoding=True)
-                    conn.putheader("Content-Length", str(size))
-                    conn.endheaders()
-                    # Read the answer ourselves: conn.getresponse() would drop the socket
-                    # of a Connection: close answer before the body is sent.
-                    sock = conn.sock
-                    response = http.client.HTTPResponse(sock, method="PUT")
-                    response.begin()
-                    if response.status in (301, 302, 303, 307) and response.getheader("Location"):
-                        parts = urllib.parse.urlsplit(response.getheader("Location"))
-                        endpoint = endpoint._replace(scheme=parts.scheme or endpoint.scheme,
-                                                     host=parts.hostname, port=parts.port)
-                        target = parts.path + ("?" + parts.query if parts.query else "")
-                        continue
-                    if response.status != 200:
-                        raise ExportFailed("PUT %s: HTTP %d %s" % (path, response.status,
-                                                                    response.reason))
-                    with open(src, "rb") as handle:
-                        for block in iter(lambda: handle.read(self.BUFSIZE), b""):
-                            sock.sendall(block)
-                    record = self.wait_task(task, what, timeout=max(600, self.config.stall_timeout))
-                finally:
-                    conn.close()
-                    if response is not None:
-                        response.close()
-                if record["status"] != "success":
-                    raise ExportFailed("%s failed: task %s: %s" % (
-                        what, record["status"], xapi_error_text(record.get("error_info"))))
-                return record
-            raise ExportFailed("PUT %s: too many redirects" % path)
-        except ssl.SSLError as exc:
-            raise ExportFailed("PUT %s: TLS: %s" % (path, one_line(exc)))
-        except CONNECTION_ERRORS as exc:
-            raise ExportFailed("PUT %s on %s: %s" % (path, endpoint.url, one_line(exc)))
-        finally:
-            try:
-                self.xapi.call("task.destroy", task)
-            except VmBackupError as exc:
-                log.debug("task.destroy: %s", exc)
-
-    def backup_host(self, host, dest):
-        return self.download("/host_backup", {}, dest, "backup of host %s" % host["name_label"],
-                             endpoint=self.endpoint.with_host(host["address"]))
-
-    def download(self, path, params, dest, what, endpoint=None, sparse=False):
-        """Stream GET `path` into a new file `dest` under a task; return (bytes, sha256).
-
-        XAPI sends no Content-Length, so a cut stream looks finished: success needs
-        the end of the stream AND the task's status `success`.
-        """
-        task = self.xapi.call("task.create", "vmbackup: " + what, "")
-        try:
-            query = dict(params, session_id=self.xapi.ref, task_id=task)
-            try:
-                response, conn = self.open(endpoint or self.endpoint, "GET", path, query)
-            except ExportFailed as exc:
-                # XAPI's error page is HTML; the task says why in XAPI's own words
-                reason = self.xapi.call("task.get_record", task).get("error_info")
-                if reason:
-                    raise ExportFailed("%s refused: %s" % (what, xapi_error_text(reason)))
-                raise exc
-            try:
-                nbytes, digest = self.stream(response, dest, what, sparse)
-            finally:
-                response.close()
-                conn.close()
-            record = self.wait_task(task, what)
-            if record["status"] != "success":
-                raise ExportFailed("%s failed: task %s: %s" % (
-                    what, record["status"], xapi_error_text(record.get("error_info")) or "no reason"))
-            return nbytes, digest
-        except BaseException:
-            self.cancel_task(task)
-            raise
-        finally:
-            try:
-                self.xapi.call("task.destroy", task)
-            except VmBackupError as exc:
-                log.debug("task.destroy: %s", exc)
-
-    def open(self, endpoint, method, path, query, redirects=3):
-        """Return (response, connection) for a 200 answer, following XAPI's 302 redirects."""
-        target = path + "?" + urllib.parse.urlencode(query)
-        for _ in range(redirects + 1):
-            conn = endpoint.connection(timeout=self.config.stall_timeout)
-            try:
-                conn.request(method, target)
-                response = conn.getresponse()
-            except ssl.SSLError as exc:
-                conn.close()
-                raise ExportFailed("%s %s: TLS: %s" % (method, path, one_line(exc)))
-            except CONNECTION_ERRORS as exc:
-                conn.close()
-                raise ExportFailed("%s %s on %s: %s" % (method, path, endpoint.url, one_line(exc)))
-            if response.status in (301, 302, 303, 307) and response.getheader("Location"):
-                location = response.getheader("Location")
-                response.close()
-                conn.close()
-                parts = urllib.parse.urlsplit(location)
-                endpoint = endpoint._replace(scheme=parts.scheme or endpoint.scheme,
-                                             host=parts.hostname, port=parts.port)
-                target = parts.path + ("?" + parts.query if parts.query else "")
-                log.debug("%s %s redirected to %s", method, path, endpoint.url)
-                continue
-            if response.status != 200:
-                snippet = response.read(2048).decode("utf-8", "replace")
-                response.close()
-                conn.close()
-                raise ExportFailed("%s %s: HTTP %d %s: %s" % (method, path, response.status,
-                                                               response.reason, one_line(snippet, 200)))
-            return response, conn
-        raise ExportFailed("%s %s: too many redirects" % (method, path))
-
-    def stream(self, response, dest, what, sparse=False):
-        """Copy the response body into a new file `dest`; return (bytes, sha256 hex).
-
-        All-zero blocks of a raw disk are skipped with a seek, so the file stays sparse.
-        """
-        digest = hashlib.sha256()
-        buf = bytearray(self.BUFSIZE)
-        view = memoryview(buf)
-        zero = bytes(self.BUFSIZE)
-        total, last_log = 0, time.monotonic()
-        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-        with os.fdopen(fd, "wb") as out:
-            while True:
-                try:
-                    n = response.readinto(buf)
-                except socket.timeout:
-                    raise ExportStalled(what, self.config.stall_timeout)
-                except CONNECTION_ERRORS as exc:
-                    raise ExportFailed("%s: connection lost after %s: %s"
-                                       % (what, human_size(total), one_line(exc)))
-                if not n:
-                    break
-                chunk = view[:n]
-                digest.update(chunk)
-                if sparse and n == self.BUFSIZE and buf == zero:
-                    out.seek(n, os.SEEK_CUR)
-                else:
-                    out.write(chunk)
-                total += n
-                if time.monotonic() - last_log > 60:
-                    last_log = time.monotonic()
-                    log.info("%s: %s so far", what, human_size(total))
-            out.truncate(total)
-            out.flush()
-            os.fsync(out.fileno())
-        return total, digest.hexdigest()
-
-    def wait_task(self, task, what, timeout=None):
-        """Return the task's record once it has left `pending`."""
-        deadline = time.monotonic() + (timeout or self.config.stall_timeout)
-        delay = 0.05
-        while True:
-            record = self.xapi.call("task.get_record", task)
-            if record.get("status") not in ("pending", "cancelling"):
-                return record
-            if time.monotonic() > deadline:
-                raise ExportFailed("%s: the task did not finish" % what)
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
-
-    def cancel_task(self, task):
-        """Cancel a task that may still run, best effort (the export is being abandoned)."""
-        try:
-            if self.xapi.call("task.get_status", task) == "pending":
-                self.xapi.call("task.cancel", task)
-        except VmBackupError as exc:
-            log.debug("task.cancel: %s", exc)
-
-
-# === vmbackup/transport/xe.py ===============================================
-# The transport over the xe command line, as NAUbackup used on a pool host.
-#
-# Owns: XeTransport, XeFailed (and the xe sentences mapped back to XAPI codes), find_xe.
-# Imports: errors, util, transport.base.
-
-#: Where xe lives on a pool host (then: the first xe on PATH).
-DEFAULT_XE_PATHS = ("/opt/xensource/bin/xe", "/usr/bin/xe")
-
-
-#: The sentence real xe prints for an API error (the datamodel's doc string), mapped
-#: back to its code, for the errors the tool acts on; others print "Error code: X".
-XE_ERROR_SENTENCES = {
-    "Another operation involving the object is currently in progress": "OTHER_OPERATION_IN_PROGRESS",
-    "this VDI is in use by some other operation": "VDI_IN_USE",
-    "The uuid you supplied was invalid": "UUID_INVALID",
-    "You gave an invalid object reference": "HANDLE_INVALID",
-    "This function is no longer available": "MESSAGE_REMOVED",
-    "The SR backend does not support the operation": "SR_OPERATION_NOT_SUPPORTED",
-    "The SR is full": "SR_FULL",
-    "You attempted an operation that was explicitly blocked": "OPERATION_BLOCKED",
-    "not in an appropriate power state": "VM_BAD_POWER_STATE",
-    "The credentials given by the user are incorrect": "SESSION_AUTHENTICATION_FAILED",
-    "The server failed to handle your request, due to an internal error": "INTERNAL_ERROR",
-}
-
-
-class XeFailed(CallFailed):
-    """xe {} failed (exit {}): {}"""
-
-    def __init__(self, argv, rc, stderr):
-        self.argv, self.rc, self.stderr = argv, rc, stderr
-        text = one_line(stderr) or "no message"
-        if self.code and self.code not in text:
-            text = self.code + ": " + text
-        VmBackupError.__init__(self, argv[1] if len(argv) > 1 else "?", rc, text)
-
-    @property
-    def code(self):
-        """The XAPI error code behind xe's message, if it can be told."""
-        match = re.search(r"Error code: (\S+)", self.stderr)
-        if match:
-            return match.group(1)
-        for sentence, code in XE_ERROR_SENTENCES.items():
-            if sentence in self.stderr:
-                return code
-        return ""
-
-
-class XeTransport(Transport):
-    """The xe command, as NAUbackup used it on the pool host; XenAPI only for reading and tags."""
-
-    name = "xe"
-    POLL = 0.5
-
-    def __init__(self, xapi, config, password=None, xe_path=None):
-        Transport.__init__(self, xapi, config, password)
-        self.xe_path = xe_path
-        self.connect_args = []
-        self.pw_file = None
-        endpoint = xapi.endpoint
-        if not endpoint.is_local:
-            # The password goes to xe in a 0600 file (-pwf), never on its command line.
-            fd, self.pw_file = tempfile.mkstemp(prefix="vmbackup-xe-")
-            with os.fdopen(fd, "w") as handle:  # xe's -pwf: user, then password
-                handle.write("%s\n%s\n" % (xapi.username, password or ""))
-            self.connect_args = ["-s", endpoint.host, "-u", xapi.username, "-pwf", self.pw_file]
-            if endpoint.port:
-                self.connect_args[2:2] = ["-p", str(endpoint.port)]
-            if endpoint.scheme == "http":
-                self.connect_args.append("--nossl")
-
-    def argv(self, command, *flags, **params):
-        """Return xe's argument list: xe("vm-export", uuid=u) -> [XE, 'vm-export', 'uuid=u']."""
-        args = [self.xe_path, command]
-        for key, value in params.items():
-            if value is None:
-                continue
-            if isinstance(value, bool):
-                value = "true" if value else "false"
-            args.append("%s=%s" % (key.replace("_", "-"), value))
-        return args + list(flags) + self.connect_args
-
-    def xe(self, command, *flags, **params):
-        """Run xe and return its stdout; raise XeFailed with its stderr."""
-        args = self.argv(command, *flags, **params)
-        log.debug("run %s", args[:2] + [a for a in args[2:] if not a.startswith("-pw")])
-        proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, universal_newlines=True)
-        try:
-            out, err = proc.communicate()
-        except BaseException:
-            proc.kill()
-            proc.wait()
-            raise
-        if proc.returncode != 0:
-            raise XeFailed(args, proc.returncode, err or out)
-        return out
-
-    def xe_long(self, dest, what, command, **params):
-        """Run a downloading xe command, aborting it if `dest` stops growing for stall_timeout."""
-        args = self.argv(command, **params)
-        log.debug("run %s", args[:2])
-        with tempfile.TemporaryFile() as err:
-            proc = subprocess.Popen(args, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                    stderr=err)
-            try:
-                size, moved = -1, time.monotonic()
-                while proc.poll() is None:
-                    time.sleep(self.POLL)
-                    now_size = os.path.getsize(dest) if os.path.exists(dest) else 0
-                    if now_size != size:
-                        size, moved = now_size, time.monotonic()
-                    elif time.monotonic() - moved > self.config.stall_timeout:
-                        raise ExportStalled(what, self.config.stall_timeout)
-            finally:
-                if proc.poll() is None:
-                    proc.terminate()
-                    try:
-                        proc.wait(10)
-                    except subprocess.TimeoutExpired:
-                        proc.kill()
-                        proc.wait()
-            if proc.returncode != 0:
-                err.seek(0)
-                raise XeFailed(args, proc.returncode, err.read().decode("utf-8", "replace"))
-        fsync_path(dest)
-        return os.path.getsize(dest), None
-
-    # -- snapshots
-    def take_snapshot(self, vm, name, quiesce):
-        command = "vm-snapshot-with-quiesce" if quiesce else "vm-snapshot"
-        return self.vm_obj(uuid=self.xe(command, uuid=vm.uuid, new_name_label=name).strip())
-
-    def prepare_snapshot(self, snap):
-        self.xe("template-param-set", uuid=snap.uuid, is_a_template=False, ha_always_run=False)
-
-    def destroy_snapshot(self, snap):
-        # snapshot-uninstall, not vm-uninstall: vm-uninstall finds nothing while the
-        # snapshot is still a template (e.g. when the export never started).
-        self.retry_busy("snapshot-uninstall",
-                        lambda: self.xe("snapshot-uninstall", uuid=snap.uuid, force=True))
-
-    def snapshot_vdi(self, vdi, name):
-        snap = self.vdi_obj(uuid=self.xe("vdi-snapshot", uuid=vdi.uuid).strip())
-        self.xe("vdi-param-set", uuid=snap.uuid, name_label=name)
-        return snap
-
-    def destroy_vdi(self, vdi):
-        self.retry_busy("vdi-destroy", lambda: self.xe("vdi-destroy", uuid=vdi.uuid))
-
-    # -- data
-    def export_vm(self, snap, dest, compress=None):
-        # xe matches compress= exactly: only true/gzip/zstd compress ("True" would not).
-        return self.xe_long(dest, "export of %s" % snap.uuid, "vm-export", uuid=snap.uuid,
-                            filename=dest, compress=compress or "false")
-
-    def export_vdi(self, vdi, dest, fmt):
-        return self.xe_long(dest, "export of VDI %s" % vdi.uuid, "vdi-export", uuid=vdi.uuid,
-                            filename=dest, format=fmt)
-
-    def export_metadata(self, vm, dest):
-        return self.xe_long(dest, "metadata export of %s" % vm.uuid, "vm-export", uuid=vm.uuid,
-                            filename=dest, metadata=True)
-
-    def dump_pool_db(self, dest):
-        return self.xe_long(dest, "pool database dump", "pool-dump-database", file_name=dest)
-
-    def import_vm(self, src, sr, preserve=False):
-        out = self.xe("vm-import", filename=src, sr_uuid=sr.uuid, preserve=preserve or None)
-        return [self.vm_obj(uuid=u).ref for u in re.split(r"[\s,]+", out.strip()) if u]
-
-    def import_vdi(self, vdi, src, fmt):
-        self.xe("vdi-import", uuid=vdi.uuid, filename=src, format=fmt)
-
-    def create_vdi(self, sr, name, size):
-        return self.vdi_obj(uuid=self.xe("vdi-create", sr_uuid=sr.uuid, name_label=name,
-                                         virtual_size=size, type="user").strip())
-
-    def backup_host(self, host, dest):
-        return self.xe_long(dest, "backup of host %s" % host["name_label"], "host-backup",
-                            host=host["uuid"], file_name=dest)
-
-    def close(self):
-        if self.pw_file and os.path.exists(self.pw_file):
-            os.unlink(self.pw_file)
-
-
-def find_xe(config):
-    """Return the xe binary to use, or None: xe_path, then /opt/xensource/bin/xe, then PATH."""
-    if config.xe_path:
-        return config.xe_path
-    for path in DEFAULT_XE_PATHS:
-        if os.access(path, os.X_OK):
-            return path
-    return shutil.which("xe")
-
-
-# === vmbackup/backup.py =====================================================
-# Backing up one VM: snapshot, export, metadata, manifest, success, retention; and the dated files.
-#
-# Owns: Context, VmLog, tool_snapshot (the snapshot's lifetime), export_vm_mode/
-# export_vdi_mode, export_with_retries, backup_vm/backup_vm_safely (a failure
-# becomes a VmResult), backup_pool_db/backup_hosts, run_note.
-# Imports: everything below it (errors .. report).
-
-class VmLog(logging.LoggerAdapter):
-    """Log lines prefixed with the VM's name; remembers its warnings."""
-
-    def __init__(self, name):
-        logging.LoggerAdapter.__init__(self, log, {})
-        self.prefix = "vm=%s: " % printable(name)
-        self.warnings = []
-
-    def process(self, msg, kwargs):
-        kwargs.setdefault("extra", {})["vm"] = self.prefix
-        return self.prefix + msg, kwargs
-
-    def warning(self, msg, *args, **kwargs):
-        self.warnings.append(msg % args if args else msg)
-        logging.LoggerAdapter.warning(self, msg, *args, **kwargs)
-
-
-class Context(typing.NamedTuple):
-    """What every step of a run needs."""
-    config: Config
-    transport: Transport
-    view: PoolView
-    run_note: str               # host pid time, recorded in snapshot tags
-
-
-def snapshot_label(vm_name, moment):
-    """Return the name given to the tool's snapshots: vmbackup_<vm>_<stamp>."""
-    return "vmbackup_%s_%s" % (printable(vm_name), stamp(moment))
-
-
-@contextlib.contextmanager
-def signals_deferred(signals=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
-    """Hold `signals` during the block; they are delivered (and raise) when it ends."""
-    try:
-        old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
-    except (AttributeError, OSError, ValueError):  # pragma: no cover - not Linux / not main thread
-        old = None
-    try:
-        yield
-    finally:
-        if old is not None:
-            signal.pthread_sigmask(signal.SIG_SETMASK, old)
-
-
-class tool_snapshot:
-    """`with tool_snapshot(ctx, "VM"|"VDI", source, take, vlog) as snap:` the snapshot of
-    `source` that `take()` makes, tagged as this tool's, destroyed (and checked gone) on
-    every way out: errors and signals; and, should the run be killed, recognisable by the
-    next run (see is_leftover)."""
-
-    def __init__(self, ctx, cls, source, take, vlog):
-        self.ctx, self.cls, self.source, self.take, self.vlog = ctx, cls, source, take, vlog
-        self.snap = None
-
-    def __enter__(self):
-        began, t, note = time.monotonic(), self.ctx.transport, self.ctx.run_note
-        try:
-            # A signal between "snapshot made" and "snapshot tagged" would leave a snapshot
-            # no run may recognise as its own: hold signals until it is tagged. (SIGKILL
-            # cannot be held: the pending mark, copied into the snapshot, covers it.)
-            with signals_deferred():
-                t.mark_pending(self.cls, self.source, note)
-                try:
-                    self.snap = self.take()
-                    t.tag(self.cls, self.snap, note)
-                    if self.cls == "VM":   # so its disks are found even if only they remain
-                        for _, vdi, _ in t.snapshot_disks(self.snap):
-                            t.tag("VDI", vdi, note)
-                    t.unmark_pending(self.cls, self.snap)
-                finally:
-                    t.unmark_pending(self.cls, self.source)
-        except BaseException:
-            self.__exit__(*sys.exc_info())
-            raise
-        self.vlog.info("%s snapshot %s taken in %.1fs", self.cls, self.snap.uuid,
-                       time.monotonic() - began)
-        return self.snap
-
-    def __exit__(self, *exc):
-        if self.snap is None:
-            return False
-        t = self.ctx.transport
-        try:
-            with signals_deferred():   # a destroy cut in half leaves orphan disks
-                (t.destroy_snapshot if self.cls == "VM" else t.destroy_vdi)(self.snap)
-                t.check_gone(self.cls, self.snap)
-            self.vlog.info("%s snapshot %s destroyed", self.cls, self.snap.uuid)
-        except VmBackupError as err:
-            self.vlog.error("could not destroy %s snapshot %s: %s (the next run retries)",
-                            self.cls, self.snap.uuid, err)
-            if exc[0] is None:
-                raise
-        return False
-
-
-def vm_snapshot(ctx, vm, vlog, moment):
-    """Return the context manager of a VM snapshot named vmbackup_<vm>_<stamp>."""
-    quiesce = ctx.config.quiesce or wants_quiesce(ctx.view.vms[vm.ref])
-    source = Obj(vm.ref, vm.uuid)
-    return tool_snapshot(ctx, "VM", source, lambda: ctx.transport.snapshot_vm(
-        source, snapshot_label(vm.name, moment), quiesce), vlog)
-
-
-def vdi_snapshot(ctx, disk, label, vlog):
-    """Return the context manager of a snapshot of one disk."""
-    source = Obj(disk.vdi_ref, disk.vdi["uuid"])
-    return tool_snapshot(ctx, "VDI", source, lambda: ctx.transport.snapshot_vdi(source, label), vlog)
-
-
-def wants_quiesce(vm_record):
-    """Return True if the VM asks for quiesced snapshots (other_config or tag vmbackup:quiesce)."""
-    flag = (vm_record.get("other_config") or {}).get("vmbackup:quiesce", "")
-    return flag.lower() in ("1", "true", "yes") or "vmbackup:quiesce" in (vm_record.get("tags") or ())
-
-
-def new_backup_folder(vm_dir):
-    """Create and return a new backup-YYYY-MM-DD-HHMMSS folder (waiting a second on a clash)."""
-    for _ in range(3):
-        moment = datetime.datetime.now().replace(microsecond=0)
-        path = os.path.join(vm_dir, "backup-" + stamp(moment))
-        try:
-            os.mkdir(path, 0o777)
-            return path, moment
-        except FileExistsError:
-            time.sleep(1.05 - datetime.datetime.now().microsecond / 1e6)
-    raise BackupDirError("cannot create a new backup folder in %s" % vm_dir)
-
-
-def export_vm_mode(ctx, plan, folder, moment, vlog):
-    """vm-export: snapshot, leave out [NOBAK] disks, export the .xva; return file entries."""
-    compress = ctx.config.compress
-    dest = os.path.join(folder, safe_dirname(plan.vm.name) + {None: ".xva", "gzip": ".xva.gz",
-                                                              "zstd": ".xva.zst"}[compress])
-    with vm_snapshot(ctx, plan.vm, vlog, moment) as snap:
-        if plan.skipped:
-            skip = {d.userdevice for d in plan.skipped}
-            for vbd, vdi, userdevice in ctx.transport.snapshot_disks(snap):
-                if userdevice in skip:
-                    ctx.transport.drop_disk(vbd, vdi)
-            vlog.info("left out of the export ([NOBAK]): %s",
-                      ", ".join(d.device for d in plan.skipped))
-        ctx.transport.prepare_snapshot(snap)
-        began = time.monotonic()
-        with partial_file(dest) as tmp:
-            nbytes, digest = ctx.transport.export_vm(snap, tmp, compress)
-            if nbytes <= 0 or (compress is None and not xva_is_complete(tmp)):
-                raise ExportFailed("export of %s is incomplete (%d bytes)" % (snap.uuid, nbytes))
-        vlog.info("exported %s (%s) in %.1fs", os.path.basename(dest), human_size(nbytes),
-                  time.monotonic() - began)
-    return [file_entry(folder, os.path.basename(dest), digest)]
-
-
-def disk_file_name(vm_name, disk, fmt):
-    """Return the file a vdi-export writes for `disk`: <vm>.raw for the root disk, else <vm>-<dev>.raw."""
-    suffix = "" if disk.userdevice == "0" else "-" + safe_dirname(disk.device)
-    return "%s%s.%s" % (safe_dirname(vm_name), suffix, fmt)
-
-
-def export_vdi_mode(ctx, plan, folder, moment, vlog):
-    """vdi-export: per selected disk, snapshot and export it raw or vhd; return file entries."""
-    fmt = ctx.config.vdi_export_format
-    entries = []
-    for disk in plan.disks:
-        dest = os.path.join(folder, disk_file_name(plan.vm.name, disk, fmt))
-        label = "vmbackup_%s_%s_%s" % (printable(plan.vm.name), disk.device, stamp(moment))
-        began = time.monotonic()
-        with vdi_snapshot(ctx, disk, label, vlog) as snap:
-            with partial_file(dest) as tmp:
-                nbytes, digest = ctx.transport.export_vdi(snap, tmp, fmt)
-                want = int(disk.vdi.get("virtual_size", 0))
-                if fmt == "raw" and nbytes != want:
-                    raise ExportFailed("export of disk %s is %d bytes, the disk is %d"
-                                       % (disk.device, nbytes, want))
-                if nbytes <= 0:
-                    raise ExportFailed("export of disk %s is empty" % disk.device)
-        vlog.info("exported disk %s to %s (%s) in %.1fs", disk.device, os.path.basename(dest),
-                  human_size(nbytes), time.monotonic() - began)
-        entries.append(file_entry(folder, os.path.basename(dest), digest))
-    if plan.skipped:
-        vlog.info("left out ([NOBAK]): %s", ", ".join(d.device for d in plan.skipped))
-    return entries
-
-
-EXPORTERS = {"vm-export": export_vm_mode, "vdi-export": export_vdi_mode,
-             "meta-export": lambda ctx, plan, folder, moment, vlog: []}
-
-
-def export_with_retries(ctx, plan, folder, moment, vlog):
-    """Save the VM's metadata and run its exporter; return the manifest's file entries.
-
-    On failure, start again (metadata, then a new snapshot) up to `retries` times.
-    """
-    vm = plan.vm
-    attempts = ctx.config.retries + 1
-    for attempt in range(1, attempts + 1):
-        try:
-            files = [file_entry(folder, rel) for rel in
-                     [save_vm_metadata(ctx.transport, Obj(vm.ref, vm.uuid), folder)]
-                     + write_cfg_files(folder, ctx.view, vm.ref)]
-            return files, EXPORTERS[vm.mode](ctx, plan, folder, moment, vlog)
-        except (ExportFailed, CallFailed, XapiCallFailed) as exc:
-            if attempt == attempts:
-                raise
-            vlog.warning("export attempt %d of %d failed (%s); retrying with a new snapshot",
-                         attempt, attempts, exc)
-            moment = datetime.datetime.now().replace(microsecond=0)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-def estimate_size(plan):
-    """Return the bytes a VM's export may take: its exported VDIs' physical utilisation."""
-    return sum(int(d.vdi.get("physical_utilisation") or d.vdi.get("virtual_size") or 0)
-               for d in plan.disks)
-
-
-def backup_vm(ctx, plan, vlog):
-    """Back up one VM into a new dated folder; return its VmResult; raise VmBackupError."""
-    config, vm = ctx.config, plan.vm
-    if plan.problems:
-        raise ExportFailed("; ".join(plan.problems))
-    began = time.monotonic()
-    vm_dir = inside(config.backup_dir, safe_dirname(vm.name))
-    os.makedirs(vm_dir, exist_ok=True)
-    check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
-    if config.pre_clean and vm.mode != "meta-export":
-        prune_vm_backups(vm_dir, vm.max_backups - 1, drop_incomplete=False, vlog=vlog)
-    folder, moment = new_backup_folder(vm_dir)
-    vlog.info("%s to %s", vm.mode, folder)
-    started = datetime.datetime.now()
-    files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
-    record = ctx.view.vms[vm.ref]
-    manifest = {
-        "tool": "vmbackup", "version": __version__, "format": 1,
-        "vm": {"name": vm.name, "uuid": vm.uuid, "power_state": record.get("power_state")},
-        "mode": vm.mode, "transport": ctx.transport.name,
-        "started": started.isoformat(), "finished": datetime.datetime.now().isoformat(),
-        "compress": config.compress if vm.mode == "vm-export" else None,
-        "vdi_format": config.vdi_export_format if vm.mode == "vdi-export" else None,
-        "disks": [{"device": d.device, "userdevice": d.userdevice, "vdi_uuid": d.vdi["uuid"],
-                   "name_label": d.vdi.get("name_label", ""),
-                   "virtual_size": int(d.vdi.get("virtual_size", 0)),
-                   "file": (disk_file_name(vm.name, d, config.vdi_export_format)
-                            if vm.mode == "vdi-export" else None)} for d in plan.disks],
-        "skipped_disks": [d.device for d in plan.skipped],
-        "files": files + exported,
-        "pool": pool_info(ctx.view),
-    }
-    write_text(os.path.join(folder, MANIFEST), json.dumps(manifest, indent=2, sort_keys=True) + "\n")
-    write_text(os.path.join(folder, SUCCESS_MARKER), "")
-    fsync_dir(folder)
-    prune_vm_backups(vm_dir, vm.max_backups, vlog=vlog)
-    total = sum(f["size"] for f in exported)
-    return VmResult(vm.name, vm.uuid, vm.mode, "warning" if vlog.warnings else "success", folder,
-                    total, time.monotonic() - began, "; ".join(vlog.warnings))
-
-
-def backup_vm_safely(ctx, plan, status_log):
-    """Run backup_vm, turning any failure into an error VmResult: one VM never stops the others."""
-    vm = plan.vm
-    vlog = VmLog(vm.name)
-    status_log.line(vm.mode, "begin", printable(vm.name))
-    began = time.monotonic()
-    try:
-        result = backup_vm(ctx, plan, vlog)
-    except (VmBackupError, OSError) as exc:
-        message = str(exc) if isinstance(exc, VmBackupError) else "%s: %s" % (
-            getattr(exc, "filename", "") or "backup_dir", exc.strerror or exc)
-        vlog.error("FAILED: %s", message)
-        result = VmResult(vm.name, vm.uuid, vm.mode, "error", None, 0,
-                          time.monotonic() - began, message)
-    except Exception as exc:  # noqa: BLE001 - a bug met by one VM must not stop the others
-        message = "internal error: %s: %s" % (type(exc).__name__, one_line(exc))
-        vlog.error("FAILED: %s (run with -v for the traceback)", message)
-        vlog.debug("traceback", exc_info=True)
-        result = VmResult(vm.name, vm.uuid, vm.mode, "error", None, 0,
-                          time.monotonic() - began, message)
-    if result.status == "error":
-        status_log.line(vm.mode, "end", "%s-FAIL %s" % (vm.mode.upper(), printable(vm.name)))
-    else:
-        status_log.line(vm.mode, "end", "SUCCESS %s,elapse:%d size:%.1fG" % (
-            printable(vm.name), round(result.seconds / 60.0), result.bytes / 2.0 ** 30))
-    return result
-
-
-def backup_dated_file(ctx, folder_name, file_name, what, fetch):
-    """Write one pool_db_/host_ backup file via `fetch(tmp)`, prune its folder; return VmResult."""
-    began = time.monotonic()
-    try:
-        folder = inside(ctx.config.backup_dir, safe_dirname(folder_name))
-        os.makedirs(folder, exist_ok=True)
-        dest = os.path.join(folder, file_name)
-        with partial_file(dest) as tmp:
-            nbytes, _ = fetch(tmp)
-            if not nbytes:
-                raise ExportFailed("%s is empty: XAPI sent nothing" % what)
-        prune_dated_files(folder, ctx.config.max_backups)
-        log.info("%s: %s (%s)", what, dest, human_size(nbytes))
-        return VmResult(what, "", "pool", "success", dest, nbytes, time.monotonic() - began)
-    except (VmBackupError, OSError) as exc:
-        log.error("%s FAILED: %s", what, exc, extra={"vm": what})
-        return VmResult(what, "", "pool", "error", None, 0, time.monotonic() - began, str(exc))
-
-
-def backup_pool_db(ctx, moment):
-    """Dump the pool database to METADATA_<master>/pool_db_<stamp>.dump."""
-    master = ctx.view.master.get("hostname") or ctx.view.master.get("name_label", "master")
-    return backup_dated_file(ctx, "METADATA_" + master,
-                             "pool_db_%s.dump" % moment.strftime("%Y%m%d-%H%M%S"),
-                             "pool database", ctx.transport.dump_pool_db)
-
-
-def backup_hosts(ctx, moment):
-    """Back up every host's dom0 to HOST_<hostname>/host_<stamp>.xbk (one request per host)."""
-    results = []
-    for ref, host in sorted(ctx.view.hosts.items(), key=lambda item: item[1].get("name_label", "")):
-        name = host.get("hostname") or host.get("name_label", ref)
-        results.append(backup_dated_file(
-            ctx, "HOST_" + name, "host_%s.xbk" % moment.strftime("%Y%m%d-%H%M%S"),
-            "host backup of %s" % name, lambda tmp, h=host: ctx.transport.backup_host(h, tmp)))
-    return results
-
-
-def run_note():
-    """Return what the tool's tags record about this run: 'host pid UTC-time'."""
-    return "%s %d %s" % (socket.gethostname(), os.getpid(),
-                         datetime.datetime.utcnow().replace(microsecond=0).isoformat())
-
-
 # === vmbackup/check.py ======================================================
-# Verifying backups without a server: each file, each folder, each dated file.
+# Verifying backups without a server: each file, each folder, each dated file, as typed results.
 #
-# Owns: check_file, verify_backup/verify_dated_file/verify_single_file, verify_targets,
+# Owns: check_file; the typed results (Problem, FileCheck, CheckResult, each with to_json);
+# check_backup/verify_backup/verify_dated_file/verify_single_file, verify_targets,
 # verify_lines, verify_exit_code.
 # Imports: errors, util, store, metadata, formats.
 
@@ -3505,15 +3789,97 @@ def check_file(path, kind, virtual_size=None, want_sha256=False):
     return problems, unchecked, (sha256_file(path) if want_sha256 else None)
 
 
-def _new_result(folder):
-    """Return the empty verify result of a backup folder."""
-    when = parse_backup_name(os.path.basename(folder))
-    return collections.OrderedDict([
-        ("path", folder), ("display", display_path(folder)),
-        ("vm", os.path.basename(os.path.dirname(folder))), ("name", os.path.basename(folder)),
-        ("date", when.isoformat() if when else None), ("kind", "vm"), ("mode", None),
-        ("legacy", False), ("complete", False), ("status", "good"),
-        ("problems", []), ("unchecked", []), ("notes", []), ("files", [])])
+# -- typed results ------------------------------------------------------------------
+class Problem(typing.NamedTuple):
+    """One thing wrong with a backup, or one thing not checkable here: which file
+    (relative to the backup folder; "" for the backup itself) and what, in words."""
+    file: str
+    message: str
+
+    def to_json(self):
+        """Return {"file": ..., "message": ...}."""
+        return self._asdict()
+
+    def __str__(self):
+        return "%s: %s" % (self.file, self.message) if self.file else self.message
+
+
+class FileCheck(typing.NamedTuple):
+    """One file of a backup as verify saw it."""
+    name: str
+    size: int
+    status: str                 # good, bad or unchecked
+
+    def to_json(self):
+        """Return {"name": ..., "size": ..., "status": ...}."""
+        return self._asdict()
+
+
+class CheckResult(typing.NamedTuple):
+    """The verdict on one backup folder, pool database dump, host backup or loose file."""
+    path: str
+    display: str                # last two path components, as verify prints it
+    vm: typing.Optional[str]
+    name: str
+    date: typing.Optional[str]  # ISO 8601, from the name
+    kind: str                   # vm, pool-db, host or file
+    mode: typing.Optional[str]
+    legacy: bool
+    complete: bool
+    status: str                 # good, bad, incomplete or unchecked (final_status)
+    problems: typing.Tuple[Problem, ...]
+    unchecked: typing.Tuple[Problem, ...]
+    notes: typing.Tuple[str, ...]
+    files: typing.Tuple[FileCheck, ...]
+
+    def to_json(self):
+        """Return the result as verify --json writes it (the same keys, in this order)."""
+        out = collections.OrderedDict((field, getattr(self, field)) for field in self._fields)
+        for field in ("problems", "unchecked", "files"):
+            out[field] = [item.to_json() for item in out[field]]
+        out["notes"] = list(self.notes)
+        return out
+
+
+def final_status(problems, complete, unchecked):
+    """Return a result's status: bad (any problem), incomplete, unchecked, or good."""
+    if problems:
+        return "bad"
+    if not complete:
+        return "incomplete"
+    if unchecked:
+        return "unchecked"
+    return "good"
+
+
+class Findings:
+    """What checking one backup finds, gathered file by file; result() makes the CheckResult."""
+
+    def __init__(self):
+        self.problems, self.unchecked, self.notes, self.files = [], [], [], []
+
+    def bad(self, rel, message):
+        """Record a problem of the file `rel` ("" for the backup itself)."""
+        self.problems.append(Problem(rel, message))
+
+    def checked(self, rel, size, problems=(), unchecked=(), listed_as=None):
+        """Record one file and what its check said (its problems filed under `rel`, the
+        file listed as `listed_as` or `rel`); return its status."""
+        for message in problems:
+            self.bad(rel, message)
+        self.unchecked += [Problem(rel, message) for message in unchecked]
+        status = "bad" if problems else "unchecked" if unchecked else "good"
+        self.files.append(FileCheck(rel if listed_as is None else listed_as, size, status))
+        return status
+
+    def result(self, path, vm, name, when, kind, mode=None, legacy=False, complete=True,
+               display=None):
+        """Return the CheckResult of what was found."""
+        return CheckResult(path, display or display_path(path), vm, name,
+                           when.isoformat() if when else None, kind, mode, legacy, complete,
+                           final_status(self.problems, complete, self.unchecked),
+                           tuple(self.problems), tuple(self.unchecked), tuple(self.notes),
+                           tuple(self.files))
 
 
 def display_path(path):
@@ -3522,171 +3888,119 @@ def display_path(path):
     return "/".join(p for p in parts[-2:] if p)
 
 
-def final_status(result):
-    """Return a result's status: bad (any problem), incomplete, unchecked, or good."""
-    if result["problems"]:
-        return "bad"
-    if not result["complete"]:
-        return "incomplete"
-    if result["unchecked"]:
-        return "unchecked"
-    return "good"
+def unreadable_result(path, exc):
+    """Return the (bad) result of a backup that could not be read at all."""
+    found = Findings()
+    found.bad("", "cannot read: %s" % (exc.strerror or exc))
+    name = os.path.basename(path)
+    return found.result(path, os.path.basename(os.path.dirname(path)), name,
+                        parse_backup_name(name), "vm", complete=False)
 
 
-def _problem(result, rel, message):
-    result["problems"].append({"file": rel, "message": message})
+# -- backup folders -------------------------------------------------------------------
+def verify_backup(path, quick=False):
+    """Return the CheckResult of the backup folder at `path` (see check_backup); raise OSError."""
+    return check_backup(read_backup_folder(path), quick)
 
 
-def legacy_raw_size(folder):
-    """Return the virtual size NAUbackup recorded for the root disk (DISK-*/vdi.cfg), or None."""
-    try:
-        names = sorted(n for n in os.listdir(folder) if n.startswith("DISK-"))
-    except OSError:
-        return None
-    for name in names:
-        vbd = read_cfg(os.path.join(folder, name, "vbd.cfg"))
-        vdi = read_cfg(os.path.join(folder, name, "vdi.cfg"))
-        if vbd.get("userdevice", "0") == "0" and vdi.get("virtual_size", "").isdigit():
-            return int(vdi["virtual_size"])
-    return None
-
-
-def _check_listed_file(result, folder, entry, sizes, quick=False):
-    """Check one manifest file entry into `result`: size, then (unless `quick`) SHA-256 and format."""
-    rel = str(entry.get("name", ""))
-    try:
-        path = inside(folder, rel)
-    except BackupDirError:
-        return _problem(result, rel, "file name leaves the backup folder: refused")
-    if not os.path.isfile(path):
-        return _problem(result, rel, "missing (listed in %s)" % MANIFEST)
-    size = os.path.getsize(path)
-    record = {"name": rel, "size": size, "status": "good"}
-    result["files"].append(record)
-    if size != entry.get("size"):
-        record["status"] = "bad"
-        return _problem(result, rel, "size is %d bytes, the manifest says %s%s"
-                        % (size, entry.get("size"),
-                           " (truncated?)" if size < _int(entry.get("size"), size) else ""))
-    if quick:
-        return None
-    problems, unchecked, digest = check_file(path, file_kind(rel), sizes.get(rel), True)
-    if digest != entry.get("sha256"):
-        problems.insert(0, "sha256 mismatch: the file changed since the backup")
-    for message in problems:
-        _problem(result, rel, message)
-    for message in unchecked:
-        result["unchecked"].append({"file": rel, "message": message})
-    record["status"] = "bad" if problems else "unchecked" if unchecked else "good"
-
-
-def verify_backup(folder, quick=False):
-    """Return the verify result (a dict; "status": good|bad|incomplete|unchecked) of a backup folder.
+def check_backup(backup, quick=False):
+    """Return the CheckResult of a BackupFolder (status good|bad|incomplete|unchecked).
 
     Checks the manifest, the success marker, every listed file's size and
     SHA-256 and its format. quick=True checks sizes only (no file is read).
     A legacy NAUbackup folder (no manifest) has its files checked by format.
     """
-    result = _new_result(folder)
-    names = set(os.listdir(folder))
-    result["complete"] = SUCCESS_MARKER in names
-    try:
-        manifest = read_manifest(folder)
-    except BadFile as exc:
-        _problem(result, MANIFEST, str(exc))
-        manifest = {}
-    if manifest:
-        result["mode"] = manifest.get("mode")
-        result["vm"] = (manifest.get("vm") or {}).get("name", result["vm"])
-        sizes = {d.get("file"): _int(d.get("virtual_size"), None)
-                 for d in manifest.get("disks", ()) if d.get("file")}
-        listed = [str(f.get("name", "")) for f in manifest["files"] if isinstance(f, dict)]
-        for entry in manifest["files"]:
-            if not isinstance(entry, dict):
-                _problem(result, MANIFEST, "a files entry is not an object")
-                continue
-            _check_listed_file(result, folder, entry, sizes, quick)
-        _check_mode(result, manifest, listed)
-    elif manifest is not None:
-        pass    # a broken manifest: nothing to check the files against
-    elif not result["complete"] and "(" not in result["name"]:
-        result["notes"].append("no %s and no success marker: the backup did not finish" % MANIFEST)
+    found = Findings()
+    if backup.manifest_error:
+        found.bad(MANIFEST, backup.manifest_error)
+    elif backup.manifest is not None:
+        _check_manifest_files(found, backup, quick)
+    elif not backup.legacy:
+        found.notes.append("no %s and no success marker: the backup did not finish" % MANIFEST)
     else:
-        result["legacy"] = True
-        result["complete"] = bool(names.intersection(SUCCESS_MARKERS))
-        result["notes"].append("legacy NAUbackup backup: no manifest")
-        _check_legacy_files(result, folder, names, quick)
-    result["status"] = final_status(result)
-    return result
+        found.notes.append("legacy NAUbackup backup: no manifest")
+        _check_legacy_files(found, backup, quick)
+    return found.result(backup.path, backup.vm, backup.name, backup.when, "vm", backup.mode,
+                        backup.legacy, backup.complete)
 
 
-def _check_mode(result, manifest, listed):
-    """Check that the manifest lists the files its mode must have."""
-    mode = manifest.get("mode")
-    if mode == "vm-export" and not any(file_kind(n) == "xva" for n in listed):
-        _problem(result, MANIFEST, "a vm-export backup without an .xva file")
-    if mode == "vdi-export":
+def _check_manifest_files(found, backup, quick):
+    """Check every file the manifest lists, then that the mode's files are there."""
+    manifest = backup.manifest
+    sizes = {d.get("file"): _int(d.get("virtual_size"), None)
+             for d in manifest.get("disks", ()) if d.get("file")}
+    for entry in manifest["files"]:
+        if not isinstance(entry, dict):
+            found.bad(MANIFEST, "a files entry is not an object")
+            continue
+        _check_listed_file(found, backup.path, entry, sizes, quick)
+    listed = [f.name for f in backup.files]
+    if backup.mode == "vm-export" and not backup.names_of("xva"):
+        found.bad(MANIFEST, "a vm-export backup without an .xva file")
+    if backup.mode == "vdi-export":
         for disk in manifest.get("disks", ()):
             if disk.get("file") not in listed:
-                _problem(result, MANIFEST, "disk %s: its file %r is not in the backup"
-                         % (disk.get("device"), disk.get("file")))
-    if "vm-metadata.xml" not in listed:
-        _problem(result, MANIFEST, "no vm-metadata.xml in the backup")
+                found.bad(MANIFEST, "disk %s: its file %r is not in the backup"
+                          % (disk.get("device"), disk.get("file")))
+    if METADATA_FILE not in listed:
+        found.bad(MANIFEST, "no %s in the backup" % METADATA_FILE)
 
 
-def _check_legacy_files(result, folder, names, quick):
+def _check_listed_file(found, folder, entry, sizes, quick=False):
+    """Check one manifest file entry: size, then (unless `quick`) SHA-256 and format."""
+    rel = str(entry.get("name", ""))
+    try:
+        path = inside(folder, rel)
+    except BackupDirError:
+        return found.bad(rel, "file name leaves the backup folder: refused")
+    if not os.path.isfile(path):
+        return found.bad(rel, "missing (listed in %s)" % MANIFEST)
+    size = os.path.getsize(path)
+    if size != entry.get("size"):
+        return found.checked(rel, size, ["size is %d bytes, the manifest says %s%s" % (
+            size, entry.get("size"), " (truncated?)" if size < _int(entry.get("size"), size) else "")])
+    if quick:
+        return found.checked(rel, size)
+    problems, unchecked, digest = check_file(path, file_kind(rel), sizes.get(rel), True)
+    if digest != entry.get("sha256"):
+        problems.insert(0, "sha256 mismatch: the file changed since the backup")
+    return found.checked(rel, size, problems, unchecked)
+
+
+def _check_legacy_files(found, backup, quick):
     """Check a NAUbackup folder's files by their format (no manifest: no sizes or SHA-256 to compare)."""
-    raw_size = legacy_raw_size(folder)
-    kinds = [(n, file_kind(n)) for n in sorted(names - set(SUCCESS_MARKERS))
-             if os.path.isfile(os.path.join(folder, n))]
-    modes = {"xva": "vm-export", "vhd": "vdi-export", "raw": "vdi-export"}
-    result["mode"] = next((modes[k] for _, k in kinds if k in modes), "meta-export")
-    for name, kind in kinds:
-        path = os.path.join(folder, name)
-        record = {"name": name, "size": os.path.getsize(path), "status": "good"}
-        result["files"].append(record)
-        if kind is None or quick:
+    raw_size = backup.root_disk.virtual_size if backup.root_disk else None
+    for item in backup.files:
+        path = os.path.join(backup.path, item.name)
+        size = os.path.getsize(path)
+        if item.kind is None or quick:
+            found.checked(item.name, size)
             continue
-        problems, unchecked, _ = check_file(path, kind, raw_size if kind in ("raw", "vhd") else None)
-        for message in problems:
-            _problem(result, name, message)
-        for message in unchecked:
-            result["unchecked"].append({"file": name, "message": message})
-        record["status"] = "bad" if problems else "unchecked" if unchecked else "good"
+        problems, unchecked, _ = check_file(path, item.kind,
+                                            raw_size if item.kind in ("raw", "vhd") else None)
+        found.checked(item.name, size, problems, unchecked)
 
 
+# -- dated files and loose files --------------------------------------------------------
 def verify_dated_file(path):
-    """Return the verify result of a pool_db_*.dump or host_*.xbk file."""
+    """Return the CheckResult of a pool_db_*.dump or host_*.xbk file."""
     name = os.path.basename(path)
-    when = parse_dated_file(name)
-    result = collections.OrderedDict([
-        ("path", path), ("display", display_path(path)),
-        ("vm", None), ("name", name), ("date", when.isoformat() if when else None),
-        ("kind", "pool-db" if name.startswith("pool_db_") else "host"), ("mode", None),
-        ("legacy", False), ("complete", True), ("status", "good"),
-        ("problems", []), ("unchecked", []), ("notes", []),
-        ("files", [{"name": name, "size": os.path.getsize(path), "status": "good"}])])
-    check = check_pool_dump if result["kind"] == "pool-db" else check_host_backup
-    for message in check(path):
-        _problem(result, "", message)
-    result["status"] = final_status(result)
-    result["files"][0]["status"] = result["status"]
-    return result
+    kind = "pool-db" if name.startswith("pool_db_") else "host"
+    found = Findings()
+    problems = (check_pool_dump if kind == "pool-db" else check_host_backup)(path)
+    found.checked("", os.path.getsize(path), problems, listed_as=name)
+    return found.result(path, None, name, parse_dated_file(name), kind)
 
 
 def verify_single_file(path):
-    """Return the verify result of one loose .xva/.vhd/.raw file (format checks only)."""
-    result = _new_result(os.path.dirname(os.path.abspath(path)))
+    """Return the CheckResult of one loose .xva/.vhd/.raw file (format checks only)."""
+    folder = os.path.dirname(os.path.abspath(path))
     name = os.path.basename(path)
-    result.update(path=path, display=display_path(path), name=name, kind="file", complete=True)
+    found = Findings()
     problems, unchecked, _ = check_file(path, file_kind(name))
-    for message in problems:
-        _problem(result, "", message)
-    for message in unchecked:
-        result["unchecked"].append({"file": "", "message": message})
-    result["status"] = final_status(result)
-    result["files"] = [{"name": name, "size": os.path.getsize(path), "status": result["status"]}]
-    return result
+    found.checked("", os.path.getsize(path), problems, unchecked, listed_as=name)
+    return found.result(path, os.path.basename(os.path.dirname(folder)), name,
+                        parse_backup_name(os.path.basename(folder)), "file")
 
 
 def verify_targets(path):
@@ -3695,7 +4009,7 @@ def verify_targets(path):
         name = os.path.basename(path)
         if parse_dated_file(name):
             return [("dated", path)]
-        if name in (MANIFEST, SUCCESS_MARKER):
+        if name in (MANIFEST,) + LEGACY_SUCCESS_MARKERS:
             return verify_targets(os.path.dirname(os.path.abspath(path)))
         if file_kind(name) in ("xva", "vhd", "raw"):
             return [("file", path)]
@@ -3725,61 +4039,990 @@ VERIFIERS = {"backup": verify_backup, "dated": verify_dated_file, "file": verify
 
 
 def verify_lines(result, verbosity=0):
-    """Return the report lines of one verify result: one per bad file, then the verdict."""
-    lines = []
-    shown = result["display"]
-    for item in result["problems"]:
-        where = shown + ("/" + item["file"] if item["file"] else "")
-        lines.append("BAD %s: %s" % (where, item["message"]))
-    for item in result["unchecked"]:
-        where = shown + ("/" + item["file"] if item["file"] else "")
-        lines.append("UNCHECKED %s: %s" % (where, item["message"]))
-    status = result["status"]
-    detail = "; ".join(result["notes"])
-    if status == "incomplete":
+    """Return the report lines of one CheckResult: one per bad file, then the verdict.
+
+    verbosity < 0 gives only what is wrong (BAD, UNCHECKED, INCOMPLETE lines).
+    """
+    shown = result.display
+    lines = ["BAD %s: %s" % (_where(shown, p), p.message) for p in result.problems]
+    lines += ["UNCHECKED %s: %s" % (_where(shown, p), p.message) for p in result.unchecked]
+    detail = "; ".join(result.notes)
+    if result.status == "incomplete":
         lines.append("INCOMPLETE %s: %s" % (shown, detail or "no success marker: the backup "
                                             "did not finish"))
-    elif verbosity >= 0 and status in ("good", "unchecked") or verbosity > 0:
-        total = sum(f["size"] for f in result["files"])
-        what = ", ".join(x for x in (result["mode"], "%d file%s" % (
-            len(result["files"]), "" if len(result["files"]) == 1 else "s"), human_size(total),
-            detail) if x)
-        lines.append("%s %s: %s" % (status, shown, what))
+    elif verbosity >= 0 and result.status in ("good", "unchecked") or verbosity > 0:
+        count = len(result.files)
+        what = ", ".join(x for x in (result.mode, "%d file%s" % (count, "" if count == 1 else "s"),
+                                     human_size(sum(f.size for f in result.files)), detail) if x)
+        lines.append("%s %s: %s" % (result.status, shown, what))
     if verbosity > 0:
-        lines += ["  %-9s %s (%s)" % (f["status"], f["name"], human_size(f["size"]))
-                  for f in result["files"]]
+        lines += ["  %-9s %s (%s)" % (f.status, f.name, human_size(f.size)) for f in result.files]
     return lines
+
+
+def _where(shown, problem):
+    return shown + ("/" + problem.file if problem.file else "")
 
 
 def verify_exit_code(results):
     """Return verify's exit code: 2 if any backup is bad or incomplete, 1 if any unchecked, else 0."""
-    states = {r["status"] for r in results}
+    states = {r.status for r in results}
     if states & {"bad", "incomplete"}:
         return EXIT_ERROR
     return EXIT_WARNING if "unchecked" in states else EXIT_OK
 
 
-# === vmbackup/transport/choose.py ===========================================
-# Picking the transport a run uses (api or xe) from the settings.
+# === vmbackup/metadata.py ===================================================
+# What a backup writes about its VM: vm-metadata, NAUbackup's .cfg files, the manifest's parts.
 #
-# Owns: make_transport.
-# Imports: errors, transport.api, transport.xe.
+# Owns: write_cfg_files/save_vm_metadata, file_entry/pool_info (manifest parts).
+# Reading a backup folder back (manifest, .cfg files, file kinds) is store's.
+# Imports: errors, util, selection, store, formats.xva.
 
-TRANSPORTS = {"api": ApiTransport, "xe": XeTransport}
+def cfg_text(pairs):
+    """Return NAUbackup's `key=value` lines, control characters escaped so each stays one line."""
+    return "".join("%s=%s\n" % (key, printable(value)) for key, value in pairs)
 
 
-def make_transport(config, xapi, password):
-    """Return the transport for this run: xe on the pool host when xe exists, else api."""
-    name = config.transport
-    xe_path = find_xe(config) if name in ("auto", "xe") else None
-    if name == "auto":
-        name = "xe" if (xapi.endpoint.is_local and xe_path) else "api"
-    if name == "xe":
-        if not xe_path or not os.access(xe_path, os.X_OK):
-            raise ConfigError("transport=xe (%s): no xe binary found (xe_path=%s)"
-                              % (config.where("transport"), config.xe_path or "-"))
-        return XeTransport(xapi, config, password, xe_path)
-    return ApiTransport(xapi, config, password)
+def os_version(view, vm):
+    """Return the guest's OS name from its guest metrics, or ''."""
+    metrics = view.guest_metrics.get(vm.get("guest_metrics"), {})
+    version = metrics.get("os_version", {}) or {}
+    return version.get("name") or version.get("distro") or ""
+
+
+def write_cfg_files(folder, view, vm_ref):
+    """Write vm.cfg, DISK-<dev>/vbd.cfg + vdi.cfg and VIFs/vif-<dev>.cfg; return their paths."""
+    vm = view.vms[vm_ref]
+    written = []
+
+    def put(rel, pairs):
+        path = inside(folder, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_text(path, cfg_text(pairs))
+        written.append(rel)
+
+    put("vm.cfg", [("name_label", vm["name_label"]), ("name_description", vm.get("name_description", "")),
+                   ("memory_dynamic_max", vm.get("memory_dynamic_max", "")),
+                   ("VCPUs_max", vm.get("VCPUs_max", "")),
+                   ("VCPUs_at_startup", vm.get("VCPUs_at_startup", "")),
+                   ("os_version", os_version(view, vm)), ("orig_uuid", vm["uuid"])])
+    for disk in vm_disks(vm, view.vbds, view.vdis):
+        vbd, vdi = view.vbds[disk.vbd_ref], disk.vdi
+        base = "DISK-" + safe_dirname(disk.device)
+        put(base + "/vbd.cfg", [(k, vbd.get(k, "")) for k in
+                                ("userdevice", "bootable", "mode", "type", "unpluggable", "empty")]
+            + [("orig_uuid", vbd.get("uuid", ""))])
+        put(base + "/vdi.cfg", [(k, vdi.get(k, "")) for k in
+                                ("name_label", "name_description", "virtual_size", "type",
+                                 "sharable", "read_only")]
+            + [("orig_uuid", vdi.get("uuid", "")),
+               ("orig_sr_uuid", view.srs.get(vdi.get("SR"), {}).get("uuid", ""))])
+    for vif_ref in vm.get("VIFs", ()):
+        vif = view.vifs.get(vif_ref)
+        if not vif:
+            continue
+        network = view.networks.get(vif.get("network"), {})
+        put("VIFs/vif-%s.cfg" % safe_dirname(vif.get("device", "")),
+            [("device", vif.get("device", "")), ("network_name_label", network.get("name_label", "")),
+             ("MTU", vif.get("MTU", "")), ("MAC", vif.get("MAC", "")),
+             ("other_config", vif.get("other_config", {})), ("orig_uuid", vif.get("uuid", ""))])
+    return written
+
+
+def save_vm_metadata(transport, vm, folder):
+    """Export the VM's XAPI metadata and save its ova.xml pretty-printed as vm-metadata.xml."""
+    tmp = os.path.join(folder, ".metadata.tar.part")
+    try:
+        transport.export_metadata(vm, tmp)
+        raw = ova_xml_from_tar(tmp)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+    try:
+        pretty = xml.dom.minidom.parseString(raw).toprettyxml(indent="  ")
+    except Exception as exc:  # noqa: BLE001 - expat raises several types
+        raise ExportFailed("metadata export: ova.xml does not parse: %s" % one_line(exc))
+    write_text(os.path.join(folder, METADATA_FILE), pretty)
+    return METADATA_FILE
+
+
+def file_entry(folder, rel, digest=None):
+    """Return the manifest entry {name, size, sha256} of a file in a backup folder."""
+    path = os.path.join(folder, rel)
+    return {"name": rel, "size": os.path.getsize(path), "sha256": digest or sha256_file(path)}
+
+
+def pool_info(view):
+    """Return what the manifest records about the pool's master."""
+    master = view.master
+    software = master.get("software_version", {}) or {}
+    return {"master": master.get("hostname") or master.get("name_label", ""),
+            "product_brand": software.get("product_brand", ""),
+            "product_version": software.get("product_version", ""),
+            "xapi": software.get("xapi", ""),
+            "api_version": "%s.%s" % (master.get("API_version_major", "?"),
+                                      master.get("API_version_minor", "?"))}
+
+
+#: The manifest's format: readers refuse a newer one rather than guess.
+MANIFEST_FORMAT = 1
+
+
+def manifest_record(vm, mode, transport, started, finished, files, disks=(), skipped=(),
+                    compress=None, vdi_format=None, pool=None):
+    """Return a backup.json: what was backed up (vm: name, uuid, power_state), how, and every file.
+
+    `disks` are {device, userdevice, vdi_uuid, name_label, virtual_size, file} and `files`
+    are file_entry()s; the one place the manifest's shape is written down.
+    """
+    return {
+        "tool": "vmbackup", "version": __version__, "format": MANIFEST_FORMAT,
+        "vm": dict(vm), "mode": mode, "transport": transport,
+        "started": started, "finished": finished,
+        "compress": compress if mode == "vm-export" else None,
+        "vdi_format": vdi_format if mode == "vdi-export" else None,
+        "disks": [dict(d) for d in disks], "skipped_disks": list(skipped),
+        "files": list(files), "pool": pool or {},
+    }
+
+
+# === vmbackup/transport/api.py ==============================================
+# The transport over XenAPI and XAPI's HTTP handlers (/export, /export_raw_vdi, /import...).
+#
+# Owns: ApiTransport, BlockHasher (sha256 in a second thread), Pacer (max_rate).
+# Imports: errors, util, xapi, transport.base.
+
+#: Bytes read or sent per block; also the unit a raw disk's all-zero blocks are skipped in.
+BUFSIZE = 1 << 20
+
+
+#: Buffers shared by the reader and the hashing thread: an export holds NBUFFERS * BUFSIZE.
+NBUFFERS = 4
+
+
+#: Seconds between "N so far" lines of a long download.
+PROGRESS_LOG_INTERVAL = 60
+
+
+class ApiTransport(Transport):
+    """XenAPI calls, and data streamed between XAPI's HTTP handlers and the files."""
+
+    name = "api"
+
+    def __init__(self, xapi, config):
+        Transport.__init__(self, xapi, config)
+        self.endpoint = xapi.endpoint
+
+    # -- snapshots
+    def take_snapshot(self, vm, name, quiesce):
+        method = "VM.snapshot_with_quiesce" if quiesce else "VM.snapshot"
+        return self.vm_obj(self.xapi.call(method, vm.ref, name))
+
+    def prepare_snapshot(self, snap):
+        self.xapi.call("VM.set_is_a_template", snap.ref, False)
+        self.xapi.call("VM.set_ha_always_run", snap.ref, False)
+
+    def destroy_snapshot(self, snap):
+        """Destroy a snapshot VM and the VDIs it owns (what `xe vm-uninstall` does)."""
+        try:
+            owned = []
+            for vbd_ref in self.xapi.call("VM.get_VBDs", snap.ref):
+                vbd = self.xapi.call("VBD.get_record", vbd_ref)
+                if "owner" in vbd.get("other_config", {}) and vbd.get("VDI") != "OpaqueRef:NULL":
+                    owned.append(vbd["VDI"])
+        except XapiFailure as exc:
+            if exc.code in GONE_CODES:
+                return
+            raise
+        self.retry_busy("destroy snapshot", lambda: self.xapi.call("VM.destroy", snap.ref))
+        for vdi_ref in owned:
+            self.retry_busy("destroy VDI", lambda ref=vdi_ref: self.xapi.call("VDI.destroy", ref))
+
+    def snapshot_vdi(self, vdi, name):
+        snap = self.vdi_obj(self.xapi.call("VDI.snapshot", vdi.ref, {}))
+        self.xapi.call("VDI.set_name_label", snap.ref, name)
+        return snap
+
+    def destroy_vdi(self, vdi):
+        self.retry_busy("destroy VDI", lambda: self.xapi.call("VDI.destroy", vdi.ref))
+
+    # -- data
+    def export_vm(self, snap, dest, compress=None):
+        return self.download("/export", {"ref": snap.ref, "use_compression": compress or "false"},
+                             dest, "export of %s" % snap.uuid)
+
+    def export_vdi(self, vdi, dest, fmt):
+        return self.download("/export_raw_vdi", {"vdi": vdi.ref, "format": fmt}, dest,
+                             "export of VDI %s" % vdi.uuid, sparse=(fmt == "raw"))
+
+    def export_metadata(self, vm, dest):
+        return self.download("/export_metadata", {"ref": vm.ref, "export_snapshots": "false"},
+                             dest, "metadata export of %s" % vm.uuid)
+
+    def dump_pool_db(self, dest):
+        return self.download("/pool/xmldbdump", {}, dest, "pool database dump")
+
+    def import_vm(self, src, sr, preserve=False):
+        """PUT an .xva to /import; return the refs of the VMs it created."""
+        task = self.upload("/import", {"sr_id": sr.ref, "restore": "true" if preserve else "false"},
+                           src, "import of %s" % os.path.basename(src))
+        return list(task.result or [])
+
+    def create_vdi(self, sr, name, size):
+        """Create an empty VDI of `size` bytes on `sr`; return its Obj."""
+        ref = self.xapi.call("VDI.create", {
+            "name_label": name, "name_description": "restored by vmbackup", "SR": sr.ref,
+            "virtual_size": str(size), "type": "user", "sharable": False, "read_only": False,
+            "other_config": {}, "xenstore_data": {}, "sm_config": {}, "tags": []})
+        return self.vdi_obj(ref)
+
+    def import_vdi(self, vdi, src, fmt):
+        """PUT a raw or vhd disk image into an existing VDI."""
+        self.upload("/import_raw_vdi", {"vdi": vdi.ref, "format": fmt}, src,
+                    "import of %s" % os.path.basename(src))
+
+    def backup_host(self, host, dest):
+        return self.download("/host_backup", {}, dest, "backup of host %s" % host["name_label"],
+                             endpoint=self.endpoint.with_host(host["address"]))
+
+    def download(self, path, params, dest, what, endpoint=None, sparse=False):
+        """Stream GET `path` into a new file `dest` under a task; return (bytes, sha256).
+
+        XAPI sends no Content-Length, so a cut stream looks finished: success needs
+        the end of the stream AND the task's status `success` (XapiTask checks it).
+        """
+        with XapiTask(self.xapi, what, self.config.stall_timeout) as task:
+            response, conn = task.http(endpoint or self.endpoint, "GET", path, params)
+            try:
+                nbytes, digest = self.stream(response, dest, what, sparse)
+            finally:
+                close_http(response, conn)
+        return nbytes, digest
+
+    def upload(self, path, params, src, what):
+        """Stream the file `src` to PUT `path` under a task; return the finished task.
+
+        XAPI answers (200, or 302 to the host that sees the SR) before it reads the
+        body, so http_request reads the status line first and the body goes after it.
+        """
+        with XapiTask(self.xapi, what, self.config.stall_timeout) as task:
+            response, conn = task.http(self.endpoint, "PUT", path, params,
+                                       content_length=os.path.getsize(src))
+            try:
+                self.send(conn.sock, src, what)
+                task.finish()  # before the close: XAPI may still be reading the last blocks
+            finally:
+                close_http(response, conn)
+        return task
+
+    def send(self, sock, src, what):
+        """Send the file `src` on `sock`; raise ExportStalled or ExportFailed if the connection fails."""
+        sent = 0
+        with open(src, "rb") as handle:
+            for block in iter(lambda: handle.read(BUFSIZE), b""):
+                try:
+                    sock.sendall(block)
+                except TLS_ERRORS + CONNECTION_ERRORS as exc:
+                    raise transfer_error(what, exc, sent, self.config.stall_timeout)
+                sent += len(block)
+
+    def stream(self, response, dest, what, sparse=False):
+        """Copy the response body into a new file `dest`; return (bytes, sha256 hex).
+
+        One reused set of buffers: the body is read into one (readinto), written from it
+        (os.write, no copy) and hashed in BlockHasher's thread while the next is read.
+        All-zero blocks of a raw disk are skipped with a seek, so the file stays sparse.
+        """
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+        try:
+            with BlockHasher() as hasher:
+                total = self.copy_blocks(response, fd, hasher, what, sparse)
+                digest = hasher.hexdigest()
+            os.ftruncate(fd, total)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        return total, digest
+
+    def copy_blocks(self, response, fd, hasher, what, sparse):
+        """Read `response` into the hasher's buffers and write them to `fd`; return the bytes."""
+        zero = bytes(BUFSIZE) if sparse else None
+        pacer = Pacer(self.config.max_rate)
+        total, last_log = 0, time.monotonic()
+        while True:
+            buf = hasher.buffer()
+            try:
+                n = response.readinto(buf)
+            except TLS_ERRORS + CONNECTION_ERRORS as exc:
+                hasher.give_back(buf)
+                raise transfer_error(what, exc, total, self.config.stall_timeout)
+            if not n:
+                hasher.give_back(buf)
+                return total
+            if zero is not None and n == BUFSIZE and buf == zero:
+                os.lseek(fd, n, os.SEEK_CUR)
+            else:
+                write_all(fd, buf, n)
+            hasher.hash(buf, n)
+            total += n
+            pacer.pace(total)
+            if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
+                last_log = time.monotonic()
+                log.info("%s: %s so far", what, human_size(total))
+
+
+class Pacer:
+    """Keeps a transfer at or under `rate` bytes/s (None: no limit), like XO's maxExportRate.
+
+    pace(total) sleeps until `total` bytes are due (start + total/rate): the average rate
+    since the start never exceeds `rate`, whatever the block sizes.
+    """
+
+    def __init__(self, rate):
+        self.rate = rate
+        self.start = time.monotonic()
+
+    def pace(self, total):
+        if self.rate:
+            ahead = self.start + total / float(self.rate) - time.monotonic()
+            if ahead > 0:
+                time.sleep(ahead)
+
+
+def write_all(fd, buf, n):
+    """Write the first `n` bytes of `buf` to `fd`, without copying them."""
+    with memoryview(buf) as whole:
+        view = whole[:n]
+        while view:
+            view = view[os.write(fd, view):]
+
+
+class BlockHasher:
+    """`with BlockHasher() as h:` sha256 of the blocks handed to h.hash, in a thread of its own.
+
+    hashlib releases the GIL on large buffers, so hashing one block runs beside reading
+    and writing the next. The blocks are NBUFFERS reused buffers (h.buffer() waits for a
+    free one), so memory stays flat whatever the export's size.
+    """
+
+    def __init__(self, nbuffers=None, size=BUFSIZE):
+        self.sha = hashlib.sha256()
+        self.free = queue.Queue()
+        for _ in range(nbuffers or NBUFFERS):
+            self.free.put(bytearray(size))
+        self.work = queue.Queue()
+        self.thread = threading.Thread(target=self.run, name="sha256", daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        self.stop()
+        return False
+
+    def buffer(self):
+        """Return a free buffer (waits while every one is still being hashed)."""
+        return self.free.get()
+
+    def give_back(self, buf):
+        """Return an unused buffer to the pool."""
+        self.free.put(buf)
+
+    def hash(self, buf, n):
+        """Hash the first `n` bytes of `buf`; the buffer comes back to the pool afterwards."""
+        self.work.put((buf, n))
+
+    def run(self):
+        while True:
+            item = self.work.get()
+            if item is None:
+                return
+            buf, n = item
+            with memoryview(buf) as whole:
+                self.sha.update(whole[:n])
+            self.free.put(buf)
+
+    def stop(self):
+        if self.thread.is_alive():
+            self.work.put(None)
+            self.thread.join()
+
+    def hexdigest(self):
+        """Wait for the blocks handed so far; return their sha256 in hex."""
+        self.stop()
+        return self.sha.hexdigest()
+
+
+# === vmbackup/transport/xe.py ===============================================
+# The transport over the xe command line, as NAUbackup used on a pool host.
+#
+# Owns: XeTransport, XeFailed (and the xe sentences mapped back to XAPI codes), find_xe,
+# die_with_parent (an xe child never outlives vmbackup).
+# Imports: errors, util, transport.base.
+
+#: Where xe lives on a pool host (then: the first xe on PATH).
+DEFAULT_XE_PATHS = ("/opt/xensource/bin/xe", "/usr/bin/xe")
+
+
+#: The sentence real xe prints for an API error (the datamodel's doc string), mapped
+#: back to its code, for the errors the tool acts on; others print "Error code: X".
+XE_ERROR_SENTENCES = {
+    "Another operation involving the object is currently in progress": "OTHER_OPERATION_IN_PROGRESS",
+    "this VDI is in use by some other operation": "VDI_IN_USE",
+    "The uuid you supplied was invalid": "UUID_INVALID",
+    "You gave an invalid object reference": "HANDLE_INVALID",
+    "This function is no longer available": "MESSAGE_REMOVED",
+    "The SR backend does not support the operation": "SR_OPERATION_NOT_SUPPORTED",
+    "The SR is full": "SR_FULL",
+    "You attempted an operation that was explicitly blocked": "OPERATION_BLOCKED",
+    "not in an appropriate power state": "VM_BAD_POWER_STATE",
+    "The credentials given by the user are incorrect": "SESSION_AUTHENTICATION_FAILED",
+    "The server failed to handle your request, due to an internal error": "INTERNAL_ERROR",
+}
+
+
+#: prctl(2) option: the signal the kernel sends a process when its parent dies.
+PR_SET_PDEATHSIG = 1
+
+
+def _load_prctl():
+    """Return libc's prctl, or None where there is none (not Linux)."""
+    try:
+        import ctypes
+        return ctypes.CDLL(None, use_errno=True).prctl
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - not Linux
+        return None
+
+
+def die_with_parent():
+    """Return a preexec_fn that makes a child die (SIGKILL) when vmbackup dies, even by
+    `kill -9`, or None where the system has no PR_SET_PDEATHSIG.
+
+    Without it a killed run leaves `xe vm-export` downloading into its .part file and
+    holding the snapshot, so the next run's destroy waits on OTHER_OPERATION_IN_PROGRESS.
+    (Where it is missing, the next run cancels the export's task; see leftovers.)
+    """
+    prctl, parent = _load_prctl(), os.getpid()
+    if prctl is None:  # pragma: no cover - not Linux
+        return None
+
+    def preexec():
+        prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
+        if os.getppid() != parent:   # vmbackup died before the call took effect
+            os._exit(127)
+    return preexec
+
+
+class XeFailed(CallFailed):
+    """xe {} failed (exit {}): {}"""
+
+    def __init__(self, argv, rc, stderr):
+        self.argv, self.rc, self.stderr = argv, rc, stderr
+        text = one_line(stderr) or "no message"
+        if self.code and self.code not in text:
+            text = self.code + ": " + text
+        VmBackupError.__init__(self, argv[1] if len(argv) > 1 else "?", rc, text)
+
+    @property
+    def code(self):
+        """The XAPI error code behind xe's message, if it can be told."""
+        match = re.search(r"Error code: (\S+)", self.stderr)
+        if match:
+            return match.group(1)
+        for sentence, code in XE_ERROR_SENTENCES.items():
+            if sentence in self.stderr:
+                return code
+        return ""
+
+
+class XeTransport(Transport):
+    """The xe command, as NAUbackup used it on the pool host; XenAPI only for reading and tags."""
+
+    name = "xe"
+    #: Seconds between looks at a downloading xe's file (has it grown?).
+    POLL = 0.5
+    #: Seconds an aborted xe gets to exit on SIGTERM before it is killed.
+    TERM_GRACE = 10
+
+    def __init__(self, xapi, config, password=None, xe_path=None):
+        Transport.__init__(self, xapi, config)
+        self.xe_path = xe_path
+        self.connect_args = []
+        self.secret = None
+        endpoint = xapi.endpoint
+        if not endpoint.is_local:
+            # xe's -pwf: the user, then the password. It reaches xe through a pipe
+            # (-pwf /dev/fd/N), never on its command line nor in a file that a killed
+            # run would leave behind.
+            self.secret = ("%s\n%s\n" % (xapi.username, password or "")).encode("utf-8")
+            self.connect_args = ["-s", endpoint.host, "-u", xapi.username]
+            if endpoint.port:
+                self.connect_args[2:2] = ["-p", str(endpoint.port)]
+            if endpoint.scheme == "http":
+                self.connect_args.append("--nossl")
+
+    def argv(self, command, *flags, **params):
+        """Return xe's argument list: xe("vm-export", uuid=u) -> [XE, 'vm-export', 'uuid=u']."""
+        args = [self.xe_path, command]
+        for key, value in params.items():
+            if value is None:
+                continue
+            if isinstance(value, bool):
+                value = "true" if value else "false"
+            args.append("%s=%s" % (key.replace("_", "-"), value))
+        return args + list(flags) + self.connect_args
+
+    def start_xe(self, args, **kwargs):
+        """Start xe with `args` (plus -pwf /dev/fd/N when it needs the password); return the
+        Popen. The child dies with vmbackup (die_with_parent)."""
+        read_fd = None
+        if self.secret is not None:
+            read_fd, write_fd = os.pipe()   # a few bytes: the pipe holds them, no writer blocks
+            try:
+                os.write(write_fd, self.secret)
+            finally:
+                os.close(write_fd)
+            args = args + ["-pwf", "/dev/fd/%d" % read_fd]
+        try:
+            return subprocess.Popen(args, stdin=subprocess.DEVNULL, preexec_fn=die_with_parent(),
+                                    pass_fds=(read_fd,) if read_fd is not None else (), **kwargs)
+        finally:
+            if read_fd is not None:
+                os.close(read_fd)
+
+    def xe(self, command, *flags, **params):
+        """Run xe and return its stdout; raise XeFailed with its stderr."""
+        args = self.argv(command, *flags, **params)
+        log.debug("run %s", args[:2])
+        proc = self.start_xe(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          universal_newlines=True)
+        try:
+            out, err = proc.communicate()
+        except BaseException:
+            proc.kill()
+            proc.wait()
+            raise
+        if proc.returncode != 0:
+            raise XeFailed(args, proc.returncode, err or out)
+        return out
+
+    def xe_long(self, dest, what, command, **params):
+        """Run a downloading xe command, aborting it if `dest` stops growing for stall_timeout."""
+        args = self.argv(command, **params)
+        log.debug("run %s", args[:2])
+        with tempfile.TemporaryFile() as err:
+            proc = self.start_xe(args, stdout=subprocess.DEVNULL, stderr=err)
+            try:
+                size, moved = -1, time.monotonic()
+                while proc.poll() is None:
+                    time.sleep(self.POLL)
+                    now_size = os.path.getsize(dest) if os.path.exists(dest) else 0
+                    if now_size != size:
+                        size, moved = now_size, time.monotonic()
+                    elif time.monotonic() - moved > self.config.stall_timeout:
+                        raise ExportStalled(what, self.config.stall_timeout)
+            finally:
+                if proc.poll() is None:
+                    proc.terminate()
+                    try:
+                        proc.wait(self.TERM_GRACE)
+                    except subprocess.TimeoutExpired:
+                        proc.kill()
+                        proc.wait()
+            if proc.returncode != 0:
+                err.seek(0)
+                raise XeFailed(args, proc.returncode, err.read().decode("utf-8", "replace"))
+        fsync_path(dest)
+        return os.path.getsize(dest), None
+
+    # -- snapshots
+    def take_snapshot(self, vm, name, quiesce):
+        command = "vm-snapshot-with-quiesce" if quiesce else "vm-snapshot"
+        return self.vm_obj(uuid=self.xe(command, uuid=vm.uuid, new_name_label=name).strip())
+
+    def prepare_snapshot(self, snap):
+        self.xe("template-param-set", uuid=snap.uuid, is_a_template=False, ha_always_run=False)
+
+    def destroy_snapshot(self, snap):
+        # snapshot-uninstall, not vm-uninstall: vm-uninstall finds nothing while the
+        # snapshot is still a template (e.g. when the export never started).
+        self.retry_busy("snapshot-uninstall",
+                        lambda: self.xe("snapshot-uninstall", uuid=snap.uuid, force=True))
+
+    def snapshot_vdi(self, vdi, name):
+        snap = self.vdi_obj(uuid=self.xe("vdi-snapshot", uuid=vdi.uuid).strip())
+        self.xe("vdi-param-set", uuid=snap.uuid, name_label=name)
+        return snap
+
+    def destroy_vdi(self, vdi):
+        self.retry_busy("vdi-destroy", lambda: self.xe("vdi-destroy", uuid=vdi.uuid))
+
+    # -- data
+    def export_vm(self, snap, dest, compress=None):
+        # xe matches compress= exactly: only true/gzip/zstd compress ("True" would not).
+        return self.xe_long(dest, "export of %s" % snap.uuid, "vm-export", uuid=snap.uuid,
+                            filename=dest, compress=compress or "false")
+
+    def export_vdi(self, vdi, dest, fmt):
+        return self.xe_long(dest, "export of VDI %s" % vdi.uuid, "vdi-export", uuid=vdi.uuid,
+                            filename=dest, format=fmt)
+
+    def export_metadata(self, vm, dest):
+        return self.xe_long(dest, "metadata export of %s" % vm.uuid, "vm-export", uuid=vm.uuid,
+                            filename=dest, metadata=True)
+
+    def dump_pool_db(self, dest):
+        return self.xe_long(dest, "pool database dump", "pool-dump-database", file_name=dest)
+
+    def import_vm(self, src, sr, preserve=False):
+        out = self.xe("vm-import", filename=src, sr_uuid=sr.uuid, preserve=preserve or None)
+        return [self.vm_obj(uuid=u).ref for u in re.split(r"[\s,]+", out.strip()) if u]
+
+    def import_vdi(self, vdi, src, fmt):
+        self.xe("vdi-import", uuid=vdi.uuid, filename=src, format=fmt)
+
+    def create_vdi(self, sr, name, size):
+        return self.vdi_obj(uuid=self.xe("vdi-create", sr_uuid=sr.uuid, name_label=name,
+                                         virtual_size=size, type="user").strip())
+
+    def backup_host(self, host, dest):
+        return self.xe_long(dest, "backup of host %s" % host["name_label"], "host-backup",
+                            host=host["uuid"], file_name=dest)
+
+    def close(self):
+        self.secret = None
+
+
+def find_xe(config):
+    """Return the xe binary to use, or None: xe_path, then /opt/xensource/bin/xe, then PATH."""
+    if config.xe_path:
+        return config.xe_path
+    for path in DEFAULT_XE_PATHS:
+        if os.access(path, os.X_OK):
+            return path
+    return shutil.which("xe")
+
+
+# === vmbackup/backup.py =====================================================
+# Backing up one VM: snapshot, export, metadata, manifest, success, retention; and the dated files.
+#
+# Owns: Context, VmLog (a VM's UnitLog), tool_snapshot (the snapshot's lifetime), export_vm_mode/
+# export_vdi_mode, export_with_retries, build_manifest, backup_vm/backup_vm_safely (a failure
+# becomes a VmResult), backup_pool_db/backup_hosts, run_note.
+# Imports: everything below it (errors .. report).
+
+class VmLog(UnitLog):
+    """The log of one VM: lines prefixed `vm=<name>: `; its warnings and errors go in its VmResult."""
+
+
+class Context(typing.NamedTuple):
+    """What every step of a run needs."""
+    config: Config
+    transport: Transport
+    view: PoolView
+    run_note: str               # host pid time, recorded in snapshot tags
+    record: typing.Optional[RunRecord] = None   # the run's outcome so far
+
+
+def snapshot_label(vm_name, moment):
+    """Return the name given to the tool's snapshots: vmbackup_<vm>_<stamp>."""
+    return "vmbackup_%s_%s" % (printable(vm_name), stamp(moment))
+
+
+@contextlib.contextmanager
+def signals_deferred(signals=(signal.SIGTERM, signal.SIGHUP, signal.SIGINT)):
+    """Hold `signals` during the block; they are delivered (and raise) when it ends."""
+    try:
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, signals)
+    except (AttributeError, OSError, ValueError):  # pragma: no cover - not Linux / not main thread
+        old = None
+    try:
+        yield
+    finally:
+        if old is not None:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+class tool_snapshot:
+    """`with tool_snapshot(ctx, "VM"|"VDI", source, take, vlog) as snap:` the snapshot of
+    `source` that `take()` makes, tagged as this tool's, destroyed (and checked gone) on
+    every way out: errors and signals; and, should the run be killed, recognisable by the
+    next run (see is_leftover)."""
+
+    def __init__(self, ctx, cls, source, take, vlog):
+        self.ctx, self.cls, self.source, self.take, self.vlog = ctx, cls, source, take, vlog
+        self.snap = None
+
+    def __enter__(self):
+        began, t, note = time.monotonic(), self.ctx.transport, self.ctx.run_note
+        try:
+            # A signal between "snapshot made" and "snapshot tagged" would leave a snapshot
+            # no run may recognise as its own: hold signals until it is tagged. (SIGKILL
+            # cannot be held: the pending mark, copied into the snapshot, covers it.)
+            with signals_deferred():
+                t.mark_pending(self.cls, self.source, note)
+                try:
+                    self.snap = self.take()
+                    t.tag(self.cls, self.snap, note)
+                    if self.cls == "VM":   # so its disks are found even if only they remain
+                        for _, vdi, _ in t.snapshot_disks(self.snap):
+                            t.tag("VDI", vdi, note)
+                    t.unmark_pending(self.cls, self.snap)
+                    if self.ctx.record is not None:
+                        self.ctx.record.open_snapshots[self.snap.uuid] = self.vlog.unit
+                finally:
+                    t.unmark_pending(self.cls, self.source)
+        except BaseException:
+            self.__exit__(*sys.exc_info())
+            raise
+        self.vlog.info("%s snapshot %s taken in %.1fs", self.cls, self.snap.uuid,
+                       time.monotonic() - began)
+        return self.snap
+
+    def __exit__(self, *exc):
+        if self.snap is None:
+            return False
+        t = self.ctx.transport
+        try:
+            with signals_deferred():   # a destroy cut in half leaves orphan disks
+                (t.destroy_snapshot if self.cls == "VM" else t.destroy_vdi)(self.snap)
+                t.check_gone(self.cls, self.snap)
+            if self.ctx.record is not None:
+                self.ctx.record.open_snapshots.pop(self.snap.uuid, None)
+            self.vlog.info("%s snapshot %s destroyed", self.cls, self.snap.uuid)
+        except VmBackupError as err:
+            self.vlog.error("could not destroy %s snapshot %s: %s (the next run retries)",
+                            self.cls, self.snap.uuid, err)
+            if exc[0] is None:
+                raise
+        return False
+
+
+def vm_snapshot(ctx, vm, vlog, moment):
+    """Return the context manager of a VM snapshot named vmbackup_<vm>_<stamp>."""
+    quiesce = ctx.config.quiesce or wants_quiesce(ctx.view.vms[vm.ref])
+    source = Obj(vm.ref, vm.uuid)
+    return tool_snapshot(ctx, "VM", source, lambda: ctx.transport.snapshot_vm(
+        source, snapshot_label(vm.name, moment), quiesce, vlog), vlog)
+
+
+def vdi_snapshot(ctx, disk, label, vlog):
+    """Return the context manager of a snapshot of one disk."""
+    source = Obj(disk.vdi_ref, disk.vdi["uuid"])
+    return tool_snapshot(ctx, "VDI", source, lambda: ctx.transport.snapshot_vdi(source, label), vlog)
+
+
+def wants_quiesce(vm_record):
+    """Return True if the VM asks for quiesced snapshots (other_config or tag vmbackup:quiesce)."""
+    flag = (vm_record.get("other_config") or {}).get("vmbackup:quiesce", "")
+    return flag.lower() in ("1", "true", "yes") or "vmbackup:quiesce" in (vm_record.get("tags") or ())
+
+
+def export_vm_mode(ctx, plan, folder, moment, vlog):
+    """vm-export: snapshot, leave out [NOBAK] disks, export the .xva; return file entries."""
+    compress = ctx.config.compress
+    dest = os.path.join(folder, safe_dirname(plan.vm.name) + XVA_SUFFIXES[compress])
+    with vm_snapshot(ctx, plan.vm, vlog, moment) as snap:
+        if plan.skipped:
+            skip = {d.userdevice for d in plan.skipped}
+            for vbd, vdi, userdevice in ctx.transport.snapshot_disks(snap):
+                if userdevice in skip:
+                    ctx.transport.drop_disk(vbd, vdi)
+            vlog.info("left out of the export ([NOBAK]): %s",
+                      ", ".join(d.device for d in plan.skipped))
+        ctx.transport.prepare_snapshot(snap)
+        began = time.monotonic()
+        with partial_file(dest) as tmp:
+            nbytes, digest = ctx.transport.export_vm(snap, tmp, compress)
+            if nbytes <= 0 or (compress is None and not xva_is_complete(tmp)):
+                raise ExportFailed("export of %s is incomplete (%d bytes)" % (snap.uuid, nbytes))
+        vlog.info("exported %s (%s) in %.1fs", os.path.basename(dest), human_size(nbytes),
+                  time.monotonic() - began)
+    return [file_entry(folder, os.path.basename(dest), digest)]
+
+
+def disk_file_name(vm_name, disk, fmt):
+    """Return the file a vdi-export writes for `disk`: <vm>.raw for the root disk, else <vm>-<dev>.raw."""
+    suffix = "" if disk.userdevice == "0" else "-" + safe_dirname(disk.device)
+    return "%s%s.%s" % (safe_dirname(vm_name), suffix, fmt)
+
+
+def export_vdi_mode(ctx, plan, folder, moment, vlog):
+    """vdi-export: per selected disk, snapshot and export it raw or vhd; return file entries."""
+    fmt = ctx.config.vdi_export_format
+    entries = []
+    for disk in plan.disks:
+        dest = os.path.join(folder, disk_file_name(plan.vm.name, disk, fmt))
+        label = "vmbackup_%s_%s_%s" % (printable(plan.vm.name), disk.device, stamp(moment))
+        began = time.monotonic()
+        with vdi_snapshot(ctx, disk, label, vlog) as snap:
+            with partial_file(dest) as tmp:
+                nbytes, digest = ctx.transport.export_vdi(snap, tmp, fmt)
+                want = int(disk.vdi.get("virtual_size", 0))
+                if fmt == "raw" and nbytes != want:
+                    raise ExportFailed("export of disk %s is %d bytes, the disk is %d"
+                                       % (disk.device, nbytes, want))
+                if nbytes <= 0:
+                    raise ExportFailed("export of disk %s is empty" % disk.device)
+            vlog.info("exported disk %s to %s (%s) in %.1fs", disk.device, os.path.basename(dest),
+                      human_size(nbytes), time.monotonic() - began)
+        entries.append(file_entry(folder, os.path.basename(dest), digest))
+    if plan.skipped:
+        vlog.info("left out ([NOBAK]): %s", ", ".join(d.device for d in plan.skipped))
+    return entries
+
+
+EXPORTERS = {"vm-export": export_vm_mode, "vdi-export": export_vdi_mode,
+             "meta-export": lambda ctx, plan, folder, moment, vlog: []}
+
+
+def export_with_retries(ctx, plan, folder, moment, vlog):
+    """Save the VM's metadata and run its exporter; return the manifest's file entries.
+
+    On failure, start again (metadata, then a new snapshot) up to `retries` times.
+    """
+    vm = plan.vm
+    attempts = ctx.config.retries + 1
+    for attempt in range(1, attempts + 1):
+        try:
+            files = [file_entry(folder, rel) for rel in
+                     [save_vm_metadata(ctx.transport, Obj(vm.ref, vm.uuid), folder)]
+                     + write_cfg_files(folder, ctx.view, vm.ref)]
+            return files, EXPORTERS[vm.mode](ctx, plan, folder, moment, vlog)
+        except (ExportFailed, CallFailed, XapiCallFailed) as exc:
+            if attempt == attempts:
+                raise
+            vlog.warning("export attempt %d of %d failed (%s); retrying with a new snapshot",
+                         attempt, attempts, exc)
+            moment = datetime.datetime.now().replace(microsecond=0)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def estimate_size(plan):
+    """Return the bytes a VM's export may take: its exported VDIs' physical utilisation."""
+    return sum(int(d.vdi.get("physical_utilisation") or d.vdi.get("virtual_size") or 0)
+               for d in plan.disks)
+
+
+def build_manifest(ctx, plan, started, files):
+    """Return the backup.json of one VM's backup: what was backed up, how, and every file."""
+    config, vm = ctx.config, plan.vm
+    record = ctx.view.vms[vm.ref]
+    disks = [{"device": d.device, "userdevice": d.userdevice, "vdi_uuid": d.vdi["uuid"],
+              "name_label": d.vdi.get("name_label", ""),
+              "virtual_size": int(d.vdi.get("virtual_size", 0)),
+              "file": (disk_file_name(vm.name, d, config.vdi_export_format)
+                       if vm.mode == "vdi-export" else None)} for d in plan.disks]
+    return manifest_record(
+        {"name": vm.name, "uuid": vm.uuid, "power_state": record.get("power_state")},
+        vm.mode, ctx.transport.name, started.isoformat(), datetime.datetime.now().isoformat(),
+        files, disks, [d.device for d in plan.skipped], config.compress,
+        config.vdi_export_format, pool_info(ctx.view))
+
+
+def backup_vm(ctx, plan, vlog):
+    """Back up one VM into a new dated folder; return its VmResult; raise VmBackupError."""
+    config, vm = ctx.config, plan.vm
+    if plan.problems:
+        raise ExportFailed("; ".join(plan.problems))
+    began = time.monotonic()
+    store, vm_folder = LocalStore(config.backup_dir), safe_dirname(vm.name)
+    os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
+    check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
+    if config.pre_clean and vm.mode != "meta-export":
+        prune_vm_backups(store, vm_folder, vm.max_backups - 1, drop_incomplete=False, vlog=vlog)
+    folder, moment = store.new_folder(vm_folder)
+    vlog.info("%s to %s", vm.mode, folder)
+    started = datetime.datetime.now()
+    files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
+    store.commit(folder, build_manifest(ctx, plan, started, files + exported))
+    prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog)
+    total = sum(f["size"] for f in exported)
+    if vlog.errors:
+        return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,
+                        time.monotonic() - began, "; ".join(vlog.errors), tuple(vlog.warnings))
+    return VmResult(vm.name, vm.uuid, vm.mode, "warning" if vlog.warnings else "success", folder,
+                    total, time.monotonic() - began, "; ".join(vlog.warnings), tuple(vlog.warnings))
+
+
+def backup_vm_safely(ctx, plan, status_log):
+    """Run backup_vm, turning any failure into an error VmResult: one VM never stops the others."""
+    vm = plan.vm
+    vlog = VmLog(vm.name)
+    status_log.line(vm.mode, "begin", printable(vm.name))
+    began = time.monotonic()
+    try:
+        result = backup_vm(ctx, plan, vlog)
+    except (VmBackupError, OSError) as exc:
+        message = str(exc) if isinstance(exc, VmBackupError) else "%s: %s" % (
+            getattr(exc, "filename", "") or "backup_dir", exc.strerror or exc)
+        result = failed_result(vm, vlog, message, began)
+    except Exception as exc:  # noqa: BLE001 - a bug met by one VM must not stop the others
+        vlog.debug("traceback", exc_info=True)
+        result = failed_result(vm, vlog, "internal error: %s: %s (run with -v for the traceback)"
+                               % (type(exc).__name__, one_line(exc)), began)
+    if result.status == "error":
+        status_log.line(vm.mode, "end", "%s-FAIL %s" % (vm.mode.upper(), printable(vm.name)))
+    else:
+        status_log.line(vm.mode, "end", "SUCCESS %s,elapse:%d size:%s" % (
+            printable(vm.name), round(result.seconds / 60.0), status_size(result.bytes)))
+    return result
+
+
+def failed_result(vm, vlog, message, began):
+    """Return the error VmResult of a VM whose backup raised `message` (plus what it logged)."""
+    vlog.failed(message)
+    message = "; ".join([message] + vlog.errors)
+    return VmResult(vm.name, vm.uuid, vm.mode, "error", None, 0, time.monotonic() - began,
+                    message, tuple(vlog.warnings))
+
+
+def backup_dated_file(ctx, folder_name, file_name, what, fetch):
+    """Write one pool_db_/host_ backup file via `fetch(tmp)`, prune its folder; return VmResult."""
+    began, ulog = time.monotonic(), UnitLog(what)
+    try:
+        folder = inside(ctx.config.backup_dir, safe_dirname(folder_name))
+        os.makedirs(folder, exist_ok=True)
+        dest = os.path.join(folder, file_name)
+        with partial_file(dest) as tmp:
+            nbytes, _ = fetch(tmp)
+            if not nbytes:
+                raise ExportFailed("%s is empty: XAPI sent nothing" % what)
+        prune_dated_files(LocalStore(ctx.config.backup_dir), safe_dirname(folder_name),
+                          ctx.config.max_backups)
+        log.info("%s: %s (%s)", what, dest, human_size(nbytes))
+        return VmResult(what, "", "pool", "success", dest, nbytes, time.monotonic() - began)
+    except (VmBackupError, OSError) as exc:
+        ulog.failed(str(exc))
+        return VmResult(what, "", "pool", "error", None, 0, time.monotonic() - began, str(exc))
+
+
+def backup_pool_db(ctx, moment):
+    """Dump the pool database to METADATA_<master>/pool_db_<stamp>.dump."""
+    master = ctx.view.master.get("hostname") or ctx.view.master.get("name_label", "master")
+    return backup_dated_file(ctx, "METADATA_" + master,
+                             "pool_db_%s.dump" % moment.strftime("%Y%m%d-%H%M%S"),
+                             "pool database", ctx.transport.dump_pool_db)
+
+
+def backup_hosts(ctx, moment):
+    """Back up every host's dom0 to HOST_<hostname>/host_<stamp>.xbk (one request per host)."""
+    results = []
+    for ref, host in sorted(ctx.view.hosts.items(), key=lambda item: item[1].get("name_label", "")):
+        name = host.get("hostname") or host.get("name_label", ref)
+        results.append(backup_dated_file(
+            ctx, "HOST_" + name, "host_%s.xbk" % moment.strftime("%Y%m%d-%H%M%S"),
+            "host backup of %s" % name, lambda tmp, h=host: ctx.transport.backup_host(h, tmp)))
+    return results
+
+
+def run_note():
+    """Return what the tool's tags record about this run: 'host pid UTC-time beat'
+    (beat: the run keeps a heartbeat in the pool, see leftovers.PoolBeat)."""
+    return "%s %d %s %s" % (socket.gethostname(), os.getpid(),
+                            datetime.datetime.utcnow().replace(microsecond=0).isoformat(), BEAT_WORD)
 
 
 # === vmbackup/commands/diff.py ==============================================
@@ -3908,7 +5151,7 @@ def diff_vm_configs(old, new):
                                            b.get(key), "%s %s: %s %s -> %s" % (
                                                what, device, key, _shown(key, a[key]),
                                                _shown(key, b.get(key)))))
-    for device in sorted(set(old["VIFs"]) | set(new["VIFs"]), key=lambda d: (_int(d, 1 << 30), d)):
+    for device in sorted(set(old["VIFs"]) | set(new["VIFs"]), key=lambda d: (_int(d, UNNUMBERED), d)):
         a, b = old["VIFs"].get(device), new["VIFs"].get(device)
         if a is None or b is None:
             kind, vif = ("added", b) if a is None else ("removed", a)
@@ -3948,24 +5191,15 @@ def read_backup_metadata(path):
     manifest, source = None, path
     try:
         if os.path.isdir(path):
-            source = os.path.join(path, "vm-metadata.xml")
-            try:
-                manifest = read_manifest(path)
-            except BadFile:
-                manifest = None
-            if not os.path.isfile(source):
-                raise BackupDirError("%s has no vm-metadata.xml to compare" % path)
+            backup = read_backup_folder(path)
+            manifest, source = backup.manifest, os.path.join(path, METADATA_FILE)
+            if METADATA_FILE not in backup.entries:
+                raise BackupDirError("%s has no %s to compare" % (path, METADATA_FILE))
         if file_kind(source) == "xva":
-            with open(source, "rb") as handle:
-                stream = gzip.GzipFile(fileobj=handle) if source.endswith(".gz") else handle
-                tar = TarStream(stream)
-                first = tar.next()
-                if first is None or first.name != "ova.xml":
-                    raise BackupDirError("%s: not an XVA (no ova.xml first)" % source)
-                data = tar.read_body(limit=256 << 20)
+            data = read_ova_xml(source)
         else:
             with open(source, "rb") as handle:
-                data = handle.read(256 << 20)
+                data = handle.read(MAX_OVA_XML)
         return parse_ova_xml(data), manifest, display_path(path)
     except (OSError, EOFError, zlib.error, BadFile, ValueError) as exc:
         raise BackupDirError("cannot read the VM metadata of %s: %s"
@@ -3984,10 +5218,12 @@ def diff_inputs(paths):
     folder = paths[0]
     if not os.path.isdir(folder):
         raise UsageError("%s: no such folder" % folder)
-    found = [p for p in backup_folders(folder) if os.path.isfile(os.path.join(p, "vm-metadata.xml"))]
+    vm_dir = os.path.abspath(folder)
+    store = LocalStore(os.path.dirname(vm_dir))
+    found = [b.path for b in store.backups(os.path.basename(vm_dir)) if METADATA_FILE in b.entries]
     if len(found) < 2:
-        raise UsageError("%s: %d backup%s with vm-metadata.xml; diff needs two"
-                         % (folder, len(found), "" if len(found) == 1 else "s"))
+        raise UsageError("%s: %d backup%s with %s; diff needs two"
+                         % (folder, len(found), "" if len(found) == 1 else "s", METADATA_FILE))
     return found[-2:]
 
 
@@ -4022,93 +5258,140 @@ def cmd_diff(argv):
 
 
 # === vmbackup/commands/list.py ==============================================
-# `vmbackup.py list`: what backups exist, newest first.
+# `vmbackup.py list`: what backups exist, newest first, as typed results (Listing).
 #
 # Imports: errors, util, config, store, report, check.
 
-def backup_summary(folder):
-    """Return what `list` shows of one backup folder: date, mode, files, size, complete, check.
+class BackupSummary(typing.NamedTuple):
+    """What `list` shows of one backup folder."""
+    name: str
+    path: str
+    date: typing.Optional[str]
+    mode: typing.Optional[str]
+    files: int
+    size: int
+    complete: bool
+    legacy: bool
+    check: str                  # sizes ok, BAD: ..., not verified (...)
+    vm_name: typing.Optional[str]
+
+    def to_json(self):
+        """Return the summary as list --json writes it."""
+        return self._asdict()
+
+
+class VmListing(typing.NamedTuple):
+    """One VM folder's backups, newest first."""
+    name: str
+    folder: str
+    backups: typing.Tuple[BackupSummary, ...]
+
+    def to_json(self):
+        """Return {"name", "folder", "backups": [...]}."""
+        return collections.OrderedDict([("name", self.name), ("folder", self.folder),
+                                        ("backups", [b.to_json() for b in self.backups])])
+
+
+class DatedListing(typing.NamedTuple):
+    """One pool database dump or host backup file."""
+    folder: str
+    file: str
+    date: str
+    size: int
+
+    def to_json(self):
+        """Return {"folder", "file", "date", "size"}."""
+        return self._asdict()
+
+
+class Listing(typing.NamedTuple):
+    """What backup_dir holds, as `list` reports it."""
+    backup_dir: str
+    vms: typing.Tuple[VmListing, ...]
+    pool_db: typing.Tuple[DatedListing, ...]
+    hosts: typing.Tuple[DatedListing, ...]
+
+    def to_json(self):
+        """Return {"backup_dir", "vms", "pool_db", "hosts"} as list --json writes it."""
+        return collections.OrderedDict(
+            [("backup_dir", self.backup_dir)]
+            + [(key, [item.to_json() for item in getattr(self, key)])
+               for key in ("vms", "pool_db", "hosts")])
+
+
+def backup_summary(store, backup):
+    """Return the BackupSummary of a BackupFolder: date, mode, files, size, complete, check.
 
     Files and size are the manifest's files; without a manifest, everything in the folder.
     """
-    result = verify_backup(folder, quick=True)
-    if result["mode"] and not result["legacy"]:
-        count, total = len(result["files"]), sum(f["size"] for f in result["files"])
+    result = check_backup(backup, quick=True)
+    if result.mode and not result.legacy:
+        count, total = len(result.files), sum(f.size for f in result.files)
     else:
-        count, total = folder_size(folder)
-    if result["legacy"]:
+        count, total = store.usage(backup.path)
+    if result.legacy:
         check = "not verified (legacy NAUbackup)"
-    elif result["problems"]:
-        check = "BAD: " + "; ".join("%s: %s" % (p["file"], p["message"])
-                                    for p in result["problems"][:3])
-    elif result["mode"] is None:
+    elif result.problems:
+        check = "BAD: " + "; ".join("%s: %s" % (p.file, p.message) for p in result.problems[:3])
+    elif result.mode is None:
         check = "not verified"
     else:
         check = "sizes ok"
-    return collections.OrderedDict([
-        ("name", result["name"]), ("path", folder), ("date", result["date"]),
-        ("mode", result["mode"]), ("files", count), ("size", total),
-        ("complete", result["complete"]), ("legacy", result["legacy"]), ("check", check),
-        ("vm_name", result["vm"] if result["mode"] and not result["legacy"] else None)])
+    return BackupSummary(result.name, backup.path, result.date, result.mode, count, total,
+                         result.complete, result.legacy, check,
+                         result.vm if result.mode and not result.legacy else None)
 
 
 def scan_backup_dir(root, pattern=None):
-    """Return what backup_dir holds: {"vms": [...], "pool_db": [...], "hosts": [...]}, newest first.
+    """Return the Listing of backup_dir: per VM, pool database and host backups, newest first.
 
     `pattern` selects VMs like a vm-export selector (a plain name exactly, else a
     regex matched at the start), against the VM's name or its folder's name.
     """
     selector = Selector("vm-export", pattern) if pattern else None
-    data = collections.OrderedDict([("backup_dir", root), ("vms", []), ("pool_db", []),
-                                    ("hosts", [])])
-    for name in sorted(os.listdir(root)):
-        sub = os.path.join(root, name)
-        if not os.path.isdir(sub) or os.path.islink(sub):
-            continue
-        backups = [backup_summary(p) for p in reversed(backup_folders(sub))]
+    store = LocalStore(root)
+    vms, dated = [], {"pool_db": [], "hosts": []}
+    for name in store.vm_folders():
+        backups = tuple(backup_summary(store, b) for b in reversed(store.backups(name)))
         if backups:
-            vm_name = next((b["vm_name"] for b in backups if b["vm_name"]), name)
-            if selector and not (selector.matches(vm_name) or selector.matches(name)):
-                continue
-            data["vms"].append(collections.OrderedDict([
-                ("name", vm_name), ("folder", name), ("backups", backups)]))
+            vm_name = next((b.vm_name for b in backups if b.vm_name), name)
+            if not selector or selector.matches(vm_name) or selector.matches(name):
+                vms.append(VmListing(vm_name, name, backups))
             continue
-        for path in reversed(dated_files(sub)):
-            entry = collections.OrderedDict([
-                ("folder", name), ("file", os.path.basename(path)),
-                ("date", parse_dated_file(os.path.basename(path)).isoformat()),
-                ("size", os.path.getsize(path))])
-            data["pool_db" if entry["file"].startswith("pool_db_") else "hosts"].append(entry)
+        for path in reversed(store.dated_files(name)):
+            file = os.path.basename(path)
+            dated["pool_db" if file.startswith("pool_db_") else "hosts"].append(DatedListing(
+                name, file, parse_dated_file(file).isoformat(), os.path.getsize(path)))
     if selector:
-        data["pool_db"], data["hosts"] = [], []
-    return data
+        dated = {"pool_db": [], "hosts": []}
+    return Listing(root, tuple(vms), tuple(dated["pool_db"]), tuple(dated["hosts"]))
 
 
 def format_list(data):
-    """Return the human table of scan_backup_dir's data."""
-    out = ["backup_dir %s" % data["backup_dir"]]
+    """Return the human table of a Listing."""
+    out = ["backup_dir %s" % data.backup_dir]
     row = "  %-19s  %-11s %5s  %8s  %-10s  %s"
-    for vm in data["vms"]:
-        shown = printable(vm["name"])
-        if vm["folder"] != vm["name"]:
-            shown += "  (folder %s)" % printable(vm["folder"])
-        out += ["", "%s: %d backup%s" % (shown, len(vm["backups"]),
-                                         "" if len(vm["backups"]) == 1 else "s"),
+    for vm in data.vms:
+        shown = printable(vm.name)
+        if vm.folder != vm.name:
+            shown += "  (folder %s)" % printable(vm.folder)
+        out += ["", "%s: %d backup%s" % (shown, len(vm.backups),
+                                         "" if len(vm.backups) == 1 else "s"),
                 row % ("DATE", "MODE", "FILES", "SIZE", "STATE", "CHECK")]
-        for b in vm["backups"]:
-            out.append(row % ((b["date"] or "?").replace("T", " "), b["mode"] or "?", b["files"],
-                              human_size(b["size"]),
-                              "complete" if b["complete"] else "INCOMPLETE", b["check"]))
+        for b in vm.backups:
+            out.append(row % ((b.date or "?").replace("T", " "), b.mode or "?", b.files,
+                              human_size(b.size),
+                              "complete" if b.complete else "INCOMPLETE", b.check))
     for key, title in (("pool_db", "pool database"), ("hosts", "host backup")):
         folders = collections.OrderedDict()
-        for entry in data[key]:
-            folders.setdefault(entry["folder"], []).append(entry)
+        for entry in getattr(data, key):
+            folders.setdefault(entry.folder, []).append(entry)
         for folder, entries in folders.items():
             out += ["", "%s: %s (%d file%s)" % (title, printable(folder), len(entries),
                                                "" if len(entries) == 1 else "s")]
-            out += ["  %-19s  %-30s %8s" % (e["date"].replace("T", " "), e["file"],
-                                            human_size(e["size"])) for e in entries]
-    if not (data["vms"] or data["pool_db"] or data["hosts"]):
+            out += ["  %-19s  %-30s %8s" % (e.date.replace("T", " "), e.file,
+                                            human_size(e.size)) for e in entries]
+    if not (data.vms or data.pool_db or data.hosts):
         out.append("no backups")
     return "\n".join(out) + "\n"
 
@@ -4146,10 +5429,89 @@ def cmd_list(argv):
         raise BackupDirError("backup_dir %s does not exist" % root)
     data = scan_backup_dir(root, args.pattern)
     if args.json:
-        write_json(args.json, data)
+        write_json(args.json, data.to_json())
     if args.json != "-":
         sys.stdout.write(format_list(data))
     return EXIT_OK
+
+
+# === vmbackup/commands/verify.py ============================================
+# `vmbackup.py verify`: check backups without a server.
+#
+# Imports: errors, util, report, check.
+
+def build_verify_parser():
+    """Return the parser of `vmbackup.py verify`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG + " verify", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check backups without a server: manifest, success marker, every file's "
+                    "size and SHA-256, XVA chunk checksums, VHD footers/header/BAT, raw sizes.",
+        epilog="exit status: 0 all good, 1 some file could not be checked here (e.g. no zstd), "
+               "2 any backup bad or incomplete")
+    opt = parser.add_argument
+    opt("paths", nargs="+", metavar="PATH", help="a backup folder, a VM folder, or backup_dir")
+    opt("--json", metavar="FILE", help="write per-backup results as JSON ('-': stdout)")
+    opt("-q", "--quiet", action="count", default=0, help="print only what is wrong")
+    opt("-v", "--verbose", action="count", default=0, help="also list every file")
+    return parser
+
+
+def cmd_verify(argv):
+    """Run `vmbackup.py verify PATH... [--json FILE|-] [-q|-v]`; return the exit code."""
+    args = build_verify_parser().parse_args(argv)
+    verbosity = args.verbose - args.quiet
+    targets = []
+    for path in args.paths:
+        targets += verify_targets(path)
+    results = []
+    out = sys.stderr if args.json == "-" else sys.stdout
+    for kind, path in targets:
+        try:
+            result = VERIFIERS[kind](path)
+        except OSError as exc:
+            result = unreadable_result(path, exc)
+        results.append(result)
+        for line in verify_lines(result, verbosity):
+            out.write(printable(line) + "\n")
+        out.flush()
+    code = verify_exit_code(results)
+    counts = collections.Counter(r.status for r in results)
+    summary = ", ".join("%d %s" % (counts[s], s) for s in ("good", "bad", "incomplete", "unchecked")
+                        if counts[s])
+    if verbosity >= 0:
+        out.write("verified %d backup%s: %s\n" % (len(results), "" if len(results) == 1 else "s",
+                                                  summary))
+    if args.json:
+        write_json(args.json, {"paths": args.paths, "exit_code": code, "summary": dict(counts),
+                               "backups": [r.to_json() for r in results]})
+    return code
+
+
+# === vmbackup/transport/choose.py ===========================================
+# Picking the transport a run uses (api or xe) from the settings.
+#
+# Owns: make_transport.
+# Imports: errors, transport.api, transport.xe.
+
+def make_transport(config, xapi, password):
+    """Return the transport for this run: xe on the pool host when xe exists, else api.
+
+    Only xe needs the password (in its -pwf file); the API transport uses the session.
+    `xe vm-export` cannot be throttled, so max_rate makes auto pick api.
+    """
+    name = config.transport
+    xe_path = find_xe(config) if name in ("auto", "xe") else None
+    if name == "auto":
+        name = "xe" if (xapi.endpoint.is_local and xe_path and not config.max_rate) else "api"
+    if name == "xe":
+        if not xe_path or not os.access(xe_path, os.X_OK):
+            raise ConfigError("transport=xe (%s): no xe binary found (xe_path=%s)"
+                              % (config.where("transport"), config.xe_path or "-"))
+        if config.max_rate:
+            log.warning("max_rate is ignored by transport=xe (xe vm-export has no limit); "
+                        "use transport=api to limit the exports")
+        return XeTransport(xapi, config, password, xe_path)
+    return ApiTransport(xapi, config)
 
 
 # === vmbackup/commands/restore.py ===========================================
@@ -4158,20 +5520,21 @@ def cmd_list(argv):
 # Imports: everything below commands, and commands.options.
 
 def newest_complete(vm_dir):
-    """Return the newest complete backup folder of a VM folder; raise RestoreError if none."""
-    for folder in reversed(backup_folders(vm_dir)):
-        if any(os.path.exists(os.path.join(folder, m)) for m in SUCCESS_MARKERS):
-            return folder
+    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none."""
+    store = LocalStore(os.path.dirname(vm_dir))
+    for backup in reversed(store.backups(os.path.basename(vm_dir))):
+        if backup.complete:
+            return backup
     raise RestoreError("%s holds no complete backup" % vm_dir)
 
 
 def resolve_backup(path):
-    """Return the backup folder `path` names: a backup folder, or a VM folder (its newest)."""
+    """Return the BackupFolder `path` names: a backup folder, or a VM folder (its newest)."""
     path = os.path.abspath(path)
     if not os.path.isdir(path):
         raise RestoreError("%s is not a backup folder" % path)
     if parse_backup_name(os.path.basename(path)) is not None:
-        return path
+        return read_backup_folder(path)
     return newest_complete(path)
 
 
@@ -4189,20 +5552,23 @@ class RestoreItem(typing.NamedTuple):
 def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
     """Return the [RestoreItem] that restoring `folder` creates (pure; raises RestoreError)."""
     if manifest is None:
-        manifest = legacy_manifest(folder)
+        manifest = legacy_manifest(read_backup_folder(folder))
     vm_name = (manifest.get("vm") or {}).get("name") or os.path.basename(os.path.dirname(folder))
     day = (today or datetime.date.today()).isoformat()
     name = new_name or (vm_name if preserve else "%s (restored %s)" % (vm_name, day))
     mode = manifest.get("mode")
     if mode == "vm-export":
-        xvas = [f["name"] for f in manifest["files"] if re.search(r"\.xva(\.gz|\.zst)?$", f["name"])]
+        xvas = [f["name"] for f in manifest["files"] if file_kind(f["name"]) == "xva"]
         if len(xvas) != 1:
             raise RestoreError("%s: expected one .xva file, found %d" % (folder, len(xvas)))
         return [RestoreItem("vm", os.path.join(folder, xvas[0]), name, "xva")]
     if mode == "vdi-export":
         items = []
         for disk in manifest.get("disks", ()):
-            fmt = os.path.splitext(disk["file"])[1].lstrip(".")
+            fmt = file_kind(disk["file"])
+            if fmt not in ("raw", "vhd"):
+                raise RestoreError("%s: disk %s: %s is not a .raw or .vhd file"
+                                   % (folder, disk.get("device", ""), disk["file"]))
             items.append(RestoreItem("disk", os.path.join(folder, disk["file"]),
                                      "%s %s" % (name, disk.get("device", "")),
                                      fmt, int(disk["virtual_size"]), str(disk.get("userdevice", "")),
@@ -4216,22 +5582,23 @@ def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
     raise RestoreError("%s: unknown backup mode %r" % (folder, mode))
 
 
-def legacy_manifest(folder):
-    """Return a manifest-like dict for a NAUbackup folder (its .xva, or .raw/.vhd + vdi.cfg)."""
-    names = os.listdir(folder)
-    xvas = [n for n in names if re.search(r"\.xva(\.gz)?$", n)]
+def legacy_manifest(backup):
+    """Return a manifest-like dict for a NAUbackup BackupFolder: its .xva, or its one
+    .raw/.vhd file and the root disk (store.legacy_root_disk) that file holds."""
+    xvas = backup.names_of("xva")
     if xvas:
         return {"mode": "vm-export", "files": [{"name": n} for n in xvas], "vm": {}}
-    disks = [n for n in names if n.endswith((".raw", ".vhd"))]
-    cfg = os.path.join(folder, "DISK-xvda", "vdi.cfg")
-    if len(disks) == 1 and os.path.exists(cfg):
-        with open(cfg, encoding="utf-8", errors="replace") as handle:
-            fields = dict(line.rstrip("\n").split("=", 1) for line in handle if "=" in line)
+    disks, root = backup.names_of("raw") + backup.names_of("vhd"), backup.root_disk
+    if len(disks) == 1 and root is not None:
+        if root.virtual_size is None:
+            raise RestoreError("%s: DISK-%s/vdi.cfg records no virtual_size for %s"
+                               % (backup.path, root.device, disks[0]))
         return {"mode": "vdi-export", "vm": {},
-                "disks": [{"file": disks[0], "device": "xvda", "userdevice": "0",
-                           "virtual_size": int(fields.get("virtual_size", 0))}],
+                "disks": [{"file": disks[0], "device": root.device, "userdevice": root.userdevice,
+                           "virtual_size": root.virtual_size}],
                 "files": [{"name": disks[0]}]}
-    raise RestoreError("%s: legacy NAUbackup folder with nothing this tool can restore" % folder)
+    raise RestoreError("%s: legacy NAUbackup folder with nothing this tool can restore"
+                       % backup.path)
 
 
 def find_sr(xapi, wanted):
@@ -4269,8 +5636,7 @@ def restore_vm(transport, item, sr, preserve, start):
     ref = vms[0]
     xapi = transport.xapi
     xapi.call("VM.set_name_label", ref, item.name)
-    if TAG_KEY in xapi.call("VM.get_other_config", ref):
-        xapi.call("VM.remove_from_other_config", ref, TAG_KEY)
+    transport.untag_copy(ref)   # the exported snapshot's tags came along in the .xva
     if xapi.call("VM.get_is_a_template", ref):
         xapi.call("VM.set_is_a_template", ref, False)
     if start:
@@ -4302,6 +5668,7 @@ def build_restore_parser():
     """Return the parser of `vmbackup.py restore`."""
     parser = argparse.ArgumentParser(
         prog=PROG + " restore", formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[connection_options(), output_options("write what was restored as JSON")],
         description="Restore a backup into the pool: a vm-export backup becomes a new VM, a "
                     "vdi-export backup becomes new disks. The backup is verified first.",
         epilog="examples:\n"
@@ -4319,48 +5686,25 @@ def build_restore_parser():
     opt("--start", action="store_true", help="start the restored VM")
     opt("--attach-to", metavar="VM", help="vdi-export: attach the restored disks to this VM")
     opt("--preview", "--dry-run", action="store_true", help="show what would be created; change nothing")
-    opt("-s", "--server", metavar="URL")
-    opt("-u", "--username", metavar="USER")
-    opt("--password-file", metavar="FILE")
-    opt("--transport", choices=("auto", "xe", "api"))
-    opt("--xe", metavar="PATH", dest="xe_path")
-    opt("--tls-ca-file", metavar="FILE")
-    opt("--tls-fingerprint", metavar="SHA256")
-    opt("--insecure", action="store_const", const=True, dest="tls_insecure")
-    opt("--json", metavar="FILE", help="write what was restored as JSON ('-': stdout)")
-    opt("-q", "--quiet", action="count", default=0)
-    opt("-v", "--verbose", action="count", default=0)
     return parser
 
 
 def cmd_restore(argv):
     """`vmbackup.py restore BACKUP ...`: verify, then import; return the exit code."""
     args = build_restore_parser().parse_args(argv)
-    setup_logging(args.verbose - args.quiet)
-    values = {}
-    for option in ("server", "username", "password_file", "transport", "xe_path", "tls_ca_file",
-                   "tls_fingerprint", "tls_insecure"):
-        raw = getattr(args, option)
-        if raw is not None:
-            key, parse = CLI_SETTINGS[option]
-            try:
-                values[key] = parse(raw)
-            except ValueError as exc:
-                raise UsageError("--%s %s: %s" % (option.replace("_", "-"), raw, exc))
-    config = build_config(None, dict(values, server=values.get("server") or os.environ.get("VMBACKUP_SERVER")))
-    password = read_password_file(config.password_file) if config.password_file \
-        else os.environ.get("VMBACKUP_PASSWORD")
-    folder = resolve_backup(args.backup)
-    check = verify_backup(folder)
-    if check["status"] in ("bad", "incomplete"):
-        for line in check["problems"] or check["notes"] or ["no success marker"]:
-            log.error("%s: %s", display_path(folder), line if isinstance(line, str) else line)
+    config, password = load_config(settings_from_args(args))
+    backup = resolve_backup(args.backup)
+    folder = backup.path
+    check = check_backup(backup)
+    if check.status in ("bad", "incomplete"):
+        for line in verify_lines(check, verbosity=-1):
+            log.error("%s", printable(line))
         raise RestoreError("%s is %s: refusing to restore it (see `vmbackup.py verify`)"
-                           % (folder, check["status"]))
-    if check["status"] == "unchecked":
+                           % (folder, check.status))
+    if check.status == "unchecked":
         log.warning("%s could not be fully checked here (%s); restoring anyway",
-                    display_path(folder), "; ".join(str(u) for u in check["unchecked"]))
-    manifest = read_manifest(folder)
+                    check.display, printable("; ".join(str(u) for u in check.unchecked)))
+    manifest = legacy_manifest(backup) if backup.legacy else backup.manifest
     items = plan_restore(folder, manifest, args.name, args.preserve)
     if args.attach_to and items[0].kind != "disk":
         raise UsageError("--attach-to is for vdi-export backups; %s holds a whole VM" % folder)
@@ -4405,93 +5749,50 @@ def cmd_restore(argv):
     return EXIT_OK
 
 
-# === vmbackup/commands/verify.py ============================================
-# `vmbackup.py verify`: check backups without a server.
-#
-# Imports: errors, util, report, check.
-
-def build_verify_parser():
-    """Return the parser of `vmbackup.py verify`."""
-    parser = argparse.ArgumentParser(
-        prog=PROG + " verify", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Check backups without a server: manifest, success marker, every file's "
-                    "size and SHA-256, XVA chunk checksums, VHD footers/header/BAT, raw sizes.",
-        epilog="exit status: 0 all good, 1 some file could not be checked here (e.g. no zstd), "
-               "2 any backup bad or incomplete")
-    opt = parser.add_argument
-    opt("paths", nargs="+", metavar="PATH", help="a backup folder, a VM folder, or backup_dir")
-    opt("--json", metavar="FILE", help="write per-backup results as JSON ('-': stdout)")
-    opt("-q", "--quiet", action="count", default=0, help="print only what is wrong")
-    opt("-v", "--verbose", action="count", default=0, help="also list every file")
-    return parser
-
-
-def cmd_verify(argv):
-    """Run `vmbackup.py verify PATH... [--json FILE|-] [-q|-v]`; return the exit code."""
-    args = build_verify_parser().parse_args(argv)
-    verbosity = args.verbose - args.quiet
-    targets = []
-    for path in args.paths:
-        targets += verify_targets(path)
-    results = []
-    out = sys.stderr if args.json == "-" else sys.stdout
-    for kind, path in targets:
-        try:
-            result = VERIFIERS[kind](path)
-        except OSError as exc:
-            result = _new_result(path)
-            _problem(result, "", "cannot read: %s" % (exc.strerror or exc))
-            result["status"] = "bad"
-        results.append(result)
-        for line in verify_lines(result, verbosity):
-            out.write(printable(line) + "\n")
-        out.flush()
-    code = verify_exit_code(results)
-    counts = collections.Counter(r["status"] for r in results)
-    summary = ", ".join("%d %s" % (counts[s], s) for s in ("good", "bad", "incomplete", "unchecked")
-                        if counts[s])
-    if verbosity >= 0:
-        out.write("verified %d backup%s: %s\n" % (len(results), "" if len(results) == 1 else "s",
-                                                  summary))
-    if args.json:
-        write_json(args.json, {"paths": args.paths, "exit_code": code, "summary": dict(counts),
-                               "backups": results})
-    return code
-
-
 # === vmbackup/leftovers.py ==================================================
 # Snapshots left by earlier, killed runs: recognising them and destroying them.
 #
-# Owns: is_leftover, run_is_dead, clean_leftovers, forget_pending.
-# Imports: errors, util, store, transport.base, backup.
+# Owns: is_leftover, run_is_dead, clean_leftovers, forget_pending; the run's heartbeat in
+# the pool (PoolBeat, read_beats), which tells another host's live run from a dead one.
+# Imports: errors, util, store, xapi, transport.base, backup.
 
 #: A tool snapshot older than this is a leftover whoever made it (XAPI caps an export at 24 h).
 LEFTOVER_AGE = datetime.timedelta(hours=25)
 
 
-def is_leftover(record, now=None):
+#: pool.other_config keys "vmbackup_alive <host> <pid> <start> <beat time>": each live run
+#: adds a new one every BEAT_EVERY seconds, then removes its previous one.
+BEAT_PREFIX = "vmbackup_alive "
+
+
+#: Seconds between a run's heartbeats; a run whose last one is older than BEAT_STALE is over.
+BEAT_EVERY = 60.0
+BEAT_STALE = datetime.timedelta(minutes=10)
+
+
+def is_leftover(record, now=None, beats=None):
     """Return True if a VM/VDI record is a snapshot this tool made and no live run still uses.
 
     It must be a snapshot and either carry our tag whose first word is its own uuid (so
     a restored copy never qualifies), or -- made by a run killed before it could tag it --
     carry the pending mark that run put on its source, and have been taken within
     PENDING_WINDOW of that mark (so a person's later snapshot never qualifies). And the
-    run must be dead: a pid gone on this host, or older than LEFTOVER_AGE.
+    run must be over (run_is_dead, with the pool's heartbeats `beats`).
     """
     if not record.get("is_a_snapshot"):
         return False
     other = record.get("other_config") or {}
     words = other.get(TAG_KEY, "").split()
     if len(words) >= 4 and words[0] == record.get("uuid"):
-        note = words[1:4]
+        note = words[1:5]
     else:
-        note = other.get(PENDING_KEY, "").split()[:3]
+        note = other.get(PENDING_KEY, "").split()[:4]
         taken = xapi_time(record.get("snapshot_time"))
         marked = note_time(note)
         if len(note) < 3 or taken is None or marked is None \
                 or not datetime.timedelta(0) <= taken - marked <= PENDING_WINDOW:
             return False
-    return run_is_dead(note, now)
+    return run_is_dead(note, now, beats)
 
 
 def note_time(note):
@@ -4511,142 +5812,373 @@ def xapi_time(value):
         return None
 
 
-def run_is_dead(note, now=None):
-    """Return True if the run a note names has ended: its pid is gone here, or it is too old."""
+def run_is_dead(note, now=None, beats=None, me=None):
+    """Return True if the run a note ['host', 'pid', 'start'(, 'beat')] names is provably over.
+
+    Any host: a run that beats (its note ends with BEAT_WORD) is over when its last
+    heartbeat in `beats` ({(host, pid, start): time}) is missing or older than BEAT_STALE.
+    This host: its pid is gone, or it is this very pid with another start (a container's
+    pid 1). Any run: started more than LEFTOVER_AGE ago (runs of versions without heartbeats).
+    """
+    now = now or datetime.datetime.utcnow()
     host, pid = note[0], note[1]
-    if host == socket.gethostname() and pid.isdigit() and not pid_alive(int(pid)):
+    me = me or run_identity()
+    if host == me[0] and pid.isdigit() and (not pid_alive(int(pid)) or
+                                            (pid == me[1] and note[2:3] != [me[2]])):
         return True
+    if len(note) >= 4 and note[3] == BEAT_WORD and beats is not None:
+        last = beats.get(tuple(note[:3]))
+        return last is None or now - last > BEAT_STALE
     made = note_time(note)
-    return made is not None and (now or datetime.datetime.utcnow()) - made > LEFTOVER_AGE
+    return made is not None and now - made > LEFTOVER_AGE
 
 
-def forget_pending(ctx):
+#: (host, pid, start) of this run: set by PoolBeat; a process outside a run has none.
+_ME = []
+
+
+def run_identity():
+    """Return this run's (host, pid, start), or (host, pid, None) outside a run."""
+    return _ME[-1] if _ME else (socket.gethostname(), str(os.getpid()), None)
+
+
+def read_beats(other_config):
+    """Return {(host, pid, start): newest beat time} from pool.other_config (pure).
+
+    {"vmbackup_alive h 7 2026-11-23T20:00:00 2026-11-23T20:05:00": ""}
+      -> {("h", "7", "2026-11-23T20:00:00"): datetime(2026, 11, 23, 20, 5)}
+    """
+    beats = {}
+    for key in other_config or {}:
+        words = key[len(BEAT_PREFIX):].split() if key.startswith(BEAT_PREFIX) else []
+        when = note_time(["", "", words[3]]) if len(words) == 4 else None
+        if when is not None:
+            run = tuple(words[:3])
+            beats[run] = max(when, beats.get(run, when))
+    return beats
+
+
+def pool_beats(xapi):
+    """Return (pool ref, its other_config, read_beats of it), read now (not from the view)."""
+    pool = xapi.call("pool.get_all")[0]
+    other = xapi.call("pool.get_other_config", pool)
+    return pool, other, read_beats(other)
+
+
+class PoolBeat:
+    """This run's heartbeat in pool.other_config (start() ... stop()), so that a run on any
+    host can tell that this one lives and, once it stops beating, that it is over.
+
+    A thread on its own connection (Xapi.twin) adds a key with the time every BEAT_EVERY
+    seconds, then removes the previous one (never a moment without one); the last key
+    goes at stop(). A run killed with -9 leaves one: it goes stale, and the next run
+    removes it (forget_beats).
+    """
+
+    def __init__(self, xapi, note, clock=datetime.datetime.utcnow):
+        self.xapi, self.note, self.clock = xapi.twin(), note, clock
+        self.run = tuple(note.split()[:3])
+        self.key, self.pool = None, None
+        self.stopped, self.thread = threading.Event(), None
+
+    def beat(self):
+        """Add a new heartbeat key, then remove the previous one."""
+        key = "%s%s %s" % (BEAT_PREFIX, " ".join(self.run),
+                           self.clock().replace(microsecond=0).isoformat())
+        if key != self.key:
+            self.xapi.call("pool.add_to_other_config", self.pool, key, "")
+            old, self.key = self.key, key
+            if old is not None:
+                self.xapi.call("pool.remove_from_other_config", self.pool, old)
+
+    def _keep_beating(self):
+        while not self.stopped.wait(BEAT_EVERY):
+            try:
+                self.beat()
+            except VmBackupError as exc:
+                log.warning("cannot refresh the run's heartbeat in the pool: %s", exc)
+
+    def start(self):
+        """Beat once (before any snapshot: a run without a beat yet is never seen as dead),
+        then keep beating in a thread."""
+        self.pool = self.xapi.call("pool.get_all")[0]
+        self.beat()
+        _ME.append(self.run)
+        self.thread = start_thread(self._keep_beating, "vmbackup-beat")
+
+    def stop(self):
+        """Stop beating and remove the last heartbeat (safe to call when start() failed)."""
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+        if self.run in _ME:
+            _ME.remove(self.run)
+        if self.key is not None:
+            try:
+                self.xapi.call("pool.remove_from_other_config", self.pool, self.key)
+            except VmBackupError as exc:
+                log.debug("removing the run's heartbeat: %s", exc)
+
+
+def forget_beats(ctx, pool, other_config, beats, now=None):
+    """Remove the heartbeat keys of runs that are over (killed runs leave their last one)."""
+    now = now or datetime.datetime.utcnow()
+    for key in other_config:
+        words = key[len(BEAT_PREFIX):].split() if key.startswith(BEAT_PREFIX) else []
+        if len(words) == 4 and now - beats[tuple(words[:3])] > BEAT_STALE:
+            try:
+                ctx.transport.xapi.call("pool.remove_from_other_config", pool, key)
+            except VmBackupError as exc:
+                log.debug("removing a dead run's heartbeat: %s", exc)
+
+
+def forget_pending(ctx, beats=None):
     """Remove pending marks that dead runs left on VMs and disks (not snapshots)."""
     for cls, records in (("VM", ctx.view.vms), ("VDI", ctx.view.vdis)):
         for ref, rec in records.items():
             note = (rec.get("other_config") or {}).get(PENDING_KEY, "").split()
-            if note and not rec.get("is_a_snapshot") and len(note) >= 3 and run_is_dead(note):
+            if note and not rec.get("is_a_snapshot") and len(note) >= 3 \
+                    and run_is_dead(note, beats=beats):
                 ctx.transport.unmark_pending(cls, Obj(ref, rec.get("uuid", "")))
 
 
+def run_log(ctx):
+    """Return where the run's own problems are recorded (the module log outside a run)."""
+    return ctx.record.log if getattr(ctx, "record", None) is not None else log
+
+
+def stop_exports(ctx, rec):
+    """Cancel the tasks still at work on a leftover (the export of a killed run whose xe or
+    connection lives on), so that its destroy can succeed; say what the destroy waits for."""
+    for task, operation in sorted((rec.get("current_operations") or {}).items()):
+        log.info("leftover %s is still busy (%s, task %s): cancelling that task; the destroy "
+                 "waits up to %ds for it to end", rec["uuid"], operation, task,
+                 ctx.transport.BUSY_WAIT)
+        try:
+            ctx.transport.xapi.call("task.cancel", task)
+        except VmBackupError as exc:
+            log.debug("task.cancel %s: %s", task, exc)
+
+
 def clean_leftovers(ctx):
-    """Destroy the tool's snapshots and VDI snapshots left by a killed run; return how many."""
-    count = 0
+    """Destroy the tool's snapshots and VDI snapshots left by a killed run; return how many.
+
+    Destroying one is housekeeping (info); failing to is an error of the run.
+    """
+    count, now = 0, datetime.datetime.utcnow()
+    # read after the view: a run that started since then already beats
+    pool, other_config, beats = pool_beats(ctx.transport.xapi)
     for ref, rec in ctx.view.vms.items():
-        if is_leftover(rec):
-            log.warning("destroying leftover snapshot %r (%s) of an interrupted run",
+        if is_leftover(rec, now, beats):
+            log.info("destroying leftover snapshot %r (%s) of an interrupted run",
                         printable(rec["name_label"]), rec["uuid"])
             try:
+                stop_exports(ctx, rec)
                 with signals_deferred():   # a destroy cut in half leaves orphan disks
                     ctx.transport.destroy_snapshot(Obj(ref, rec["uuid"]))
                 count += 1
             except VmBackupError as exc:
-                log.error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
+                run_log(ctx).error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
     for ref, rec in ctx.view.vdis.items():
-        if is_leftover(rec) and not rec.get("VBDs"):
-            log.warning("destroying leftover disk snapshot %r (%s) of an interrupted run",
+        if is_leftover(rec, now, beats) and not rec.get("VBDs"):
+            log.info("destroying leftover disk snapshot %r (%s) of an interrupted run",
                         printable(rec.get("name_label", "")), rec["uuid"])
             try:
+                stop_exports(ctx, rec)
                 with signals_deferred():
                     ctx.transport.destroy_vdi(Obj(ref, rec["uuid"]))
                 count += 1
             except VmBackupError as exc:
-                log.error("cannot destroy leftover disk snapshot %s: %s", rec["uuid"], exc)
-    forget_pending(ctx)
+                run_log(ctx).error("cannot destroy leftover disk snapshot %s: %s", rec["uuid"], exc)
+    forget_pending(ctx, beats)
+    forget_beats(ctx, pool, other_config, beats, now)
     return count
 
 
 # === vmbackup/run.py ========================================================
-# The whole backup run, as a list of named steps; and the preview.
+# The whole backup run, as a list of named steps; and the preview, the same run without side effects.
 #
-# Owns: run_backup, back_up_everything, select_for_run, preview.
+# Owns: run_backup, back_up_everything, select_for_run, report_run, report_cannot_start,
+# preview (and what it plans: planned_deletions, planned_destroys).
 # Imports: everything below it.
 
-def preview(config, endpoint, password, json_target=None):
-    """Print what a run would do; return EXIT_OK if it would start, else EXIT_ERROR."""
-    problems = check_backup_dir_readonly(config)
+def run_backup(config, endpoint, password, inv):
+    """The run: check, lock, log in, clean leftovers, back up each VM, pool, hosts, report.
+
+    Returns the exit code of its Outcome; a run that cannot start reports too (status
+    log, --json) and then raises its error, as a signal does.
+    """
+    record = RunRecord()
+    status_log = StatusLog(config.status_log, config.where("status_log"), record.log)
+    try:
+        check_backup_dir(config)
+        with umask(config.umask), RunLock(config.backup_dir):
+            status_log.line(PROG, "begin")
+            record.begun = True
+            back_up_everything(config, endpoint, password, status_log, record)
+    except VmBackupError as exc:
+        record.cannot_start = str(exc)
+        raise
+    except Terminated as exc:
+        record.terminated = exc.args[0] if exc.args else "a signal"
+        exc.args = (record.terminated, record.terminated_note())
+        raise
+    except KeyboardInterrupt:
+        record.terminated = "SIGINT"
+        raise
+    finally:
+        report_run(config, record, status_log, inv.json)
+    return exit_code_for(record.outcome())
+
+
+@contextlib.contextmanager
+def umask(mask):
+    """Set the process umask for the block."""
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def back_up_everything(config, endpoint, password, status_log, record):
+    """Log in, clean leftovers, back up each selected VM, the pool and the hosts into `record`."""
     xapi = login(endpoint, config.username, password)
     try:
-        view = read_pool(xapi)
+        transport = make_transport(config, xapi, password)
+        beat = PoolBeat(xapi, run_note())   # any host can tell this run lives
+        try:
+            beat.start()
+            view = read_pool(xapi)
+            ctx = Context(config, transport, view, beat.note, record)
+            clean_leftovers(ctx)
+            selection = select_for_run(config, view, record)
+            log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
+            for vm in selection.vms:
+                record.results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
+            if config.pool_db_backup:
+                record.results.append(backup_pool_db(ctx, record.started))
+            if config.host_backup:
+                record.results.extend(backup_hosts(ctx, record.started))
+        finally:
+            beat.stop()
+            transport.close()
     finally:
         xapi.logout()
+
+
+def select_for_run(config, view, record):
+    """Return the Selection (metadata_only turns every VM into meta-export); record its problems."""
     selection = select_vms(view.vms, config.selectors, config.max_backups)
-    plans = [plan_vm(vm, view) for vm in selection.vms]
-    data = preview_data(config, selection, plans, problems)
+    if config.metadata_only:
+        selection = selection._replace(vms=[vm._replace(mode="meta-export") for vm in selection.vms])
+    record.selection = selection
+    for warning in selection.warnings:
+        record.log.warning("%s", warning)
+    for message in selection.errors:
+        record.log.error("%s", message)
+    if not selection.vms and not selection.errors \
+            and not config.pool_db_backup and not config.host_backup:
+        record.log.warning("nothing to back up: %s", "every VM excluded" if selection.excluded
+                           else "no VM selected")
+    return selection
+
+
+def report_run(config, record, status_log, json_target):
+    """Print and write the run's Outcome: status log `end`, summary, recap, --json."""
+    outcome = record.outcome()
+    if not record.begun and status_log.folder_exists():
+        status_log.line(PROG, "begin")      # a run that cannot start still leaves its pair
+        record.begun = True
+    if record.begun:
+        status_log.line(PROG, *status_end_fields(outcome))
+    if outcome.cannot_start is None:
+        if os.path.isdir(config.backup_dir):
+            log_df(config.backup_dir, "after")
+        log.info("done: %s, exit %d", tally(outcome), exit_code_for(outcome))
+        for line in recap(outcome):
+            (log.error if line.startswith("FAILED") else log.warning)("recap: %s", line)
+    if json_target:
+        write_json(json_target, run_summary(config, record.outcome()))
+
+
+def report_cannot_start(json_target, reason):
+    """Write the --json of a run stopped before its settings were read (a config error)."""
+    record = RunRecord()
+    record.cannot_start = reason
+    if json_target:
+        write_json(json_target, run_summary(None, record.outcome()))
+
+
+# -- the preview: the same checks, nothing changed --------------------------------
+
+def preview(config, endpoint, password, json_target=None):
+    """Print what a run would do; return the exit code the run would have (0/1/2)."""
+    record = RunRecord()
+    found = PreviewPlan()
+    try:
+        problems = check_backup_dir_readonly(config)
+        if problems:
+            record.cannot_start = problems[0]
+        else:
+            check_space(config)
+        found = preview_pool(config, endpoint, password, record)
+    except VmBackupError as exc:
+        record.cannot_start = record.cannot_start or str(exc)
+    outcome = record.outcome()
+    data = preview_data(config, outcome, found)
     if json_target:
         write_json(json_target, data)
     if json_target != "-":
         sys.stdout.write(format_preview(data, config))
-    return EXIT_ERROR if data["status"] == "error" else EXIT_OK
+    return exit_code_for(outcome)
 
 
-def select_for_run(config, view):
-    """Return the Selection for a run (metadata_only turns every VM into meta-export)."""
-    selection = select_vms(view.vms, config.selectors, config.max_backups)
-    if config.metadata_only:
-        selection = selection._replace(vms=[vm._replace(mode="meta-export") for vm in selection.vms])
-    return selection
-
-
-def run_backup(config, endpoint, password, inv):
-    """The run: check, lock, log in, clean leftovers, back up each VM, pool, hosts, report."""
-    started = datetime.datetime.now().replace(microsecond=0)
-    problems = RunProblems()
-    log.addHandler(problems)
-    try:
-        check_backup_dir(config)
-        status_log = StatusLog(config.status_log, config.where("status_log"))
-        results, selection = [], None
-        old_umask = os.umask(config.umask)
-        try:
-            with RunLock(config.backup_dir):
-                status_log.line(PROG, "begin")
-                code = EXIT_ERROR  # until the run gets through: a login error, a signal...
-                try:
-                    results, selection = back_up_everything(config, endpoint, password, status_log,
-                                                            started)
-                    code = exit_code_for(results, problems.warnings, problems.errors)
-                finally:
-                    word = {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
-                    status_log.line(PROG, "end", word, tally(results, problems.warnings))
-        finally:
-            os.umask(old_umask)
-        log_df(config.backup_dir, "after")
-        log.info("done: %s, exit %d", tally(results, problems.warnings), code)
-    finally:
-        log.removeHandler(problems)
-    if inv.json:
-        write_json(inv.json, run_summary(config, selection, results, problems.warnings, started, code))
-    return code
-
-
-def back_up_everything(config, endpoint, password, status_log, started):
-    """Log in, clean leftovers, back up each selected VM, the pool and the hosts; return (results, selection)."""
+def preview_pool(config, endpoint, password, record):
+    """Log in, check the transport, read the pool, select and plan; return the PreviewPlan."""
     xapi = login(endpoint, config.username, password)
     try:
-        transport = make_transport(config, xapi, password)
-        try:
-            view = read_pool(xapi)
-            ctx = Context(config, transport, view, run_note())
-            clean_leftovers(ctx)
-            selection = select_for_run(config, view)
-            for warning in selection.warnings:
-                log.warning("%s", warning)
-            results = [VmResult("selection", "", "-", "error", message=e) for e in selection.errors]
-            for message in selection.errors:
-                log.error("%s", message, extra={"vm": "selection"})
-            log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
-            for vm in selection.vms:
-                results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
-            if config.pool_db_backup:
-                results.append(backup_pool_db(ctx, started))
-            if config.host_backup:
-                results.extend(backup_hosts(ctx, started))
-            return results, selection
-        finally:
-            transport.close()
+        make_transport(config, xapi, password).close()
+        view = read_pool(xapi)
     finally:
         xapi.logout()
+    selection = select_for_run(config, view, record)
+    plans = [plan_vm(vm, view) for vm in selection.vms]
+    for plan in plans:
+        vm = plan.vm
+        record.results.append(VmResult(vm.name, vm.uuid, vm.mode,
+                                       "error" if plan.problems else "success",
+                                       message="; ".join(plan.problems)))
+    if config.pool_db_backup:
+        record.results.append(VmResult("pool database", "", "pool", "success"))
+    if config.host_backup:
+        record.results.extend(VmResult("host backup of %s" % (h.get("hostname") or ref), "",
+                                       "pool", "success") for ref, h in view.hosts.items())
+    deletions = planned_deletions(config, plans) if not record.cannot_start else ()
+    return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
+
+
+def planned_deletions(config, plans):
+    """Return [(VM folder, backup name)] retention would delete after each plan's new backup."""
+    store, found = LocalStore(config.backup_dir), []
+    for plan in plans:
+        if plan.problems:
+            continue
+        folder = safe_dirname(plan.vm.name)
+        entries = [(f.name, f.when, f.complete) for f in store.backups(folder)]
+        new = ("(this run)", datetime.datetime.max, True)
+        found.extend((folder, name) for name in plan_retention(entries + [new], plan.vm.max_backups)
+                     if name != new[0])
+    return tuple(found)
+
+
+def planned_destroys(view):
+    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy."""
+    found = [("VM", rec.get("name_label", ""), rec.get("uuid", ""))
+             for rec in view.vms.values() if is_leftover(rec)]
+    found += [("VDI", rec.get("name_label", ""), rec.get("uuid", ""))
+              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")]
+    return tuple(sorted(found))
 
 
 # === vmbackup/commands/backup.py ============================================
@@ -4707,7 +6239,6 @@ class Invocation(typing.NamedTuple):
     password: typing.Optional[str] = None
     ignore_extra_keys: bool = False
     json: typing.Optional[str] = None
-    verbosity: int = 0
     legacy: bool = False
     target: typing.Optional[str] = None   # create-password-file=FILE
 
@@ -4716,6 +6247,8 @@ def build_parser():
     """Return the modern argparse parser (backup is the default command)."""
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
+        parents=[connection_options(),
+                 output_options("write the run summary (or preview) as JSON")],
         description="Back up the VMs of a XenServer / XCP-ng pool: snapshot, export, metadata, "
                     "retention, pool database and host backups.",
         epilog=EXAMPLES + "\n" + EXIT_STATUS_TEXT)
@@ -4742,27 +6275,15 @@ def build_parser():
     opt("--quiesce", action="store_const", const=True, help="quiesced snapshots where supported")
     opt("--preview", "--dry-run", action="store_true",
         help="show the settings and the selection; change nothing")
-    opt("-s", "--server", metavar="URL",
-        help="https://host, http://host or unix:/path (default: this host's local xapi)")
-    opt("-u", "--username", metavar="USER", help="XAPI user (default root)")
-    opt("--password-file", metavar="FILE",
-        help="file with the XAPI password (or set VMBACKUP_PASSWORD); never on the command line")
-    opt("--transport", choices=("auto", "xe", "api"),
-        help="xe: shell out to xe on the pool host; api: XenAPI + HTTP (default: auto)")
-    opt("--xe", metavar="PATH", dest="xe_path", help="the xe binary (default /opt/xensource/bin/xe)")
-    opt("--tls-ca-file", metavar="FILE", help="CA bundle for the pool's certificate")
-    opt("--tls-fingerprint", metavar="SHA256", help="pin the pool's certificate by fingerprint")
-    opt("--insecure", action="store_const", const=True, dest="tls_insecure",
-        help="do not verify the pool's certificate (warns; prefer --tls-fingerprint)")
     opt("--space-threshold", metavar="PERCENT", help="minimum %% free in backup_dir")
     opt("--retries", metavar="N", help="retries of a failed export (new snapshot each time)")
     opt("--stall-timeout", metavar="SECONDS", help="abort an export that makes no progress")
+    opt("--max-rate", metavar="RATE", help="bandwidth limit per export, e.g. 100M (bytes/s)")
+    opt("--progress-interval", metavar="SECONDS",
+        help="seconds between progress lines when stderr is not a terminal (default 60)")
     opt("--umask", metavar="OCTAL", help="umask for backup files (default 077)")
     opt("--status-log", metavar="FILE", help="append NAUbackup-style status lines to FILE")
     opt("--ignore-extra-keys", action="store_true", help="skip unknown config keys")
-    opt("--json", metavar="FILE", help="write the run summary (or preview) as JSON ('-': stdout)")
-    opt("-q", "--quiet", action="count", default=0, help="less output")
-    opt("-v", "--verbose", action="count", default=0, help="more output (-vv: debug)")
     opt("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -4770,15 +6291,7 @@ def build_parser():
 def parse_modern(argv):
     """Return the Invocation of a modern command line; raise UsageError on bad values."""
     args = build_parser().parse_args(argv)
-    values = {}
-    for option, (key, parse) in CLI_SETTINGS.items():
-        raw = getattr(args, option)
-        if raw is None:
-            continue
-        try:
-            values[key] = parse(raw)
-        except ValueError as exc:
-            raise UsageError("--%s %s: %s" % (option.replace("_", "-"), raw, exc))
+    values = settings_from_args(args)
     selectors = []
     for option, mode in (("vdi_export", "vdi-export"), ("vm_export", "vm-export"),
                          ("meta_export", "meta-export"), ("exclude", "exclude")):
@@ -4789,8 +6302,7 @@ def parse_modern(argv):
                 raise UsageError("--%s %s: %s" % (mode, text, exc))
     return Invocation("backup", config_file=args.config, cli_values=values,
                       cli_selectors=tuple(selectors), preview=args.preview,
-                      ignore_extra_keys=args.ignore_extra_keys, json=args.json,
-                      verbosity=args.verbose - args.quiet)
+                      ignore_extra_keys=args.ignore_extra_keys, json=args.json)
 
 
 #: A legacy selector word: 'vm-export=SEL' or 'vdi-export=SEL'; other 'key=' words are errors.
@@ -4835,6 +6347,9 @@ def parse_legacy(argv):
     if os.path.isfile(target):
         return Invocation("backup", config_file=target, cli_values=values, preview=preview,
                           password=password, ignore_extra_keys=ignore_extra, legacy=True)
+    if looks_like_path(target):
+        raise UsageError("config file %s does not exist (a second argument with '/' or ending "
+                         "like .cfg is a config file, not a vm-selector)" % target)
     match = LEGACY_KEY_RE.match(target)
     mode = "vm-export"
     if match and normalise_key(match.group(1)) in ("vm-export", "vdi-export"):
@@ -4850,34 +6365,49 @@ def parse_legacy(argv):
                       password=password, ignore_extra_keys=ignore_extra, legacy=True)
 
 
+def looks_like_path(word):
+    """Return True if a NAUbackup second argument is meant as a config file.
+
+    'conf/weekly', 'weekend.cfg' and the typos 'weekend.cgf', 'weekend.conf' (an ending of
+    letters holding a c and an f) are; 'DEV-my.*', 'web01', 'db.example.com' are not.
+    """
+    ending = re.search(r"\.([A-Za-z]{2,6})$", word)
+    return "/" in word or bool(ending and set("cf") <= set(ending.group(1).lower()))
+
+
 def load_settings(inv):
     """Return (Config, password) for a backup Invocation: defaults < file < command line."""
     parsed = None
     if inv.config_file:
         parsed = read_config_file(inv.config_file, inv.ignore_extra_keys)
-    values = dict(inv.cli_values)
-    env_server = os.environ.get("VMBACKUP_SERVER")
-    if env_server and "server" not in values and not (parsed and "server" in parsed.values):
-        values["server"] = env_server
-    config = build_config(parsed, values, inv.cli_selectors, inv.config_file)
+    config, password = load_config(inv.cli_values, parsed, inv.cli_selectors, inv.config_file,
+                                   inv.password)
     if not inv.legacy and not any(s.mode != "exclude" for s in config.selectors) \
             and not config.pool_db_backup and not config.host_backup:
+        if inv.config_file and not inv.cli_selectors:
+            raise UsageError("config file %s selects nothing: it has no vm-export, vdi-export or "
+                             "meta-export line (and no pool_db_backup=1 or host_backup=1)"
+                             % inv.config_file)
         raise UsageError("nothing to back up: give -c FILE, -e/-E/-m SELECTOR, "
                          "--pool-db-backup or --host-backup (see --help)")
-    password = inv.password
-    if config.password_file:
-        password = read_password_file(config.password_file)
-    elif password is None:
-        password = os.environ.get("VMBACKUP_PASSWORD")
     return config, password
 
 
 def cmd_backup(inv):
-    """Run (or preview) a backup; return the exit code."""
-    config, password = load_settings(inv)
-    endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
-                              config.tls_insecure)
+    """Run (or preview) a backup; return the exit code.
+
+    A run stopped by its settings still writes --json (status error, the reason).
+    """
+    try:
+        config, password = load_settings(inv)
+        endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
+                                  config.tls_insecure)
+    except VmBackupError as exc:
+        if not inv.preview:
+            report_cannot_start(inv.json, str(exc))
+        raise
     if config.tls_insecure and not endpoint.is_local and not config.tls_fingerprint:
+        # a caution about a chosen setting, printed each run; not a problem of the run
         log.warning("TLS certificate verification is off (tls_insecure): anyone on the path "
                     "can read the backups; prefer tls_fingerprint")
     if inv.preview:
@@ -4898,8 +6428,7 @@ def is_legacy(argv):
 
 def dispatch(argv):
     """Parse argv, run the command, return its exit code."""
-    setup_logging(sum(a.count("v") for a in argv if re.match(r"^-v+$", a))
-                  - sum(a.count("q") for a in argv if re.match(r"^-q+$", a)))
+    setup_logging(verbosity(argv))
     if is_legacy(argv):
         inv = parse_legacy(argv)
     else:
@@ -4908,7 +6437,6 @@ def dispatch(argv):
         elif argv and argv[0] in COMMANDS:
             return COMMANDS[argv[0]](argv[1:])
         inv = parse_modern(argv)
-    setup_logging(inv.verbosity)
     if inv.action == "help":
         sys.stdout.write(LEGACY_USAGE + "\n" + EXIT_STATUS_TEXT)
         return EXIT_OK
@@ -4937,7 +6465,7 @@ def _raise_terminated(signum, frame):
 def main(argv=None):
     """Run vmbackup with `argv` (default sys.argv[1:]); return the exit code."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    verbose = any(a in ("-v", "-vv", "--verbose") for a in argv)
+    verbose = verbosity(argv) > 0
     previous = {}
     try:
         for signum in (signal.SIGTERM, signal.SIGHUP):  # so every `finally` runs
@@ -4957,7 +6485,8 @@ def main(argv=None):
         sys.stderr.write("%s: interrupted\n" % PROG)
         return EXIT_INTERRUPTED
     except Terminated as exc:
-        sys.stderr.write("%s: terminated by %s; snapshots cleaned up\n" % (PROG, exc.args[0]))
+        # the run says what became of its snapshots (args[1]); outside a run there were none
+        sys.stderr.write("%s: terminated by %s\n" % (PROG, "; ".join(exc.args)))
         return EXIT_ERROR
     except Exception as exc:  # noqa: BLE001 - the one place unknown errors become exit 2
         if verbose:
