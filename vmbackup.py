@@ -5824,7 +5824,7 @@ def run_is_dead(note, now=None, beats=None, me=None):
     host, pid = note[0], note[1]
     me = me or run_identity()
     if host == me[0] and pid.isdigit() and (not pid_alive(int(pid)) or
-                                            (pid == me[1] and note[2:3] != [me[2]])):
+                                            (pid == me[1] and me[2] is not None and note[2:3] != [me[2]])):
         return True
     if len(note) >= 4 and note[3] == BEAT_WORD and beats is not None:
         last = beats.get(tuple(note[:3]))
