@@ -2,6 +2,7 @@
 
 Pure functions, no server: parse_config, parse_selector, build_config, parse_legacy."""
 import os
+import re
 
 import pytest
 
@@ -148,7 +149,10 @@ def test_example_cfg_is_current_and_parses():
     parsed = parse_config(text, "example.cfg")
     for key in vmbackup.SETTINGS:
         assert key + "=" in text
-    assert parsed.selectors
+    # a safe example: its selectors are commented out, and each parses once uncommented
+    assert parsed.selectors == []
+    uncommented = re.sub(r"(?m)^#((?:vm|vdi|meta)-export|exclude)=", r"\1=", text)
+    assert len(parse_config(uncommented, "example.cfg").selectors) == 8
 
 
 # -- the NAUbackup command line ---------------------------------------------

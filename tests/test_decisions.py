@@ -1,6 +1,7 @@
 """The tool's decisions as pure functions, tested from tables (borg's prune tests):
 retention, safe names, paths inside backup_dir, leftover recognition, exit codes."""
 import datetime
+import json
 import os
 
 import pytest
@@ -48,6 +49,10 @@ def test_retention_counts_legacy_nau_folders_by_date(tmp_path):
         (vm_dir / name).mkdir(parents=True)
         if marker:
             (vm_dir / name / marker).write_text("")
+        if marker and "(" not in name:   # a vmbackup folder: its manifest, then success
+            (vm_dir / name / "backup.json").write_text(json.dumps(
+                {"tool": "vmbackup", "format": 1, "mode": "vm-export", "files": [],
+                 "vm": {"name": "web01", "uuid": "u1"}}))
     (vm_dir / "README.txt").write_text("never touched")
     doomed = vmbackup.prune_vm_backups(vmbackup.LocalStore(str(tmp_path)), "web01", 2)
     assert doomed == ["backup-2019-09-05-(00:10:01)", "backup-2019-09-12-(00:10:01)",

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import vmbackup
 from conftest import run_vmbackup
 from xapisim import pools, start_pool
 
@@ -159,4 +160,5 @@ def test_selection_reads_the_pool_in_constant_calls(api, backup_dir):
         many = count_calls(large, api, backup_dir)
         data = preview_json(*api(large), "-e", "vm-.*", "-d", backup_dir, "--preview")
         assert len(data["vms"]) == 2000
-    assert many == few and few <= 15
+    # the whole pool is read in whole tables; three VMs record by record (read_pool)
+    assert many <= 15 and few <= 15 + vmbackup.FEW_RECORDS

@@ -37,11 +37,11 @@ def test_is_complete(entries, complete):
     (MODERN, {"backup.json", "success"}, False),
     (MODERN, {"backup.json"}, False),                             # a broken vmbackup backup
     (MODERN, {"web01.xva.part"}, False),                          # a vmbackup run that died
-    (MODERN, {"success", "web01.xva"}, True),                     # NAUbackup with a changed pattern
+    (MODERN, {"success", "web01.xva"}, False),                    # backup.json removed: damaged, not legacy
     (NAU, {"web01.xva"}, True),                                   # NAUbackup, unfinished
     (NAU, {"success_compress", "web01.xva"}, True),
     (NAU, {"backup.json", "success"}, False),                     # the manifest decides
-], ids=["modern", "modern-broken", "modern-died", "nau-pattern-changed", "nau-unfinished",
+], ids=["modern", "modern-broken", "modern-died", "modern-manifest-removed", "nau-unfinished",
         "nau-compress", "manifest-wins"])
 def test_is_legacy_folder(name, entries, legacy):
     assert is_legacy_folder(name, frozenset(entries)) is legacy

@@ -116,3 +116,53 @@ def test_max_rate_makes_auto_pick_the_api_transport():
     assert vmbackup.make_transport(config, Xapi(), None).name == "api"
 
 
+# -- few bytes: a few selected VMs read only their own disks and networks ------------
+
+def test_few_selected_vms_read_only_their_records(api, backup_dir):
+    with start_pool(pools.large_pool(300)) as pool:
+        pool.calls.clear()
+        one = run_vmbackup(*api(pool), "-e", "vm-0007", "-d", backup_dir, "--preview",
+                           "--json", "-")
+        counts = pool.calls.counts()
+        assert "VBD.get_all_records" not in counts and "VDI.get_all_records" not in counts
+        assert pool.calls.count() <= 15 + vmbackup.FEW_RECORDS
+        pool.calls.clear()
+        whole = run_vmbackup(*api(pool), "-e", "vm-0007", "-e", "vm-0[0-9]*", "-d",
+                             backup_dir, "--preview", "--json", "-")
+        assert "VBD.get_all_records" in pool.calls.counts()   # many VMs: whole tables
+    assert json.loads(one)["vms"] == [vm for vm in json.loads(whole)["vms"]
+                                      if vm["name"] == "vm-0007"]
+
+
+def test_read_pool_few_or_whole_gives_the_same_records_of_the_wanted_vms(sim_pool):
+    """The lean read and the whole-table read agree on every record a selected VM uses."""
+    s = sim_pool.session()
+    try:
+        xapi = XenApiCaller(s)
+        ref = sim_pool.vm("db01")[0]
+        lean = read_pool(xapi, lambda vms: [ref])
+        full = read_pool(xapi)
+    finally:
+        s.xenapi.session.logout()
+    vm = full.vms[ref]
+    assert {r: full.vbds[r] for r in vm["VBDs"]} == lean.vbds
+    for vbd in lean.vbds.values():
+        if vbd["VDI"] != "OpaqueRef:NULL":
+            assert lean.vdis[vbd["VDI"]] == full.vdis[vbd["VDI"]]
+    assert {r: full.vifs[r] for r in vm["VIFs"]} == lean.vifs
+    assert set(lean.networks) == {v["network"] for v in lean.vifs.values()}
+    snaps = {r for r, v in full.vdis.items() if v["is_a_snapshot"]}
+    assert snaps <= set(lean.vdis)
+
+
+class XenApiCaller:
+    """The `call(method, *args)` read_pool uses, over a XenAPI session."""
+
+    def __init__(self, session):
+        self.session = session
+
+    def call(self, method, *args):
+        obj = self.session.xenapi
+        for part in method.split("."):
+            obj = getattr(obj, part)
+        return obj(*args)

@@ -248,13 +248,14 @@ def backup_vm(ctx, plan, vlog):
     os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
     check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
     if config.pre_clean and vm.mode != "meta-export":
-        prune_vm_backups(store, vm_folder, vm.max_backups - 1, drop_incomplete=False, vlog=vlog)
+        prune_vm_backups(store, vm_folder, vm.max_backups - 1, drop_incomplete=False, vlog=vlog,
+                         mode=vm.mode, uuid=vm.uuid)
     folder, moment = store.new_folder(vm_folder)
     vlog.info("%s to %s", vm.mode, folder)
     started = datetime.datetime.now()
     files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
     store.commit(folder, build_manifest(ctx, plan, started, files + exported))
-    prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog)
+    prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog, mode=vm.mode, uuid=vm.uuid)
     total = sum(f["size"] for f in exported)
     if vlog.errors:
         return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,

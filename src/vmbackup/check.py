@@ -219,6 +219,9 @@ def check_backup(backup, quick=False):
         found.bad(MANIFEST, backup.manifest_error)
     elif backup.manifest is not None:
         _check_manifest_files(found, backup, quick)
+    elif not backup.legacy and backup.entries & set(LEGACY_SUCCESS_MARKERS):
+        found.bad(MANIFEST, "manifest missing: a vmbackup folder (only NAUbackup's are named "
+                            "backup-YYYY-MM-DD-(HH:MM:SS)) with a success marker and no %s" % MANIFEST)
     elif not backup.legacy:
         found.notes.append("no %s and no success marker: the backup did not finish" % MANIFEST)
     else:

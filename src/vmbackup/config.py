@@ -47,6 +47,9 @@ SETTINGS = collections.OrderedDict([
                            "folder that receives the backups (must exist)")),
     ("max_backups", Setting(DEFAULT_MAX_BACKUPS, lambda v: parse_int(v, 1),
                             "successful backups kept per VM (>= 1)")),
+    ("max_meta_backups", Setting(None, lambda v: parse_int(v, 1),
+                                 "metadata-only backups kept per VM, counted apart from the "
+                                 "backups with disk data (default: max_backups)")),
     ("vdi_export_format", Setting("raw", choice("raw", "vhd"),
                                   "disk format of vdi-export: raw or vhd")),
     ("pool_db_backup", Setting(False, parse_bool, "back up the pool database (0|1)")),
@@ -159,6 +162,7 @@ class Config(typing.NamedTuple):
     """The effective settings of one run: defaults < config file < command line."""
     backup_dir: str = DEFAULT_BACKUP_DIR
     max_backups: int = DEFAULT_MAX_BACKUPS
+    max_meta_backups: typing.Optional[int] = None
     vdi_export_format: str = "raw"
     pool_db_backup: bool = False
     host_backup: bool = False
@@ -284,16 +288,20 @@ def example_config():
         "# is a Python regex matched at the start of the name (re.match): end it with $ to anchor.",
         "# Plain names win over regexes, excludes win over everything, vdi-export wins over",
         "# vm-export, and the last line for the same VM sets its MAX_BACKUPS. Order does not matter.",
+        "#",
+        "# The selectors below are examples, commented out: as printed, this file backs up",
+        "# nothing (the run says so). Uncomment and edit the ones you want.",
         "",
-        "exclude=DEV-phishing-test",
-        "exclude=PRD-PRINT$",
-        "vdi-export=DEV-web3:7",
-        "vdi-export=DEV-.*[Tt]est.*:3:xvda;xvdb",
-        "vm-export=PRD-.*",
-        "vm-export=.*SAVE$:5",
-        "vm-export=my-third-vm:3",
-        "# metadata only (no snapshot, no disk export): cheap enough to run hourly",
-        "meta-export=DEV-.*",
+        "#exclude=DEV-phishing-test",
+        "#exclude=PRD-PRINT$",
+        "#vdi-export=DEV-web3:7",
+        "#vdi-export=DEV-.*[Tt]est.*:3:xvda;xvdb",
+        "#vm-export=PRD-.*",
+        "#vm-export=.*SAVE$:5",
+        "#vm-export=my-third-vm:3",
+        "# metadata only (no snapshot, no disk export): cheap enough to run hourly; its",
+        "# backups are counted apart from the data backups (max_meta_backups)",
+        "#meta-export=DEV-.*",
         "",
     ]
     for key, setting in SETTINGS.items():

@@ -194,9 +194,27 @@ def forget_beats(ctx, pool, other_config, beats, now=None):
                 log.debug("removing a dead run's heartbeat: %s", exc)
 
 
+def sources_of_marked_snapshots(ctx):
+    """Return {ref: VDI record} of the disks whose snapshots carry a pending mark and that
+    the view lacks (a view of few VMs reads only their disks, and every snapshot VDI)."""
+    found = {}
+    for rec in ctx.view.vdis.values():
+        source = rec.get("snapshot_of", "OpaqueRef:NULL")
+        if rec.get("is_a_snapshot") and PENDING_KEY in (rec.get("other_config") or {}) \
+                and source not in ctx.view.vdis and source not in found \
+                and source != "OpaqueRef:NULL":
+            try:
+                found[source] = ctx.transport.xapi.call("VDI.get_record", source)
+            except VmBackupError as exc:
+                log.debug("reading the source of a marked disk snapshot: %s", exc)
+    return found
+
+
 def forget_pending(ctx, beats=None):
     """Remove pending marks that dead runs left on VMs and disks (not snapshots)."""
-    for cls, records in (("VM", ctx.view.vms), ("VDI", ctx.view.vdis)):
+    vdis = dict(ctx.view.vdis)
+    vdis.update(sources_of_marked_snapshots(ctx))
+    for cls, records in (("VM", ctx.view.vms), ("VDI", vdis)):
         for ref, rec in records.items():
             note = (rec.get("other_config") or {}).get(PENDING_KEY, "").split()
             if note and not rec.get("is_a_snapshot") and len(note) >= 3 \

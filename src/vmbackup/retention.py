@@ -1,13 +1,40 @@
 """Which old backups to delete, as a pure decision, and deleting them through the Store.
 
-Owns: plan_retention (pure, table-tested), prune_vm_backups, prune_dated_files.
+Owns: plan_retention (pure, table-tested), retention_group and owned_by (which folders
+one VM's retention may count and delete), prune_vm_backups, prune_dated_files.
 Imports: errors, store.
 """
 
 import os
 
 from vmbackup.errors import log
-from vmbackup.store import parse_dated_file
+from vmbackup.store import SUCCESS_MARKER, parse_dated_file
+
+
+def retention_group(mode):
+    """Return which backups count together: "metadata" for meta-export, "data" for every mode
+    with disk data (vm-export and vdi-export count together, as NAUbackup's did), None if unknown."""
+    if mode is None:
+        return None
+    return "metadata" if mode == "meta-export" else "data"
+
+
+def in_retention(folder, mode, uuid):
+    """Return True if `folder` (a BackupFolder) is among the backups the retention of VM
+    `uuid` in `mode` may count and delete (pure).
+
+    Never a folder whose manifest names another VM (two VMs whose names map to one
+    folder), nor one of the other group (metadata-only vs data); a legacy folder counts
+    for its mode; an unfinished folder (no manifest, no success) may go; a vmbackup
+    folder with `success` but no manifest (damaged) is never counted nor deleted.
+    """
+    same = mode is None or retention_group(folder.mode) == retention_group(mode)
+    if folder.manifest is not None:
+        owner = (folder.manifest.get("vm") or {}).get("uuid")
+        return same and (uuid is None or owner in (None, uuid))
+    if folder.legacy:
+        return same
+    return not folder.complete and SUCCESS_MARKER not in folder.entries and not folder.manifest_error
 
 
 def plan_retention(entries, keep, drop_incomplete=True):
@@ -25,10 +52,13 @@ def plan_retention(entries, keep, drop_incomplete=True):
     return sorted(doomed)
 
 
-def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None):
-    """Delete what plan_retention says among the backups of `vm` in `store`; return the names deleted."""
+def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None):
+    """Delete what plan_retention says among the backups of VM `uuid` in `mode` filed under
+    the folder `vm` of `store` (in_retention); return the names deleted."""
     vlog = vlog or log
-    folders = {f.name: f for f in store.backups(vm)}
+    for name in store.finish_deletes(vm):
+        vlog.info("retention: finished deleting %s (an earlier delete was interrupted)", name)
+    folders = {f.name: f for f in store.backups(vm) if in_retention(f, mode, uuid)}
     doomed = plan_retention([(f.name, f.when, f.complete) for f in folders.values()], keep,
                             drop_incomplete)
     for name in doomed:

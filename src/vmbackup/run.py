@@ -17,7 +17,7 @@ from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
 from vmbackup.retention import plan_retention
-from vmbackup.selection import plan_vm, read_pool, select_vms
+from vmbackup.selection import plan_vm, read_pool, select_vms, wanted_by
 from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
     safe_dirname)
@@ -72,7 +72,7 @@ def back_up_everything(config, endpoint, password, status_log, record):
         beat = PoolBeat(xapi, run_note())   # any host can tell this run lives
         try:
             beat.start()
-            view = read_pool(xapi)
+            view = read_pool(xapi, wanted_by(config))
             ctx = Context(config, transport, view, beat.note, record)
             clean_leftovers(ctx)
             selection = select_for_run(config, view, record)
@@ -92,9 +92,11 @@ def back_up_everything(config, endpoint, password, status_log, record):
 
 def select_for_run(config, view, record):
     """Return the Selection (metadata_only turns every VM into meta-export); record its problems."""
-    selection = select_vms(view.vms, config.selectors, config.max_backups)
-    if config.metadata_only:
-        selection = selection._replace(vms=[vm._replace(mode="meta-export") for vm in selection.vms])
+    selection = select_vms(view.vms, config.selectors, config.max_backups, config.max_meta_backups)
+    if config.metadata_only:   # counted apart from the data backups: max_meta_backups
+        keep = config.max_meta_backups or config.max_backups
+        selection = selection._replace(vms=[vm._replace(mode="meta-export", max_backups=keep)
+                                            for vm in selection.vms])
     record.selection = selection
     for warning in selection.warnings:
         record.log.warning("%s", warning)
@@ -162,7 +164,7 @@ def preview_pool(config, endpoint, password, record):
     xapi = login(endpoint, config.username, password)
     try:
         make_transport(config, xapi, password).close()
-        view = read_pool(xapi)
+        view = read_pool(xapi, wanted_by(config))
     finally:
         xapi.logout()
     selection = select_for_run(config, view, record)

@@ -1,7 +1,8 @@
 """Which VMs and disks a run backs up, and the plan for each: pure decisions over pool records.
 
 Owns: select_vms (selectors over VM records), vm_disks/pick_disks, PoolView/read_pool
-(one read of the pool), VmPlan/plan_vm.
+(one read of the pool; only the selected VMs' disks and networks when they are few),
+wanted_by, VmPlan/plan_vm.
 Imports: errors, util, config.
 """
 
@@ -9,6 +10,8 @@ import collections
 import typing
 
 from vmbackup.config import DEFAULT_MAX_BACKUPS, MODES, Selector
+from vmbackup.errors import CallFailed
+from vmbackup.store import safe_dirname
 from vmbackup.util import UNNUMBERED, printable
 
 
@@ -38,14 +41,16 @@ def is_candidate(record):
                 or record.get("is_control_domain"))
 
 
-def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS):
+def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS, max_meta_backups=None):
     """Return the Selection that `selectors` make of `vm_records` ({ref: VM record}).
 
     The contract: candidates are real VMs (is_candidate); plain names are matched
     exactly and win over regexes; excludes win over everything; vdi-export wins over
     vm-export, which wins over meta-export; within the winning mode the last
-    definition sets max_backups and devices; two candidates with one name are an
-    error for that name; a selector that matches nothing is a warning.
+    definition sets max_backups and devices (a meta-export's default is
+    max_meta_backups, else max_backups); two candidates with one name are an error for
+    that name, and so are two chosen VMs whose names make one folder (safe_dirname);
+    a selector that matches nothing is a warning.
     """
     candidates = sorted(((ref, rec) for ref, rec in vm_records.items() if is_candidate(rec)),
                         key=lambda item: (item[1]["name_label"], item[1]["uuid"]))
@@ -76,8 +81,14 @@ def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS):
             continue
         mode = next(m for m in MODES if any(d.mode == m for d in defs))
         last = [d for d in defs if d.mode == mode][-1]
+        default = (max_meta_backups or max_backups) if mode == "meta-export" else max_backups
         chosen.append(Selected(ref, rec["name_label"], rec["uuid"], mode,
-                               last.max_backups or max_backups, last.devices, last))
+                               last.max_backups or default, last.devices, last))
+    chosen, clashes = split_folder_clashes(chosen)
+    for folder, vms in clashes:
+        errors.append("VMs %s all make the backup folder %r (uuids %s): none of them is backed "
+                      "up until one is renamed" % (", ".join(repr(printable(v.name)) for v in vms),
+                                                   printable(folder), ", ".join(v.uuid for v in vms)))
     for name, twins in sorted(duplicates.items()):
         errors.append("%d VMs are named %r (uuids %s): none of them is backed up until the "
                       "names are unique" % (len(twins), printable(name),
@@ -88,6 +99,17 @@ def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS):
                     if ref not in chosen_refs and ref not in excluded_refs
                     and rec["name_label"] not in duplicates]
     return Selection(chosen, excluded, not_selected, warnings, errors)
+
+
+def split_folder_clashes(chosen):
+    """Return (chosen without clashes, [(folder, [Selected])]): VMs whose different names
+    make one backup folder ('a/b', 'a:b', 'a_b' -> 'a_b') would share, and prune, one folder."""
+    by_folder = collections.defaultdict(list)
+    for vm in chosen:
+        by_folder[safe_dirname(vm.name)].append(vm)
+    clashes = [(folder, vms) for folder, vms in sorted(by_folder.items()) if len(vms) > 1]
+    clashing = {vm.ref for _, vms in clashes for vm in vms}
+    return [vm for vm in chosen if vm.ref not in clashing], clashes
 
 
 class VmDisk(typing.NamedTuple):
@@ -172,20 +194,71 @@ class PoolView(typing.NamedTuple):
         return self.hosts.get(self.pool.get("master"), {})
 
 
-def read_pool(xapi):
-    """Return a PoolView: one get_all_records per class, whatever the pool's size."""
+#: A selection whose VMs reference at most this many records (VBDs, VDIs, VIFs, networks,
+#: guest metrics) is read record by record; a larger one reads the whole tables. One
+#: get_record costs a round trip; a whole table costs bytes: on a 10,000-VM pool the five
+#: tables are about twice the VM table, so a few dozen round trips are the cheaper side.
+FEW_RECORDS = 64
+
+#: The VDIs leftover cleanup needs whatever the selection: every snapshot VDI.
+SNAPSHOT_VDIS = 'field "is_a_snapshot"="true"'
+
+NULL_REF = "OpaqueRef:NULL"
+
+
+def read_pool(xapi, wanted=None):
+    """Return a PoolView in a bounded number of calls, whatever the pool's size.
+
+    `wanted(vm_records)` returns the refs of the VMs the caller needs in full (None or
+    no `wanted`: every VM). The pool, host, VM and SR tables are read whole; the disks,
+    networks and guest metrics only of the wanted VMs when they are few (FEW_RECORDS),
+    plus every snapshot VDI (leftover cleanup looks for them); otherwise whole tables.
+    """
     pools = xapi.call("pool.get_all_records")
-    return PoolView(
-        pool=next(iter(pools.values()), {}),
-        hosts=xapi.call("host.get_all_records"),
-        vms=xapi.call("VM.get_all_records"),
-        vbds=xapi.call("VBD.get_all_records"),
-        vdis=xapi.call("VDI.get_all_records"),
-        vifs=xapi.call("VIF.get_all_records"),
-        networks=xapi.call("network.get_all_records"),
-        srs=xapi.call("SR.get_all_records"),
-        guest_metrics=xapi.call("VM_guest_metrics.get_all_records"),
-    )
+    base = dict(pool=next(iter(pools.values()), {}), hosts=xapi.call("host.get_all_records"),
+                vms=xapi.call("VM.get_all_records"), srs=xapi.call("SR.get_all_records"))
+    refs = wanted(base["vms"]) if wanted else None
+    if refs is not None and records_of_cost(base["vms"], refs) <= FEW_RECORDS:
+        base.update(read_records_of(xapi, base["vms"], refs))
+    else:
+        base.update(vbds=xapi.call("VBD.get_all_records"), vdis=xapi.call("VDI.get_all_records"),
+                    vifs=xapi.call("VIF.get_all_records"),
+                    networks=xapi.call("network.get_all_records"),
+                    guest_metrics=xapi.call("VM_guest_metrics.get_all_records"))
+    return PoolView(**base)
+
+
+def records_of_cost(vms, refs):
+    """Return an upper bound of the get_record calls read_records_of makes for `refs`."""
+    return sum(2 * len(vms[r].get("VBDs", ())) + 2 * len(vms[r].get("VIFs", ())) + 1
+               for r in refs if r in vms)
+
+
+def read_records_of(xapi, vms, refs):
+    """Return {vbds, vdis, vifs, networks, guest_metrics} of the VMs `refs`, one record a call."""
+    def each(cls, wanted):
+        found = {}
+        for ref in sorted(set(wanted) - {NULL_REF, ""}):
+            try:
+                found[ref] = xapi.call(cls + ".get_record", ref)
+            except CallFailed as exc:
+                if exc.code != "HANDLE_INVALID":   # gone since the VM table was read
+                    raise
+        return found
+    chosen = [vms[r] for r in refs if r in vms]
+    vbds = each("VBD", [v for vm in chosen for v in vm.get("VBDs", ())])
+    vdis = xapi.call("VDI.get_all_records_where", SNAPSHOT_VDIS)
+    vdis.update(each("VDI", [vbd.get("VDI", NULL_REF) for vbd in vbds.values()]))
+    vifs = each("VIF", [v for vm in chosen for v in vm.get("VIFs", ())])
+    return dict(vbds=vbds, vdis=vdis, vifs=vifs,
+                networks=each("network", [vif.get("network", NULL_REF) for vif in vifs.values()]),
+                guest_metrics=each("VM_guest_metrics",
+                                   [vm.get("guest_metrics", NULL_REF) for vm in chosen]))
+
+
+def wanted_by(config):
+    """Return read_pool's `wanted` for a run with these settings: the VMs it selects."""
+    return lambda vms: [s.ref for s in select_vms(vms, config.selectors, config.max_backups).vms]
 
 
 class VmPlan(typing.NamedTuple):

@@ -62,6 +62,10 @@ LEGACY_SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress", "success_compressi
                           "success_restore")
 
 
+#: The prefix a backup folder is renamed to before it is removed (store.LocalStore.delete).
+DELETING = ".deleting-"
+
+
 #: vmbackup's manifest: its presence makes a folder a vmbackup backup, not a legacy one.
 MANIFEST = "backup.json"
 
@@ -150,9 +154,10 @@ def is_complete(entries):
 
 
 def is_legacy_folder(name, entries):
-    """Return True if NAUbackup wrote the folder `name` holding `entries`: no manifest, and a
-    NAUbackup name or a success marker (a vmbackup folder without either did not finish)."""
-    return MANIFEST not in entries and (is_nau_name(name) or is_complete(entries))
+    """Return True if NAUbackup wrote the folder `name` holding `entries`: no manifest and a
+    NAUbackup name, backup-YYYY-MM-DD-(HH:MM:SS). vmbackup never names a folder so; a
+    vmbackup folder without backup.json is a damaged (or unfinished) backup, not a legacy one."""
+    return MANIFEST not in entries and is_nau_name(name)
 
 
 def file_kind(name):
@@ -282,7 +287,8 @@ def read_backup_folder(path):
                        if os.path.isfile(os.path.join(path, n)))
         mode = legacy_mode(file_kind(n) for n in names)
         root_disk = legacy_root_disk(read_legacy_disks(path, entries))
-    return BackupFolder(path, name, vm, parse_backup_name(name), is_complete(entries), legacy, mode,
+    complete = is_complete(entries) and (legacy or MANIFEST in entries)
+    return BackupFolder(path, name, vm, parse_backup_name(name), complete, legacy, mode,
                         manifest, error, tuple(BackupFile(n, file_kind(n)) for n in names),
                         entries, root_disk)
 
@@ -548,6 +554,10 @@ class Store:
         """Delete a backup folder or a dated file."""
         raise NotImplementedError
 
+    def finish_deletes(self, vm):
+        """Finish the deletes a crash interrupted in `vm`'s folder; return their names."""
+        raise NotImplementedError
+
     def usage(self, path):
         """Return (number of files, total bytes) of a backup folder."""
         raise NotImplementedError
@@ -604,13 +614,28 @@ class LocalStore(Store):
         fsync_dir(path)
 
     def delete(self, path):
+        """Delete a backup folder by renaming it aside (.deleting-<name>: never counted, never
+        listed) and then removing it, so that a crash half-way never leaves a folder that
+        still has `success` but lacks files; finish_deletes ends what a crash interrupted."""
         target = inside(self.root, os.path.relpath(path, self.root))
         if target == os.path.realpath(self.root):
             raise BackupDirError("refusing to delete backup_dir itself: %s" % path)
         if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
+            aside = os.path.join(os.path.dirname(target), DELETING + os.path.basename(target))
+            os.rename(target, aside)
+            fsync_dir(os.path.dirname(target))
+            shutil.rmtree(aside)
         else:
             os.unlink(target)
+
+    def finish_deletes(self, vm):
+        """Remove what an interrupted delete left in a VM's folder; return the names removed."""
+        vm_dir = self._vm_dir(vm)
+        names = sorted(n for n in os.listdir(vm_dir) if n.startswith(DELETING)) \
+            if os.path.isdir(vm_dir) else []
+        for name in names:
+            shutil.rmtree(os.path.join(vm_dir, name), ignore_errors=True)
+        return names
 
     def usage(self, path):
         return folder_size(path)

@@ -98,6 +98,8 @@ def build_parser():
         help="NAME_OR_REGEX never to back up (repeatable; wins over every selector)")
     opt("-d", "--backup-dir", metavar="DIR")
     opt("--max-backups", type=int, metavar="N", help="successful backups kept per VM")
+    opt("--max-meta-backups", type=int, metavar="N",
+        help="metadata-only backups kept per VM, counted apart (default: --max-backups)")
     opt("--compress", choices=("none", "gzip", "zstd"), help="vm-export compression")
     opt("--vdi-format", choices=("raw", "vhd"), help="vdi-export disk format")
     opt("--pool-db-backup", action="store_const", const=True, help="back up the pool database")
@@ -220,7 +222,9 @@ def load_settings(inv):
             and not config.pool_db_backup and not config.host_backup:
         if inv.config_file and not inv.cli_selectors:
             raise UsageError("config file %s selects nothing: it has no vm-export, vdi-export or "
-                             "meta-export line (and no pool_db_backup=1 or host_backup=1)"
+                             "meta-export line (and no pool_db_backup=1 or host_backup=1); "
+                             "`vmbackup.py config` prints them commented out: uncomment "
+                             "the ones you want"
                              % inv.config_file)
         raise UsageError("nothing to back up: give -c FILE, -e/-E/-m SELECTOR, "
                          "--pool-db-backup or --host-backup (see --help)")

@@ -27,6 +27,7 @@ EXIT_STATUS_TEXT = __doc__[__doc__.index("EXIT STATUS"):]
 CLI_SETTINGS = {
     "backup_dir": ("backup_dir", parse_text),
     "max_backups": ("max_backups", lambda v: parse_int(v, 1)),
+    "max_meta_backups": ("max_meta_backups", lambda v: parse_int(v, 1)),
     "compress": ("compress", parse_compress),
     "vdi_format": ("vdi_export_format", choice("raw", "vhd")),
     "pool_db_backup": ("pool_db_backup", bool),
