@@ -496,6 +496,9 @@ SETTINGS = collections.OrderedDict([
                            "folder that receives the backups (must exist)")),
     ("max_backups", Setting(DEFAULT_MAX_BACKUPS, lambda v: parse_int(v, 1),
                             "successful backups kept per VM (>= 1)")),
+    ("max_meta_backups", Setting(None, lambda v: parse_int(v, 1),
+                                 "metadata-only backups kept per VM, counted apart from the "
+                                 "backups with disk data (default: max_backups)")),
     ("vdi_export_format", Setting("raw", choice("raw", "vhd"),
                                   "disk format of vdi-export: raw or vhd")),
     ("pool_db_backup", Setting(False, parse_bool, "back up the pool database (0|1)")),
@@ -608,6 +611,7 @@ class Config(typing.NamedTuple):
     """The effective settings of one run: defaults < config file < command line."""
     backup_dir: str = DEFAULT_BACKUP_DIR
     max_backups: int = DEFAULT_MAX_BACKUPS
+    max_meta_backups: typing.Optional[int] = None
     vdi_export_format: str = "raw"
     pool_db_backup: bool = False
     host_backup: bool = False
@@ -733,16 +737,20 @@ def example_config():
         "# is a Python regex matched at the start of the name (re.match): end it with $ to anchor.",
         "# Plain names win over regexes, excludes win over everything, vdi-export wins over",
         "# vm-export, and the last line for the same VM sets its MAX_BACKUPS. Order does not matter.",
+        "#",
+        "# The selectors below are examples, commented out: as printed, this file backs up",
+        "# nothing (the run says so). Uncomment and edit the ones you want.",
         "",
-        "exclude=DEV-phishing-test",
-        "exclude=PRD-PRINT$",
-        "vdi-export=DEV-web3:7",
-        "vdi-export=DEV-.*[Tt]est.*:3:xvda;xvdb",
-        "vm-export=PRD-.*",
-        "vm-export=.*SAVE$:5",
-        "vm-export=my-third-vm:3",
-        "# metadata only (no snapshot, no disk export): cheap enough to run hourly",
-        "meta-export=DEV-.*",
+        "#exclude=DEV-phishing-test",
+        "#exclude=PRD-PRINT$",
+        "#vdi-export=DEV-web3:7",
+        "#vdi-export=DEV-.*[Tt]est.*:3:xvda;xvdb",
+        "#vm-export=PRD-.*",
+        "#vm-export=.*SAVE$:5",
+        "#vm-export=my-third-vm:3",
+        "# metadata only (no snapshot, no disk export): cheap enough to run hourly; its",
+        "# backups are counted apart from the data backups (max_meta_backups)",
+        "#meta-export=DEV-.*",
         "",
     ]
     for key, setting in SETTINGS.items():
@@ -1172,6 +1180,10 @@ LEGACY_SUCCESS_MARKERS = (SUCCESS_MARKER, "success_compress", "success_compressi
                           "success_restore")
 
 
+#: The prefix a backup folder is renamed to before it is removed (store.LocalStore.delete).
+DELETING = ".deleting-"
+
+
 #: vmbackup's manifest: its presence makes a folder a vmbackup backup, not a legacy one.
 MANIFEST = "backup.json"
 
@@ -1260,9 +1272,10 @@ def is_complete(entries):
 
 
 def is_legacy_folder(name, entries):
-    """Return True if NAUbackup wrote the folder `name` holding `entries`: no manifest, and a
-    NAUbackup name or a success marker (a vmbackup folder without either did not finish)."""
-    return MANIFEST not in entries and (is_nau_name(name) or is_complete(entries))
+    """Return True if NAUbackup wrote the folder `name` holding `entries`: no manifest and a
+    NAUbackup name, backup-YYYY-MM-DD-(HH:MM:SS). vmbackup never names a folder so; a
+    vmbackup folder without backup.json is a damaged (or unfinished) backup, not a legacy one."""
+    return MANIFEST not in entries and is_nau_name(name)
 
 
 def file_kind(name):
@@ -1392,7 +1405,8 @@ def read_backup_folder(path):
                        if os.path.isfile(os.path.join(path, n)))
         mode = legacy_mode(file_kind(n) for n in names)
         root_disk = legacy_root_disk(read_legacy_disks(path, entries))
-    return BackupFolder(path, name, vm, parse_backup_name(name), is_complete(entries), legacy, mode,
+    complete = is_complete(entries) and (legacy or MANIFEST in entries)
+    return BackupFolder(path, name, vm, parse_backup_name(name), complete, legacy, mode,
                         manifest, error, tuple(BackupFile(n, file_kind(n)) for n in names),
                         entries, root_disk)
 
@@ -1658,6 +1672,10 @@ class Store:
         """Delete a backup folder or a dated file."""
         raise NotImplementedError
 
+    def finish_deletes(self, vm):
+        """Finish the deletes a crash interrupted in `vm`'s folder; return their names."""
+        raise NotImplementedError
+
     def usage(self, path):
         """Return (number of files, total bytes) of a backup folder."""
         raise NotImplementedError
@@ -1714,13 +1732,28 @@ class LocalStore(Store):
         fsync_dir(path)
 
     def delete(self, path):
+        """Delete a backup folder by renaming it aside (.deleting-<name>: never counted, never
+        listed) and then removing it, so that a crash half-way never leaves a folder that
+        still has `success` but lacks files; finish_deletes ends what a crash interrupted."""
         target = inside(self.root, os.path.relpath(path, self.root))
         if target == os.path.realpath(self.root):
             raise BackupDirError("refusing to delete backup_dir itself: %s" % path)
         if os.path.isdir(target) and not os.path.islink(target):
-            shutil.rmtree(target)
+            aside = os.path.join(os.path.dirname(target), DELETING + os.path.basename(target))
+            os.rename(target, aside)
+            fsync_dir(os.path.dirname(target))
+            shutil.rmtree(aside)
         else:
             os.unlink(target)
+
+    def finish_deletes(self, vm):
+        """Remove what an interrupted delete left in a VM's folder; return the names removed."""
+        vm_dir = self._vm_dir(vm)
+        names = sorted(n for n in os.listdir(vm_dir) if n.startswith(DELETING)) \
+            if os.path.isdir(vm_dir) else []
+        for name in names:
+            shutil.rmtree(os.path.join(vm_dir, name), ignore_errors=True)
+        return names
 
     def usage(self, path):
         return folder_size(path)
@@ -2315,6 +2348,7 @@ EXIT_STATUS_TEXT = __doc__[__doc__.index("EXIT STATUS"):]
 CLI_SETTINGS = {
     "backup_dir": ("backup_dir", parse_text),
     "max_backups": ("max_backups", lambda v: parse_int(v, 1)),
+    "max_meta_backups": ("max_meta_backups", lambda v: parse_int(v, 1)),
     "compress": ("compress", parse_compress),
     "vdi_format": ("vdi_export_format", choice("raw", "vhd")),
     "pool_db_backup": ("pool_db_backup", bool),
@@ -3277,8 +3311,35 @@ def setup_logging(verbosity):
 # === vmbackup/retention.py ==================================================
 # Which old backups to delete, as a pure decision, and deleting them through the Store.
 #
-# Owns: plan_retention (pure, table-tested), prune_vm_backups, prune_dated_files.
+# Owns: plan_retention (pure, table-tested), retention_group and owned_by (which folders
+# one VM's retention may count and delete), prune_vm_backups, prune_dated_files.
 # Imports: errors, store.
+
+def retention_group(mode):
+    """Return which backups count together: "metadata" for meta-export, "data" for every mode
+    with disk data (vm-export and vdi-export count together, as NAUbackup's did), None if unknown."""
+    if mode is None:
+        return None
+    return "metadata" if mode == "meta-export" else "data"
+
+
+def in_retention(folder, mode, uuid):
+    """Return True if `folder` (a BackupFolder) is among the backups the retention of VM
+    `uuid` in `mode` may count and delete (pure).
+
+    Never a folder whose manifest names another VM (two VMs whose names map to one
+    folder), nor one of the other group (metadata-only vs data); a legacy folder counts
+    for its mode; an unfinished folder (no manifest, no success) may go; a vmbackup
+    folder with `success` but no manifest (damaged) is never counted nor deleted.
+    """
+    same = mode is None or retention_group(folder.mode) == retention_group(mode)
+    if folder.manifest is not None:
+        owner = (folder.manifest.get("vm") or {}).get("uuid")
+        return same and (uuid is None or owner in (None, uuid))
+    if folder.legacy:
+        return same
+    return not folder.complete and SUCCESS_MARKER not in folder.entries and not folder.manifest_error
+
 
 def plan_retention(entries, keep, drop_incomplete=True):
     """Return the names to delete from `entries` [(name, datetime, complete)], newest kept.
@@ -3295,10 +3356,13 @@ def plan_retention(entries, keep, drop_incomplete=True):
     return sorted(doomed)
 
 
-def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None):
-    """Delete what plan_retention says among the backups of `vm` in `store`; return the names deleted."""
+def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None):
+    """Delete what plan_retention says among the backups of VM `uuid` in `mode` filed under
+    the folder `vm` of `store` (in_retention); return the names deleted."""
     vlog = vlog or log
-    folders = {f.name: f for f in store.backups(vm)}
+    for name in store.finish_deletes(vm):
+        vlog.info("retention: finished deleting %s (an earlier delete was interrupted)", name)
+    folders = {f.name: f for f in store.backups(vm) if in_retention(f, mode, uuid)}
     doomed = plan_retention([(f.name, f.when, f.complete) for f in folders.values()], keep,
                             drop_incomplete)
     for name in doomed:
@@ -3325,7 +3389,8 @@ def prune_dated_files(store, folder, keep):
 # Which VMs and disks a run backs up, and the plan for each: pure decisions over pool records.
 #
 # Owns: select_vms (selectors over VM records), vm_disks/pick_disks, PoolView/read_pool
-# (one read of the pool), VmPlan/plan_vm.
+# (one read of the pool; only the selected VMs' disks and networks when they are few),
+# wanted_by, VmPlan/plan_vm.
 # Imports: errors, util, config.
 
 class Selected(typing.NamedTuple):
@@ -3354,14 +3419,16 @@ def is_candidate(record):
                 or record.get("is_control_domain"))
 
 
-def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS):
+def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS, max_meta_backups=None):
     """Return the Selection that `selectors` make of `vm_records` ({ref: VM record}).
 
     The contract: candidates are real VMs (is_candidate); plain names are matched
     exactly and win over regexes; excludes win over everything; vdi-export wins over
     vm-export, which wins over meta-export; within the winning mode the last
-    definition sets max_backups and devices; two candidates with one name are an
-    error for that name; a selector that matches nothing is a warning.
+    definition sets max_backups and devices (a meta-export's default is
+    max_meta_backups, else max_backups); two candidates with one name are an error for
+    that name, and so are two chosen VMs whose names make one folder (safe_dirname);
+    a selector that matches nothing is a warning.
     """
     candidates = sorted(((ref, rec) for ref, rec in vm_records.items() if is_candidate(rec)),
                         key=lambda item: (item[1]["name_label"], item[1]["uuid"]))
@@ -3392,8 +3459,14 @@ def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS):
             continue
         mode = next(m for m in MODES if any(d.mode == m for d in defs))
         last = [d for d in defs if d.mode == mode][-1]
+        default = (max_meta_backups or max_backups) if mode == "meta-export" else max_backups
         chosen.append(Selected(ref, rec["name_label"], rec["uuid"], mode,
-                               last.max_backups or max_backups, last.devices, last))
+                               last.max_backups or default, last.devices, last))
+    chosen, clashes = split_folder_clashes(chosen)
+    for folder, vms in clashes:
+        errors.append("VMs %s all make the backup folder %r (uuids %s): none of them is backed "
+                      "up until one is renamed" % (", ".join(repr(printable(v.name)) for v in vms),
+                                                   printable(folder), ", ".join(v.uuid for v in vms)))
     for name, twins in sorted(duplicates.items()):
         errors.append("%d VMs are named %r (uuids %s): none of them is backed up until the "
                       "names are unique" % (len(twins), printable(name),
@@ -3404,6 +3477,17 @@ def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS):
                     if ref not in chosen_refs and ref not in excluded_refs
                     and rec["name_label"] not in duplicates]
     return Selection(chosen, excluded, not_selected, warnings, errors)
+
+
+def split_folder_clashes(chosen):
+    """Return (chosen without clashes, [(folder, [Selected])]): VMs whose different names
+    make one backup folder ('a/b', 'a:b', 'a_b' -> 'a_b') would share, and prune, one folder."""
+    by_folder = collections.defaultdict(list)
+    for vm in chosen:
+        by_folder[safe_dirname(vm.name)].append(vm)
+    clashes = [(folder, vms) for folder, vms in sorted(by_folder.items()) if len(vms) > 1]
+    clashing = {vm.ref for _, vms in clashes for vm in vms}
+    return [vm for vm in chosen if vm.ref not in clashing], clashes
 
 
 class VmDisk(typing.NamedTuple):
@@ -3488,20 +3572,71 @@ class PoolView(typing.NamedTuple):
         return self.hosts.get(self.pool.get("master"), {})
 
 
-def read_pool(xapi):
-    """Return a PoolView: one get_all_records per class, whatever the pool's size."""
+#: A selection whose VMs reference at most this many records (VBDs, VDIs, VIFs, networks,
+#: guest metrics) is read record by record; a larger one reads the whole tables. One
+#: get_record costs a round trip; a whole table costs bytes: on a 10,000-VM pool the five
+#: tables are about twice the VM table, so a few dozen round trips are the cheaper side.
+FEW_RECORDS = 64
+
+#: The VDIs leftover cleanup needs whatever the selection: every snapshot VDI.
+SNAPSHOT_VDIS = 'field "is_a_snapshot"="true"'
+
+NULL_REF = "OpaqueRef:NULL"
+
+
+def read_pool(xapi, wanted=None):
+    """Return a PoolView in a bounded number of calls, whatever the pool's size.
+
+    `wanted(vm_records)` returns the refs of the VMs the caller needs in full (None or
+    no `wanted`: every VM). The pool, host, VM and SR tables are read whole; the disks,
+    networks and guest metrics only of the wanted VMs when they are few (FEW_RECORDS),
+    plus every snapshot VDI (leftover cleanup looks for them); otherwise whole tables.
+    """
     pools = xapi.call("pool.get_all_records")
-    return PoolView(
-        pool=next(iter(pools.values()), {}),
-        hosts=xapi.call("host.get_all_records"),
-        vms=xapi.call("VM.get_all_records"),
-        vbds=xapi.call("VBD.get_all_records"),
-        vdis=xapi.call("VDI.get_all_records"),
-        vifs=xapi.call("VIF.get_all_records"),
-        networks=xapi.call("network.get_all_records"),
-        srs=xapi.call("SR.get_all_records"),
-        guest_metrics=xapi.call("VM_guest_metrics.get_all_records"),
-    )
+    base = dict(pool=next(iter(pools.values()), {}), hosts=xapi.call("host.get_all_records"),
+                vms=xapi.call("VM.get_all_records"), srs=xapi.call("SR.get_all_records"))
+    refs = wanted(base["vms"]) if wanted else None
+    if refs is not None and records_of_cost(base["vms"], refs) <= FEW_RECORDS:
+        base.update(read_records_of(xapi, base["vms"], refs))
+    else:
+        base.update(vbds=xapi.call("VBD.get_all_records"), vdis=xapi.call("VDI.get_all_records"),
+                    vifs=xapi.call("VIF.get_all_records"),
+                    networks=xapi.call("network.get_all_records"),
+                    guest_metrics=xapi.call("VM_guest_metrics.get_all_records"))
+    return PoolView(**base)
+
+
+def records_of_cost(vms, refs):
+    """Return an upper bound of the get_record calls read_records_of makes for `refs`."""
+    return sum(2 * len(vms[r].get("VBDs", ())) + 2 * len(vms[r].get("VIFs", ())) + 1
+               for r in refs if r in vms)
+
+
+def read_records_of(xapi, vms, refs):
+    """Return {vbds, vdis, vifs, networks, guest_metrics} of the VMs `refs`, one record a call."""
+    def each(cls, wanted):
+        found = {}
+        for ref in sorted(set(wanted) - {NULL_REF, ""}):
+            try:
+                found[ref] = xapi.call(cls + ".get_record", ref)
+            except CallFailed as exc:
+                if exc.code != "HANDLE_INVALID":   # gone since the VM table was read
+                    raise
+        return found
+    chosen = [vms[r] for r in refs if r in vms]
+    vbds = each("VBD", [v for vm in chosen for v in vm.get("VBDs", ())])
+    vdis = xapi.call("VDI.get_all_records_where", SNAPSHOT_VDIS)
+    vdis.update(each("VDI", [vbd.get("VDI", NULL_REF) for vbd in vbds.values()]))
+    vifs = each("VIF", [v for vm in chosen for v in vm.get("VIFs", ())])
+    return dict(vbds=vbds, vdis=vdis, vifs=vifs,
+                networks=each("network", [vif.get("network", NULL_REF) for vif in vifs.values()]),
+                guest_metrics=each("VM_guest_metrics",
+                                   [vm.get("guest_metrics", NULL_REF) for vm in chosen]))
+
+
+def wanted_by(config):
+    """Return read_pool's `wanted` for a run with these settings: the VMs it selects."""
+    return lambda vms: [s.ref for s in select_vms(vms, config.selectors, config.max_backups).vms]
 
 
 class VmPlan(typing.NamedTuple):
@@ -3915,6 +4050,9 @@ def check_backup(backup, quick=False):
         found.bad(MANIFEST, backup.manifest_error)
     elif backup.manifest is not None:
         _check_manifest_files(found, backup, quick)
+    elif not backup.legacy and backup.entries & set(LEGACY_SUCCESS_MARKERS):
+        found.bad(MANIFEST, "manifest missing: a vmbackup folder (only NAUbackup's are named "
+                            "backup-YYYY-MM-DD-(HH:MM:SS)) with a success marker and no %s" % MANIFEST)
     elif not backup.legacy:
         found.notes.append("no %s and no success marker: the backup did not finish" % MANIFEST)
     else:
@@ -4932,13 +5070,14 @@ def backup_vm(ctx, plan, vlog):
     os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
     check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
     if config.pre_clean and vm.mode != "meta-export":
-        prune_vm_backups(store, vm_folder, vm.max_backups - 1, drop_incomplete=False, vlog=vlog)
+        prune_vm_backups(store, vm_folder, vm.max_backups - 1, drop_incomplete=False, vlog=vlog,
+                         mode=vm.mode, uuid=vm.uuid)
     folder, moment = store.new_folder(vm_folder)
     vlog.info("%s to %s", vm.mode, folder)
     started = datetime.datetime.now()
     files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
     store.commit(folder, build_manifest(ctx, plan, started, files + exported))
-    prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog)
+    prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog, mode=vm.mode, uuid=vm.uuid)
     total = sum(f["size"] for f in exported)
     if vlog.errors:
         return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,
@@ -5932,9 +6071,27 @@ def forget_beats(ctx, pool, other_config, beats, now=None):
                 log.debug("removing a dead run's heartbeat: %s", exc)
 
 
+def sources_of_marked_snapshots(ctx):
+    """Return {ref: VDI record} of the disks whose snapshots carry a pending mark and that
+    the view lacks (a view of few VMs reads only their disks, and every snapshot VDI)."""
+    found = {}
+    for rec in ctx.view.vdis.values():
+        source = rec.get("snapshot_of", "OpaqueRef:NULL")
+        if rec.get("is_a_snapshot") and PENDING_KEY in (rec.get("other_config") or {}) \
+                and source not in ctx.view.vdis and source not in found \
+                and source != "OpaqueRef:NULL":
+            try:
+                found[source] = ctx.transport.xapi.call("VDI.get_record", source)
+            except VmBackupError as exc:
+                log.debug("reading the source of a marked disk snapshot: %s", exc)
+    return found
+
+
 def forget_pending(ctx, beats=None):
     """Remove pending marks that dead runs left on VMs and disks (not snapshots)."""
-    for cls, records in (("VM", ctx.view.vms), ("VDI", ctx.view.vdis)):
+    vdis = dict(ctx.view.vdis)
+    vdis.update(sources_of_marked_snapshots(ctx))
+    for cls, records in (("VM", ctx.view.vms), ("VDI", vdis)):
         for ref, rec in records.items():
             note = (rec.get("other_config") or {}).get(PENDING_KEY, "").split()
             if note and not rec.get("is_a_snapshot") and len(note) >= 3 \
@@ -6049,7 +6206,7 @@ def back_up_everything(config, endpoint, password, status_log, record):
         beat = PoolBeat(xapi, run_note())   # any host can tell this run lives
         try:
             beat.start()
-            view = read_pool(xapi)
+            view = read_pool(xapi, wanted_by(config))
             ctx = Context(config, transport, view, beat.note, record)
             clean_leftovers(ctx)
             selection = select_for_run(config, view, record)
@@ -6069,9 +6226,11 @@ def back_up_everything(config, endpoint, password, status_log, record):
 
 def select_for_run(config, view, record):
     """Return the Selection (metadata_only turns every VM into meta-export); record its problems."""
-    selection = select_vms(view.vms, config.selectors, config.max_backups)
-    if config.metadata_only:
-        selection = selection._replace(vms=[vm._replace(mode="meta-export") for vm in selection.vms])
+    selection = select_vms(view.vms, config.selectors, config.max_backups, config.max_meta_backups)
+    if config.metadata_only:   # counted apart from the data backups: max_meta_backups
+        keep = config.max_meta_backups or config.max_backups
+        selection = selection._replace(vms=[vm._replace(mode="meta-export", max_backups=keep)
+                                            for vm in selection.vms])
     record.selection = selection
     for warning in selection.warnings:
         record.log.warning("%s", warning)
@@ -6139,7 +6298,7 @@ def preview_pool(config, endpoint, password, record):
     xapi = login(endpoint, config.username, password)
     try:
         make_transport(config, xapi, password).close()
-        view = read_pool(xapi)
+        view = read_pool(xapi, wanted_by(config))
     finally:
         xapi.logout()
     selection = select_for_run(config, view, record)
@@ -6264,6 +6423,8 @@ def build_parser():
         help="NAME_OR_REGEX never to back up (repeatable; wins over every selector)")
     opt("-d", "--backup-dir", metavar="DIR")
     opt("--max-backups", type=int, metavar="N", help="successful backups kept per VM")
+    opt("--max-meta-backups", type=int, metavar="N",
+        help="metadata-only backups kept per VM, counted apart (default: --max-backups)")
     opt("--compress", choices=("none", "gzip", "zstd"), help="vm-export compression")
     opt("--vdi-format", choices=("raw", "vhd"), help="vdi-export disk format")
     opt("--pool-db-backup", action="store_const", const=True, help="back up the pool database")
@@ -6386,7 +6547,9 @@ def load_settings(inv):
             and not config.pool_db_backup and not config.host_backup:
         if inv.config_file and not inv.cli_selectors:
             raise UsageError("config file %s selects nothing: it has no vm-export, vdi-export or "
-                             "meta-export line (and no pool_db_backup=1 or host_backup=1)"
+                             "meta-export line (and no pool_db_backup=1 or host_backup=1); "
+                             "`vmbackup.py config` prints them commented out: uncomment "
+                             "the ones you want"
                              % inv.config_file)
         raise UsageError("nothing to back up: give -c FILE, -e/-E/-m SELECTOR, "
                          "--pool-db-backup or --host-backup (see --help)")
