@@ -34,8 +34,13 @@ PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9 _-]+$")
 
 
 #: Selection modes, strongest first: a VM chosen for vdi-export is not also
-#: vm-exported, and a full export already carries the metadata.
-MODES = ("vdi-export", "vm-export", "meta-export")
+#: vm-exported, and a full export already carries the metadata. delta-export (disk
+#: chains: a full, then the changed blocks) stands between vdi-export and vm-export.
+MODES = ("vdi-export", "delta-export", "vm-export", "meta-export")
+
+
+#: Modes whose selectors name disks: NAME_OR_REGEX[:MAX[:DEV;DEV]].
+DISK_MODES = ("vdi-export", "delta-export")
 
 
 Setting = collections.namedtuple("Setting", "default parse help")
@@ -76,12 +81,15 @@ SETTINGS = collections.OrderedDict([
     ("tls_ca_file", Setting(None, parse_text, "CA bundle that signed the pool's certificate")),
     ("tls_fingerprint", Setting(None, parse_fingerprint, "pinned SHA-256 fingerprint of the pool's certificate")),
     ("tls_insecure", Setting(False, parse_bool, "do not verify the pool's certificate (warns)")),
+    ("full_interval", Setting(7, lambda v: parse_int(v, 0),
+                              "delta-export: a new full every N points of a chain (0: never)")),
 ])
 
 
 #: Repeatable selector keys; underscore and hyphen spellings are the same key.
 SELECTOR_KEYS = {"vm_export": "vm-export", "vdi_export": "vdi-export",
-                 "meta_export": "meta-export", "exclude": "exclude"}
+                 "meta_export": "meta-export", "exclude": "exclude",
+                 "delta_export": "delta-export"}
 
 
 #: Keys accepted on a NAUbackup command line as `key=value` words.
@@ -90,10 +98,10 @@ LEGACY_WORD_KEYS = ("compress", "ignore_extra_keys", "pre_clean")
 
 class Selector(typing.NamedTuple):
     """One vm-export/vdi-export/meta-export/exclude line, parsed."""
-    mode: str                   # vm-export, vdi-export, meta-export or exclude
+    mode: str                   # vm-export, vdi-export, delta-export, meta-export or exclude
     pattern: str                # the name or regex as written
     max_backups: typing.Optional[int] = None   # None: the global max_backups
-    devices: typing.Tuple[str, ...] = ()       # vdi-export disks; () = root disk
+    devices: typing.Tuple[str, ...] = ()       # vdi-export disks, () = root disk; delta-export, () = all
     origin: str = "command line"               # "file:line" or "command line"
 
     @property
@@ -137,13 +145,14 @@ def parse_selector(text, mode, origin="command line"):
     raw = text.strip()
     if not raw:
         raise ValueError("empty selector")
-    match = _SELECTOR_TAIL["vdi-export" if mode == "vdi-export" else "other"].match(raw)
+    form = "vdi-export" if mode in DISK_MODES else "other"
+    match = _SELECTOR_TAIL[form].match(raw)
     name, max_text = match.group("name"), match.group("max")
     devs = match.groupdict().get("devs") or ""
-    bad = _BAD_MAX["vdi-export" if mode == "vdi-export" else "other"].match(name)
+    bad = _BAD_MAX[form].match(name)
     if bad and not PLAIN_NAME_RE.match(name):
         raise ValueError("MAX_BACKUPS %r in %r is not a whole number (NAME_OR_REGEX[:MAX%s])"
-                         % (bad.group("max"), raw, "[:DEV;DEV]" if mode == "vdi-export" else ""))
+                         % (bad.group("max"), raw, "[:DEV;DEV]" if mode in DISK_MODES else ""))
     max_backups = None
     if max_text not in (None, "", "-1"):
         max_backups = int(max_text)
@@ -185,6 +194,7 @@ class Config(typing.NamedTuple):
     tls_ca_file: typing.Optional[str] = None
     tls_fingerprint: typing.Optional[str] = None
     tls_insecure: bool = False
+    full_interval: int = 7
     selectors: typing.Tuple[Selector, ...] = ()
     config_file: typing.Optional[str] = None
     origins: typing.Dict[str, str] = {}   # key -> "file:line" or "command line"
@@ -299,6 +309,9 @@ def example_config():
         "#vm-export=PRD-.*",
         "#vm-export=.*SAVE$:5",
         "#vm-export=my-third-vm:3",
+        "# incremental: a full image, then only the changed blocks (CBT, NBD), disk chains;",
+        "# NAME_OR_REGEX[:MAX_BACKUPS[:DEV;DEV...]] (default: every disk but [NOBAK] ones)",
+        "#delta-export=PRD-db.*:14",
         "# metadata only (no snapshot, no disk export): cheap enough to run hourly; its",
         "# backups are counted apart from the data backups (max_meta_backups)",
         "#meta-export=DEV-.*",

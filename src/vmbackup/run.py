@@ -12,7 +12,7 @@ import sys
 
 from vmbackup.backup import Context, backup_hosts, backup_pool_db, backup_vm_safely, run_note
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
-from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
+from vmbackup.leftovers import PoolBeat, chain_references, clean_leftovers, is_leftover
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
@@ -180,7 +180,8 @@ def preview_pool(config, endpoint, password, record):
         record.results.extend(VmResult("host backup of %s" % (h.get("hostname") or ref), "",
                                        "pool", "success") for ref, h in view.hosts.items())
     deletions = planned_deletions(config, plans) if not record.cannot_start else ()
-    return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
+    keep = chain_references(Context(config, None, view, ""))
+    return PreviewPlan(tuple(plans), deletions, planned_destroys(view, keep))
 
 
 def planned_deletions(config, plans):
@@ -197,10 +198,12 @@ def planned_deletions(config, plans):
     return tuple(found)
 
 
-def planned_destroys(view):
-    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy."""
+def planned_destroys(view, keep=()):
+    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy (never
+    the delta-export chains' references, `keep`)."""
     found = [("VM", rec.get("name_label", ""), rec.get("uuid", ""))
              for rec in view.vms.values() if is_leftover(rec)]
     found += [("VDI", rec.get("name_label", ""), rec.get("uuid", ""))
-              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")]
+              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")
+              and rec.get("uuid") not in keep]
     return tuple(sorted(found))

@@ -50,6 +50,7 @@ CLI_SETTINGS = {
     "progress_interval": ("progress_interval", lambda v: parse_int(v, 1)),
     "umask": ("umask", parse_umask),
     "status_log": ("status_log", parse_text),
+    "full_interval": ("full_interval", lambda v: parse_int(v, 0)),
 }
 
 
