@@ -31,7 +31,7 @@ import time
 import typing
 import uuid as uuidlib
 
-from vmbackup.errors import CallFailed, ExportFailed, VmBackupError, log
+from vmbackup.errors import BadFile, CallFailed, ExportFailed, VmBackupError, log
 from vmbackup.formats.vhdfile import (
     CBT_BLOCK, VHD_BLOCK, ParentRef, VhdWriter, reparent_vhd, write_vhd_from_raw)
 from vmbackup.metadata import file_entry
@@ -416,6 +416,8 @@ def write_full(ctx, new, size, folder, dest, vlog):
                                % (new.uuid, nbytes, size))
         with partial_file(dest) as tmp, open(raw, "rb") as src, open(tmp, "wb") as out:
             return write_vhd_from_raw(src, out, size)
+    except BadFile as exc:
+        raise ExportFailed("raw export of VDI %s: %s" % (new.uuid, exc))
     finally:
         if os.path.lexists(raw):
             os.unlink(raw)
@@ -429,6 +431,8 @@ def write_differencing_export(ctx, new, reference, parent, folder, dest):
         ctx.transport.export_vdi_delta(new, reference, tmp_vhd)
         with partial_file(dest) as tmp, open(tmp_vhd, "rb") as src, open(tmp, "wb") as out:
             return reparent_vhd(src, out, parent)
+    except BadFile as exc:
+        raise ExportFailed("differencing export of VDI %s: %s" % (new.uuid, exc))
     finally:
         if os.path.lexists(tmp_vhd):
             os.unlink(tmp_vhd)
