@@ -1,13 +1,15 @@
 """Which old backups to delete, as a pure decision, and deleting them through the Store.
 
 Owns: plan_retention (pure, table-tested), retention_group and owned_by (which folders
-one VM's retention may count and delete), prune_vm_backups, prune_dated_files.
-Imports: errors, store.
+one VM's retention may count and delete), retention_steps (chains: merge, never delete what
+a kept point needs), prune_vm_backups, prune_dated_files.
+Imports: errors, store, chain.
 """
 
 import os
 
-from vmbackup.errors import log
+from vmbackup.chain import chain_point, finish_merges, merge_points, plan_chain_retention
+from vmbackup.errors import ChainBroken, log
 from vmbackup.store import SUCCESS_MARKER, parse_dated_file
 
 
@@ -52,16 +54,36 @@ def plan_retention(entries, keep, drop_incomplete=True):
     return sorted(doomed)
 
 
+def retention_steps(folders, keep, drop_incomplete=True):
+    """Return the chain.ChainAction steps (delete, or merge then delete) of retention over
+    the BackupFolders of one group: plan_retention's verdict, with delta-export points a
+    kept point needs merged into it instead of deleted (pure)."""
+    doomed = plan_retention([(f.name, f.when, f.complete) for f in folders], keep,
+                            drop_incomplete)
+    return plan_chain_retention([chain_point(f) for f in folders], doomed)
+
+
 def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None):
     """Delete what plan_retention says among the backups of VM `uuid` in `mode` filed under
-    the folder `vm` of `store` (in_retention); return the names deleted."""
+    the folder `vm` of `store` (in_retention), merging delta-export points a kept point
+    needs (retention_steps); return the names deleted."""
     vlog = vlog or log
     for name in store.finish_deletes(vm):
         vlog.info("retention: finished deleting %s (an earlier delete was interrupted)", name)
+    finish_merges(store, vm, vlog)
     folders = {f.name: f for f in store.backups(vm) if in_retention(f, mode, uuid)}
-    doomed = plan_retention([(f.name, f.when, f.complete) for f in folders.values()], keep,
-                            drop_incomplete)
-    for name in doomed:
+    doomed = []
+    for step in retention_steps(list(folders.values()), keep, drop_incomplete):
+        name = step.name
+        if step.kind == "merge":
+            try:
+                merge_points(store, vm, name, step.into, step.devices, vlog)
+            except ChainBroken as exc:
+                vlog.warning("retention: %s is kept: %s", name, exc)
+                continue
+            doomed.append(name)
+            continue
+        doomed.append(name)
         if folders[name].complete:
             vlog.info("retention: deleting %s", name)
         else:
