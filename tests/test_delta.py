@@ -239,12 +239,25 @@ class Chain:
             for device, sha in want.items():
                 assert self.read_back(i, device) == sha, (i, device)
 
+    def restore_every_point(self):
+        """Restore each point into new disks; each must hold the bytes of its run."""
+        for i, want in enumerate(self.expected):
+            folder = os.path.join(self.backup_dir, "db", self.points()[i])
+            out = run_vmbackup("restore", folder, *self.args, "--name", "p%d" % i)
+            got = {}
+            for line in out.splitlines():
+                if line.startswith("restored disk "):
+                    _, _, uuid, name = line.split(" ", 3)
+                    got[name.split()[-1]] = self.pool.vdi_content(uuid).sha256()
+            assert got == want, (i, out)
+
     def references(self):
-        """The VDIs the tool left on the pool: {uuid: record}."""
+        """The snapshot VDIs the tool left on the pool: {uuid: record}."""
         s = session(self.pool)
         try:
-            return {v["uuid"]: s.xenapi.VDI.get_record(v["ref"])
-                    for v in self.pool.leftovers()["vdis"]}
+            found = {v["uuid"]: s.xenapi.VDI.get_record(v["ref"])
+                     for v in self.pool.leftovers()["vdis"]}
+            return {u: rec for u, rec in found.items() if rec["is_a_snapshot"]}
         finally:
             s.xenapi.session.logout()
 
@@ -329,6 +342,11 @@ def test_chain_of_seven_points_reads_back_every_point(chain_of, transport, mode)
     assert "another VDI" in c.chain(6, "xvdb")["reason"]
     assert [c.chain(i)["position"] for i in range(7)] == [0, 1, 2, 3, 0, 1, 2]
     c.check_every_point()
+    if mode != "cbt-export":      # the same files as no-cbt's: restored with and without CBT
+        c.restore_every_point()
+    points = [os.path.join(c.backup_dir, "db", p) for p in c.points()]
+    out = run_vmbackup("diff", points[3], points[4])
+    assert "xvda" in out and "8.0M" in out and "10.0M" in out
 
     for changed, over_nbd, over_http in moved:
         if mode == "cbt-nbd":

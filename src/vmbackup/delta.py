@@ -20,7 +20,7 @@ chain's stay.
 Owns: PreviousDisk, ReferenceState, DiskFacts, DiskPlan, plan_delta and changed_ranges (pure);
 previous_point, recorded_references, enable_cbt_once, read_ranges_nbd, delta_point (one VM's
 point), chain_entries (manifest disks), finish_point, drop_old_references, point_note.
-Imports: errors, util, store, metadata, nbd, formats.vhdfile, transport.base.
+Imports: errors, util, store, metadata, chain, nbd, formats.vhdfile, transport.base.
 """
 
 import base64
@@ -31,6 +31,7 @@ import time
 import typing
 import uuid as uuidlib
 
+from vmbackup.chain import chain_entry, chain_links, chain_parent, finish_merges
 from vmbackup.errors import BadFile, CallFailed, ExportFailed, VmBackupError, log
 from vmbackup.formats.vhdfile import (
     CBT_BLOCK, VHD_BLOCK, ParentRef, VhdWriter, reparent_vhd, write_vhd_from_raw)
@@ -186,20 +187,20 @@ def delta_points(store, vm_folder, vm_uuid=None):
 
 
 def previous_disks(backup):
-    """Return {device: PreviousDisk} of a delta-export BackupFolder."""
-    sums = {f.get("name"): f.get("sha256", "") for f in backup.manifest.get("files", ())
-            if isinstance(f, dict)}
+    """Return {device: PreviousDisk} of a delta-export BackupFolder (chain.chain_links, plus
+    the disk and its reference)."""
+    links = chain_links(backup)
     found = {}
     for disk in backup.manifest.get("disks", ()):
-        chain = disk.get("chain") or {}
-        if not chain or not disk.get("file"):
+        link = links.get(str(disk.get("device")))
+        if link is None:
             continue
-        reference = chain.get("reference") or {}
-        found[disk.get("device")] = PreviousDisk(
-            backup.name, disk["file"], sums.get(disk["file"], ""), disk.get("vdi_uuid", ""),
-            int(disk.get("virtual_size") or 0), chain.get("id", ""), int(chain.get("position", 0)),
-            chain.get("vhd_uuid", ""), reference.get("vdi_uuid"), reference.get("kind"),
-            disk["file"] in backup.entries and disk["file"] in sums)
+        reference = disk["chain"].get("reference") or {}
+        found[link.device] = PreviousDisk(
+            link.backup, link.file, link.sha256 or "", disk.get("vdi_uuid", ""),
+            int(disk.get("virtual_size") or 0), link.chain_id, int(link.position or 0),
+            link.vhd_uuid, reference.get("vdi_uuid"), reference.get("kind"),
+            link.file in backup.entries and bool(link.sha256))
     return found
 
 
@@ -485,16 +486,12 @@ def disk_point(ctx, disk, new, facts, plan, ref_obj, infos, folder, vlog):
     elif not plan.full:
         vlog.info("disk %s: delta from a differencing export (%s): %s in %.1fs", disk.device,
                   plan.method, human_size(info.data_bytes), time.monotonic() - began)
-    chain = {
-        "id": str(uuidlib.uuid4()) if plan.full else prev.chain_id,
-        "position": 0 if plan.full else prev.position + 1,
-        "vhd_uuid": info.uuid,
-        "parent": None if plan.full else {"backup": prev.backup, "file": prev.file,
-                                          "vhd_uuid": prev.vhd_uuid, "sha256": prev.sha256},
-        "reference": {"vdi_uuid": new.uuid, "kind": plan.reference_kind},
-        "method": plan.method, "reason": plan.reason,
-        "changed_bytes": stats.bytes if plan.method == "cbt-nbd" else info.data_bytes,
-    }
+    chain = chain_entry(
+        str(uuidlib.uuid4()) if plan.full else prev.chain_id,
+        0 if plan.full else prev.position + 1, info.uuid,
+        None if plan.full else chain_parent(prev.backup, prev.file, prev.vhd_uuid, prev.sha256),
+        {"vdi_uuid": new.uuid, "kind": plan.reference_kind}, plan.method, plan.reason,
+        stats.bytes if plan.method == "cbt-nbd" else info.data_bytes)
     return DiskPoint(disk.device, file_entry(folder, name), chain), plan
 
 
@@ -507,6 +504,7 @@ def delta_point(ctx, plan, folder, vlog, snapshot):
     """
     store = LocalStore(ctx.config.backup_dir)
     vm_folder = os.path.basename(os.path.dirname(folder))
+    finish_merges(store, vm_folder, vlog)     # a merge a kill interrupted: the chain as it is meant
     _, previous = previous_point(store, vm_folder, plan.vm.uuid)
     cbt = {d.device: enable_cbt_once(ctx.transport, d, vlog) for d in plan.disks}
     purposes = ctx.transport.network_purposes() if any(on for on, _ in cbt.values()) else set()
