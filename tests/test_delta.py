@@ -411,6 +411,26 @@ def test_nbd_connection_dropped_mid_read(chain_of):
     c.check_every_point()
 
 
+def test_nbd_unreachable_falls_back_and_keeps_data(chain_of):
+    c = chain_of(delta_pool())
+    c.run()
+    write_blocks(c.pool, c.disk(), [12])
+    c.pool.faults.refuse_nbd()                    # a firewall in the way
+    out = c.run(exit_code=1)
+    assert "NBD unreachable" in out
+    assert c.chain()["method"] == "full" and "NBD unreachable" in c.chain()["reason"]
+    assert c.chain()["reference"]["kind"] == "snapshot"
+    write_blocks(c.pool, c.disk(), [13])
+    c.run(exit_code=1)                            # still refused: the kept data is the base
+    assert c.chain()["method"] == "cbt-export"
+    c.pool.faults.clear()
+    write_blocks(c.pool, c.disk(), [14])
+    c.run()
+    assert c.chain()["method"] == "cbt-nbd" and c.chain()["reference"]["kind"] == "cbt_metadata"
+    c.check_every_point()
+    assert len(c.references()) == 2
+
+
 def test_cbt_reset_makes_a_full(chain_of):
     c = chain_of(delta_pool())
     c.run()

@@ -452,6 +452,15 @@ def write_nbd_delta(ctx, infos, ranges, size, parent, dest, stats):
         blocks.close()
 
 
+def nbd_unreachable(facts, exc):
+    """Return the DiskPlan that replaces cbt-nbd when no NBD connection opens (pure): the
+    differencing export where the reference has data, else a full; either way the new
+    reference keeps its data, so the next run has a base without NBD."""
+    if facts.reference is not None and facts.reference.has_data:
+        return DiskPlan("cbt-export", None, "snapshot")
+    return DiskPlan("full", "NBD unreachable: %s" % exc, "snapshot")
+
+
 def disk_point(ctx, disk, new, facts, plan, ref_obj, infos, folder, vlog):
     """Write one disk's file of the point; return (DiskPoint, DiskPlan actually followed)."""
     prev = facts.previous
@@ -474,7 +483,17 @@ def disk_point(ctx, disk, new, facts, plan, ref_obj, infos, folder, vlog):
         vlog.info("disk %s: full (%s)", disk.device, plan.reason)
         info = write_full(ctx, new, size, folder, dest, vlog)
     elif plan.method == "cbt-nbd":
-        info = write_nbd_delta(ctx, infos, ranges, size, parent, dest, stats)
+        try:
+            info = write_nbd_delta(ctx, infos, ranges, size, parent, dest, stats)
+        except NbdError as exc:
+            if stats.connections:    # it read, then failed even on new connections: fail
+                raise
+            plan = nbd_unreachable(facts, exc)
+            vlog.warning("disk %s: NBD unreachable (%s): %s instead, and the new reference "
+                         "keeps its data", disk.device, exc,
+                         "a full" if plan.full else "a differencing export")
+            info = (write_full(ctx, new, size, folder, dest, vlog) if plan.full else
+                    write_differencing_export(ctx, new, ref_obj, parent, folder, dest))
     else:
         info = write_differencing_export(ctx, new, ref_obj, parent, folder, dest)
     if plan.method == "cbt-nbd":
