@@ -527,3 +527,29 @@ def test_kill_9_during_a_delta_export(chain_of, tmp_path):
     assert c.chain()["method"] == "cbt-nbd"          # the chain goes on from the last good point
     assert not c.pool.leftovers()["snapshots"] and len(c.references()) == 1
     c.check_every_point()
+
+
+def test_delta_chain_on_python36(chain_of, tmp_path):
+    """dom0's Python 3.6 makes a full and a delta over NBD with TLS, and restores it."""
+    import shutil
+    import XenAPI
+    from test_python36 import PY36, run36
+    if PY36 is None:
+        pytest.skip("no Python 3.6 interpreter on this machine")
+    c = chain_of(delta_pool())
+    lib = tmp_path / "lib36"
+    shutil.copytree(os.path.dirname(XenAPI.__file__), str(lib / "XenAPI"))
+    env = dict(os.environ, PYTHONPATH=str(lib), **c.pool.env())
+    env.pop("PYTHONHOME", None)
+    backup = c.args + ["-D", "db:20", "-d", c.backup_dir]
+    c.expected.append(c.state())
+    run36(backup, env, tmp_path)
+    write_blocks(c.pool, c.disk(), [2, 77])
+    c.expected.append(c.state())
+    out = run36(backup + ["-v"], env, tmp_path)
+    assert "delta over NBD (TLS)" in out and c.chain()["method"] == "cbt-nbd"
+    c.check_every_point()
+    out = run36(["restore", os.path.join(c.backup_dir, "db", c.points()[-1])] + c.args,
+                env, tmp_path)
+    uuids = [line.split()[2] for line in out.splitlines() if line.startswith("restored disk ")]
+    assert sorted(c.pool.vdi_content(u).sha256() for u in uuids) == sorted(c.expected[-1].values())
