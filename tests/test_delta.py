@@ -345,6 +345,8 @@ def test_chain_of_seven_points_reads_back_every_point(chain_of, transport, mode)
     if mode != "cbt-export":      # the same files as no-cbt's: restored with and without CBT
         c.restore_every_point()
     points = [os.path.join(c.backup_dir, "db", p) for p in c.points()]
+    out = run_vmbackup("verify", c.backup_dir)      # every link of every chain
+    assert "BAD" not in out
     out = run_vmbackup("diff", points[3], points[4])
     assert "xvda" in out and "8.0M" in out and "10.0M" in out
 
