@@ -14,7 +14,7 @@ over the differencing export (CBT, no network with an NBD purpose). Printed side
 * wall time of the delta run / the full run (target <= 5 %);
 * with --restore: the time to restore the last point of a 7-point chain / the full.
 
-    python3 bench/delta_export.py [--size-gib 20] [--changed-percent 1] [--dir /var/tmp] [--restore]
+    python3 bench/delta_export.py [--size-gib 20] [--changed-percent 1] [--dir /var/tmp] [--restore] [--log]
 """
 import argparse
 import json
@@ -88,6 +88,8 @@ def one_mode(args, nbd, workdir):
             before = moved(pool)
             delta_s, out = vmbackup(pool, workdir, *sel)
             after = moved(pool)
+            if args.log:
+                print(out)
             points = sorted(n for n in os.listdir(os.path.join(backup_dir, "big")))
             with open(os.path.join(backup_dir, "big", points[-1], "backup.json")) as f:
                 method = json.load(f)["disks"][0]["chain"]["method"]
@@ -115,6 +117,7 @@ def main():
     parser.add_argument("--size-gib", type=int, default=20)
     parser.add_argument("--changed-percent", type=float, default=1.0)
     parser.add_argument("--dir", default=tempfile.gettempdir(), help="where the backups go")
+    parser.add_argument("--log", action="store_true", help="print the delta runs' logs")
     parser.add_argument("--restore", action="store_true",
                         help="also restore the 7th point and the full of a 7-point chain")
     args = parser.parse_args()
