@@ -433,8 +433,8 @@ def test_nbd_unreachable_falls_back_and_keeps_data(chain_of):
     assert len(c.references()) == 2
 
 
-def test_cbt_reset_makes_a_full(chain_of):
-    c = chain_of(delta_pool())
+def test_cbt_reset_makes_a_full(chain_of, transport):
+    c = chain_of(delta_pool(), transport.kind)
     c.run()
     s = session(c.pool)
     try:
