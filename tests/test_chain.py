@@ -372,3 +372,55 @@ def test_a_merge_killed_at_any_step_is_finished_by_the_next_run(tmp_path):
         assert not [n for n in os.listdir(os.path.join(str(root), "web01"))
                     if n.startswith(".")], at
         shutil.rmtree(str(root))
+
+
+# -- list and preview ------------------------------------------------------------------------
+def test_list_shows_each_point_of_the_chains(tmp_path):
+    b = ChainBuilder(tmp_path)
+    for n in range(4):
+        b.point(full=("xvdb",) if n == 2 else ())
+    vmbackup.prune_vm_backups(b.store, b.vm, 3, mode="delta-export", uuid=VM_UUID)
+    output = run_vmbackup("list", "-d", b.root)
+    lines = output.splitlines()
+    newest = lines.index(next(l for l in lines if l.startswith("  2026-12-04")))
+    assert "delta-export" in lines[newest] and "sizes ok" in lines[newest]
+    assert lines[newest + 1].split()[:5] == ["xvda", "chain", "chain-xv", "point", "3"]
+    assert "delta of %s" % b.names[2] in lines[newest + 1]
+    assert "base of the chain (full)" in lines[newest + 5]         # xvda of the oldest kept
+    data = json.loads(run_vmbackup("list", "-d", b.root, "--json", "-"))
+    points = data["vms"][0]["backups"]
+    assert [(p["name"], [(d["device"], d["position"], d["parent"]) for d in p["chain"]])
+            for p in points] == [
+        (b.names[3], [("xvda", 3, b.names[2]), ("xvdb", 1, b.names[2])]),
+        (b.names[2], [("xvda", 2, b.names[1]), ("xvdb", 0, None)]),
+        (b.names[1], [("xvda", 1, None), ("xvdb", 1, None)])]
+
+
+class _Vm:
+    name, mode, uuid = "web01", "delta-export", VM_UUID
+
+    def __init__(self, keep):
+        self.max_backups = keep
+
+
+class _Plan:
+    problems = ()
+
+    def __init__(self, keep):
+        self.vm = _Vm(keep)
+
+
+class _Config:
+    def __init__(self, root):
+        self.backup_dir = root
+
+
+def test_preview_says_which_points_a_merge_would_absorb(tmp_path):
+    b = ChainBuilder(tmp_path)
+    for n in range(4):
+        b.point(full=("xvdb",) if n == 2 else ())
+    planned = vmbackup.planned_deletions(_Config(b.root), [_Plan(3)])
+    assert planned == (
+        ("web01", "%s (merged into %s: xvda)" % (b.names[0], b.names[1])),
+        ("web01", "%s (merged into %s: xvda)" % (b.names[1], b.names[2])))
+    assert remaining(b) == b.names                 # a preview changes nothing

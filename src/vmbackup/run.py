@@ -16,7 +16,8 @@ from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
-from vmbackup.retention import plan_retention
+from vmbackup.chain import DELTA_MODE, ChainPoint, chain_point, plan_chain_retention
+from vmbackup.retention import in_retention, plan_retention
 from vmbackup.selection import plan_vm, read_pool, select_vms, wanted_by
 from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
@@ -184,17 +185,31 @@ def preview_pool(config, endpoint, password, record):
 
 
 def planned_deletions(config, plans):
-    """Return [(VM folder, backup name)] retention would delete after each plan's new backup."""
+    """Return [(VM folder, backup)] retention would delete after each plan's new backup; a
+    delta-export point a kept point needs reads "NAME (merged into NEXT: DEVICES)"."""
     store, found = LocalStore(config.backup_dir), []
     for plan in plans:
         if plan.problems:
             continue
         folder = safe_dirname(plan.vm.name)
-        entries = [(f.name, f.when, f.complete) for f in store.backups(folder)]
-        new = ("(this run)", datetime.datetime.max, True)
-        found.extend((folder, name) for name in plan_retention(entries + [new], plan.vm.max_backups)
-                     if name != new[0])
+        folders = [f for f in store.backups(folder) if in_retention(f, plan.vm.mode, plan.vm.uuid)]
+        new = this_run_point(folders, plan.vm.mode)
+        doomed = plan_retention([(f.name, f.when, f.complete) for f in folders]
+                                + [(new.name, new.when, True)], plan.vm.max_backups)
+        steps = plan_chain_retention([chain_point(f) for f in folders] + [new], doomed)
+        found.extend((folder, step.describe()) for step in steps if step.name != new.name)
     return tuple(found)
+
+
+def this_run_point(folders, mode):
+    """Return the ChainPoint the run's new backup will be: in delta-export, a delta of the
+    newest complete point's disks (the preview cannot know a full will be needed)."""
+    links = None
+    if mode == DELTA_MODE:
+        last = next((chain_point(f) for f in reversed(folders)
+                     if f.complete and f.mode == DELTA_MODE), None)
+        links = {device: last.name for device in (last.links or {})} if last else {}
+    return ChainPoint("(this run)", datetime.datetime.max, True, links)
 
 
 def planned_destroys(view):
