@@ -441,26 +441,22 @@ def _patch_full(full_path, delta_path, disk):
                 continue
             source.seek(at)
             mask = bitmap_mask(source.read(BITMAP_BYTES))
-            data = source.read(VHD_BLOCK)
             if index in new_at:
-                block = bytearray(VHD_BLOCK)
-                for first, end in sector_runs(mask):
-                    block[first * SECTOR:end * SECTOR] = data[first * SECTOR:end * SECTOR]
-                _step("block")
-                full.seek(new_at[index])
-                full.write(mask_bitmap(mask) + block)
-                bat[index] = new_at[index] // SECTOR
-                continue
-            if bat[index] == 0xFFFFFFFF:
+                # appended past the old end of the file: what is not written reads as zero
+                where, have = new_at[index], 0
+                bat[index] = where // SECTOR
+            elif bat[index] == 0xFFFFFFFF:
                 raise ChainBroken("merge into %s: block %d is neither in the full nor planned"
                                   % (full_path, index))
-            where = bat[index] * SECTOR
-            full.seek(where)
-            have = bitmap_mask(full.read(BITMAP_BYTES))
+            else:
+                where = bat[index] * SECTOR
+                full.seek(where)
+                have = bitmap_mask(full.read(BITMAP_BYTES))
             _step("block")
             for first, end in sector_runs(mask):
+                source.seek(at + BITMAP_BYTES + first * SECTOR)
                 full.seek(where + BITMAP_BYTES + first * SECTOR)
-                full.write(data[first * SECTOR:end * SECTOR])
+                full.write(source.read((end - first) * SECTOR))
             full.seek(where)
             full.write(mask_bitmap(have | mask))
         _step("bat")
