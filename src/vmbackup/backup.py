@@ -22,7 +22,7 @@ from vmbackup.formats.xva import xva_is_complete
 from vmbackup.metadata import (
     file_entry, manifest_record, pool_info, save_vm_metadata, write_cfg_files)
 from vmbackup.report import RunRecord, UnitLog, VmResult, status_size
-from vmbackup.retention import prune_dated_files, prune_vm_backups
+from vmbackup.retention import keep_for, prune_dated_files, prune_vm_backups
 from vmbackup.selection import PoolView
 from vmbackup.store import XVA_SUFFIXES, LocalStore, check_space, inside, safe_dirname, stamp
 from vmbackup.transport.base import BEAT_WORD, Obj, Transport
@@ -248,14 +248,14 @@ def backup_vm(ctx, plan, vlog):
     os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
     check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
     if config.pre_clean and vm.mode != "meta-export":
-        prune_vm_backups(store, vm_folder, vm.max_backups - 1, drop_incomplete=False, vlog=vlog,
-                         mode=vm.mode, uuid=vm.uuid)
+        prune_vm_backups(store, vm_folder, keep_for(config, vm), drop_incomplete=False, vlog=vlog,
+                         mode=vm.mode, uuid=vm.uuid, incoming=datetime.datetime.now())
     folder, moment = store.new_folder(vm_folder)
     vlog.info("%s to %s", vm.mode, folder)
     started = datetime.datetime.now()
     files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
     store.commit(folder, build_manifest(ctx, plan, started, files + exported))
-    prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog, mode=vm.mode, uuid=vm.uuid)
+    prune_vm_backups(store, vm_folder, keep_for(config, vm), vlog=vlog, mode=vm.mode, uuid=vm.uuid)
     total = sum(f["size"] for f in exported)
     if vlog.errors:
         return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,

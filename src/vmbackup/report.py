@@ -7,7 +7,7 @@ status_end_fields), StatusLog, settings_summary, preview_data/format_preview,
 write_json, setup_logging. Nothing here infers anything from which logger a line
 went through: the exit code, the tally, the status log and the JSON all read the
 Outcome.
-Imports: errors, util, config.
+Imports: errors, util, config, retention.
 """
 
 import datetime
@@ -21,6 +21,7 @@ import typing
 from vmbackup import __version__
 from vmbackup.config import SETTINGS
 from vmbackup.errors import BackupDirError, EXIT_ERROR, EXIT_OK, EXIT_WARNING, log
+from vmbackup.retention import keep_for
 from vmbackup.util import printable
 
 
@@ -294,7 +295,7 @@ def preview_data(config, outcome, found):
         "would_start": outcome.cannot_start is None,
         "settings": {key: value for key, value, _ in settings_summary(config)},
         "vms": [{"name": p.vm.name, "uuid": p.vm.uuid, "mode": p.vm.mode,
-                 "max_backups": p.vm.max_backups,
+                 "max_backups": p.vm.max_backups, "retention": str(keep_for(config, p.vm)),
                  "disks": [d.device for d in p.disks],
                  "skipped_disks": [d.device for d in p.skipped],
                  "problems": list(p.problems),
@@ -331,8 +332,9 @@ def format_preview(data, config):
         disks = ", ".join(vm["disks"]) or "-"
         if vm["skipped_disks"]:
             disks += "  (left out, [NOBAK]: %s)" % ", ".join(vm["skipped_disks"])
-        out.append("  %-24s %-11s max_backups=%-3d disks: %s  [%s]"
-                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], disks, vm["uuid"]))
+        gfs = "retention %s  " % vm["retention"] if "+" in vm["retention"] else ""
+        out.append("  %-24s %-11s max_backups=%-3d %sdisks: %s  [%s]"
+                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], gfs, disks, vm["uuid"]))
     for title, key in (("Excluded", "excluded"), ("Not selected", "not_selected")):
         out.append("%s (%d):" % (title, len(data[key])))
         out.extend("  %-24s [%s]" % (printable(v["name"]), v["uuid"]) for v in data[key])

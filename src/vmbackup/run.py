@@ -16,7 +16,7 @@ from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
-from vmbackup.retention import plan_retention
+from vmbackup.retention import keep_for, plan_vm_retention
 from vmbackup.selection import plan_vm, read_pool, select_vms, wanted_by
 from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
@@ -183,17 +183,17 @@ def preview_pool(config, endpoint, password, record):
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
 
 
-def planned_deletions(config, plans):
-    """Return [(VM folder, backup name)] retention would delete after each plan's new backup."""
+def planned_deletions(config, plans, now=None):
+    """Return [(VM folder, backup name)] retention would delete after each plan's new backup
+    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only."""
     store, found = LocalStore(config.backup_dir), []
+    now = now or datetime.datetime.now().replace(microsecond=0)
     for plan in plans:
         if plan.problems:
             continue
-        folder = safe_dirname(plan.vm.name)
-        entries = [(f.name, f.when, f.complete) for f in store.backups(folder)]
-        new = ("(this run)", datetime.datetime.max, True)
-        found.extend((folder, name) for name in plan_retention(entries + [new], plan.vm.max_backups)
-                     if name != new[0])
+        vm, folder = plan.vm, safe_dirname(plan.vm.name)
+        found.extend((folder, name) for name in plan_vm_retention(
+            store.backups(folder), keep_for(config, vm), vm.mode, vm.uuid, incoming=now))
     return tuple(found)
 
 

@@ -100,6 +100,11 @@ def build_parser():
     opt("--max-backups", type=int, metavar="N", help="successful backups kept per VM")
     opt("--max-meta-backups", type=int, metavar="N",
         help="metadata-only backups kept per VM, counted apart (default: --max-backups)")
+    for period, units in (("daily", "days"), ("weekly", "weeks"), ("monthly", "months"),
+                          ("yearly", "years")):
+        opt("--keep-" + period, metavar="N",
+            help="GFS: beside the --max-backups newest, keep the newest backup of each of N more "
+                 "%s (-1: all)" % units)
     opt("--compress", choices=("none", "gzip", "zstd"), help="vm-export compression")
     opt("--vdi-format", choices=("raw", "vhd"), help="vdi-export disk format")
     opt("--pool-db-backup", action="store_const", const=True, help="back up the pool database")

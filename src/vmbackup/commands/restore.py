@@ -87,20 +87,23 @@ def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
 
 
 def legacy_manifest(backup):
-    """Return a manifest-like dict for a NAUbackup BackupFolder: its .xva, or its one
-    .raw/.vhd file and the root disk (store.legacy_root_disk) that file holds."""
+    """Return a manifest-like dict for a NAUbackup BackupFolder: its .xva, or its .raw/.vhd
+    files and the disk each holds (store.legacy_disk_files)."""
     xvas = backup.names_of("xva")
     if xvas:
         return {"mode": "vm-export", "files": [{"name": n} for n in xvas], "vm": {}}
-    disks, root = backup.names_of("raw") + backup.names_of("vhd"), backup.root_disk
-    if len(disks) == 1 and root is not None:
-        if root.virtual_size is None:
-            raise RestoreError("%s: DISK-%s/vdi.cfg records no virtual_size for %s"
-                               % (backup.path, root.device, disks[0]))
-        return {"mode": "vdi-export", "vm": {},
-                "disks": [{"file": disks[0], "device": root.device, "userdevice": root.userdevice,
-                           "virtual_size": root.virtual_size}],
-                "files": [{"name": disks[0]}]}
+    files = backup.names_of("raw") + backup.names_of("vhd")
+    if files and all(backup.disk_files.get(f) is not None for f in files):
+        disks, files = [], sorted(files, key=lambda f: backup.disk_files[f].device)
+        for name in files:
+            disk = backup.disk_files[name]
+            if disk.virtual_size is None:
+                raise RestoreError("%s: DISK-%s/vdi.cfg records no virtual_size for %s"
+                                   % (backup.path, disk.device, name))
+            disks.append({"file": name, "device": disk.device, "userdevice": disk.userdevice,
+                          "virtual_size": disk.virtual_size})
+        return {"mode": "vdi-export", "vm": {}, "disks": disks,
+                "files": [{"name": n} for n in files]}
     raise RestoreError("%s: legacy NAUbackup folder with nothing this tool can restore"
                        % backup.path)
 
