@@ -180,6 +180,27 @@ def test_sigterm_is_in_the_outcome_and_the_snapshot_claim_is_true(sim_pool, tran
     assert_pool_clean(sim_pool)
 
 
+def test_sigterm_claims_no_cleanup_when_a_snapshot_could_not_be_destroyed(sim_pool, transport,
+                                                                           backup_dir, tmp_path):
+    summary = tmp_path / "run.json"
+    sim_pool.faults.throttle(256 * 1024, path="/export")
+    sim_pool.faults.fail("VM.destroy", "INTERNAL_ERROR", "injected", times=None)
+    proc = spawn(transport(sim_pool) + ["-e", "db01", "-d", backup_dir, "--json", summary])
+    wait_for(exporting(sim_pool), what="the export to start")
+    wait_for(lambda: stray_files(backup_dir), what="the partial file")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    (snap,) = sim_pool.leftovers()["snapshots"]
+    assert "snapshots cleaned up" not in out
+    assert "terminated by SIGTERM; snapshot %s left (the next run destroys it)" % snap["uuid"] in out
+    assert json.loads(summary.read_text())["terminated"] == "SIGTERM"
+    sim_pool.faults.clear()
+    out = run_vmbackup(*transport(sim_pool), "-e", "PRD-print7", "-d", backup_dir)
+    assert "destroying leftover snapshot %r (%s)" % (snap["name_label"], snap["uuid"]) in out
+    assert_pool_clean(sim_pool)
+
+
 def test_terminated_outside_a_run_claims_no_snapshots():
     code, out = invoke("list", "-d", "/nonexistent")   # any command: no run, no claim
     assert "snapshots cleaned up" not in out
@@ -361,10 +382,26 @@ def test_hung_server_is_named_after_the_login_timeout(backup_dir, tmp_path, monk
     assert "no answer within 1 s (the login timeout)" in out
 
 
-def test_credentials_in_the_server_url_are_refused_and_masked(backup_dir):
-    out = run_vmbackup("--server", "https://root:hunter2@pool1/", "-e", "web01", "-d", backup_dir,
-                       exit_code=2)
+@pytest.mark.parametrize("where", ["command-line", "config-file"])
+def test_credentials_in_the_server_url_are_refused_and_masked(backup_dir, tmp_path, where):
+    status_log, summary = tmp_path / "status.log", tmp_path / "run.json"
+    if where == "config-file":
+        cfg = tmp_path / "weekly.cfg"
+        cfg.write_text("server=https://root:hunter2@pool1/\nbackup_dir=%s\nvm-export=web01\n"
+                       "status_log=%s\n" % (backup_dir, status_log))
+        args = ["-c", cfg]
+    else:
+        args = ["--server", "https://root:hunter2@pool1/", "-e", "web01", "-d", backup_dir,
+                "--status-log", status_log]
+    out = run_vmbackup(*args, "-v", "--json", summary, exit_code=2)
     assert "https://***@pool1/" in out and "hunter2" not in out
+    data = json.loads(summary.read_text())
+    assert data["status"] == "error" and "https://***@pool1/" in data["reason"]
+    assert data["settings"]["server"] == "https://***@pool1/"
+    assert "hunter2" not in summary.read_text()
+    lines = status_log.read_text().splitlines()      # it cannot start, and says so there too
+    assert lines[0].endswith(",begin") and lines[-1].endswith(",end,ERROR,S:0 W:0 E:1")
+    assert "hunter2" not in status_log.read_text()
 
 
 def test_vdi_export_says_exported_before_snapshot_destroyed(sim_pool, transport, backup_dir):

@@ -21,7 +21,7 @@ import typing
 from vmbackup import __version__
 from vmbackup.config import SETTINGS
 from vmbackup.errors import BackupDirError, EXIT_ERROR, EXIT_OK, EXIT_WARNING, log
-from vmbackup.util import printable
+from vmbackup.util import mask_credentials, printable
 
 
 def settings_summary(config):
@@ -31,6 +31,8 @@ def settings_summary(config):
         value = getattr(config, key)
         if key == "umask":
             value = "%03o" % value
+        elif key == "server" and value:
+            value = mask_credentials(value)
         rows.append((key, value, config.where(key)))
     return rows
 
