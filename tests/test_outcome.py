@@ -50,15 +50,16 @@ E = RunProblem("error", "", "cannot destroy leftover snapshot 1234: INTERNAL_ERR
     (outcome(cannot_start="backup_dir=/x (command line): the folder does not exist"), 2,
      "S:0 W:0 E:1", "ERROR"),
     (outcome(unit("success"), terminated="SIGTERM"), 2, "S:1 W:0 E:1", "ERROR"),
+    (outcome(unit("success"), terminated="SIGINT"), 130, "S:1 W:0 E:1", "ERROR"),
 ], ids=["nothing", "ok", "vm-warning", "two-warnings", "vm-failure", "run-warning",
-        "run-error", "nothing-selected", "cannot-start", "sigterm"])
+        "run-error", "nothing-selected", "cannot-start", "sigterm", "sigint"])
 def test_every_reader_of_the_outcome_agrees(record, code, counts, word):
     assert exit_code_for(record) == code
     assert str(tally(record)) == counts
     assert status_end_fields(record) == ["end", word, counts]
     data = run_summary(None, record)
     assert data["exit_code"] == code and data["summary"] == counts
-    assert data["status"] == {0: "ok", 1: "warning", 2: "error"}[code]
+    assert data["status"] == {0: "ok", 1: "warning", 2: "error", 130: "error"}[code]
     assert len(data["warnings"]) == tally(record).warnings
     assert len(data["errors"]) == tally(record).errors
     assert len(recap(record)) == tally(record).warnings + tally(record).errors
@@ -120,6 +121,10 @@ def cannot_start(pool):
     return ["-e", "PRD-print7", "-d", "/nonexistent/backups"]
 
 
+def backup_dir_full(pool):     # as good as full: below space_threshold
+    return ["-e", "PRD-print7", "--space-threshold", "100"]
+
+
 EVENTS = [
     # (make the event, exit code, tally, end word, VM result statuses)
     (ok, 0, "S:1 W:0 E:0", "SUCCESS", ["success"]),
@@ -129,6 +134,7 @@ EVENTS = [
     (run_error, 2, "S:1 W:0 E:1", "ERROR", ["success"]),
     (nothing_selected, 1, "S:0 W:1 E:0", "WARNING", []),
     (cannot_start, 2, "S:0 W:0 E:1", "ERROR", []),
+    (backup_dir_full, 2, "S:0 W:0 E:1", "ERROR", []),
 ]
 
 
@@ -151,6 +157,10 @@ def test_run_outcome_table(sim_pool, transport, backup_dir, tmp_path, event, cod
     if event is cannot_start:
         assert data["status"] == "error" and "/nonexistent/backups" in data["reason"]
         assert "vmbackup.py: error: backup_dir=/nonexistent/backups" in out
+    elif event is backup_dir_full:
+        assert data["status"] == "error" and "below space_threshold=100" in data["reason"]
+        assert "vmbackup.py: error: backup_dir %s has " % backup_dir in out
+        assert sim_pool.calls.count("VM.snapshot") == 0
     else:
         assert "done: %s, exit %d" % (counts, code) in out
         assert len(re.findall(r"recap: (FAILED|WARNING) ", out)) == w + e
@@ -161,22 +171,29 @@ def test_run_outcome_table(sim_pool, transport, backup_dir, tmp_path, event, cod
         assert_pool_clean(sim_pool)
 
 
-def test_sigterm_is_in_the_outcome_and_the_snapshot_claim_is_true(sim_pool, transport,
-                                                                    backup_dir, tmp_path):
+@pytest.mark.parametrize("signum, code, said", [
+    (signal.SIGTERM, 2, "terminated by SIGTERM; snapshots cleaned up"),
+    (signal.SIGINT, 130, "interrupted"),
+], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_is_in_the_outcome_and_the_snapshot_claim_is_true(sim_pool, transport,
+                                                                   backup_dir, tmp_path,
+                                                                   signum, code, said):
     status_log, summary = tmp_path / "status.log", tmp_path / "run.json"
     sim_pool.faults.throttle(256 * 1024, path="/export")
     proc = spawn(transport(sim_pool) + ["-e", "db01", "-d", backup_dir, "--status-log",
                                         status_log, "--json", summary])
     wait_for(exporting(sim_pool), what="the export to start")
     wait_for(lambda: stray_files(backup_dir), what="the partial file")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out
-    assert "terminated by SIGTERM; snapshots cleaned up" in out
+    assert proc.returncode == code, out
+    assert said in out
+    name = signal.Signals(signum).name
     assert status_log.read_text().splitlines()[-1].endswith(",end,ERROR,S:0 W:0 E:1")
     data = json.loads(summary.read_text())
-    assert data["status"] == "error" and data["terminated"] == "SIGTERM"
-    assert data["errors"] == ["terminated by SIGTERM"]
+    assert data["status"] == "error" and data["terminated"] == name
+    assert data["errors"] == ["terminated by %s" % name]
+    assert data["exit_code"] == code            # what the process exits with
     assert_pool_clean(sim_pool)
 
 
@@ -326,6 +343,32 @@ def test_preview_lists_what_the_run_would_delete_and_destroy(sim_pool, api, back
 
 
 # -- first contact ----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_the_simulators_banner_command_works_as_printed(tmp_path, tls):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sim = subprocess.Popen([sys.executable, os.path.join(here, "xapisim"), "--no-socket",
+                            "--auth-delay", "0"] + (["--tls"] if tls else []),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, env=env, start_new_session=True)
+    try:
+        banner = []
+        for line in sim.stdout:
+            banner.append(line)
+            if line.startswith("Ctrl-C stops it."):
+                break
+        (command,) = [l.strip() for l in banner if " --preview" in l]
+        done = subprocess.run(["bash", "-c", command], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True, env=env,
+                              timeout=300)
+    finally:
+        sim.terminate()
+        sim.communicate(timeout=60)
+    assert re.search(r"Preview: the run would (succeed|end with warnings|start, but end)",
+                     done.stdout), "".join(banner) + done.stdout
+    assert "Traceback" not in done.stdout and "would not start" not in done.stdout
+
 
 def test_no_password_says_so(sim_pool, backup_dir):
     out = run_vmbackup("--server", sim_pool.url, "-e", "web01", "-d", backup_dir, exit_code=2)

@@ -20,7 +20,8 @@ import typing
 
 from vmbackup import __version__
 from vmbackup.config import SETTINGS
-from vmbackup.errors import BackupDirError, EXIT_ERROR, EXIT_OK, EXIT_WARNING, log
+from vmbackup.errors import (
+    BackupDirError, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_WARNING, log)
 from vmbackup.util import mask_credentials, printable
 
 
@@ -114,7 +115,10 @@ def tally(outcome):
 
 
 def exit_code_for(outcome):
-    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec)."""
+    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec);
+    130 for a run interrupted by Ctrl-C (SIGINT), as the shell expects."""
+    if outcome.terminated == "SIGINT":
+        return EXIT_INTERRUPTED
     counts = tally(outcome)
     if counts.errors:
         return EXIT_ERROR
