@@ -425,6 +425,17 @@ def test_hung_server_is_named_after_the_login_timeout(backup_dir, tmp_path, monk
     assert "no answer within 1 s (the login timeout)" in out
 
 
+def test_a_hung_xapi_call_is_named_after_the_call_timeout(sim_pool, api, backup_dir, tmp_path,
+                                                        monkeypatch):
+    summary = tmp_path / "run.json"
+    monkeypatch.setattr(vmbackup, "XMLRPC_TIMEOUT", 1)
+    sim_pool.faults.slow("pool.get_all_records", 4)
+    out = run_vmbackup(*api(sim_pool), "-e", "PRD-print7", "-d", backup_dir, "--json", summary,
+                       exit_code=2)
+    assert "XAPI pool.get_all_records failed: no answer within 1 s (the XAPI call timeout)" in out
+    assert "(the XAPI call timeout)" in json.loads(summary.read_text())["reason"]
+
+
 @pytest.mark.parametrize("where", ["command-line", "config-file"])
 def test_credentials_in_the_server_url_are_refused_and_masked(backup_dir, tmp_path, where):
     status_log, summary = tmp_path / "status.log", tmp_path / "run.json"
