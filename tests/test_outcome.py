@@ -117,6 +117,10 @@ def nothing_selected(pool):
     return ["-e", ".*", "-x", ".*"]
 
 
+def one_vm_selected_and_excluded(pool):
+    return ["-e", "web01", "-x", "web01"]
+
+
 def cannot_start(pool):
     return ["-e", "PRD-print7", "-d", "/nonexistent/backups"]
 
@@ -133,6 +137,7 @@ EVENTS = [
     (run_warning, 1, "S:1 W:1 E:0", "WARNING", ["success"]),
     (run_error, 2, "S:1 W:0 E:1", "ERROR", ["success"]),
     (nothing_selected, 1, "S:0 W:1 E:0", "WARNING", []),
+    (one_vm_selected_and_excluded, 1, "S:0 W:1 E:0", "WARNING", []),
     (cannot_start, 2, "S:0 W:0 E:1", "ERROR", []),
     (backup_dir_full, 2, "S:0 W:0 E:1", "ERROR", []),
 ]
