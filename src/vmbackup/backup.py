@@ -241,7 +241,8 @@ def estimate_size(plan, previous=0):
 
 
 def last_backup_bytes(store, vm_folder, mode):
-    """Return the bytes of the files of the newest complete backup in `mode` of a VM folder (0: none)."""
+    """Return the bytes of the files of a VM folder's newest complete backup in `mode`
+    (0: none)."""
     for backup in reversed(store.backups(vm_folder)):
         if backup.complete and backup.mode == mode and backup.manifest is not None:
             return sum(int(f.get("size") or 0) for f in backup.manifest["files"]

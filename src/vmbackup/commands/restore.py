@@ -171,10 +171,10 @@ def attach_conflicts(items, target_name, vbds):
     for item in items:
         vbd = used.get(item.userdevice) if item.userdevice else None
         if vbd is not None:
+            what = "empty CD drive" if vbd.get("empty") else str(vbd.get("type", "disk")).lower()
             lines.append("--attach-to %s: userdevice %s (for %s) is taken by its %s %s"
                          % (printable(target_name), item.userdevice, item.device or item.name,
-                            "empty CD drive" if vbd.get("empty") else str(vbd.get("type", "disk")).lower(),
-                            vbd.get("device") or "(no device name)"))
+                            what, vbd.get("device") or "(no device name)"))
     return lines
 
 
