@@ -127,11 +127,15 @@ def report_run(config, record, status_log, json_target):
         write_json(json_target, run_summary(config, record.outcome()))
 
 
-def report_cannot_start(json_target, reason):
-    """Write the --json of a run stopped before its settings were read (a config error)."""
+def report_cannot_start(json_target, reason, config=None):
+    """Write the --json of a run stopped before it began (a config error; with `config`,
+    its settings read, also the status log's begin/end pair)."""
     record = RunRecord()
     record.cannot_start = reason
-    if json_target:
+    if config is not None:
+        report_run(config, record, StatusLog(config.status_log, config.where("status_log"),
+                                             record.log), json_target)
+    elif json_target:
         write_json(json_target, run_summary(None, record.outcome()))
 
 

@@ -241,13 +241,14 @@ def cmd_backup(inv):
 
     A run stopped by its settings still writes --json (status error, the reason).
     """
+    config = None
     try:
         config, password = load_settings(inv)
         endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                                   config.tls_insecure)
     except VmBackupError as exc:
         if not inv.preview:
-            report_cannot_start(inv.json, str(exc))
+            report_cannot_start(inv.json, str(exc), config)
         raise
     if config.tls_insecure and not endpoint.is_local and not config.tls_fingerprint:
         # a caution about a chosen setting, printed each run; not a problem of the run
