@@ -37,6 +37,10 @@ SYSLOG_MAX = 1024
 SYSLOG_IDENT = "vmbackup"
 
 
+#: Seconds one line may wait for a full syslog socket before it is dropped (and said).
+SYSLOG_TIMEOUT = 5.0
+
+
 def syslog_severity(levelno):
     """Return the syslog severity of a logging level: ERROR -> 3, WARNING -> 4, INFO -> 6."""
     return next(sev for level, sev in SEVERITIES if levelno >= level)
@@ -82,6 +86,7 @@ class SyslogHandler(logging.Handler):
         self.address, self.facility, self.problems = address, facility, problems
         self.hostname = socket.gethostname().split(".")[0] if family == socket.AF_INET else None
         self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.settimeout(SYSLOG_TIMEOUT)   # a stuck daemon costs lines, never the run
         try:
             self.sock.connect(self.target)
         except OSError:

@@ -7,6 +7,7 @@ of the run, never a crash and never a lost backup).
 Imports: errors, util, config, store, report, logsinks, metrics.
 """
 
+import base64
 import datetime
 import email.message
 import email.policy
@@ -175,11 +176,26 @@ def smtp_connect(config, password):
         if security == "starttls":
             smtp.starttls(context=context)
         if config.smtp_username:
-            smtp.login(config.smtp_username, password or "")
+            smtp_login(smtp, config.smtp_username, password or "")
     except BaseException:
         smtp.close()
         raise
     return smtp
+
+
+def smtp_login(smtp, username, password):
+    """Log in; raise SMTPAuthenticationError. Credentials beyond ASCII go as UTF-8 AUTH PLAIN
+    (RFC 4616), which smtplib's login cannot send."""
+    try:
+        (username + password).encode("ascii")
+    except UnicodeEncodeError:
+        smtp.ehlo_or_helo_if_needed()
+        token = base64.b64encode(("\0%s\0%s" % (username, password)).encode("utf-8"))
+        code, reply = smtp.docmd("AUTH", "PLAIN " + token.decode("ascii"))
+        if code != 235:
+            raise smtplib.SMTPAuthenticationError(code, reply)
+        return
+    smtp.login(username, password)
 
 
 def retryable(exc):
