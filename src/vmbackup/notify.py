@@ -80,8 +80,13 @@ def summary_table(outcome):
         rows.append((printable(r.name), r.mode, r.status, human_size(r.bytes) if r.bytes else "-",
                      duration(r.seconds), one_line(r.message, 100) if r.message else ""))
     widths = [min(40, max(len(row[i]) for row in rows)) for i in range(5)]
-    return ["  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5]
+    return [("  ".join(fit(cell, w) for cell, w in zip(row, widths)) + "  " + row[5]).rstrip()
             for row in rows]
+
+
+def fit(cell, width):
+    """Return `cell` padded to `width`, or cut to it with an ellipsis."""
+    return cell.ljust(width) if len(cell) <= width else cell[:width - 1] + "\u2026"
 
 
 def unit_lines(lines, unit):
@@ -91,7 +96,7 @@ def unit_lines(lines, unit):
 
 
 def mail_body(config, outcome, pool, lines, space):
-    """Return the plain-text report of a run.
+    """Return the plain-text report of a run: what failed first, then every unit's row.
 
     `lines` are the run's log lines (logsinks.RunLines), `space` the (free, total,
     percent) of backup_dir or None; nothing is counted here that the Outcome does not say.
@@ -105,8 +110,6 @@ def mail_body(config, outcome, pool, lines, space):
            "config:   %s" % (config.config_file or "(command line)"), ""]
     if outcome.cannot_start:
         out += ["The run did not start: %s" % outcome.cannot_start, ""]
-    if outcome.results:
-        out += summary_table(outcome) + [""]
     problems = outcome.all_problems()
     if problems:
         out.append("What failed or warned (%d):" % len(problems))
@@ -120,6 +123,8 @@ def mail_body(config, outcome, pool, lines, space):
                 shown.add(problem.unit)
                 out.extend("    " + line for line in unit_lines(lines, problem.unit))
         out.append("")
+    if outcome.results:
+        out += summary_table(outcome) + [""]
     if space:
         free, total, percent = space
         out.append("Space left in backup_dir %s: %s free of %s (%.1f%% free)."
