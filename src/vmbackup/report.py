@@ -198,6 +198,7 @@ class RunRecord:
         self.terminated = None
         self.begun = False              # the status log has its `begin` line
         self.open_snapshots = {}        # uuid -> unit: taken and not yet destroyed
+        self.pool = None                # the pool's name_label, once read (the mail's subject)
 
     def outcome(self):
         sel = self.selection

@@ -1,6 +1,6 @@
 """Small helpers every layer uses: value parsers, human sizes, printable names, durable writes.
 
-Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text, human_size, one_line,
+Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text/addresses, human_size, one_line,
 printable, mask_credentials, partial_file (write to .part, rename on success), fsync, write_text,
 sha256_file, free_space.
 Imports: errors.
@@ -111,6 +111,21 @@ def parse_fingerprint(text):
 def parse_text(text):
     """Return the value as given, stripped."""
     return str(text).strip()
+
+
+def parse_addresses(text):
+    """Return the mail addresses of a comma-separated list; raise ValueError if one is not one.
+
+    >>> parse_addresses("ops@example.org, Backup Team <backup@example.org>")
+    ('ops@example.org', 'Backup Team <backup@example.org>')
+    """
+    found = tuple(a.strip() for a in str(text).split(",") if a.strip())
+    for address in found:
+        if not re.match(r"^(?:[^<>@]*<)?[^<>@\s]+@[^<>@\s]+>?$", address):
+            raise ValueError("%r is not a mail address" % address)
+    if not found:
+        raise ValueError("expected one or more mail addresses, comma-separated")
+    return found
 
 
 def human_size(nbytes):
