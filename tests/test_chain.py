@@ -182,7 +182,8 @@ def P(name, parents=None, complete=True):
 
 
 def steps(points, keep):
-    doomed = vmbackup.plan_retention([(p.name, p.when, p.complete) for p in points], keep)
+    doomed = vmbackup.plan_retention([(p.name, p.when, p.complete) for p in points], keep) \
+        if isinstance(keep, int) else keep
     return [(a.kind, a.name, a.into, a.devices)
             for a in vmbackup.plan_chain_retention(points, doomed)]
 
@@ -213,9 +214,12 @@ CHAIN4 = [P("d1", {"xvda": None}), P("d2", {"xvda": "d1"}), P("d3", {"xvda": "d2
     # a parent that is already gone: nothing to merge into
     ([P("d2", {"xvda": "d1"}), P("d3", {"xvda": "d2"})], 1,
      [("merge", "d02", "d03", ("xvda",))]),
+    # GFS keeps d1 and d3 (a daily and a weekly), not d2: d2 is merged into d3, which then
+    # names d1 as its parent
+    (CHAIN4, ["d02"], [("merge", "d02", "d03", ("xvda",))]),
 ], ids=["keep-all", "oldest-falls-out", "two-fall-out", "keep-only-newest",
         "old-chain-deleted", "per-disk-chains", "vm-export-between", "incomplete-dropped",
-        "parent-already-gone"])
+        "parent-already-gone", "gfs-hole"])
 def test_plan_chain_retention(points, keep, expected):
     assert steps(points, keep) == expected
 
@@ -288,6 +292,30 @@ def test_retention_merges_the_oldest_delta_into_the_full_without_losing_a_point(
         before[b.names[3]]["xvda"]
     assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
     assert not os.path.exists(os.path.join(b.root, b.vm, vmbackup.MERGE_JOURNAL))
+
+
+def test_a_delta_dropped_between_kept_points_is_merged_into_the_next(tmp_path):
+    """GFS retention can keep a point and drop its child: the child's delta goes into the
+    grandchild's file, which then names the kept point as its parent."""
+    b = ChainBuilder(tmp_path)
+    for _ in range(4):
+        b.point()
+    before = {(n, d): b.content[(n, d)] for n in b.names for d in b.devices}
+    vmbackup.merge_points(b.store, b.vm, b.names[1], b.names[2], b.devices)
+    assert remaining(b) == [b.names[0], b.names[2], b.names[3]]
+    for name in remaining(b):
+        for device in b.devices:
+            assert b.restored(name, device) == before[(name, device)], (name, device)
+    merged = os.path.join(b.folder(b.names[2]), "xvda.vhd")
+    info = vmbackup.vhd_info(merged)
+    full = vmbackup.vhd_info(os.path.join(b.folder(b.names[0]), "xvda.vhd"))
+    assert (info.disk_type, info.parent_uuid, info.parent_path) == \
+        (4, full.uuid, "../%s/xvda.vhd" % b.names[0])
+    chain = json.load(open(os.path.join(b.folder(b.names[2]), vmbackup.MANIFEST)))["disks"][0]["chain"]
+    assert chain["parent"]["backup"] == b.names[0] and chain["merged"] == [b.names[1]]
+    assert libvhdi_bytes(tmp_path, os.path.join(b.folder(b.names[0]), "xvda.vhd"), merged) == \
+        before[(b.names[2], "xvda")]
+    assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
 
 
 def test_a_merge_that_cannot_link_keeps_both_points(tmp_path):
@@ -396,8 +424,12 @@ def test_list_shows_each_point_of_the_chains(tmp_path):
         (b.names[1], [("xvda", 1, None), ("xvdb", 1, None)])]
 
 
+class _Selector:
+    gfs = None
+
+
 class _Vm:
-    name, mode, uuid = "web01", "delta-export", VM_UUID
+    name, mode, uuid, selector = "web01", "delta-export", VM_UUID, _Selector()
 
     def __init__(self, keep):
         self.max_backups = keep
@@ -411,6 +443,8 @@ class _Plan:
 
 
 class _Config:
+    keep_daily = keep_weekly = keep_monthly = keep_yearly = 0
+
     def __init__(self, root):
         self.backup_dir = root
 
