@@ -45,7 +45,7 @@ class ChainBuilder:
             writes.append((sector * 512, self.rng.randbytes(8 * 512)))
         return writes
 
-    def point(self, full=(), writes=None, complete=True):
+    def point(self, full=(), writes=None, complete=True, only=None):
         """Write the next point: the disks in `full` (all on the first point) as fulls, the
         others as deltas of the previous point; return its folder name."""
         name = "backup-" + self.day.strftime("%Y-%m-%d-%H%M%S")
@@ -56,6 +56,8 @@ class ChainBuilder:
             handle.write(pretty(ova_xml()))
         disks, files = [], []
         for n, device in enumerate(self.devices):
+            if only is not None and device not in only:
+                continue
             change = (writes or {}).get(device) or self.scattered()
             for offset, data in change:
                 self.disks[device][offset:offset + len(data)] = data
@@ -184,7 +186,7 @@ def P(name, parents=None, complete=True):
 def steps(points, keep):
     doomed = vmbackup.plan_retention([(p.name, p.when, p.complete) for p in points], keep) \
         if isinstance(keep, int) else keep
-    return [(a.kind, a.name, a.into, a.devices)
+    return [(a.kind, a.name, a.into, a.devices) + (() if a.then_delete else ("and keep",))
             for a in vmbackup.plan_chain_retention(points, doomed)]
 
 
@@ -217,9 +219,13 @@ CHAIN4 = [P("d1", {"xvda": None}), P("d2", {"xvda": "d1"}), P("d3", {"xvda": "d2
     # GFS keeps d1 and d3 (a daily and a weekly), not d2: d2 is merged into d3, which then
     # names d1 as its parent
     (CHAIN4, ["d02"], [("merge", "d02", "d03", ("xvda",))]),
+    # d2 has no xvdb: d3's xvdb names d1; d1 goes into d2 (xvda) and d3 (xvdb), deleted last
+    ([P("d1", {"xvda": None, "xvdb": None}), P("d2", {"xvda": "d1"}),
+      P("d3", {"xvda": "d2", "xvdb": "d1"})], 2,
+     [("merge", "d01", "d02", ("xvda",), "and keep"), ("merge", "d01", "d03", ("xvdb",))]),
 ], ids=["keep-all", "oldest-falls-out", "two-fall-out", "keep-only-newest",
         "old-chain-deleted", "per-disk-chains", "vm-export-between", "incomplete-dropped",
-        "parent-already-gone", "gfs-hole"])
+        "parent-already-gone", "gfs-hole", "two-children"])
 def test_plan_chain_retention(points, keep, expected):
     assert steps(points, keep) == expected
 
@@ -248,7 +254,8 @@ def test_retention_never_deletes_a_file_a_kept_point_needs():
                 for device in action.devices:
                     assert after[action.into][device] == action.name
                     after[action.into][device] = None
-            del after[action.name]
+            if action.then_delete:
+                del after[action.name]
         assert sorted(set(p.name for p in points) - set(after)) == sorted(doomed)
         for point in points:
             if point.name not in after or not point.complete or not point.links:
@@ -315,6 +322,23 @@ def test_a_delta_dropped_between_kept_points_is_merged_into_the_next(tmp_path):
     assert chain["parent"]["backup"] == b.names[0] and chain["merged"] == [b.names[1]]
     assert libvhdi_bytes(tmp_path, os.path.join(b.folder(b.names[0]), "xvda.vhd"), merged) == \
         before[(b.names[2], "xvda")]
+    assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
+
+
+def test_a_full_two_later_points_need_is_merged_into_both(tmp_path):
+    """The second point left xvdb out: the third point's xvdb is a delta of the first. When
+    the first goes, its xvda goes into the second point and its xvdb into the third."""
+    b = ChainBuilder(tmp_path)
+    b.point()
+    b.point(only=("xvda",))
+    b.point()
+    before = dict(b.content)
+    deleted = vmbackup.prune_vm_backups(b.store, b.vm, 2, mode="delta-export", uuid=VM_UUID)
+    assert deleted == [b.names[0]] and remaining(b) == b.names[1:]
+    assert b.restored(b.names[1], "xvda") == before[(b.names[1], "xvda")]
+    for device in b.devices:
+        assert b.restored(b.names[2], device) == before[(b.names[2], device)]
+    assert vmbackup.vhd_info(os.path.join(b.folder(b.names[2]), "xvdb.vhd")).disk_type == 3
     assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
 
 

@@ -271,6 +271,7 @@ class ChainAction(typing.NamedTuple):
     name: str
     into: typing.Optional[str] = None
     devices: typing.Tuple[str, ...] = ()
+    then_delete: bool = True        # False while another merge still needs the folder
 
     def describe(self):
         """Return what the step does, in words."""
@@ -309,8 +310,9 @@ def plan_chain_retention(points, doomed):
                 into.setdefault(next_on_path[(point.name, device)], []).append(device)
         if not into:
             actions.append(ChainAction("delete", point.name))
-        for child, devices in sorted(into.items()):
-            actions.append(ChainAction("merge", point.name, child, tuple(devices)))
+        for n, (child, devices) in enumerate(sorted(into.items())):
+            actions.append(ChainAction("merge", point.name, child, tuple(devices),
+                                       n == len(into) - 1))
     return actions
 
 
@@ -384,12 +386,13 @@ def plan_merge(vm_dir, name, into, devices):
     return {"format": 1, "from": name, "into": into, "disks": disks}
 
 
-def merge_points(store, vm_folder, name, into, devices, vlog=None):
+def merge_points(store, vm_folder, name, into, devices, vlog=None, delete=True):
     """Merge the disks `devices` of point `name` into point `into` (their next delta), which
-    takes their parent (a full: becomes the base), then delete `name`; crash-safe (see the
-    module)."""
+    takes their parent (a full: becomes the base), then (if `delete`) delete `name`;
+    crash-safe (see the module)."""
     vm_dir = inside(store.root, vm_folder)
     journal = plan_merge(vm_dir, name, into, devices)
+    journal["delete"] = delete
     _write_journal(vm_dir, journal)
     _carry_out(store, vm_dir, journal)
     (vlog or log).info("retention: merged %s into %s (%s)", name, into, ", ".join(devices))
@@ -431,7 +434,7 @@ def _carry_out(store, vm_dir, journal):
                 raise ChainBroken("merge of %s into %s: %s is gone and %s is not the merged full"
                                   % (journal["from"], journal["into"], full_path, delta_path))
     _rewrite_manifests(store, vm_dir, journal)
-    if os.path.isdir(base_dir):
+    if journal.get("delete", True) and os.path.isdir(base_dir):
         _step("delete")
         store.delete(base_dir)
     store.finish_deletes(os.path.basename(vm_dir))

@@ -174,11 +174,12 @@ def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None
         name = step.name
         if step.kind == "merge":
             try:
-                merge_points(store, vm, name, step.into, step.devices, vlog)
+                merge_points(store, vm, name, step.into, step.devices, vlog, step.then_delete)
             except ChainBroken as exc:
                 vlog.warning("retention: %s is kept: %s", name, exc)
                 continue
-            deleted.append(name)
+            if step.then_delete:
+                deleted.append(name)
             continue
         deleted.append(name)
         if folders[name].complete:
