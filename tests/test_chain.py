@@ -2,6 +2,7 @@
 retention that merges instead of deleting what a kept point needs, and merges a kill cannot
 break (killed at every step, then finished by the next run)."""
 import datetime
+import errno
 import io
 import json
 import os
@@ -339,6 +340,34 @@ def test_a_full_two_later_points_need_is_merged_into_both(tmp_path):
     for device in b.devices:
         assert b.restored(b.names[2], device) == before[(b.names[2], device)]
     assert vmbackup.vhd_info(os.path.join(b.folder(b.names[2]), "xvdb.vhd")).disk_type == 3
+    assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
+
+
+def test_a_merge_stopped_by_a_full_disk_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    b = ChainBuilder(tmp_path)
+    for _ in range(4):
+        b.point()
+    before = dict(b.content)
+
+    def full_disk(what):
+        if what == "footer":
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(vmbackup, "MERGE_HOOKS", [full_disk])
+    log = vmbackup.UnitLog("web01")
+    assert vmbackup.prune_vm_backups(b.store, b.vm, 2, vlog=log, mode="delta-export",
+                                     uuid=VM_UUID) == []
+    assert [p.severity for p in log.met] == ["warning"]
+    assert "No space left on device" in log.met[0].message and "next run" in log.met[0].message
+    assert os.path.exists(os.path.join(b.root, b.vm, vmbackup.MERGE_JOURNAL))
+    with pytest.raises(vmbackup.ChainBroken, match="is not finished"):
+        vmbackup.merge_points(b.store, b.vm, b.names[1], b.names[2], ("xvda",))
+    monkeypatch.setattr(vmbackup, "MERGE_HOOKS", [])
+    assert vmbackup.prune_vm_backups(b.store, b.vm, 2, mode="delta-export",
+                                     uuid=VM_UUID) == [b.names[1]]
+    assert remaining(b) == b.names[2:]
+    for name in b.names[2:]:
+        for device in b.devices:
+            assert b.restored(name, device) == before[(name, device)]
     assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
 
 

@@ -391,6 +391,10 @@ def merge_points(store, vm_folder, name, into, devices, vlog=None, delete=True):
     takes their parent (a full: becomes the base), then (if `delete`) delete `name`;
     crash-safe (see the module)."""
     vm_dir = inside(store.root, vm_folder)
+    pending = read_journal(vm_dir)
+    if pending:
+        raise ChainBroken("cannot merge %s into %s: the merge of %s into %s is not finished"
+                          % (name, into, pending.get("from"), pending.get("into")))
     journal = plan_merge(vm_dir, name, into, devices)
     journal["delete"] = delete
     _write_journal(vm_dir, journal)

@@ -178,6 +178,10 @@ def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None
             except ChainBroken as exc:
                 vlog.warning("retention: %s is kept: %s", name, exc)
                 continue
+            except OSError as exc:      # a full disk, say: the journal lets the next run finish
+                vlog.warning("retention: merging %s into %s stopped (%s); the next run "
+                             "finishes it", name, step.into, exc)
+                break
             if step.then_delete:
                 deleted.append(name)
             continue
