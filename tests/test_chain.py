@@ -14,7 +14,7 @@ import pytest
 
 import vmbackup
 from conftest import run_vmbackup
-from test_vhd_chain import libvhdi_bytes, vhdiinfo
+from test_vhd_chain import libvhdi_bytes, vhdiinfo, xo_bytes
 from test_verify import ova_xml, pretty
 
 MIB = 1024 * 1024
@@ -298,6 +298,8 @@ def test_retention_merges_the_oldest_delta_into_the_full_without_losing_a_point(
     assert vhdiinfo(base)["Identifier"] == info.uuid
     assert libvhdi_bytes(tmp_path, base, os.path.join(b.folder(b.names[3]), "xvda.vhd")) == \
         before[b.names[3]]["xvda"]
+    for name in b.names[2:]:        # Xen Orchestra's VHD library reads the merged chains too
+        assert xo_bytes(tmp_path, os.path.join(b.folder(name), "xvda.vhd")) == before[name]["xvda"]
     assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
     assert not os.path.exists(os.path.join(b.root, b.vm, vmbackup.MERGE_JOURNAL))
 
@@ -323,6 +325,8 @@ def test_a_delta_dropped_between_kept_points_is_merged_into_the_next(tmp_path):
     assert chain["parent"]["backup"] == b.names[0] and chain["merged"] == [b.names[1]]
     assert libvhdi_bytes(tmp_path, os.path.join(b.folder(b.names[0]), "xvda.vhd"), merged) == \
         before[(b.names[2], "xvda")]
+    assert xo_bytes(tmp_path, os.path.join(b.folder(b.names[3]), "xvda.vhd")) == \
+        before[(b.names[3], "xvda")]
     assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
 
 
