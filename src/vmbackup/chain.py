@@ -448,8 +448,9 @@ def _carry_out(store, vm_dir, journal):
 
 
 def _patch_full(full_path, delta_path, disk):
-    """Write the delta's sectors into the full in place (new blocks where the journal says),
-    then its BAT and both footers with the delta's uid: the full becomes the merged point."""
+    """Write the delta's sectors into the older file (the full, or a delta GFS dropped) in
+    place, new blocks where the journal says, then its BAT and both footers with the delta's
+    uid: the older file becomes the merged point. Every write can be done again."""
     span = BITMAP_BYTES + VHD_BLOCK
     new_at = {b: disk["data_end"] + k * span for k, b in enumerate(disk["new_blocks"])}
     delta = read_vhd_layout(delta_path)
