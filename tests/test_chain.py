@@ -2,6 +2,7 @@
 retention that merges instead of deleting what a kept point needs, and merges a kill cannot
 break (killed at every step, then finished by the next run)."""
 import datetime
+import errno
 import io
 import json
 import os
@@ -13,7 +14,7 @@ import pytest
 
 import vmbackup
 from conftest import run_vmbackup
-from test_vhd_chain import libvhdi_bytes, vhdiinfo
+from test_vhd_chain import libvhdi_bytes, vhdiinfo, xo_bytes
 from test_verify import ova_xml, pretty
 
 MIB = 1024 * 1024
@@ -45,7 +46,7 @@ class ChainBuilder:
             writes.append((sector * 512, self.rng.randbytes(8 * 512)))
         return writes
 
-    def point(self, full=(), writes=None, complete=True):
+    def point(self, full=(), writes=None, complete=True, only=None):
         """Write the next point: the disks in `full` (all on the first point) as fulls, the
         others as deltas of the previous point; return its folder name."""
         name = "backup-" + self.day.strftime("%Y-%m-%d-%H%M%S")
@@ -56,6 +57,8 @@ class ChainBuilder:
             handle.write(pretty(ova_xml()))
         disks, files = [], []
         for n, device in enumerate(self.devices):
+            if only is not None and device not in only:
+                continue
             change = (writes or {}).get(device) or self.scattered()
             for offset, data in change:
                 self.disks[device][offset:offset + len(data)] = data
@@ -182,8 +185,9 @@ def P(name, parents=None, complete=True):
 
 
 def steps(points, keep):
-    doomed = vmbackup.plan_retention([(p.name, p.when, p.complete) for p in points], keep)
-    return [(a.kind, a.name, a.into, a.devices)
+    doomed = vmbackup.plan_retention([(p.name, p.when, p.complete) for p in points], keep) \
+        if isinstance(keep, int) else keep
+    return [(a.kind, a.name, a.into, a.devices) + (() if a.then_delete else ("and keep",))
             for a in vmbackup.plan_chain_retention(points, doomed)]
 
 
@@ -213,9 +217,16 @@ CHAIN4 = [P("d1", {"xvda": None}), P("d2", {"xvda": "d1"}), P("d3", {"xvda": "d2
     # a parent that is already gone: nothing to merge into
     ([P("d2", {"xvda": "d1"}), P("d3", {"xvda": "d2"})], 1,
      [("merge", "d02", "d03", ("xvda",))]),
+    # GFS keeps d1 and d3 (a daily and a weekly), not d2: d2 is merged into d3, which then
+    # names d1 as its parent
+    (CHAIN4, ["d02"], [("merge", "d02", "d03", ("xvda",))]),
+    # d2 has no xvdb: d3's xvdb names d1; d1 goes into d2 (xvda) and d3 (xvdb), deleted last
+    ([P("d1", {"xvda": None, "xvdb": None}), P("d2", {"xvda": "d1"}),
+      P("d3", {"xvda": "d2", "xvdb": "d1"})], 2,
+     [("merge", "d01", "d02", ("xvda",), "and keep"), ("merge", "d01", "d03", ("xvdb",))]),
 ], ids=["keep-all", "oldest-falls-out", "two-fall-out", "keep-only-newest",
         "old-chain-deleted", "per-disk-chains", "vm-export-between", "incomplete-dropped",
-        "parent-already-gone"])
+        "parent-already-gone", "gfs-hole", "two-children"])
 def test_plan_chain_retention(points, keep, expected):
     assert steps(points, keep) == expected
 
@@ -244,7 +255,8 @@ def test_retention_never_deletes_a_file_a_kept_point_needs():
                 for device in action.devices:
                     assert after[action.into][device] == action.name
                     after[action.into][device] = None
-            del after[action.name]
+            if action.then_delete:
+                del after[action.name]
         assert sorted(set(p.name for p in points) - set(after)) == sorted(doomed)
         for point in points:
             if point.name not in after or not point.complete or not point.links:
@@ -286,8 +298,81 @@ def test_retention_merges_the_oldest_delta_into_the_full_without_losing_a_point(
     assert vhdiinfo(base)["Identifier"] == info.uuid
     assert libvhdi_bytes(tmp_path, base, os.path.join(b.folder(b.names[3]), "xvda.vhd")) == \
         before[b.names[3]]["xvda"]
+    for name in b.names[2:]:        # Xen Orchestra's VHD library reads the merged chains too
+        assert xo_bytes(tmp_path, os.path.join(b.folder(name), "xvda.vhd")) == before[name]["xvda"]
     assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
     assert not os.path.exists(os.path.join(b.root, b.vm, vmbackup.MERGE_JOURNAL))
+
+
+def test_a_delta_dropped_between_kept_points_is_merged_into_the_next(tmp_path):
+    """GFS retention can keep a point and drop its child: the child's delta goes into the
+    grandchild's file, which then names the kept point as its parent."""
+    b = ChainBuilder(tmp_path)
+    for _ in range(4):
+        b.point()
+    before = {(n, d): b.content[(n, d)] for n in b.names for d in b.devices}
+    vmbackup.merge_points(b.store, b.vm, b.names[1], b.names[2], b.devices)
+    assert remaining(b) == [b.names[0], b.names[2], b.names[3]]
+    for name in remaining(b):
+        for device in b.devices:
+            assert b.restored(name, device) == before[(name, device)], (name, device)
+    merged = os.path.join(b.folder(b.names[2]), "xvda.vhd")
+    info = vmbackup.vhd_info(merged)
+    full = vmbackup.vhd_info(os.path.join(b.folder(b.names[0]), "xvda.vhd"))
+    assert (info.disk_type, info.parent_uuid, info.parent_path) == \
+        (4, full.uuid, "../%s/xvda.vhd" % b.names[0])
+    chain = json.load(open(os.path.join(b.folder(b.names[2]), vmbackup.MANIFEST)))["disks"][0]["chain"]
+    assert chain["parent"]["backup"] == b.names[0] and chain["merged"] == [b.names[1]]
+    assert libvhdi_bytes(tmp_path, os.path.join(b.folder(b.names[0]), "xvda.vhd"), merged) == \
+        before[(b.names[2], "xvda")]
+    assert xo_bytes(tmp_path, os.path.join(b.folder(b.names[3]), "xvda.vhd")) == \
+        before[(b.names[3], "xvda")]
+    assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
+
+
+def test_a_full_two_later_points_need_is_merged_into_both(tmp_path):
+    """The second point left xvdb out: the third point's xvdb is a delta of the first. When
+    the first goes, its xvda goes into the second point and its xvdb into the third."""
+    b = ChainBuilder(tmp_path)
+    b.point()
+    b.point(only=("xvda",))
+    b.point()
+    before = dict(b.content)
+    deleted = vmbackup.prune_vm_backups(b.store, b.vm, 2, mode="delta-export", uuid=VM_UUID)
+    assert deleted == [b.names[0]] and remaining(b) == b.names[1:]
+    assert b.restored(b.names[1], "xvda") == before[(b.names[1], "xvda")]
+    for device in b.devices:
+        assert b.restored(b.names[2], device) == before[(b.names[2], device)]
+    assert vmbackup.vhd_info(os.path.join(b.folder(b.names[2]), "xvdb.vhd")).disk_type == 3
+    assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
+
+
+def test_a_merge_stopped_by_a_full_disk_is_finished_by_the_next_run(tmp_path, monkeypatch):
+    b = ChainBuilder(tmp_path)
+    for _ in range(4):
+        b.point()
+    before = dict(b.content)
+
+    def full_disk(what):
+        if what == "footer":
+            raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(vmbackup, "MERGE_HOOKS", [full_disk])
+    log = vmbackup.UnitLog("web01")
+    assert vmbackup.prune_vm_backups(b.store, b.vm, 2, vlog=log, mode="delta-export",
+                                     uuid=VM_UUID) == []
+    assert [p.severity for p in log.met] == ["warning"]
+    assert "No space left on device" in log.met[0].message and "next run" in log.met[0].message
+    assert os.path.exists(os.path.join(b.root, b.vm, vmbackup.MERGE_JOURNAL))
+    with pytest.raises(vmbackup.ChainBroken, match="is not finished"):
+        vmbackup.merge_points(b.store, b.vm, b.names[1], b.names[2], ("xvda",))
+    monkeypatch.setattr(vmbackup, "MERGE_HOOKS", [])
+    assert vmbackup.prune_vm_backups(b.store, b.vm, 2, mode="delta-export",
+                                     uuid=VM_UUID) == [b.names[1]]
+    assert remaining(b) == b.names[2:]
+    for name in b.names[2:]:
+        for device in b.devices:
+            assert b.restored(name, device) == before[(name, device)]
+    assert all(s == "good" for s, _ in verify_all(b).values()), verify_all(b)
 
 
 def test_a_merge_that_cannot_link_keeps_both_points(tmp_path):
@@ -372,3 +457,61 @@ def test_a_merge_killed_at_any_step_is_finished_by_the_next_run(tmp_path):
         assert not [n for n in os.listdir(os.path.join(str(root), "web01"))
                     if n.startswith(".")], at
         shutil.rmtree(str(root))
+
+
+# -- list and preview ------------------------------------------------------------------------
+def test_list_shows_each_point_of_the_chains(tmp_path):
+    b = ChainBuilder(tmp_path)
+    for n in range(4):
+        b.point(full=("xvdb",) if n == 2 else ())
+    vmbackup.prune_vm_backups(b.store, b.vm, 3, mode="delta-export", uuid=VM_UUID)
+    output = run_vmbackup("list", "-d", b.root)
+    lines = output.splitlines()
+    newest = lines.index(next(l for l in lines if l.startswith("  2026-12-04")))
+    assert "delta-export" in lines[newest] and "sizes ok" in lines[newest]
+    assert lines[newest + 1].split()[:5] == ["xvda", "chain", "chain-xv", "point", "3"]
+    assert "delta of %s" % b.names[2] in lines[newest + 1]
+    assert "base of the chain (full)" in lines[newest + 5]         # xvda of the oldest kept
+    data = json.loads(run_vmbackup("list", "-d", b.root, "--json", "-"))
+    points = data["vms"][0]["backups"]
+    assert [(p["name"], [(d["device"], d["position"], d["parent"]) for d in p["chain"]])
+            for p in points] == [
+        (b.names[3], [("xvda", 3, b.names[2]), ("xvdb", 1, b.names[2])]),
+        (b.names[2], [("xvda", 2, b.names[1]), ("xvdb", 0, None)]),
+        (b.names[1], [("xvda", 1, None), ("xvdb", 1, None)])]
+
+
+class _Selector:
+    gfs = None
+
+
+class _Vm:
+    name, mode, uuid, selector = "web01", "delta-export", VM_UUID, _Selector()
+
+    def __init__(self, keep):
+        self.max_backups = keep
+
+
+class _Plan:
+    problems = ()
+
+    def __init__(self, keep):
+        self.vm = _Vm(keep)
+
+
+class _Config:
+    keep_daily = keep_weekly = keep_monthly = keep_yearly = 0
+
+    def __init__(self, root):
+        self.backup_dir = root
+
+
+def test_preview_says_which_points_a_merge_would_absorb(tmp_path):
+    b = ChainBuilder(tmp_path)
+    for n in range(4):
+        b.point(full=("xvdb",) if n == 2 else ())
+    planned = vmbackup.planned_deletions(_Config(b.root), [_Plan(3)])
+    assert planned == (
+        ("web01", "%s (merged into %s: xvda)" % (b.names[0], b.names[1])),
+        ("web01", "%s (merged into %s: xvda)" % (b.names[1], b.names[2])))
+    assert remaining(b) == b.names                 # a preview changes nothing

@@ -10,14 +10,15 @@ kept point needs; when the oldest point falls out and the next one needs it, the
 point's delta is merged into the old full on the storage (merge_points): the full's file
 is patched in place with the delta's sectors, takes the delta's VHD uid (so the next
 delta's parent uid stays right and its file is untouched) and replaces the delta in the
-next point's folder; that point becomes the chain's base. A merge first writes a journal
-(.chain-merge.json in the VM's folder) naming everything it will change; every step after
-it can be done again, so a merge a kill interrupted is finished by finish_merges, which
-every prune calls first.
+next point's folder; that point becomes the chain's base. A delta that GFS rules drop
+between two kept points is merged the same way into the next delta, which then names the
+dropped point's parent. A merge first writes a journal (.chain-merge.json in the VM's
+folder) naming everything it will change; every step after it can be done again, so a
+merge a kill interrupted is finished by finish_merges, which every prune calls first.
 
 Owns: chain_entry/chain_parent (the manifest's chain fields, written down once),
-chain_links, chain_paths, verify_chain, plan_chain_retention (ChainPoint, ChainAction),
-merge_points, finish_merges, MERGE_JOURNAL, MERGE_HOOKS.
+chain_links, chain_paths, verify_chain, plan_chain_retention (ChainPoint, ChainAction,
+incoming_point), merge_points, finish_merges, MERGE_JOURNAL, MERGE_HOOKS.
 Imports: errors, util, store, formats.vhdfile.
 """
 
@@ -242,6 +243,18 @@ def chain_point(folder):
     return ChainPoint(folder.name, folder.when, folder.complete, links)
 
 
+def incoming_point(folders, mode, when):
+    """Return the ChainPoint of the backup a run is about to make (named None, at `when`): in
+    delta-export, a delta of the newest complete point's disks (a preview cannot know that a
+    full will be needed); None in another mode."""
+    if mode != DELTA_MODE:
+        return None
+    last = next((chain_point(f) for f in reversed(list(folders))
+                 if f.complete and f.mode == DELTA_MODE), None)
+    return ChainPoint(None, when, True,
+                      {device: last.name for device in (last.links or {})} if last else {})
+
+
 class ChainPoint(typing.NamedTuple):
     """One backup folder of a retention group, as plan_chain_retention sees it."""
     name: str
@@ -252,11 +265,13 @@ class ChainPoint(typing.NamedTuple):
 
 class ChainAction(typing.NamedTuple):
     """One step of retention: delete a folder, or merge its disks `devices` into `into` (the
-    point that needs them), which then becomes the chain's base, and delete it."""
+    next point of their chains, which needs them; it takes their parent, None for a full),
+    and delete it."""
     kind: str                       # "delete" or "merge"
     name: str
     into: typing.Optional[str] = None
     devices: typing.Tuple[str, ...] = ()
+    then_delete: bool = True        # False while another merge still needs the folder
 
     def describe(self):
         """Return what the step does, in words."""
@@ -295,8 +310,9 @@ def plan_chain_retention(points, doomed):
                 into.setdefault(next_on_path[(point.name, device)], []).append(device)
         if not into:
             actions.append(ChainAction("delete", point.name))
-        for child, devices in sorted(into.items()):
-            actions.append(ChainAction("merge", point.name, child, tuple(devices)))
+        for n, (child, devices) in enumerate(sorted(into.items())):
+            actions.append(ChainAction("merge", point.name, child, tuple(devices),
+                                       n == len(into) - 1))
     return actions
 
 
@@ -339,16 +355,17 @@ def plan_merge(vm_dir, name, into, devices):
     disks = []
     for device in devices:
         low, high = base_links.get(device), child_links.get(device)
-        if low is None or high is None or low.parent is not None or not high.parent \
+        if low is None or high is None or not high.parent \
                 or high.parent.get("backup") != name or high.parent.get("file") != low.file:
-            raise ChainBroken("cannot merge disk %s of %s into %s: they are not a full and its "
-                              "next delta" % (device, name, into))
+            raise ChainBroken("cannot merge disk %s of %s into %s: %s is not its parent"
+                              % (device, name, into, name))
         full_path, delta_path = inside(base.path, low.file), inside(child.path, high.file)
         try:
             full, delta = read_vhd_layout(full_path), read_vhd_layout(delta_path)
         except (BadFile, OSError) as exc:
             raise ChainBroken("cannot merge disk %s of %s into %s: %s" % (device, name, into, exc))
-        if full.disk_type != VHD_DYNAMIC or delta.disk_type != VHD_DIFFERENCING \
+        kind = VHD_DYNAMIC if low.parent is None else VHD_DIFFERENCING
+        if full.disk_type != kind or delta.disk_type != VHD_DIFFERENCING \
                 or delta.parent_uuid != full.uuid or delta.size != full.size \
                 or delta.uuid != high.vhd_uuid:
             raise ChainBroken("cannot merge disk %s of %s into %s: the VHD files do not link "
@@ -362,21 +379,27 @@ def plan_merge(vm_dir, name, into, devices):
         absorbed = next((d.get("chain", {}).get("merged") for d in base.manifest["disks"]
                          if d.get("device") == device), None) or []
         disks.append({"device": device, "merged": sorted(set(absorbed) | {name}),
+                      "disk_type": kind, "parent": low.parent,
                       "from_file": low.file, "into_file": high.file,
                       "uuid": delta.uuid, "size": full.size, "data_end": full.footer_at,
                       "timestamp": delta.timestamp, "new_blocks": new_blocks})
     return {"format": 1, "from": name, "into": into, "disks": disks}
 
 
-def merge_points(store, vm_folder, name, into, devices, vlog=None):
-    """Merge the disks `devices` of point `name` (their chain's base) into point `into` (their
-    next delta), which becomes the base, then delete `name`; crash-safe (see the module)."""
+def merge_points(store, vm_folder, name, into, devices, vlog=None, delete=True):
+    """Merge the disks `devices` of point `name` into point `into` (their next delta), which
+    takes their parent (a full: becomes the base), then (if `delete`) delete `name`;
+    crash-safe (see the module)."""
     vm_dir = inside(store.root, vm_folder)
+    pending = read_journal(vm_dir)
+    if pending:
+        raise ChainBroken("cannot merge %s into %s: the merge of %s into %s is not finished"
+                          % (name, into, pending.get("from"), pending.get("into")))
     journal = plan_merge(vm_dir, name, into, devices)
+    journal["delete"] = delete
     _write_journal(vm_dir, journal)
     _carry_out(store, vm_dir, journal)
-    (vlog or log).info("retention: merged %s into %s (%s); %s is now the chain's base",
-                       name, into, ", ".join(devices), into)
+    (vlog or log).info("retention: merged %s into %s (%s)", name, into, ", ".join(devices))
 
 
 def finish_merges(store, vm_folder, vlog=None):
@@ -411,11 +434,11 @@ def _carry_out(store, vm_dir, journal):
                 done = read_vhd_layout(delta_path)
             except (BadFile, OSError) as exc:
                 raise ChainBroken("merge of %s into %s: %s" % (journal["from"], journal["into"], exc))
-            if done.disk_type != VHD_DYNAMIC or done.uuid != disk["uuid"]:
+            if done.disk_type != disk["disk_type"] or done.uuid != disk["uuid"]:
                 raise ChainBroken("merge of %s into %s: %s is gone and %s is not the merged full"
                                   % (journal["from"], journal["into"], full_path, delta_path))
     _rewrite_manifests(store, vm_dir, journal)
-    if os.path.isdir(base_dir):
+    if journal.get("delete", True) and os.path.isdir(base_dir):
         _step("delete")
         store.delete(base_dir)
     store.finish_deletes(os.path.basename(vm_dir))
@@ -425,8 +448,9 @@ def _carry_out(store, vm_dir, journal):
 
 
 def _patch_full(full_path, delta_path, disk):
-    """Write the delta's sectors into the full in place (new blocks where the journal says),
-    then its BAT and both footers with the delta's uid: the full becomes the merged point."""
+    """Write the delta's sectors into the older file (the full, or a delta GFS dropped) in
+    place, new blocks where the journal says, then its BAT and both footers with the delta's
+    uid: the older file becomes the merged point. Every write can be done again."""
     span = BITMAP_BYTES + VHD_BLOCK
     new_at = {b: disk["data_end"] + k * span for k, b in enumerate(disk["new_blocks"])}
     delta = read_vhd_layout(delta_path)
@@ -441,32 +465,28 @@ def _patch_full(full_path, delta_path, disk):
                 continue
             source.seek(at)
             mask = bitmap_mask(source.read(BITMAP_BYTES))
-            data = source.read(VHD_BLOCK)
             if index in new_at:
-                block = bytearray(VHD_BLOCK)
-                for first, end in sector_runs(mask):
-                    block[first * SECTOR:end * SECTOR] = data[first * SECTOR:end * SECTOR]
-                _step("block")
-                full.seek(new_at[index])
-                full.write(mask_bitmap(mask) + block)
-                bat[index] = new_at[index] // SECTOR
-                continue
-            if bat[index] == 0xFFFFFFFF:
+                # appended past the old end of the file: what is not written reads as zero
+                where, have = new_at[index], 0
+                bat[index] = where // SECTOR
+            elif bat[index] == 0xFFFFFFFF:
                 raise ChainBroken("merge into %s: block %d is neither in the full nor planned"
                                   % (full_path, index))
-            where = bat[index] * SECTOR
-            full.seek(where)
-            have = bitmap_mask(full.read(BITMAP_BYTES))
+            else:
+                where = bat[index] * SECTOR
+                full.seek(where)
+                have = bitmap_mask(full.read(BITMAP_BYTES))
             _step("block")
             for first, end in sector_runs(mask):
+                source.seek(at + BITMAP_BYTES + first * SECTOR)
                 full.seek(where + BITMAP_BYTES + first * SECTOR)
-                full.write(data[first * SECTOR:end * SECTOR])
+                full.write(source.read((end - first) * SECTOR))
             full.seek(where)
             full.write(mask_bitmap(have | mask))
         _step("bat")
         full.seek(table_offset)
         full.write(struct.pack(">%dI" % entries, *bat))
-        footer = vhd_footer_bytes(disk["size"], VHD_DYNAMIC,
+        footer = vhd_footer_bytes(disk["size"], disk["disk_type"],
                                   uuidlib.UUID(disk["uuid"]).bytes, disk["timestamp"])
         end = disk["data_end"] + len(new_at) * span
         _step("footer")
@@ -482,8 +502,9 @@ def _patch_full(full_path, delta_path, disk):
 
 
 def _rewrite_manifests(store, vm_dir, journal):
-    """Make `into` the chain's base in its manifest (new sha256 and size of the merged files)
-    and give its children that sha256 for their parent."""
+    """Give `into`'s merged disks the parent of `from` in its manifest (None: it is the
+    chain's base), with the new sha256 and size of their files, and give its children
+    that sha256 for their parent."""
     into = read_backup_folder(inside(vm_dir, journal["into"]))
     manifest = into.manifest
     merged = {d["into_file"]: d for d in journal["disks"]}
@@ -496,7 +517,7 @@ def _rewrite_manifests(store, vm_dir, journal):
     for disk in manifest.get("disks", ()):
         if disk.get("file") in merged:
             chain = disk["chain"]
-            chain["parent"] = None
+            chain["parent"] = merged[disk["file"]]["parent"]
             chain["merged"] = merged[disk["file"]]["merged"]
     _step("manifest")
     store.write_file(into.path, MANIFEST, manifest_text(manifest))

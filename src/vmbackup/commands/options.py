@@ -28,6 +28,10 @@ CLI_SETTINGS = {
     "backup_dir": ("backup_dir", parse_text),
     "max_backups": ("max_backups", lambda v: parse_int(v, 1)),
     "max_meta_backups": ("max_meta_backups", lambda v: parse_int(v, 1)),
+    "keep_daily": ("keep_daily", lambda v: parse_int(v, -1)),
+    "keep_weekly": ("keep_weekly", lambda v: parse_int(v, -1)),
+    "keep_monthly": ("keep_monthly", lambda v: parse_int(v, -1)),
+    "keep_yearly": ("keep_yearly", lambda v: parse_int(v, -1)),
     "compress": ("compress", parse_compress),
     "vdi_format": ("vdi_export_format", choice("raw", "vhd")),
     "pool_db_backup": ("pool_db_backup", bool),
@@ -50,6 +54,9 @@ CLI_SETTINGS = {
     "progress_interval": ("progress_interval", lambda v: parse_int(v, 1)),
     "umask": ("umask", parse_umask),
     "status_log": ("status_log", parse_text),
+    "log_file": ("log_file", parse_text),
+    "syslog": ("syslog", bool),
+    "metrics_file": ("metrics_file", parse_text),
     "full_interval": ("full_interval", lambda v: parse_int(v, 0)),
 }
 

@@ -280,7 +280,8 @@ def write_vhd_from_raw(reader, fileobj, size, uuid=None):
         got = _read_into(reader, view)
         if got < want:
             raise BadFile("raw disk stream ended at byte %d of %d" % (offset + got, size))
-        if view != _ZERO_BLOCK[:want]:
+        # bytearray == bytes is a memcmp; a memoryview comparison goes byte by byte
+        if (buf if want == VHD_BLOCK else buf[:want]) != _ZERO_BLOCK[:want]:
             writer.write(offset, view)
         offset += want
     return writer.close()
@@ -511,6 +512,8 @@ class ChainReader:
                 wanted &= ~take
             if not wanted:
                 break
+        if not pieces:
+            return _ZERO_BLOCK
         if len(pieces) == 1 and pieces[0][0] == _FULL_MASK:
             _, handle, at = pieces[0]
             handle.seek(at)
@@ -530,7 +533,8 @@ class ChainReader:
             index, within = divmod(offset, VHD_BLOCK)
             piece = min(end - offset, VHD_BLOCK - within)
             block = self._block(index)
-            parts.append(bytes(block[within:within + piece]))
+            whole = piece == VHD_BLOCK and isinstance(block, bytes)
+            parts.append(block if whole else bytes(block[within:within + piece]))
             offset += piece
         return b"".join(parts)
 
