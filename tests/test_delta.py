@@ -555,3 +555,14 @@ def test_delta_chain_on_python36(chain_of, tmp_path):
                 env, tmp_path)
     uuids = [line.split()[2] for line in out.splitlines() if line.startswith("restored disk ")]
     assert sorted(c.pool.vdi_content(u).sha256() for u in uuids) == sorted(c.expected[-1].values())
+
+
+def test_pool_without_cbt_api_uses_differencing_exports(chain_of):
+    """XenServer 7.1 has no CBT calls at all (MESSAGE_METHOD_UNKNOWN): deltas still work."""
+    c = chain_of(delta_pool("cbt-export", release="xenserver-7.1"))
+    out = c.run()
+    assert "CBT unavailable (MESSAGE_METHOD_UNKNOWN)" in out
+    write_blocks(c.pool, c.disk(), [6, 66])
+    c.run()
+    assert c.chain()["method"] == "export" and c.chain()["reference"]["kind"] == "snapshot"
+    c.check_every_point()
