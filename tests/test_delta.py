@@ -395,9 +395,13 @@ def test_insecure_nbd_works_with_a_warning(chain_of):
 def test_tls_nbd_checks_the_certificate(chain_of):
     c = chain_of(delta_pool())
     c.run()
+    first = {c.chain(-1, d)["reference"]["vdi_uuid"] for d in ("xvda", "xvdb")}
     write_blocks(c.pool, c.disk(), [9])
-    c.run()
+    c.run(fork=True)      # another process: the first run is over, its references are not
+    assert c.chain()["method"] == "cbt-nbd"     # leftovers since the chain records them
     assert c.pool.nbd.log and all(conn.tls for conn in c.pool.nbd.log)
+    assert not first & set(c.references()) and len(c.references()) == 2
+    c.check_every_point()
 
 
 # -- faults ----------------------------------------------------------------------------
