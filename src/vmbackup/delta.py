@@ -26,6 +26,7 @@ Imports: errors, util, store, metadata, chain, nbd, formats.vhdfile, transport.b
 import base64
 import os
 import queue
+import socket
 import threading
 import time
 import typing
@@ -313,6 +314,24 @@ def read_ranges_nbd(infos, ranges, timeout, connections=NBD_CONNECTIONS, stats=N
             client.close()
         raise
 
+    live = set(clients)        # the open connections, shut down at once when the read stops
+
+    def connect():
+        client = open_nbd(infos, timeout)
+        with stats.lock:
+            stats.connections += 1
+            stats.reconnects += 1
+            live.add(client)
+        if stop.is_set():
+            drop(client)
+            raise NbdError("stopped")
+        return client
+
+    def drop(client):
+        with stats.lock:
+            live.discard(client)
+        client.close()
+
     def worker(client):
         try:
             while not stop.is_set():
@@ -323,15 +342,12 @@ def read_ranges_nbd(infos, ranges, timeout, connections=NBD_CONNECTIONS, stats=N
                 for attempt in range(1, NBD_ATTEMPTS + 1):
                     try:
                         if client is None:
-                            client = open_nbd(infos, timeout)
-                            with stats.lock:
-                                stats.connections += 1
-                                stats.reconnects += 1
+                            client = connect()
                         data = client.read(offset, length)
                         break
                     except NbdError as exc:
                         if client is not None:
-                            client.sock.close()
+                            drop(client)
                             client = None
                         if attempt == NBD_ATTEMPTS:
                             raise NbdError("%s (range %d+%d, %d attempts)"
@@ -342,7 +358,7 @@ def read_ranges_nbd(infos, ranges, timeout, connections=NBD_CONNECTIONS, stats=N
             put(("error", exc, None))
         finally:
             if client is not None:
-                client.close()
+                drop(client)
 
     def put(item):
         while not stop.is_set():
@@ -366,6 +382,12 @@ def read_ranges_nbd(infos, ranges, timeout, connections=NBD_CONNECTIONS, stats=N
             yield first, data
     finally:
         stop.set()
+        with stats.lock:
+            for client in live:     # wake the threads blocked in a read (error, signal)
+                try:
+                    client.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
         for thread in threads:
             thread.join()
 
