@@ -570,3 +570,26 @@ def test_pool_without_cbt_api_uses_differencing_exports(chain_of):
     c.run()
     assert c.chain()["method"] == "export" and c.chain()["reference"]["kind"] == "snapshot"
     c.check_every_point()
+
+
+def test_sigterm_during_nbd_reads_leaves_the_chain_and_pool_as_they_were(chain_of):
+    c = chain_of(delta_pool(disks=[{"size": "16M", "blocks": [0]}]))
+    c.run()
+    refs = set(c.references())
+    write_blocks(c.pool, c.disk(), range(0, 200, 2))
+    c.pool.faults.throttle_nbd(64 * KIB)
+    proc = spawn(c.args + ["-D", "db:20", "-d", c.backup_dir])
+    deadline = time.monotonic() + 60
+    while not any(c.pool.nbd.active(h) for h in ("host1", "host2")):
+        assert proc.poll() is None and time.monotonic() < deadline, proc.stdout.read()
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=60)    # the throttled reads would take ~100 s
+    assert proc.returncode == 2, out
+    assert "Traceback" not in out
+    assert not c.pool.leftovers()["snapshots"] and set(c.references()) == refs
+    assert not any(c.pool.nbd.active(h) for h in ("host1", "host2"))
+    c.pool.faults.clear()
+    c.run()
+    assert c.chain()["method"] == "cbt-nbd"
+    c.check_every_point()
