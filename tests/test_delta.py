@@ -367,6 +367,8 @@ def test_chain_of_seven_points_reads_back_every_point(chain_of, transport, mode)
         assert all(rec["type"] != "cbt_metadata" and int(rec["physical_utilisation"]) > 0
                    for rec in refs.values())
     assert {c.chain(-1, d)["reference"]["vdi_uuid"] for d in ("xvda", "xvdb")} == set(refs)
+    assert sorted(rec["name_label"] for rec in refs.values()) == [
+        "vmbackup reference: db xvda", "vmbackup reference: db xvdb"]
     assert not c.pool.leftovers()["snapshots"]
 
 

@@ -40,7 +40,7 @@ from vmbackup.metadata import file_entry
 from vmbackup.nbd import NbdError, connect_info
 from vmbackup.store import LocalStore, safe_dirname
 from vmbackup.transport.base import BUSY_CODES, GONE_CODES, Obj, error_code
-from vmbackup.util import human_size, partial_file
+from vmbackup.util import human_size, partial_file, printable
 
 
 #: NBD connections per disk: xapi-nbd accepts 16 per host and has a listen backlog of 5,
@@ -575,9 +575,11 @@ def delta_point(ctx, plan, folder, vlog, snapshot):
                 point, disk_plan = disk_point(ctx, disk, new, facts, disk_plan, ref_obj, infos,
                                               folder, vlog)
                 points.append((point, vbd, new, disk_plan))
-            for _, vbd, new, _ in points:
+            for point, vbd, new, _ in points:
                 ctx.transport.keep_disk(vbd)
                 kept.append(new)
+                ctx.transport.xapi.call("VDI.set_name_label", new.ref, "vmbackup reference: %s %s"
+                                        % (printable(plan.vm.name), point.device))
         for point, _, new, disk_plan in points:
             if disk_plan.reference_kind == "cbt_metadata" \
                     and not destroy_data(ctx.transport, new, vlog):
