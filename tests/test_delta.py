@@ -135,6 +135,18 @@ def test_new_reference_kind(cbt, nbd, kind):
     assert plan_delta(FACTS._replace(cbt=cbt, nbd=nbd, previous=None), 7).reference_kind == kind
 
 
+@pytest.mark.parametrize("reference, method, reason", [
+    (REF._replace(has_data=True), "cbt-export", None),
+    (REF, "full", "NBD unreachable"),
+    (None, "full", "NBD unreachable"),
+], ids=["reference-with-data-differencing-export", "cbt-metadata-reference-full", "no-reference-full"])
+def test_nbd_unreachable_plan(reference, method, reason):
+    from vmbackup import nbd_unreachable
+    plan = nbd_unreachable(FACTS._replace(reference=reference), "refused")
+    assert plan.method == method and plan.reference_kind == "snapshot"
+    assert (plan.reason is None) if reason is None else reason in plan.reason
+
+
 def bitmap(*blocks, nbits=128):
     raw = bytearray(nbits // 8)
     for b in blocks:
