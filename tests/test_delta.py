@@ -24,6 +24,15 @@ BLOCK = 64 * KIB
 
 # -- selection and settings -------------------------------------------------------
 
+def wait_for(predicate, timeout=60.0, what="condition"):
+    """Poll `predicate` until true (bounded); fail the test if it never is."""
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            pytest.fail("timed out waiting for " + what)
+        time.sleep(0.05)
+
+
 def vm(name):
     return {"name_label": name, "uuid": "uuid-" + name, "is_a_template": False,
             "is_a_snapshot": False, "is_control_domain": False, "VBDs": []}
@@ -602,7 +611,9 @@ def test_sigterm_during_nbd_reads_leaves_the_chain_and_pool_as_they_were(chain_o
     assert proc.returncode == 2, out
     assert "Traceback" not in out
     assert not c.pool.leftovers()["snapshots"] and set(c.references()) == refs
-    assert not any(c.pool.nbd.active(h) for h in ("host1", "host2"))
+    # the server notices the closed connections when its throttled send next wakes up
+    wait_for(lambda: not any(c.pool.nbd.active(h) for h in ("host1", "host2")),
+             what="the NBD server to see the connections closed")
     c.pool.faults.clear()
     c.run()
     assert c.chain()["method"] == "cbt-nbd"

@@ -260,10 +260,14 @@ def clean_leftovers(ctx):
                 count += 1
             except VmBackupError as exc:
                 run_log(ctx).error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
-    references = chain_references(ctx)
+    references = []      # read from backup_dir once, when a leftover disk is met
+
+    def recorded(uuid):
+        if not references:
+            references.append(chain_references(ctx))
+        return uuid in references[0]
     for ref, rec in ctx.view.vdis.items():
-        if is_leftover(rec, now, beats) and not rec.get("VBDs") \
-                and rec.get("uuid") not in references:
+        if is_leftover(rec, now, beats) and not rec.get("VBDs") and not recorded(rec.get("uuid")):
             log.info("destroying leftover disk snapshot %r (%s) of an interrupted run",
                         printable(rec.get("name_label", "")), rec["uuid"])
             try:
