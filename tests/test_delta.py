@@ -156,6 +156,20 @@ def test_nbd_unreachable_plan(reference, method, reason):
     assert (plan.reason is None) if reason is None else reason in plan.reason
 
 
+@pytest.mark.parametrize("record, expected", [
+    ({"uuid": "r1"}, True),
+    ({"uuid": "r2", "other_config": {"vmbackup_chain": "ours"}}, False),
+    ({"uuid": "r3", "other_config": {"vmbackup_chain": "another-store"}}, True),
+    ({"uuid": "r4"}, False),
+    ({"uuid": "r5", "other_config": {"vmbackup_chain": ""}}, False),
+], ids=["recorded", "our-chain-moved-past-it", "another-backup-dirs-chain",
+        "never-committed-killed-run", "empty-chain-key"])
+def test_kept_reference(record, expected):
+    from vmbackup import ChainReferences, kept_reference
+    refs = ChainReferences(frozenset({"r1"}), frozenset({"ours"}))
+    assert kept_reference(record, refs) is expected
+
+
 def bitmap(*blocks, nbits=128):
     raw = bytearray(nbits // 8)
     for b in blocks:
@@ -513,6 +527,26 @@ def test_full_sr_fails_the_vm_and_keeps_the_chain(chain_of):
     c.run()
     assert c.chain()["method"] == "cbt-nbd"
     c.check_every_point()
+
+
+def test_two_backup_dirs_keep_each_others_references(chain_of, tmp_path):
+    """A VM in the delta-export of two configurations (say, a NAS and an offsite disk):
+    each run leaves the other's chain alone, and both go on with deltas."""
+    a = chain_of(delta_pool())
+    other = tmp_path / "offsite"
+    other.mkdir()
+    b = Chain(a.pool, a.args, other)
+    a.run()
+    b.run(fork=True)
+    for i, c in enumerate([a, b, a, b]):
+        write_blocks(c.pool, c.disk(), [20 + i])
+        c.run(fork=True)       # another process: every earlier run is over
+        assert c.chain()["method"] == "cbt-nbd", c.chain()
+    assert len(a.references()) == 4
+    assert set(a.references()) == {c.chain(-1, d)["reference"]["vdi_uuid"]
+                                   for c in (a, b) for d in ("xvda", "xvdb")}
+    a.check_every_point()
+    b.check_every_point()
 
 
 def test_reference_of_a_killed_run_is_a_leftover(chain_of):

@@ -13,11 +13,12 @@ point. Between runs the pool keeps, per disk, the snapshot VDI of the last point
   blocks), so the reference keeps its data.
 
 A reference is a snapshot VDI tagged like every snapshot the tool makes (TAG_KEY): once
-its run is over it is a leftover (leftovers.is_leftover) unless the newest complete point
-of its VM records it (recorded_references): a killed run's references go, the current
-chain's stay.
+its run is over it is a leftover (leftovers.is_leftover) unless kept_reference says it
+stays: the newest complete point of its VM records it, or it belongs to a chain of another
+backup_dir (CHAIN_KEY, set once its point is committed). A killed run's references go,
+the current chain's stay.
 
-Owns: PreviousDisk, ReferenceState, DiskFacts, DiskPlan, plan_delta and changed_ranges (pure);
+Owns: CHAIN_KEY, ChainReferences and kept_reference (pure), PreviousDisk, ReferenceState, DiskFacts, DiskPlan, plan_delta and changed_ranges (pure);
 previous_point, recorded_references, enable_cbt_once, read_ranges_nbd, delta_point (one VM's
 point), chain_entries (manifest disks), finish_point, drop_old_references, point_note.
 Imports: errors, util, store, metadata, chain, nbd, formats.vhdfile, transport.base.
@@ -213,20 +214,44 @@ def previous_point(store, vm_folder, vm_uuid):
     return points[-1], previous_disks(points[-1])
 
 
+#: other_config key a reference gets once its point is committed: the chain's id, so that
+#: a run backing up into another backup_dir (which does not know that chain) leaves it be.
+CHAIN_KEY = "vmbackup_chain"
+
+
+class ChainReferences(typing.NamedTuple):
+    """What a store says about the reference VDIs on the pool."""
+    recorded: typing.FrozenSet[str]     # the references the chains go on from
+    chains: typing.FrozenSet[str]       # every chain id this store holds a point of
+
+
 def recorded_references(store):
-    """Return the uuids of the reference VDIs the newest complete delta-export point of
-    every VM folder of `store` records: the chains' references, never leftovers."""
-    found = set()
+    """Return the ChainReferences of `store`: the reference VDIs the newest complete
+    delta-export point of every VM folder records, and the ids of its chains."""
+    recorded, chains = set(), set()
     for vm_folder in store.vm_folders():
         try:
             points = delta_points(store, vm_folder)
         except OSError as exc:
             log.debug("reading %s: %s", vm_folder, exc)
             continue
+        for point in points:
+            chains.update(link.chain_id for link in chain_links(point).values())
         if points:
-            found.update(p.reference_uuid for p in previous_disks(points[-1]).values()
-                         if p.reference_uuid)
-    return found
+            recorded.update(p.reference_uuid for p in previous_disks(points[-1]).values()
+                            if p.reference_uuid)
+    return ChainReferences(frozenset(recorded), frozenset(chains))
+
+
+def kept_reference(record, references):
+    """Return True if the VDI `record`, a leftover by the tags, must stay (pure): a reference
+    the store's chains go on from, or a committed reference (CHAIN_KEY) of a chain the store
+    does not hold -- another backup_dir's. A reference of a point never committed (a killed
+    run) or one its chain has moved past is not kept."""
+    if record.get("uuid") in references.recorded:
+        return True
+    chain = (record.get("other_config") or {}).get(CHAIN_KEY)
+    return bool(chain) and chain not in references.chains
 
 
 # -- the pool's side -------------------------------------------------------------
@@ -621,6 +646,13 @@ def finish_point(ctx, folder, manifest, vlog):
     it replaced; return its note for the run's summary (point_note)."""
     note = point_note(manifest)
     vlog.info("point %s: %s", os.path.basename(folder), note)
+    for disk in manifest.get("disks", ()):
+        chain = disk.get("chain") or {}
+        found = ctx.transport.vdi_by_uuid((chain.get("reference") or {}).get("vdi_uuid"))
+        if found is not None:
+            ctx.transport.remove_key("VDI", found[0], CHAIN_KEY)
+            ctx.transport.xapi.call("VDI.add_to_other_config", found[0].ref, CHAIN_KEY,
+                                    chain.get("id", ""))
     drop_old_references(ctx, folder, vlog)
     return note
 

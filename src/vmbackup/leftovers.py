@@ -12,7 +12,7 @@ import socket
 import threading
 
 from vmbackup.backup import signals_deferred
-from vmbackup.delta import recorded_references
+from vmbackup.delta import ChainReferences, kept_reference, recorded_references
 from vmbackup.errors import VmBackupError, log
 from vmbackup.store import LocalStore, pid_alive, start_thread
 from vmbackup.transport.base import BEAT_WORD, Obj, PENDING_KEY, PENDING_WINDOW, TAG_KEY
@@ -262,12 +262,12 @@ def clean_leftovers(ctx):
                 run_log(ctx).error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
     references = []      # read from backup_dir once, when a leftover disk is met
 
-    def recorded(uuid):
+    def kept(rec):
         if not references:
             references.append(chain_references(ctx))
-        return uuid in references[0]
+        return kept_reference(rec, references[0])
     for ref, rec in ctx.view.vdis.items():
-        if is_leftover(rec, now, beats) and not rec.get("VBDs") and not recorded(rec.get("uuid")):
+        if is_leftover(rec, now, beats) and not rec.get("VBDs") and not kept(rec):
             log.info("destroying leftover disk snapshot %r (%s) of an interrupted run",
                         printable(rec.get("name_label", "")), rec["uuid"])
             try:
@@ -283,10 +283,10 @@ def clean_leftovers(ctx):
 
 
 def chain_references(ctx):
-    """Return the reference VDIs the delta-export chains of backup_dir record: snapshots
-    the tool made and keeps on purpose, never leftovers ({} when backup_dir is unreadable)."""
+    """Return the ChainReferences of backup_dir's delta-export chains (snapshots the tool
+    keeps on purpose; none when backup_dir is unreadable)."""
     try:
         return recorded_references(LocalStore(ctx.config.backup_dir))
     except OSError as exc:
         log.debug("reading the chains' references: %s", exc)
-        return set()
+        return ChainReferences(frozenset(), frozenset())

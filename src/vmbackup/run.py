@@ -12,6 +12,7 @@ import sys
 
 from vmbackup.backup import Context, backup_hosts, backup_pool_db, backup_vm_safely, run_note
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
+from vmbackup.delta import kept_reference
 from vmbackup.leftovers import PoolBeat, chain_references, clean_leftovers, is_leftover
 from vmbackup.notify import send_reports
 from vmbackup.report import (
@@ -209,12 +210,12 @@ def planned_deletions(config, plans, now=None):
     return tuple(found)
 
 
-def planned_destroys(view, keep=()):
+def planned_destroys(view, keep=None):
     """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy (never
-    the delta-export chains' references, `keep`)."""
+    the references the delta-export chains keep: `keep`, a ChainReferences)."""
     found = [("VM", rec.get("name_label", ""), rec.get("uuid", ""))
              for rec in view.vms.values() if is_leftover(rec)]
     found += [("VDI", rec.get("name_label", ""), rec.get("uuid", ""))
               for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")
-              and rec.get("uuid") not in keep]
+              and not (keep and kept_reference(rec, keep))]
     return tuple(sorted(found))
