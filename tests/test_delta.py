@@ -652,3 +652,19 @@ def test_sigterm_during_nbd_reads_leaves_the_chain_and_pool_as_they_were(chain_o
     c.run()
     assert c.chain()["method"] == "cbt-nbd"
     c.check_every_point()
+
+
+def test_marking_the_reference_fails_after_the_point_is_complete(chain_of):
+    c = chain_of(delta_pool())
+    c.run()
+    c.pool.faults.fail("VDI.add_to_other_config", "INTERNAL_ERROR", "boom", times=None,
+                       match="vmbackup_chain")
+    write_blocks(c.pool, c.disk(), [31])
+    out = c.run(exit_code=1)         # a warning: the point itself is complete
+    assert "could not be marked" in out and c.chain()["method"] == "cbt-nbd"
+    c.pool.faults.clear()
+    write_blocks(c.pool, c.disk(), [32])
+    c.run(fork=True)      # another process: point 0's references are leftovers now
+    assert c.chain()["method"] == "cbt-nbd"
+    assert len(c.references()) == 2
+    c.check_every_point()

@@ -646,14 +646,18 @@ def finish_point(ctx, folder, manifest, vlog):
     it replaced; return its note for the run's summary (point_note)."""
     note = point_note(manifest)
     vlog.info("point %s: %s", os.path.basename(folder), note)
-    for disk in manifest.get("disks", ()):
-        chain = disk.get("chain") or {}
-        found = ctx.transport.vdi_by_uuid((chain.get("reference") or {}).get("vdi_uuid"))
-        if found is not None:
-            ctx.transport.remove_key("VDI", found[0], CHAIN_KEY)
-            ctx.transport.xapi.call("VDI.add_to_other_config", found[0].ref, CHAIN_KEY,
-                                    chain.get("id", ""))
-    drop_old_references(ctx, folder, vlog)
+    try:       # the point is complete: what follows is housekeeping, its failure a warning
+        for disk in manifest.get("disks", ()):
+            chain = disk.get("chain") or {}
+            found = ctx.transport.vdi_by_uuid((chain.get("reference") or {}).get("vdi_uuid"))
+            if found is not None:
+                ctx.transport.remove_key("VDI", found[0], CHAIN_KEY)
+                ctx.transport.xapi.call("VDI.add_to_other_config", found[0].ref, CHAIN_KEY,
+                                        chain.get("id", ""))
+        drop_old_references(ctx, folder, vlog)
+    except VmBackupError as exc:
+        vlog.warning("point %s is complete, but its references could not be marked or the "
+                     "old ones destroyed: %s (the next run retries)", os.path.basename(folder), exc)
     return note
 
 
