@@ -342,11 +342,16 @@ def test_metrics_of_hostile_names_pool_db_and_hosts_pass_promtool(sim_pool, api,
     assert oct(os.stat(str(metrics)).st_mode & 0o777) == oct(0o644)
 
 
-def test_a_run_that_cannot_start_still_writes_its_metrics(tmp_path):
+def test_a_run_that_cannot_start_still_mails_and_writes_its_metrics(tmp_path, smtp):
+    inbox, port = smtp()
+    config = mail_config(tmp_path, port)
     metrics = tmp_path / "vmbackup.prom"
-    out = run_vmbackup("-e", "web01", "-d", tmp_path / "missing", "--server", "http://127.0.0.1:9/",
-                       "--metrics-file", metrics, exit_code=2)
+    out = run_vmbackup("-c", config, "-e", "web01", "-d", tmp_path / "missing", "--server",
+                       "http://127.0.0.1:9/", "--metrics-file", metrics, exit_code=2)
     assert "backup_dir=" in out
+    (msg,) = inbox.messages
+    assert msg["Subject"] == "[vmbackup] ERROR 127.0.0.1:9: S:0 W:0 E:1"
+    assert "The run did not start: backup_dir=%s" % (tmp_path / "missing") in msg.get_content()
     promtool(metrics)
     found = samples(metrics)
     assert value(found, "vmbackup_last_run_exit_code") == 2
@@ -534,3 +539,18 @@ def test_syslog_frame(levelno, facility, text, expected):
 ], ids=["plain", "quotes", "newline", "backslash", "unicode"])
 def test_escape_label(raw, escaped):
     assert vmbackup.escape_label(raw) == escaped
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--metrics-file", "cannot write metrics_file %s: No such file or directory"),
+    ("--log-file", "cannot append to log_file %s: No such file or directory"),
+], ids=["metrics-file", "log-file"])
+def test_a_report_file_that_cannot_be_written_is_a_warning(sim_pool, api, backup_dir, tmp_path,
+                                                          option, message):
+    target = tmp_path / "no-such-folder" / "file"
+    out = run_vmbackup(*api(sim_pool), "-d", backup_dir, "-e", "PRD-print7", option, target,
+                       "--json", tmp_path / "run.json", exit_code=1)
+    assert json.loads((tmp_path / "run.json").read_text())["warnings"] == [message % target]
+    assert "WARNING recap: WARNING (run): " + message % target in out
+    (folder,) = os.listdir(str(backup_dir / "PRD-print7"))
+    assert "success" in os.listdir(str(backup_dir / "PRD-print7" / folder))

@@ -315,6 +315,10 @@ def send_reports(config, record):
         except OSError as exc:
             record.log.warning("cannot write metrics_file %s: %s", config.metrics_file,
                                exc.strerror or exc)
+        except Exception as exc:  # noqa: BLE001 - a report never costs the run
+            log.debug("traceback", exc_info=True)
+            record.log.warning("cannot write metrics_file %s: internal error: %s: %s",
+                               config.metrics_file, type(exc).__name__, one_line(exc))
 
 
 def test_mail(config):
