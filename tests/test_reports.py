@@ -554,3 +554,37 @@ def test_a_report_file_that_cannot_be_written_is_a_warning(sim_pool, api, backup
     assert "WARNING recap: WARNING (run): " + message % target in out
     (folder,) = os.listdir(str(backup_dir / "PRD-print7"))
     assert "success" in os.listdir(str(backup_dir / "PRD-print7" / folder))
+
+
+def test_reports_on_python36(sim_pool, backup_dir, tmp_path, smtp, certs):
+    """dom0's Python 3.6 (XCP-ng 8.3, XenServer 8): smtplib, ssl and email as 3.6 has them."""
+    from test_python36 import PY36
+    if PY36 is None:
+        pytest.skip("no Python 3.6 interpreter on this machine")
+    import shutil
+    import XenAPI
+    lib = tmp_path / "lib36"
+    shutil.copytree(os.path.dirname(XenAPI.__file__), str(lib / "XenAPI"))
+    inbox, port = smtp("starttls", auth=True)
+    syslog = SyslogSocket(socket.AF_UNIX, str(tmp_path / "log"))
+    metrics = tmp_path / "vmbackup.prom"
+    config = mail_config(tmp_path, port, "starttls", ca=certs["good"][0], auth=True,
+                         extra="syslog=1\nsyslog_address=%s\nmetrics_file=%s\n"
+                               % (syslog.address, metrics))
+    pw = tmp_path / "pw"
+    pw.write_text(sim_pool.password + "\n")
+    pw.chmod(0o600)
+    env = dict(os.environ, PYTHONPATH=str(lib))
+    env.pop("PYTHONHOME", None)
+    for args in (["--test-mail", "-c", config],
+                 ["-c", config, "--server", sim_pool.url, "--password-file", pw, "--transport",
+                  "api", "-d", backup_dir, "-e", "PRD-print7", "-q"]):
+        proc = subprocess.run([PY36, vmbackup.__file__] + [str(a) for a in args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout
+    assert [str(m["Subject"]).split()[1:2] for m in inbox.messages] == [["TEST"], ["SUCCESS"]], \
+        [e.original_content[:600] for e in inbox.envelopes]
+    assert inbox.logins == [SMTP_USER, SMTP_USER]     # the non-ASCII password, as UTF-8
+    promtool(metrics)
+    assert any(m == "done: S:1 W:0 E:0, exit 0" for _, _, _, m in frames(syslog.stop()))

@@ -9,8 +9,9 @@ Imports: errors, util, config, store, report, logsinks, metrics.
 
 import base64
 import datetime
-import email.message
-import email.policy
+import email.charset
+import email.header
+import email.mime.text
 import email.utils
 import os
 import smtplib
@@ -147,18 +148,40 @@ def mail_body(config, outcome, pool, lines, space):
 
 
 def build_mail(config, subject, body):
-    """Return the EmailMessage (UTF-8 plain text) from mail_from to mail_to."""
-    msg = email.message.EmailMessage(policy=email.policy.SMTP)
+    """Return the message (UTF-8 plain text, quoted-printable) from mail_from to mail_to.
+
+    Built with the email package's compat32 classes and headers encoded here: Python 3.6's
+    newer policy folds an address list with a non-ASCII name into a header of stray CRs.
+    """
+    charset = email.charset.Charset("utf-8")
+    charset.body_encoding = email.charset.QP
+    msg = email.mime.text.MIMEText(body, "plain", charset)
     sender = config.mail_from or "vmbackup@%s" % socket.getfqdn()
-    msg["From"] = sender
-    msg["To"] = ", ".join(config.mail_to or ())
-    msg["Subject"] = subject
+    msg["From"] = encode_addresses([sender])
+    msg["To"] = encode_addresses(config.mail_to or ())
+    msg["Subject"] = encode_text(subject, "Subject")
     msg["Date"] = email.utils.formatdate(localtime=True)
-    msg["Message-ID"] = email.utils.make_msgid("vmbackup", sender.rpartition("@")[2].strip(">")
-                                               or None)
+    msg["Message-ID"] = email.utils.make_msgid(
+        "vmbackup", email.utils.parseaddr(sender)[1].rpartition("@")[2] or None)
     msg["X-Mailer"] = "vmbackup %s" % __version__
-    msg.set_content(body)
     return msg
+
+
+def encode_text(text, header_name=None):
+    """Return a header value: `text` when ASCII, else RFC 2047 encoded words (a Header,
+    folded as a header named `header_name`; without one, the encoded text)."""
+    try:
+        text.encode("ascii")
+        return text
+    except UnicodeEncodeError:
+        header = email.header.Header(text, "utf-8", header_name=header_name)
+        return header if header_name else header.encode()
+
+
+def encode_addresses(addresses):
+    """Return 'Name <a@b>, c@d' with non-ASCII names as encoded words."""
+    return ", ".join(email.utils.formataddr((encode_text(name) if name else "", addr))
+                     for name, addr in email.utils.getaddresses(list(addresses)))
 
 
 def is_loopback(host):
