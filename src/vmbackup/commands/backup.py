@@ -84,7 +84,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[connection_options(),
-                 output_options("write the run summary (or preview) as JSON")],
+                 output_options("write the run summary (or preview) as JSON",
+                                quiet_help="print only warnings and errors (cron mails "
+                                           "only when something is wrong)")],
         description="Back up the VMs of a XenServer / XCP-ng pool: snapshot, export, metadata, "
                     "retention, pool database and host backups.",
         epilog=EXAMPLES + "\n" + EXIT_STATUS_TEXT)
