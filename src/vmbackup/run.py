@@ -17,7 +17,7 @@ from vmbackup.notify import send_reports
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
-from vmbackup.retention import plan_retention
+from vmbackup.retention import keep_for, plan_vm_retention
 from vmbackup.selection import plan_vm, read_pool, select_vms, wanted_by
 from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
@@ -130,11 +130,15 @@ def report_run(config, record, status_log, json_target):
         write_json(json_target, run_summary(config, record.outcome()))
 
 
-def report_cannot_start(json_target, reason):
-    """Write the --json of a run stopped before its settings were read (a config error)."""
+def report_cannot_start(json_target, reason, config=None):
+    """Write the --json of a run stopped before it began (a config error; with `config`,
+    its settings read, also the status log's begin/end pair)."""
     record = RunRecord()
     record.cannot_start = reason
-    if json_target:
+    if config is not None:
+        report_run(config, record, StatusLog(config.status_log, config.where("status_log"),
+                                             record.log), json_target)
+    elif json_target:
         write_json(json_target, run_summary(None, record.outcome()))
 
 
@@ -186,17 +190,17 @@ def preview_pool(config, endpoint, password, record):
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
 
 
-def planned_deletions(config, plans):
-    """Return [(VM folder, backup name)] retention would delete after each plan's new backup."""
+def planned_deletions(config, plans, now=None):
+    """Return [(VM folder, backup name)] retention would delete after each plan's new backup
+    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only."""
     store, found = LocalStore(config.backup_dir), []
+    now = now or datetime.datetime.now().replace(microsecond=0)
     for plan in plans:
         if plan.problems:
             continue
-        folder = safe_dirname(plan.vm.name)
-        entries = [(f.name, f.when, f.complete) for f in store.backups(folder)]
-        new = ("(this run)", datetime.datetime.max, True)
-        found.extend((folder, name) for name in plan_retention(entries + [new], plan.vm.max_backups)
-                     if name != new[0])
+        vm, folder = plan.vm, safe_dirname(plan.vm.name)
+        found.extend((folder, name) for name in plan_vm_retention(
+            store.backups(folder), keep_for(config, vm), vm.mode, vm.uuid, incoming=now))
     return tuple(found)
 
 

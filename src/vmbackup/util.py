@@ -1,7 +1,7 @@
 """Small helpers every layer uses: value parsers, human sizes, printable names, durable writes.
 
 Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text/addresses, human_size, one_line,
-printable, partial_file (write to .part, rename on success), fsync, write_text,
+printable, mask_credentials, partial_file (write to .part, rename on success), fsync, write_text,
 sha256_file, free_space.
 Imports: errors.
 """
@@ -216,3 +216,14 @@ def free_space(path):
     st = os.statvfs(path)
     free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
     return free, total, (100.0 * free / total) if total else 0.0
+
+
+def mask_credentials(url):
+    """Return `url` with any user:password@ replaced: 'https://root:pw@h/' -> 'https://***@h/'."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return scheme + sep + netloc + slash + tail

@@ -104,6 +104,11 @@ def build_parser():
     opt("--max-backups", type=int, metavar="N", help="successful backups kept per VM")
     opt("--max-meta-backups", type=int, metavar="N",
         help="metadata-only backups kept per VM, counted apart (default: --max-backups)")
+    for period, units in (("daily", "days"), ("weekly", "weeks"), ("monthly", "months"),
+                          ("yearly", "years")):
+        opt("--keep-" + period, metavar="N",
+            help="GFS: beside the --max-backups newest, keep the newest backup of each of N more "
+                 "%s (-1: all)" % units)
     opt("--compress", choices=("none", "gzip", "zstd"), help="vm-export compression")
     opt("--vdi-format", choices=("raw", "vhd"), help="vdi-export disk format")
     opt("--pool-db-backup", action="store_const", const=True, help="back up the pool database")
@@ -249,13 +254,14 @@ def cmd_backup(inv):
     """
     if inv.action == "test-mail":
         return cmd_test_mail(inv)
+    config = None
     try:
         config, password = load_settings(inv)
         endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                                   config.tls_insecure)
     except VmBackupError as exc:
         if not inv.preview:
-            report_cannot_start(inv.json, str(exc))
+            report_cannot_start(inv.json, str(exc), config)
         raise
     if config.tls_insecure and not endpoint.is_local and not config.tls_fingerprint:
         # a caution about a chosen setting, printed each run; not a problem of the run
