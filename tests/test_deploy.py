@@ -157,6 +157,7 @@ def test_kubernetes_cronjob_fits_the_image():
     assert cron["concurrencyPolicy"] == "Forbid" and cron["jobTemplate"]["spec"]["backoffLimit"] == 0
     pod = cron["jobTemplate"]["spec"]["template"]["spec"]
     assert pod["restartPolicy"] == "Never" and pod["securityContext"]["runAsNonRoot"] is True
+    assert pod["terminationGracePeriodSeconds"] >= 300     # room to destroy the snapshots
     volumes = {v["name"]: v for v in pod["volumes"]}
     (main,) = pod["containers"]
     mounts = {m["mountPath"]: m["name"] for m in main["volumeMounts"]}
