@@ -588,3 +588,17 @@ def test_reports_on_python36(sim_pool, backup_dir, tmp_path, smtp, certs):
     assert inbox.logins == [SMTP_USER, SMTP_USER]     # the non-ASCII password, as UTF-8
     promtool(metrics)
     assert any(m == "done: S:1 W:0 E:0, exit 0" for _, _, _, m in frames(syslog.stop()))
+
+
+def P(severity, unit, message="m"):
+    return vmbackup.RunProblem(severity, unit, message)
+
+
+@pytest.mark.parametrize("problems, groups", [
+    ([P("warning", "a"), P("error", "a")], [("a", 2)]),
+    ([P("warning", "a"), P("error", "b"), P("error", "")], [("b", 1), ("", 1), ("a", 1)]),
+    ([P("warning", ""), P("warning", "")], [("", 1), ("", 1)]),
+    ([P("warning", "a"), P("warning", "b"), P("error", "c")], [("c", 1), ("a", 1), ("b", 1)]),
+], ids=["one-unit-warned-then-failed", "failures-first", "run-problems-apart", "order-kept-within"])
+def test_the_mail_groups_problems_by_unit_failures_first(problems, groups):
+    assert [(u, len(found)) for u, found in vmbackup.problem_groups(problems)] == groups

@@ -96,6 +96,18 @@ def unit_lines(lines, unit):
     return [line for line in lines if mark in line][-40:]
 
 
+def problem_groups(problems):
+    """Return [(unit, [RunProblem])]: each unit's problems together, units that failed first
+    (the run's own problems are one group per problem, unit '')."""
+    groups = []
+    for problem in problems:
+        if problem.unit and groups and groups[-1][0] == problem.unit:
+            groups[-1][1].append(problem)
+        else:
+            groups.append((problem.unit, [problem]))
+    return sorted(groups, key=lambda g: 0 if any(p.severity == "error" for p in g[1]) else 1)
+
+
 def mail_body(config, outcome, pool, lines, space):
     """Return the plain-text report of a run: what failed first, then every unit's row.
 
@@ -114,15 +126,13 @@ def mail_body(config, outcome, pool, lines, space):
     problems = outcome.all_problems()
     if problems:
         out.append("What failed or warned (%d):" % len(problems))
-        shown = set()
-        for problem in problems:
-            word = "FAILED" if problem.severity == "error" else "WARNING"
+        for unit, found in problem_groups(problems):
             out.append("")
-            out.append("%s %s: %s" % (word, printable(problem.unit) if problem.unit else "(run)",
-                                      problem.message))
-            if problem.unit and problem.unit not in shown:
-                shown.add(problem.unit)
-                out.extend("    " + line for line in unit_lines(lines, problem.unit))
+            for problem in found:
+                out.append("%s %s: %s" % ("FAILED" if problem.severity == "error" else "WARNING",
+                                          printable(unit) if unit else "(run)", problem.message))
+            if unit:
+                out.extend("    " + line for line in unit_lines(lines, unit))
         out.append("")
     if outcome.results:
         out += summary_table(outcome) + [""]
