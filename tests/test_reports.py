@@ -602,3 +602,15 @@ def P(severity, unit, message="m"):
 ], ids=["one-unit-warned-then-failed", "failures-first", "run-problems-apart", "order-kept-within"])
 def test_the_mail_groups_problems_by_unit_failures_first(problems, groups):
     assert [(u, len(found)) for u, found in vmbackup.problem_groups(problems)] == groups
+
+
+@pytest.mark.parametrize("server, record_pool, expected", [
+    ("https://pool-master.example.org/", None, "pool-master.example.org"),
+    ("http://127.0.0.1:8080", None, "127.0.0.1:8080"),
+    ("unix:/var/lib/xcp/xapi", None, socket.gethostname()),
+    (None, None, socket.gethostname()),
+    ("https://pool-master.example.org", "demo-pool", "demo-pool"),
+], ids=["https", "http-port", "local-socket", "this-host", "pool-read"])
+def test_the_subject_names_the_pool(server, record_pool, expected):
+    config = vmbackup.build_config(None, {"server": server})
+    assert vmbackup.pool_name(config, record_pool) == expected

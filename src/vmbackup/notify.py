@@ -59,7 +59,9 @@ def pool_name(config, record_pool):
     if record_pool:
         return record_pool
     server = config.server or ""
-    return server.split("://", 1)[-1].split("/", 1)[0] or socket.gethostname()
+    if "://" not in server:     # this host's xapi (none, or unix:/path)
+        return socket.gethostname()
+    return server.split("://", 1)[1].split("/", 1)[0] or socket.gethostname()
 
 
 def mail_subject(prefix, outcome, pool):
