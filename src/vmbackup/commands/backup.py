@@ -30,6 +30,8 @@ examples:
   vmbackup.py -e 'PRD-.*' -x PRD-PRINT -d /backups   all VMs starting PRD-, except PRD-PRINT
   vmbackup.py -E 'DEV-web3:7:xvda;xvdb' -d /backups  disks xvda and xvdb of DEV-web3, keep 7
   vmbackup.py -s https://pool-master --password-file /root/.xapi.pw --tls-fingerprint SHA256 -e web01
+  vmbackup.py -q -c weekly.cfg --log-file /var/log/vmbackup.log   cron: print only problems
+  vmbackup.py --test-mail -c weekly.cfg              send a test mail with weekly.cfg's mail_* keys
 
 other commands (each with --help):
   vmbackup.py list | verify | restore | diff ...
