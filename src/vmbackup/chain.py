@@ -150,17 +150,23 @@ def chain_paths(store, vm_folder, backup_name, device):
 
 
 # -- verifying -----------------------------------------------------------------------------
-#: sha256 of chain files already read in this process, by (path, size, mtime).
+#: What verify already read of chain files in this process (sha256, VHD layouts), by
+#: (what, path, size, mtime): a VM folder's points share their ancestors' files.
 _DIGESTS = {}
+
+
+def _memo(memo, what, path, compute):
+    """Return compute(path), once per process for an unchanged file."""
+    st = os.stat(path)
+    key = (what, path, st.st_size, st.st_mtime_ns)
+    if key not in memo:
+        memo[key] = compute(path)
+    return memo[key]
 
 
 def file_digest(path, digests):
     """Return the sha256 of `path`, once per run for an unchanged file (`digests` is the memo)."""
-    st = os.stat(path)
-    key = (path, st.st_size, st.st_mtime_ns)
-    if key not in digests:
-        digests[key] = sha256_file(path)
-    return digests[key]
+    return _memo(digests, "sha256", path, sha256_file)
 
 
 def verify_chain(backup, quick=False, digests=None):
@@ -206,7 +212,7 @@ def verify_chain(backup, quick=False, digests=None):
                     problems.append((rel, "cannot read: %s" % (exc.strerror or exc)))
                     break
             try:
-                layout = read_vhd_layout(path)
+                layout = _memo(digests, "layout", path, read_vhd_layout)
             except (BadFile, OSError) as exc:
                 problems.append((rel, "not a readable VHD: %s" % exc))
                 break

@@ -23,7 +23,7 @@ import uuid as uuidlib
 from typing import NamedTuple, Optional
 
 from vmbackup.errors import BadFile, ChainBroken
-from vmbackup.formats.vhd import VHD_FOOTER, VHD_HEADER, vhd_checksum
+from vmbackup.formats.vhd import VHD_FOOTER, VHD_HEADER, vhd_checksum, vhd_footer_problem
 
 
 #: A VHD block (what one BAT entry allocates): 2 MiB, as vhd-tool and blktap write them.
@@ -289,11 +289,10 @@ def write_vhd_from_raw(reader, fileobj, size, uuid=None):
 
 def _parse_footer(block, where):
     """Return the footer fields of a sound 512-byte footer; raise BadFile naming `where`."""
-    if len(block) < 512 or block[:8] != b"conectix":
-        raise BadFile("%s: no VHD footer (no 'conectix' cookie)" % where)
+    problem = vhd_footer_problem(block, "of " + where)
+    if problem:
+        raise BadFile(problem)
     fields = VHD_FOOTER.unpack_from(block)
-    if fields[12] != vhd_checksum(block[:512], 64):
-        raise BadFile("%s: VHD footer checksum mismatch" % where)
     if fields[11] not in (VHD_DYNAMIC, VHD_DIFFERENCING):
         raise BadFile("%s: VHD disk type %d is neither dynamic nor differencing"
                       % (where, fields[11]))
