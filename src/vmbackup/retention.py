@@ -3,15 +3,17 @@
 Owns: Keep and keep_for (how many backups a VM keeps: max_backups, and the GFS rules
 keep_daily/weekly/monthly/yearly), gfs_kept and plan_retention (pure, table-tested),
 retention_group and in_retention (which folders one VM's retention may count and delete),
-plan_vm_retention (the one plan the run, pre_clean and --preview share), prune_vm_backups,
+plan_vm_retention (the one plan the run, pre_clean and --preview share), retention_steps
+(delta-export chains: merge, never delete what a kept point needs), prune_vm_backups,
 prune_dated_files.
-Imports: errors, store.
+Imports: errors, store, chain.
 """
 
 import os
 import typing
 
-from vmbackup.errors import log
+from vmbackup.chain import chain_point, finish_merges, merge_points, plan_chain_retention
+from vmbackup.errors import ChainBroken, log
 from vmbackup.store import SUCCESS_MARKER, parse_dated_file
 
 
@@ -139,6 +141,15 @@ def plan_vm_retention(folders, keep, mode=None, uuid=None, drop_incomplete=True,
     return plan_retention(entries, keep, drop_incomplete)
 
 
+def retention_steps(folders, doomed, mode=None, uuid=None, incoming=None):
+    """Return the chain.ChainAction steps that delete `doomed` among the BackupFolders
+    `folders` of VM `uuid` in `mode` (in_retention): a delta-export point that a kept point's
+    chain (or the `incoming` ChainPoint's, the run's own) runs through is merged into the next
+    point of that chain instead of deleted (pure)."""
+    points = [chain_point(f) for f in folders if in_retention(f, mode, uuid)]
+    return plan_chain_retention(points + ([incoming] if incoming else []), doomed)
+
+
 def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None,
                      incoming=None):
     """Delete what plan_vm_retention says among the backups of VM `uuid` in `mode` filed
@@ -151,20 +162,37 @@ def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None
     vlog = vlog or log
     for name in store.finish_deletes(vm):
         vlog.info("retention: finished deleting %s (an earlier delete was interrupted)", name)
+    finish_merges(store, vm, vlog)
     folders = {f.name: f for f in store.backups(vm)}
     doomed = plan_vm_retention(folders.values(), keep, mode, uuid, drop_incomplete, incoming)
     if incoming is not None:
         good = [f for f in folders.values() if f.complete and in_retention(f, mode, uuid)]
         last_good = max(good, key=lambda f: f.when).name if good else None
         doomed = [name for name in doomed if name != last_good]
-    for name in doomed:
+    deleted = []
+    for step in retention_steps(folders.values(), doomed, mode, uuid):
+        name = step.name
+        if step.kind == "merge":
+            try:
+                merge_points(store, vm, name, step.into, step.devices, vlog, step.then_delete)
+            except ChainBroken as exc:
+                vlog.warning("retention: %s is kept: %s", name, exc)
+                continue
+            except OSError as exc:      # a full disk, say: the journal lets the next run finish
+                vlog.warning("retention: merging %s into %s stopped (%s); the next run "
+                             "finishes it", name, step.into, exc)
+                break
+            if step.then_delete:
+                deleted.append(name)
+            continue
+        deleted.append(name)
         if folders[name].complete:
             vlog.info("retention: deleting %s", name)
         else:
             # housekeeping: the run that left it already reported its failure
             vlog.info("deleting incomplete backup %s (no success marker)", name)
         store.delete(folders[name].path)
-    return doomed
+    return deleted
 
 
 def prune_dated_files(store, folder, keep):

@@ -17,7 +17,8 @@ from vmbackup.notify import send_reports
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
-from vmbackup.retention import keep_for, plan_vm_retention
+from vmbackup.chain import incoming_point
+from vmbackup.retention import keep_for, plan_vm_retention, retention_steps
 from vmbackup.selection import plan_vm, read_pool, select_vms, wanted_by
 from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
@@ -191,16 +192,19 @@ def preview_pool(config, endpoint, password, record):
 
 
 def planned_deletions(config, plans, now=None):
-    """Return [(VM folder, backup name)] retention would delete after each plan's new backup
-    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only."""
+    """Return [(VM folder, backup)] retention would delete after each plan's new backup
+    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only;
+    a delta-export point a kept point needs reads "NAME (merged into NEXT: DEVICES)"."""
     store, found = LocalStore(config.backup_dir), []
     now = now or datetime.datetime.now().replace(microsecond=0)
     for plan in plans:
         if plan.problems:
             continue
         vm, folder = plan.vm, safe_dirname(plan.vm.name)
-        found.extend((folder, name) for name in plan_vm_retention(
-            store.backups(folder), keep_for(config, vm), vm.mode, vm.uuid, incoming=now))
+        folders = store.backups(folder)
+        doomed = plan_vm_retention(folders, keep_for(config, vm), vm.mode, vm.uuid, incoming=now)
+        found.extend((folder, step.describe()) for step in retention_steps(
+            folders, doomed, vm.mode, vm.uuid, incoming_point(folders, vm.mode, now)))
     return tuple(found)
 
 

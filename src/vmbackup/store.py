@@ -4,7 +4,7 @@ Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names; the ba
 folder model (BackupFolder, read_backup_folder) and its rules, each written once:
 is_complete (is this folder a finished backup?), file_kind (is this file an XVA?),
 legacy_root_disk and legacy_disk_files (which DISK-* does a NAUbackup disk file hold?); MANIFEST and the success
-markers, read_manifest/read_cfg; the Store interface and LocalStore; RunLock;
+markers, read_manifest/read_cfg/manifest_text; the Store interface and LocalStore; RunLock;
 check_backup_dir/check_space/log_df, folder_size.
 Imports: errors, util.
 """
@@ -285,6 +285,11 @@ def read_manifest(folder):
         raise BadFile("%s has format %r; this vmbackup reads format 1"
                       % (MANIFEST, manifest.get("format")))
     return manifest
+
+
+def manifest_text(manifest):
+    """Return the text of a backup.json (the one way it is written)."""
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
 def read_legacy_disks(folder, entries):
@@ -640,7 +645,7 @@ class LocalStore(Store):
         return dest
 
     def commit(self, path, manifest):
-        self.write_file(path, MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        self.write_file(path, MANIFEST, manifest_text(manifest))
         write_text(os.path.join(path, SUCCESS_MARKER), "")
         fsync_dir(path)
 

@@ -1,6 +1,6 @@
 """`vmbackup.py list`: what backups exist, newest first, as typed results (Listing).
 
-Imports: errors, util, config, store, report, check.
+Imports: errors, util, config, store, chain, report, check.
 """
 
 import argparse
@@ -10,6 +10,7 @@ import re
 import sys
 import typing
 
+from vmbackup.chain import chain_links
 from vmbackup.check import check_backup
 from vmbackup.config import DEFAULT_BACKUP_DIR, PLAIN_NAME_RE, Selector, read_config_file
 from vmbackup.errors import BackupDirError, EXIT_OK, PROG, UsageError
@@ -30,10 +31,27 @@ class BackupSummary(typing.NamedTuple):
     legacy: bool
     check: str                  # sizes ok, BAD: ..., not verified (...)
     vm_name: typing.Optional[str]
+    chain: typing.Tuple[dict, ...] = ()   # delta-export: one chain_point_summary per disk
 
     def to_json(self):
         """Return the summary as list --json writes it."""
         return self._asdict()
+
+
+def chain_point_summary(link):
+    """Return what `list` shows of one disk of a delta-export point (a chain.ChainLink)."""
+    chain = {"device": link.device, "chain": link.chain_id, "position": link.position,
+             "parent": (link.parent or {}).get("backup"), "base": link.parent is None,
+             "vhd_uuid": link.vhd_uuid, "size": link.size}
+    return chain
+
+
+def chain_line(disk):
+    """Return one line of `list` for one disk of a delta-export point."""
+    what = "base of the chain (full)" if disk["base"] else "delta of %s" % disk["parent"]
+    return "      %-6s chain %-8s point %-3s %s, %s" % (
+        disk["device"], str(disk["chain"])[:8], disk["position"], what,
+        human_size(disk["size"] or 0))
 
 
 class VmListing(typing.NamedTuple):
@@ -102,7 +120,9 @@ def backup_summary(store, backup):
         check = "sizes ok"
     return BackupSummary(result.name, backup.path, result.date, result.mode, count, total,
                          result.complete, result.legacy, check,
-                         result.vm if result.mode and not result.legacy else None)
+                         result.vm if result.mode and not result.legacy else None,
+                         tuple(chain_point_summary(link) for _, link in
+                               sorted(chain_links(backup).items())))
 
 
 def scan_backup_dir(root, pattern=None):
@@ -133,7 +153,7 @@ def scan_backup_dir(root, pattern=None):
 def format_list(data):
     """Return the human table of a Listing."""
     out = ["backup_dir %s" % data.backup_dir]
-    row = "  %-19s  %-11s %5s  %8s  %-10s  %s"
+    row = "  %-19s  %-12s %5s  %8s  %-10s  %s"
     for vm in data.vms:
         shown = printable(vm.name)
         if vm.folder != vm.name:
@@ -147,6 +167,7 @@ def format_list(data):
             out.append(row % ((b.date or "?").replace("T", " "), b.mode or "?", b.files,
                               human_size(b.size),
                               "complete" if b.complete else "INCOMPLETE", b.check))
+            out += [chain_line(disk) for disk in b.chain]
     for key, title in (("pool_db", "pool database"), ("hosts", "host backup")):
         folders = collections.OrderedDict()
         for entry in getattr(data, key):
