@@ -12,7 +12,7 @@ import os
 import typing
 
 from vmbackup.errors import log
-from vmbackup.store import SUCCESS_MARKER, parse_dated_file
+from vmbackup.store import SUCCESS_MARKER, backup_vm_uuid, parse_dated_file
 
 
 class Keep(typing.NamedTuple):
@@ -122,7 +122,7 @@ def in_retention(folder, mode, uuid):
     """
     same = mode is None or retention_group(folder.mode) == retention_group(mode)
     if folder.manifest is not None:
-        owner = (folder.manifest.get("vm") or {}).get("uuid")
+        owner = backup_vm_uuid(folder)
         return same and (uuid is None or owner in (None, uuid))
     if folder.legacy:
         return same
