@@ -104,6 +104,7 @@ def test_a_vmbackup_folder_without_its_manifest_is_bad_not_legacy(tmp_path):
     assert not backup.legacy and not backup.complete
     result = vmbackup.check_backup(backup)
     assert result.status == "bad" and "manifest missing" in str(result.to_json())
+    assert "BAD: backup.json: manifest missing" in run_vmbackup("list", "-d", tmp_path)
     # and retention neither counts nor deletes it
     assert vmbackup.prune_vm_backups(vmbackup.LocalStore(str(tmp_path)), "web01", 1,
                                      mode="vm-export", uuid="me") == []
