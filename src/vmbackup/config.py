@@ -15,8 +15,8 @@ import typing
 
 from vmbackup.errors import ConfigError, log
 from vmbackup.util import (
-    choice, parse_bool, parse_compress, parse_fingerprint, parse_int, parse_percent,
-    parse_rate, parse_text, parse_umask)
+    choice, parse_addresses, parse_bool, parse_compress, parse_fingerprint, parse_int,
+    parse_percent, parse_rate, parse_text, parse_umask)
 
 
 #: NAUbackup's documented defaults, kept so its config files mean the same here.
@@ -86,6 +86,38 @@ SETTINGS = collections.OrderedDict([
     ("tls_ca_file", Setting(None, parse_text, "CA bundle that signed the pool's certificate")),
     ("tls_fingerprint", Setting(None, parse_fingerprint, "pinned SHA-256 fingerprint of the pool's certificate")),
     ("tls_insecure", Setting(False, parse_bool, "do not verify the pool's certificate (warns)")),
+    # -- reports: log file, syslog, metrics, mail (notify, logsinks, metrics) --
+    ("log_file", Setting(None, parse_text, "append the log (the lines stderr shows, info and up "
+                                           "even with -q) to this file")),
+    ("syslog", Setting(False, parse_bool, "send the log to syslog (ident vmbackup; journald "
+                                          "reads /dev/log too) (0|1)")),
+    ("syslog_address", Setting("/dev/log", parse_text,
+                               "syslog socket: a unix datagram socket path, or host:port (UDP)")),
+    ("syslog_facility", Setting("user", choice("user", "daemon", "local0", "local1", "local2",
+                                               "local3", "local4", "local5", "local6", "local7"),
+                                "syslog facility: user, daemon or local0..local7")),
+    ("metrics_file", Setting(None, parse_text, "Prometheus textfile written after every run, e.g. "
+                             "/var/lib/node_exporter/textfile_collector/vmbackup.prom")),
+    ("mail_to", Setting(None, parse_addresses, "mail the run's report to these addresses "
+                                               "(comma-separated)")),
+    ("mail_from", Setting(None, parse_text, "sender address (default vmbackup@this host)")),
+    ("mail_on", Setting("error", choice("always", "warning", "error"),
+                        "when to mail: always, warning (warnings or errors), error")),
+    ("mail_subject_prefix", Setting("[vmbackup]", parse_text, "first word of the subject")),
+    ("smtp_server", Setting("localhost", parse_text, "SMTP server")),
+    ("smtp_port", Setting(None, lambda v: parse_int(v, 1),
+                          "SMTP port (default 25, 587 with starttls, 465 with ssl)")),
+    ("smtp_security", Setting("none", choice("none", "starttls", "ssl"),
+                              "none, starttls or ssl; starttls and ssl verify the server's "
+                              "certificate and name")),
+    ("smtp_ca_file", Setting(None, parse_text, "CA bundle for the SMTP server's certificate "
+                                               "(default: the system's)")),
+    ("smtp_username", Setting(None, parse_text, "SMTP AUTH user (needs starttls or ssl, "
+                                                "or a server on this host)")),
+    ("smtp_password_file", Setting(None, parse_text, "file holding the SMTP password "
+                                                     "(mode 0600)")),
+    ("smtp_timeout", Setting(30, lambda v: parse_int(v, 1),
+                             "seconds an SMTP connection may wait; 3 tries in all")),
 ])
 
 
@@ -237,6 +269,22 @@ class Config(typing.NamedTuple):
     tls_ca_file: typing.Optional[str] = None
     tls_fingerprint: typing.Optional[str] = None
     tls_insecure: bool = False
+    log_file: typing.Optional[str] = None
+    syslog: bool = False
+    syslog_address: str = "/dev/log"
+    syslog_facility: str = "user"
+    metrics_file: typing.Optional[str] = None
+    mail_to: typing.Optional[typing.Tuple[str, ...]] = None
+    mail_from: typing.Optional[str] = None
+    mail_on: str = "error"
+    mail_subject_prefix: str = "[vmbackup]"
+    smtp_server: str = "localhost"
+    smtp_port: typing.Optional[int] = None
+    smtp_security: str = "none"
+    smtp_ca_file: typing.Optional[str] = None
+    smtp_username: typing.Optional[str] = None
+    smtp_password_file: typing.Optional[str] = None
+    smtp_timeout: int = 30
     selectors: typing.Tuple[Selector, ...] = ()
     config_file: typing.Optional[str] = None
     origins: typing.Dict[str, str] = {}   # key -> "file:line" or "command line"

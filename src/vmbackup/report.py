@@ -20,9 +20,10 @@ import typing
 
 from vmbackup import __version__
 from vmbackup.config import SETTINGS
-from vmbackup.errors import BackupDirError, EXIT_ERROR, EXIT_OK, EXIT_WARNING, log
+from vmbackup.errors import (
+    BackupDirError, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_WARNING, log)
 from vmbackup.retention import keep_for
-from vmbackup.util import printable
+from vmbackup.util import mask_credentials, printable
 
 
 def settings_summary(config):
@@ -32,6 +33,8 @@ def settings_summary(config):
         value = getattr(config, key)
         if key == "umask":
             value = "%03o" % value
+        elif key == "server" and value:
+            value = mask_credentials(value)
         rows.append((key, value, config.where(key)))
     return rows
 
@@ -113,7 +116,10 @@ def tally(outcome):
 
 
 def exit_code_for(outcome):
-    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec)."""
+    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec);
+    130 for a run interrupted by Ctrl-C (SIGINT), as the shell expects."""
+    if outcome.terminated == "SIGINT":
+        return EXIT_INTERRUPTED
     counts = tally(outcome)
     if counts.errors:
         return EXIT_ERROR
@@ -192,6 +198,7 @@ class RunRecord:
         self.terminated = None
         self.begun = False              # the status log has its `begin` line
         self.open_snapshots = {}        # uuid -> unit: taken and not yet destroyed
+        self.pool = None                # the pool's name_label, once read (the mail's subject)
 
     def outcome(self):
         sel = self.selection

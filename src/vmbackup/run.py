@@ -13,6 +13,7 @@ import sys
 from vmbackup.backup import Context, backup_hosts, backup_pool_db, backup_vm_safely, run_note
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
 from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
+from vmbackup.notify import send_reports
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
@@ -73,6 +74,7 @@ def back_up_everything(config, endpoint, password, status_log, record):
         try:
             beat.start()
             view = read_pool(xapi, wanted_by(config))
+            record.pool = view.pool.get("name_label")
             ctx = Context(config, transport, view, beat.note, record)
             clean_leftovers(ctx)
             selection = select_for_run(config, view, record)
@@ -110,7 +112,8 @@ def select_for_run(config, view, record):
 
 
 def report_run(config, record, status_log, json_target):
-    """Print and write the run's Outcome: status log `end`, summary, recap, --json."""
+    """Print and write the run's Outcome: mail, metrics, status log `end`, summary, recap, --json."""
+    send_reports(config, record)     # what cannot be sent is a warning of this run
     outcome = record.outcome()
     if not record.begun and status_log.folder_exists():
         status_log.line(PROG, "begin")      # a run that cannot start still leaves its pair
@@ -127,11 +130,15 @@ def report_run(config, record, status_log, json_target):
         write_json(json_target, run_summary(config, record.outcome()))
 
 
-def report_cannot_start(json_target, reason):
-    """Write the --json of a run stopped before its settings were read (a config error)."""
+def report_cannot_start(json_target, reason, config=None):
+    """Write the --json of a run stopped before it began (a config error; with `config`,
+    its settings read, also the status log's begin/end pair)."""
     record = RunRecord()
     record.cannot_start = reason
-    if json_target:
+    if config is not None:
+        report_run(config, record, StatusLog(config.status_log, config.where("status_log"),
+                                             record.log), json_target)
+    elif json_target:
         write_json(json_target, run_summary(None, record.outcome()))
 
 

@@ -54,6 +54,9 @@ CLI_SETTINGS = {
     "progress_interval": ("progress_interval", lambda v: parse_int(v, 1)),
     "umask": ("umask", parse_umask),
     "status_log": ("status_log", parse_text),
+    "log_file": ("log_file", parse_text),
+    "syslog": ("syslog", bool),
+    "metrics_file": ("metrics_file", parse_text),
 }
 
 
