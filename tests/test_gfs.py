@@ -261,3 +261,21 @@ def test_pre_clean_deletes_the_plan_before_the_export_but_never_the_last_good(
     run_vmbackup(*args)
     assert set(backups_of(backup_dir, "PRD-print7")) & data == set()
     assert set(history["other"] + history["meta"]) <= set(backups_of(backup_dir, "PRD-print7"))
+
+
+def test_the_preview_lists_the_pool_and_host_files_the_run_deletes(sim_pool, api, backup_dir):
+    args = api(sim_pool) + ["-d", backup_dir, "--pool-db-backup", "--host-backup",
+                            "--max-backups", "2", "-x", ".*"]
+    run_vmbackup(*args)                           # makes the folders
+    folders = sorted(os.listdir(str(backup_dir)))
+    assert any(f.startswith("METADATA_") for f in folders) and any(f.startswith("HOST_") for f in folders)
+    for folder in folders:                        # three older files in each
+        kind = "pool_db_%s.dump" if folder.startswith("METADATA_") else "host_%s.xbk"
+        for day in (1, 2, 3):
+            (backup_dir / folder / (kind % ("202611%02d-000000" % day))).write_bytes(b"old")
+    before = {(f, n) for f in folders for n in os.listdir(str(backup_dir / f))}
+    out = run_vmbackup(*args, "--preview", "--json", "-")
+    planned = {(d["vm"], d["backup"]) for d in json.loads(out[out.index("{"):])["delete"]}
+    run_vmbackup(*args)
+    after = {(f, n) for f in folders for n in os.listdir(str(backup_dir / f))}
+    assert before - after == planned and len(planned) == 3 * len(folders)

@@ -4,7 +4,7 @@ Owns: Keep and keep_for (how many backups a VM keeps: max_backups, and the GFS r
 keep_daily/weekly/monthly/yearly), gfs_kept and plan_retention (pure, table-tested),
 retention_group and in_retention (which folders one VM's retention may count and delete),
 plan_vm_retention (the one plan the run, pre_clean and --preview share), prune_vm_backups,
-prune_dated_files.
+plan_dated_retention, prune_dated_files.
 Imports: errors, store.
 """
 
@@ -167,10 +167,20 @@ def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None
     return doomed
 
 
+def plan_dated_retention(names, keep, incoming=None):
+    """Return the pool_db_/host_ file names to delete among `names`, the `keep` newest kept
+    (pure); with `incoming`, a datetime, as if the file a run is about to write stood beside
+    them (--preview)."""
+    entries = [(name, parse_dated_file(name), True) for name in names]
+    if incoming is not None:
+        entries.append((None, incoming, True))
+    return plan_retention(entries, keep)
+
+
 def prune_dated_files(store, folder, keep):
     """Delete the oldest pool_db_/host_ files in `store`'s `folder` beyond `keep`; return their names."""
     paths = {os.path.basename(p): p for p in store.dated_files(folder)}
-    doomed = plan_retention([(n, parse_dated_file(n), True) for n in paths], keep)
+    doomed = plan_dated_retention(paths, keep)
     for name in doomed:
         log.info("retention: deleting %s", os.path.join(folder, name))
         store.delete(paths[name])
