@@ -10,6 +10,7 @@ check_backup_dir/check_space/log_df, folder_size.
 Imports: errors, util.
 """
 
+import collections
 import datetime
 import json
 import os
@@ -270,7 +271,7 @@ def group_by_vm(backups):
     each VM first appears (pure): one VM folder may hold two VMs' backups (their names made
     one folder). Backups that name no VM (legacy, damaged, unfinished) join the one VM when
     there is one, else form a group of their own."""
-    groups = {}
+    groups = collections.OrderedDict()    # Python 3.6: a dict's order is not promised
     for backup in backups:
         groups.setdefault(backup_vm_uuid(backup), []).append(backup)
     named = [g for uuid, g in groups.items() if uuid is not None]
