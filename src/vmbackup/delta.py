@@ -454,36 +454,40 @@ class DiskPoint(typing.NamedTuple):
     chain: dict
 
 
-def write_full(ctx, new, size, folder, dest, vlog):
-    """Export the snapshot raw and write it as a dynamic VHD; return its VhdInfo."""
-    raw = os.path.join(folder, "." + os.path.basename(dest) + ".raw.part")
+def export_then_convert(what, export, convert, dest):
+    """`export(path)` into a hidden file beside `dest`, then `convert(src, out)` it into
+    `dest` (written whole or not at all); return what convert returns. A damaged stream
+    (BadFile) is an ExportFailed naming `what`; the hidden file goes either way."""
+    tmp_in = os.path.join(os.path.dirname(dest), "." + os.path.basename(dest) + ".export.part")
     try:
-        nbytes, _ = ctx.transport.export_vdi(new, raw, "raw")
+        export(tmp_in)
+        with partial_file(dest) as tmp, open(tmp_in, "rb") as src, open(tmp, "wb") as out:
+            return convert(src, out)
+    except BadFile as exc:
+        raise ExportFailed("%s: %s" % (what, exc))
+    finally:
+        if os.path.lexists(tmp_in):
+            os.unlink(tmp_in)
+
+
+def write_full(ctx, new, size, dest):
+    """Export the snapshot raw and write it as a dynamic VHD; return its VhdInfo."""
+    def export(path):
+        nbytes, _ = ctx.transport.export_vdi(new, path, "raw")
         if nbytes != size:
             raise ExportFailed("raw export of VDI %s is %d bytes, the disk is %d"
                                % (new.uuid, nbytes, size))
-        with partial_file(dest) as tmp, open(raw, "rb") as src, open(tmp, "wb") as out:
-            return write_vhd_from_raw(src, out, size)
-    except BadFile as exc:
-        raise ExportFailed("raw export of VDI %s: %s" % (new.uuid, exc))
-    finally:
-        if os.path.lexists(raw):
-            os.unlink(raw)
+    return export_then_convert("raw export of VDI %s" % new.uuid, export,
+                               lambda src, out: write_vhd_from_raw(src, out, size), dest)
 
 
-def write_differencing_export(ctx, new, reference, parent, folder, dest):
+def write_differencing_export(ctx, new, reference, parent, dest):
     """Export the snapshot's differencing VHD against `reference` and re-parent it onto the
     previous point's file; return its VhdInfo."""
-    tmp_vhd = os.path.join(folder, "." + os.path.basename(dest) + ".base.part")
-    try:
-        ctx.transport.export_vdi_delta(new, reference, tmp_vhd)
-        with partial_file(dest) as tmp, open(tmp_vhd, "rb") as src, open(tmp, "wb") as out:
-            return reparent_vhd(src, out, parent)
-    except BadFile as exc:
-        raise ExportFailed("differencing export of VDI %s: %s" % (new.uuid, exc))
-    finally:
-        if os.path.lexists(tmp_vhd):
-            os.unlink(tmp_vhd)
+    return export_then_convert(
+        "differencing export of VDI %s" % new.uuid,
+        lambda path: ctx.transport.export_vdi_delta(new, reference, path),
+        lambda src, out: reparent_vhd(src, out, parent), dest)
 
 
 def write_nbd_delta(ctx, infos, ranges, size, parent, dest, stats):
@@ -528,7 +532,7 @@ def disk_point(ctx, disk, new, facts, plan, ref_obj, infos, folder, vlog):
     stats = NbdStats()
     if plan.full:
         vlog.info("disk %s: full (%s)", disk.device, plan.reason)
-        info = write_full(ctx, new, size, folder, dest, vlog)
+        info = write_full(ctx, new, size, dest)
     elif plan.method == "cbt-nbd":
         try:
             info = write_nbd_delta(ctx, infos, ranges, size, parent, dest, stats)
@@ -539,10 +543,10 @@ def disk_point(ctx, disk, new, facts, plan, ref_obj, infos, folder, vlog):
             vlog.warning("disk %s: NBD unreachable (%s): %s instead, and the new reference "
                          "keeps its data", disk.device, exc,
                          "a full" if plan.full else "a differencing export")
-            info = (write_full(ctx, new, size, folder, dest, vlog) if plan.full else
-                    write_differencing_export(ctx, new, ref_obj, parent, folder, dest))
+            info = (write_full(ctx, new, size, dest) if plan.full else
+                    write_differencing_export(ctx, new, ref_obj, parent, dest))
     else:
-        info = write_differencing_export(ctx, new, ref_obj, parent, folder, dest)
+        info = write_differencing_export(ctx, new, ref_obj, parent, dest)
     if plan.method == "cbt-nbd":
         vlog.info("disk %s: delta over NBD (%s): %d changed ranges, %s read on %d connection(s)"
                   "%s in %.1fs", disk.device, "TLS" if any(i.get("cert") for i in infos) else
