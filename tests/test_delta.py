@@ -228,9 +228,9 @@ class Chain:
         return {dev: self.pool.vdi_content(ref).sha256()
                 for dev, ref in self.pool.vm_disks("db").items()}
 
-    def run(self, *extra, exit_code=0, fork=False):
+    def run(self, *extra, exit_code=0, fork=False, keep=20):
         before = self.state()
-        out = run_vmbackup(*self.args, "-D", "db:20", "-d", self.backup_dir, *extra,
+        out = run_vmbackup(*self.args, "-D", "db:%d" % keep, "-d", self.backup_dir, *extra,
                            exit_code=exit_code, fork=fork)
         if exit_code in (0, 1):
             self.expected.append(before)
@@ -668,3 +668,17 @@ def test_marking_the_reference_fails_after_the_point_is_complete(chain_of):
     assert c.chain()["method"] == "cbt-nbd"
     assert len(c.references()) == 2
     c.check_every_point()
+
+
+def test_retention_merges_and_the_chain_goes_on(chain_of):
+    """Keeping 2 points: each run merges the oldest point into the next on the backup
+    storage; the kept points still read back, and the next delta still fits the chain."""
+    c = chain_of(delta_pool())
+    for i in range(5):
+        write_blocks(c.pool, c.disk(), [40 + i])
+        c.run(keep=2)
+    assert len(c.points()) == 2
+    assert [c.chain(i)["method"] for i in range(2)] == ["cbt-nbd", "cbt-nbd"]
+    c.expected = c.expected[-2:]
+    c.check_every_point()
+    assert "BAD" not in run_vmbackup("verify", c.backup_dir)
