@@ -162,12 +162,20 @@ def test_nbd_unreachable_plan(reference, method, reason):
     ({"uuid": "r3", "other_config": {"vmbackup_chain": "another-store"}}, True),
     ({"uuid": "r4"}, False),
     ({"uuid": "r5", "other_config": {"vmbackup_chain": ""}}, False),
+    ({"uuid": "r6", "other_config": {"vmbackup_chain": "gone", "vmbackup_backup_dir": "/b"}},
+     False),
+    ({"uuid": "r7", "other_config": {"vmbackup_chain": "gone", "vmbackup_backup_dir": "/c"}},
+     True),
 ], ids=["recorded", "our-chain-moved-past-it", "another-backup-dirs-chain",
-        "never-committed-killed-run", "empty-chain-key"])
+        "never-committed-killed-run", "empty-chain-key", "chain-retention-deleted-here",
+        "chain-of-another-backup-dir"])
 def test_kept_reference(record, expected):
     from vmbackup import ChainReferences, kept_reference
-    refs = ChainReferences(frozenset({"r1"}), frozenset({"ours"}))
+    refs = ChainReferences(frozenset({"r1"}), frozenset({"ours"}), "/b")
     assert kept_reference(record, refs) is expected
+    # backup_dir not wholly read: a chain not found may be there, its references stay
+    unread = refs._replace(backup_dir=None)
+    assert kept_reference(record, unread) is (expected or record["uuid"] == "r6")
 
 
 def bitmap(*blocks, nbits=128):
@@ -682,3 +690,26 @@ def test_retention_merges_and_the_chain_goes_on(chain_of):
     c.expected = c.expected[-2:]
     c.check_every_point()
     assert "BAD" not in run_vmbackup("verify", c.backup_dir)
+
+
+def test_references_of_a_chain_retention_deleted_go(chain_of):
+    """Switching a VM from delta-export to vm-export: once retention has deleted the
+    chain's last point, its references (which keep their data without NBD) are leftovers
+    of this backup_dir, not another's, and the next run destroys them; switching back
+    starts a new chain."""
+    c = chain_of(delta_pool("cbt-export"))
+    c.run(keep=2)
+    write_blocks(c.pool, c.disk(), [41])
+    c.run(keep=2)
+    assert len(c.references()) == 2
+    run_vmbackup(*c.args, "-e", "db:2", "-d", c.backup_dir)
+    assert len(c.references()) == 2          # a delta point is still kept: so are its references
+    run_vmbackup(*c.args, "-e", "db:1", "-d", c.backup_dir)
+    assert [c.manifest(i)["mode"] for i in range(len(c.points()))] == ["vm-export"]
+    out = run_vmbackup(*c.args, "-e", "db:1", "-d", c.backup_dir)
+    assert c.references() == {}, out
+    c.run(keep=1)
+    assert c.manifest()["mode"] == "delta-export" and len(c.points()) == 1
+    assert c.chain()["method"] == "full" and len(c.references()) == 2
+    c.expected = c.expected[-1:]
+    c.check_every_point()
