@@ -713,3 +713,18 @@ def test_references_of_a_chain_retention_deleted_go(chain_of):
     assert c.chain()["method"] == "full" and len(c.references()) == 2
     c.expected = c.expected[-1:]
     c.check_every_point()
+
+
+def test_a_delta_points_size_is_the_bytes_it_moved(chain_of, tmp_path):
+    """The run's JSON, status log and metrics give a delta point's size as the changed
+    bytes it carries, not the apparent size of its sparse VHD (a whole 2 MiB block per
+    changed 64 KiB range)."""
+    c = chain_of(delta_pool(disks=[{"size": "8M", "blocks": [0]}]))
+    c.run()
+    write_blocks(c.pool, c.disk(), [5])
+    report = tmp_path / "run.json"
+    c.run("--json", report)
+    assert c.chain()["changed_bytes"] == BLOCK
+    folder = os.path.join(c.backup_dir, "db", c.points()[-1])
+    assert os.path.getsize(os.path.join(folder, "xvda.vhd")) > 2 * MIB     # a whole VHD block
+    assert json.loads(report.read_text())["vms"][0]["bytes"] == BLOCK
