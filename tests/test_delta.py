@@ -728,3 +728,21 @@ def test_a_delta_points_size_is_the_bytes_it_moved(chain_of, tmp_path):
     folder = os.path.join(c.backup_dir, "db", c.points()[-1])
     assert os.path.getsize(os.path.join(folder, "xvda.vhd")) > 2 * MIB     # a whole VHD block
     assert json.loads(report.read_text())["vms"][0]["bytes"] == BLOCK
+
+
+def test_restore_of_a_broken_chain_names_no_metadata_only_backup(chain_of):
+    """A damaged full makes every point of its chain bad: restore refuses and never offers a
+    metadata-only backup (no disk data) as the good one to restore instead."""
+    c = chain_of(delta_pool())
+    c.run()
+    run_vmbackup(*c.args, "-D", "db:5", "-d", c.backup_dir, "--metadata-only")
+    write_blocks(c.pool, c.disk(), [3])
+    c.run()
+    full = os.path.join(c.backup_dir, "db", c.points()[0], "xvda.vhd")
+    with open(full, "r+b") as f:
+        f.seek(4096 + 512)
+        f.write(b"X" * 512)
+    newest = os.path.join(c.backup_dir, "db", c.points()[-1])
+    out = run_vmbackup("restore", newest, *c.args, "--name", "x", exit_code=2)
+    assert "refusing to restore" in out and c.points()[1] not in out, out
+    assert "no older backup of this VM verifies" in out

@@ -204,10 +204,14 @@ def attach_conflicts(items, target_name, vbds):
 
 def older_good_backup(backup):
     """Return the newest complete backup older than `backup` in its VM folder that
-    verifies (good or unchecked), or None."""
+    verifies (good or unchecked), or None; for a backup with disk data never a
+    metadata-only one."""
     vm_dir = os.path.dirname(os.path.abspath(backup.path))
     store = LocalStore(os.path.dirname(vm_dir))
+    data = backup.mode != "meta-export"
     for older in reversed(store.backups(os.path.basename(vm_dir))):
+        if data and older.mode == "meta-export":
+            continue
         if older.complete and older.when and backup.when and older.when < backup.when \
                 and check_backup(older).status in ("good", "unchecked"):
             return older
