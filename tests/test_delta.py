@@ -698,14 +698,17 @@ def test_references_of_a_chain_retention_deleted_go(chain_of):
     of this backup_dir, not another's, and the next run destroys them; switching back
     starts a new chain."""
     c = chain_of(delta_pool("cbt-export"))
-    c.run(keep=2)
+    c.run(keep=2, fork=True)     # runs of their own, over when the preview looks
     write_blocks(c.pool, c.disk(), [41])
-    c.run(keep=2)
+    c.run(keep=2, fork=True)
     assert len(c.references()) == 2
     run_vmbackup(*c.args, "-e", "db:2", "-d", c.backup_dir)
     assert len(c.references()) == 2          # a delta point is still kept: so are its references
     run_vmbackup(*c.args, "-e", "db:1", "-d", c.backup_dir)
     assert [c.manifest(i)["mode"] for i in range(len(c.points()))] == ["vm-export"]
+    leftovers = set(c.references())
+    preview = run_vmbackup(*c.args, "-e", "db:1", "-d", c.backup_dir, "--preview")
+    assert all(uuid in preview for uuid in leftovers), preview
     out = run_vmbackup(*c.args, "-e", "db:1", "-d", c.backup_dir)
     assert c.references() == {}, out
     c.run(keep=1)
