@@ -556,6 +556,28 @@ def test_a_report_file_that_cannot_be_written_is_a_warning(sim_pool, api, backup
     assert "success" in os.listdir(str(backup_dir / "PRD-print7" / folder))
 
 
+def test_the_mail_counts_a_metrics_file_that_cannot_be_written(sim_pool, api, backup_dir, tmp_path,
+                                                               smtp):
+    """The run exits 1 for it: the mail says so too (with mail_on=warning it is sent at all)."""
+    inbox, port = smtp()
+    config = mail_config(tmp_path, port, extra="mail_on=warning\n")
+    target = tmp_path / "no-such-folder" / "vmbackup.prom"
+    run_vmbackup("-c", config, *api(sim_pool), "-d", backup_dir, "-e", "PRD-print7",
+                 "--metrics-file", target, exit_code=1)
+    (msg,) = inbox.messages
+    assert msg["Subject"] == "[vmbackup] WARNING demo-pool: S:1 W:1 E:0"
+    assert "cannot write metrics_file %s" % target in msg.get_content()
+
+
+def test_metrics_count_a_mail_that_cannot_be_sent(sim_pool, api, backup_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(vmbackup, "MAIL_RETRY_DELAY", 0)
+    metrics = tmp_path / "vmbackup.prom"
+    run_vmbackup("-c", mail_config(tmp_path, free_port()), *api(sim_pool), "-d", backup_dir,
+                 "-e", "PRD-print7", "--metrics-file", metrics, exit_code=1)
+    assert value(samples(metrics), "vmbackup_last_run_warnings") == 1
+    assert value(samples(metrics), "vmbackup_last_run_exit_code") == 1
+
+
 def test_reports_on_python36(sim_pool, backup_dir, tmp_path, smtp, certs):
     """dom0's Python 3.6 (XCP-ng 8.3, XenServer 8): smtplib, ssl and email as 3.6 has them."""
     from test_python36 import PY36

@@ -321,17 +321,19 @@ def mail_report(config, outcome, pool):
 
 
 def send_reports(config, record):
-    """Mail the report and write the metrics file of a run; what fails is a warning of the run.
+    """Write the metrics file and mail the report of a run; what fails is a warning of the run.
 
     Called by run.report_run before it writes the status log's `end` line, so that line,
-    the exit code and --json count these warnings; the mail cannot count its own failure,
-    the metrics file (written after it) does.
+    the exit code and --json count these warnings. The metrics file is written first, so
+    the mail counts a metrics file that cannot be written; a mail that cannot be sent is
+    then written into the metrics file again. Only the mail cannot count its own failure.
     """
     lines = run_lines()
     if lines:
         for problem in lines.problems:
             record.log.warning("%s", problem)
         lines.problems[:] = []
+    metrics_written = write_run_metrics(config, record)
     pool = pool_name(config, getattr(record, "pool", None))
     try:
         mail_report(config, record.outcome(), pool)
@@ -341,19 +343,31 @@ def send_reports(config, record):
         log.debug("traceback", exc_info=True)
         record.log.warning("mail not sent: internal error: %s: %s", type(exc).__name__,
                            one_line(exc))
-    if config.metrics_file:
-        try:
-            outcome = record.outcome()
-            text = metrics_text(outcome, backup_history(config, outcome),
-                                os.path.basename(config.config_file or ""))
-            write_metrics(config.metrics_file, text)
-        except OSError as exc:
-            record.log.warning("cannot write metrics_file %s: %s", config.metrics_file,
-                               exc.strerror or exc)
-        except Exception as exc:  # noqa: BLE001 - a report never costs the run
-            log.debug("traceback", exc_info=True)
-            record.log.warning("cannot write metrics_file %s: internal error: %s: %s",
-                               config.metrics_file, type(exc).__name__, one_line(exc))
+    else:
+        return
+    if metrics_written:
+        write_run_metrics(config, record)
+
+
+def write_run_metrics(config, record):
+    """Write the metrics file of the run so far; return whether it was written (a failure
+    is a warning of the run)."""
+    if not config.metrics_file:
+        return False
+    try:
+        outcome = record.outcome()
+        text = metrics_text(outcome, backup_history(config, outcome),
+                            os.path.basename(config.config_file or ""))
+        write_metrics(config.metrics_file, text)
+        return True
+    except OSError as exc:
+        record.log.warning("cannot write metrics_file %s: %s", config.metrics_file,
+                           exc.strerror or exc)
+    except Exception as exc:  # noqa: BLE001 - a report never costs the run
+        log.debug("traceback", exc_info=True)
+        record.log.warning("cannot write metrics_file %s: internal error: %s: %s",
+                           config.metrics_file, type(exc).__name__, one_line(exc))
+    return False
 
 
 def test_mail(config):
