@@ -10,7 +10,9 @@ import datetime
 import os
 import sys
 
-from vmbackup.backup import Context, backup_hosts, backup_pool_db, backup_vm_safely, run_note
+from vmbackup.backup import (
+    Context, backup_hosts, backup_pool_db, backup_vm_safely, estimate_size, last_backup_bytes,
+    run_note)
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
 from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
 from vmbackup.notify import send_reports
@@ -24,6 +26,7 @@ from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
     safe_dirname)
 from vmbackup.transport.choose import make_transport
+from vmbackup.util import printable
 from vmbackup.xapi import login
 
 
@@ -176,7 +179,7 @@ def preview_pool(config, endpoint, password, record):
     finally:
         xapi.logout()
     selection = select_for_run(config, view, record)
-    plans = [plan_vm(vm, view) for vm in selection.vms]
+    plans = [with_space_check(config, plan_vm(vm, view)) for vm in selection.vms]
     for plan in plans:
         vm = plan.vm
         record.results.append(VmResult(vm.name, vm.uuid, vm.mode,
@@ -189,6 +192,20 @@ def preview_pool(config, endpoint, password, record):
                                        "pool", "success") for ref, h in view.hosts.items())
     deletions = planned_deletions(config, plans) if not record.cannot_start else ()
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
+
+
+def with_space_check(config, plan):
+    """Return `plan` with the run's refusal of its VM for space among its problems: the
+    run checks backup_dir's free space against the VM's estimated size before its snapshot."""
+    if plan.problems or not os.path.isdir(config.backup_dir):
+        return plan
+    previous = last_backup_bytes(LocalStore(config.backup_dir), safe_dirname(plan.vm.name),
+                                 plan.vm.mode)
+    try:
+        check_space(config, estimate_size(plan, previous), "VM %s" % printable(plan.vm.name))
+    except VmBackupError as exc:
+        return plan._replace(problems=[str(exc)])
+    return plan
 
 
 def planned_deletions(config, plans, now=None):
