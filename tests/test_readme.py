@@ -46,14 +46,18 @@ def test_make_demo_runs(tmp_path):
 
 def test_by_hand_block_runs_as_written(sim_pool, tmp_path):
     lines = [l for l in block_after("<!-- readme-test: begin -->") if l.strip()]
-    assert lines[0].startswith("python3 tests/xapisim --port 8080")   # the sim_pool fixture
+    makefile = open(os.path.join(ROOT, "Makefile"), encoding="utf-8").read()
+    sim = re.search(r"^sim:.*\n\t(.+)$", makefile, re.M).group(1)
+    # what `make sim` runs, with the virtualenv's Python (XenAPI, xxhash): the sim_pool fixture
+    assert lines[0].startswith(sim.replace("$(PY)", ".venv/bin/python") + " "), lines[0]
+    assert all(l.startswith((".venv/bin/python ", "promtool ", "(umask")) for l in lines), lines
     assert sim_pool.password == "xenroot"
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     outputs = []
     for line in lines[1:]:
         line = line.replace("http://127.0.0.1:8080/", sim_pool.url.rstrip("/") + "/")
         line = line.replace("/tmp/", str(tmp_path) + "/")
-        line = re.sub(r"^python3 ", shlex.quote(sys.executable) + " ", line)
+        line = re.sub(r"^\.venv/bin/python ", shlex.quote(sys.executable) + " ", line)
         rc, out = shell(line, ROOT, env)
         assert rc == 0, "%s\n%s" % (line, out)
         outputs.append(out)
