@@ -99,10 +99,11 @@ def back_up_everything(config, endpoint, password, status_log, record):
 def select_for_run(config, view, record):
     """Return the Selection (metadata_only turns every VM into meta-export); record its problems."""
     selection = select_vms(view.vms, config.selectors, config.max_backups, config.max_meta_backups)
-    if config.metadata_only:   # counted apart from the data backups: max_meta_backups
+    if config.metadata_only:   # counted apart from the data backups: max_meta_backups, keep_*
         keep = config.max_meta_backups or config.max_backups
-        selection = selection._replace(vms=[vm._replace(mode="meta-export", max_backups=keep)
-                                            for vm in selection.vms])
+        selection = selection._replace(vms=[vm if vm.mode == "meta-export" else vm._replace(
+            mode="meta-export", max_backups=keep, selector=vm.selector._replace(gfs=None))
+            for vm in selection.vms])
     record.selection = selection
     for warning in selection.warnings:
         record.log.warning("%s", warning)
