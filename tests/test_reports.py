@@ -578,6 +578,22 @@ def test_metrics_count_a_mail_that_cannot_be_sent(sim_pool, api, backup_dir, tmp
     assert value(samples(metrics), "vmbackup_last_run_exit_code") == 1
 
 
+def test_the_preview_warns_of_report_files_and_sockets_the_run_cannot_use(sim_pool, api, backup_dir,
+                                                                          tmp_path):
+    """The preview exits 1 as the run would, with the run's own words; it creates nothing."""
+    missing = tmp_path / "no-such-folder"
+    args = api(sim_pool) + ["-d", backup_dir, "-e", "PRD-print7", "--metrics-file",
+                            missing / "vmbackup.prom", "--log-file", missing / "vmbackup.log",
+                            "-c", write(tmp_path / "s.cfg", "syslog=1\nsyslog_address=%s\n"
+                                        % (missing / "log"))]
+    preview = run_vmbackup(*args, "--preview", "--json", tmp_path / "preview.json", exit_code=1)
+    assert "Preview: the run would end with warnings (exit 1, S:1 W:3 E:0)" in preview
+    run_vmbackup(*args, "--json", tmp_path / "run.json", exit_code=1)
+    warnings = json.loads((tmp_path / "run.json").read_text())["warnings"]
+    assert sorted(json.loads((tmp_path / "preview.json").read_text())["warnings"]) == sorted(warnings)
+    assert not missing.exists()
+
+
 def test_reports_on_python36(sim_pool, backup_dir, tmp_path, smtp, certs):
     """dom0's Python 3.6 (XCP-ng 8.3, XenServer 8): smtplib, ssl and email as 3.6 has them."""
     from test_python36 import PY36

@@ -3,7 +3,7 @@
 Owns: mail_wanted, mail_subject, mail_body (pure readers of an Outcome), build_mail,
 send_mail (SMTP with none/starttls/ssl, AUTH, retries), MailFailed, test_mail,
 send_reports (what run.report_run calls: each report that cannot be made is a warning
-of the run, never a crash and never a lost backup).
+of the run, never a crash and never a lost backup), report_problems (the preview's check).
 Imports: errors, util, config, store, report, logsinks, metrics.
 """
 
@@ -22,7 +22,7 @@ import time
 from vmbackup import __version__
 from vmbackup.config import read_password_file
 from vmbackup.errors import EXIT_OK, PROG, VmBackupError, log
-from vmbackup.logsinks import run_lines
+from vmbackup.logsinks import run_lines, sink_problems, write_problem
 from vmbackup.metrics import backup_history, metrics_text, write_metrics
 from vmbackup.report import exit_code_for, status_word, tally
 from vmbackup.util import free_space, human_size, one_line, printable
@@ -347,6 +347,16 @@ def send_reports(config, record):
         return
     if metrics_written:
         write_run_metrics(config, record)
+
+
+def report_problems(config):
+    """Return the warnings a run with `config` would get from a log file, syslog socket or
+    metrics file it cannot use (the preview's check; nothing is written, no mail is sent)."""
+    problems = sink_problems(config)
+    if config.metrics_file and write_problem(config.metrics_file):
+        problems.append("cannot write metrics_file %s: %s"
+                        % (config.metrics_file, write_problem(config.metrics_file)))
+    return problems
 
 
 def write_run_metrics(config, record):

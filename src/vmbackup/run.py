@@ -15,7 +15,7 @@ from vmbackup.backup import (
     run_note)
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
 from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
-from vmbackup.notify import send_reports
+from vmbackup.notify import report_problems, send_reports
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
@@ -162,6 +162,8 @@ def preview(config, endpoint, password, json_target=None):
         found = preview_pool(config, endpoint, password, record)
     except VmBackupError as exc:
         record.cannot_start = record.cannot_start or str(exc)
+    for problem in report_problems(config):
+        record.log.warning("%s", problem)
     outcome = record.outcome()
     data = preview_data(config, outcome, found)
     if json_target:
