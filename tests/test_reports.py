@@ -642,13 +642,23 @@ def test_the_mail_groups_problems_by_unit_failures_first(problems, groups):
     assert [(u, len(found)) for u, found in vmbackup.problem_groups(problems)] == groups
 
 
+def test_credentials_in_a_refused_server_url_stay_out_of_the_mail(tmp_path, smtp):
+    inbox, port = smtp()
+    out = run_vmbackup("-c", mail_config(tmp_path, port), "-e", "web01", "-d", tmp_path,
+                       "--server", "http://root:s3cret@127.0.0.1:9/", exit_code=2)
+    (msg,) = inbox.messages
+    assert msg["Subject"] == "[vmbackup] ERROR 127.0.0.1:9: S:0 W:0 E:1"
+    assert "s3cret" not in out and "s3cret" not in msg.as_string()
+
+
 @pytest.mark.parametrize("server, record_pool, expected", [
     ("https://pool-master.example.org/", None, "pool-master.example.org"),
     ("http://127.0.0.1:8080", None, "127.0.0.1:8080"),
     ("unix:/var/lib/xcp/xapi", None, socket.gethostname()),
     (None, None, socket.gethostname()),
     ("https://pool-master.example.org", "demo-pool", "demo-pool"),
-], ids=["https", "http-port", "local-socket", "this-host", "pool-read"])
+    ("http://root:xenroot@127.0.0.1:8080/", None, "127.0.0.1:8080"),
+], ids=["https", "http-port", "local-socket", "this-host", "pool-read", "refused-credentials"])
 def test_the_subject_names_the_pool(server, record_pool, expected):
     config = vmbackup.build_config(None, {"server": server})
     assert vmbackup.pool_name(config, record_pool) == expected

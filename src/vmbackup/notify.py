@@ -61,7 +61,8 @@ def pool_name(config, record_pool):
     server = config.server or ""
     if "://" not in server:     # this host's xapi (none, or unix:/path)
         return socket.gethostname()
-    return server.split("://", 1)[1].split("/", 1)[0] or socket.gethostname()
+    host = server.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]   # never user:password
+    return host or socket.gethostname()
 
 
 def mail_subject(prefix, outcome, pool):
