@@ -500,6 +500,17 @@ def test_log_file_is_appended(sim_pool, api, backup_dir, tmp_path):
     assert text.startswith("an older line\n") and text.count("INFO done: S:1 W:0 E:0, exit 0") == 2
 
 
+def test_the_log_file_says_why_a_run_could_not_start(sim_pool, api, tmp_path):
+    """The cron form (-q --log-file): the file has the error line stderr shows, not just the mail."""
+    log_file, missing = tmp_path / "vmbackup.log", tmp_path / "not-mounted"
+    out = run_vmbackup("-q", *api(sim_pool), "-d", missing, "--log-file", log_file, "-e", "PRD-print7",
+                       exit_code=2)
+    reason = "backup_dir=%s (command line): the folder does not exist" % missing
+    assert out == "vmbackup.py: error: %s\n" % reason
+    (line,) = log_file.read_text().splitlines()
+    assert line.endswith(" ERROR " + reason)
+
+
 def test_syslog_over_udp_names_the_host(sim_pool, api, backup_dir, tmp_path):
     syslog = SyslogSocket(socket.AF_INET, ("127.0.0.1", 0))
     run_vmbackup(*api(sim_pool), "-d", backup_dir, "-e", "PRD-print7", "--syslog", "-c",

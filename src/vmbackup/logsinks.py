@@ -15,7 +15,7 @@ import logging
 import os
 import socket
 
-from vmbackup.errors import log
+from vmbackup.errors import VmBackupError, log
 
 
 #: syslog facilities by name (RFC 3164 section 4.1.1).
@@ -170,6 +170,13 @@ def log_sinks(config):
         log.addHandler(handler)
     try:
         yield lines
+    except VmBackupError as exc:
+        # a run that could not start: stderr gets its reason after the block, the log file
+        # and syslog get it here (the mail has it already)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (str(exc),), None)
+        for handler in handlers[1:]:
+            handler.handle(record)
+        raise
     finally:
         for handler in handlers:
             log.removeHandler(handler)
