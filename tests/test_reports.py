@@ -359,6 +359,24 @@ def test_a_run_that_cannot_start_still_mails_and_writes_its_metrics(tmp_path, sm
     assert not [n for (n, _) in found if n.startswith("vmbackup_vm_")]
 
 
+def test_a_password_file_others_can_read_stops_the_run_and_still_reports(tmp_path, smtp):
+    """Its settings were read: the mail, the metrics file and the log file say why."""
+    inbox, port = smtp()
+    pw, metrics, log_file = tmp_path / "xapi.pw", tmp_path / "vmbackup.prom", tmp_path / "v.log"
+    pw.write_text("secret\n")
+    pw.chmod(0o644)
+    out = run_vmbackup("-c", mail_config(tmp_path, port), "-e", "web01", "-d", tmp_path, "-q",
+                       "--server", "http://127.0.0.1:9/", "--password-file", pw,
+                       "--metrics-file", metrics, "--log-file", log_file, exit_code=2)
+    reason = "password file %s is readable by other users (mode 644); run: chmod 600 %s" % (pw, pw)
+    assert out == "vmbackup.py: error: %s\n" % reason
+    (msg,) = inbox.messages
+    assert msg["Subject"] == "[vmbackup] ERROR 127.0.0.1:9: S:0 W:0 E:1"
+    assert reason in msg.get_content()
+    assert value(samples(metrics), "vmbackup_last_run_exit_code") == 2
+    assert log_file.read_text().splitlines()[-1].endswith(" ERROR " + reason)
+
+
 # -- a mail that cannot be sent: one warning, nothing else changes ------------------------
 
 def warned_run(sim_pool, api, backup_dir, tmp_path, config, code=1):
