@@ -69,6 +69,26 @@ def test_by_hand_block_runs_as_written(sim_pool, tmp_path):
     assert "web01" in restore
 
 
+def test_install_block_runs_on_a_fresh_host(tmp_path):
+    """The install steps, with / moved into tmp_path: nothing assumes a folder is there."""
+    lines = block_after("## Install on a pool host")
+    root = tmp_path / "root"
+    bin_dir = root / "usr/local/bin"
+    bin_dir.mkdir(parents=True)
+    env = dict(os.environ, PATH=str(bin_dir) + os.pathsep + os.path.dirname(sys.executable)
+               + os.pathsep + os.environ["PATH"])
+    outputs = []
+    for line in lines:
+        line = re.sub(r"(?<![\w.])/(usr|etc)/", str(root) + r"/\1/", line)
+        rc, out = shell(line, ROOT, env)
+        outputs.append((line, rc, out))
+    (_, rc, out) = outputs[0]
+    assert rc == 0, out
+    assert all(rc == 0 for (_, rc, _) in outputs[:-1]), outputs
+    # the printed config selects nothing until its selectors are uncommented, and says so
+    assert outputs[-1][1] == 2 and "selects nothing" in outputs[-1][2], outputs[-1]
+
+
 @pytest.fixture
 def rules(tmp_path):
     path = tmp_path / "rules.yml"
