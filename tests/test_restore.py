@@ -217,6 +217,36 @@ def test_metadata_only_backup_cannot_be_restored(sim_pool, api, backup_dir):
     assert "metadata-only backup: there is no disk to restore" in out
 
 
+def test_a_vm_folder_restores_its_newest_data_backup_past_hourly_metadata(sim_pool, api, backup_dir):
+    """README's weekly .xva and hourly -m on one backup_dir: `restore VM_FOLDER` takes the
+    newest backup with disks, not the metadata-only backup of the last hour."""
+    args = api(sim_pool)
+    run_vmbackup(*args, "-e", "web01", "-d", backup_dir)
+    (data,) = os.listdir(str(backup_dir / "web01"))
+    run_vmbackup(*args, "-m", "web01", "-d", backup_dir)
+    vm_dir = os.path.join(str(backup_dir), "web01")
+    out = run_vmbackup("restore", vm_dir, *args, "--preview")
+    assert "restoring from %s (the newest complete backup with disks in %s: newer ones are " \
+        "metadata-only)" % (os.path.join(vm_dir, data), vm_dir) in out
+    assert "would restore" in out and "web01.xva" in out
+
+
+def test_a_bad_backup_names_an_older_backup_with_disks_not_a_metadata_only_one(sim_pool, api,
+                                                                               backup_dir):
+    args = api(sim_pool)
+    vm_dir = os.path.join(str(backup_dir), "web01")
+    run_vmbackup(*args, "-e", "web01", "-d", backup_dir)
+    (older,) = os.listdir(vm_dir)
+    run_vmbackup(*args, "-m", "web01", "-d", backup_dir)
+    run_vmbackup(*args, "-e", "web01", "-d", backup_dir)
+    newest = max(os.listdir(vm_dir))
+    with open(os.path.join(vm_dir, newest, "web01.xva"), "r+b") as handle:
+        handle.seek(4096)
+        handle.write(b"X")
+    out = run_vmbackup("restore", vm_dir, *args, exit_code=2)
+    assert "the newest good backup is %s:" % os.path.join(vm_dir, older) in out
+
+
 def test_attach_to_checks_the_devices_are_free_in_the_preview_too(sim_pool, transport,
                                                                   backup_dir):
     args = transport(sim_pool)

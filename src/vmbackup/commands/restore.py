@@ -26,12 +26,25 @@ from vmbackup.xapi import login, parse_endpoint
 
 
 def newest_complete(vm_dir):
-    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none."""
+    """Return the newest complete BackupFolder of a VM folder that has disks to restore,
+    passing over newer metadata-only backups (an hourly -m beside a weekly export), else the
+    newest complete one; raise RestoreError if none."""
     store = LocalStore(os.path.dirname(vm_dir))
-    for backup in reversed(store.backups(os.path.basename(vm_dir))):
-        if backup.complete:
-            return backup
-    raise RestoreError("%s holds no complete backup" % vm_dir)
+    complete = [b for b in reversed(store.backups(os.path.basename(vm_dir))) if b.complete]
+    if not complete:
+        raise RestoreError("%s holds no complete backup" % vm_dir)
+    return next((b for b in complete if b.mode != "meta-export"), complete[0])
+
+
+def how_chosen(path, backup):
+    """Return why `backup` is the one restored from `path`, for the log line."""
+    if path == backup.path:
+        return "as named"
+    store = LocalStore(os.path.dirname(path))
+    newest = [b for b in store.backups(os.path.basename(path)) if b.complete][-1]
+    if newest.path == backup.path:
+        return "the newest complete backup in %s" % path
+    return "the newest complete backup with disks in %s: newer ones are metadata-only" % path
 
 
 def resolve_backup(path):
@@ -182,13 +195,13 @@ def attach_conflicts(items, target_name, vbds):
 
 
 def older_good_backup(backup):
-    """Return the newest complete backup older than `backup` in its VM folder that
-    verifies (good or unchecked), or None."""
+    """Return the newest complete backup with disks (not metadata-only) older than `backup`
+    in its VM folder that verifies (good or unchecked), or None."""
     vm_dir = os.path.dirname(os.path.abspath(backup.path))
     store = LocalStore(os.path.dirname(vm_dir))
     for older in reversed(store.backups(os.path.basename(vm_dir))):
-        if older.complete and older.when and backup.when and older.when < backup.when \
-                and check_backup(older).status in ("good", "unchecked"):
+        if older.complete and older.mode != "meta-export" and older.when and backup.when \
+                and older.when < backup.when and check_backup(older).status in ("good", "unchecked"):
             return older
     return None
 
@@ -327,9 +340,7 @@ def cmd_restore(argv):
     config, password = load_config(settings_from_args(args))
     backup = resolve_backup(args.backup)
     folder = backup.path
-    log.info("restoring from %s (%s)", folder, "the newest complete backup in %s"
-             % os.path.abspath(args.backup) if os.path.abspath(args.backup) != folder
-             else "as named")
+    log.info("restoring from %s (%s)", folder, how_chosen(os.path.abspath(args.backup), backup))
     check = check_backup(backup)
     if check.status in ("bad", "incomplete"):
         refuse_bad_backup(backup, check)
