@@ -1451,8 +1451,9 @@ def connect_info(info, allow_insecure=False, timeout=60.0):
 # Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names; the backup
 # folder model (BackupFolder, read_backup_folder) and its rules, each written once:
 # is_complete (is this folder a finished backup?), file_kind (is this file an XVA?),
-# legacy_root_disk and legacy_disk_files (which DISK-* does a NAUbackup disk file hold?); MANIFEST and the success
-# markers, read_manifest/read_cfg/manifest_text; the Store interface and LocalStore; RunLock;
+# legacy_root_disk and legacy_disk_files (which DISK-* does a NAUbackup disk file hold?),
+# backup_vm_uuid and group_by_vm (whose backups does a VM folder hold?); MANIFEST and the
+# success markers, read_manifest/read_cfg/manifest_text; the Store interface and LocalStore; RunLock;
 # check_backup_dir/check_space/log_df, folder_size.
 # Imports: errors, util.
 
@@ -1689,6 +1690,25 @@ class BackupFolder(typing.NamedTuple):
     def names_of(self, kind):
         """Return the names of this backup's files of `kind` (xva, vhd, raw, metadata)."""
         return [f.name for f in self.files if f.kind == kind]
+
+
+def backup_vm_uuid(backup):
+    """Return the uuid of the VM a BackupFolder's manifest names, or None (legacy, damaged)."""
+    return ((backup.manifest or {}).get("vm") or {}).get("uuid")
+
+
+def group_by_vm(backups):
+    """Return the BackupFolders `backups` split by the VM their manifests name, in the order
+    each VM first appears (pure): one VM folder may hold two VMs' backups (their names made
+    one folder). Backups that name no VM (legacy, damaged, unfinished) join the one VM when
+    there is one, else form a group of their own."""
+    groups = collections.OrderedDict()    # Python 3.6: a dict's order is not promised
+    for backup in backups:
+        groups.setdefault(backup_vm_uuid(backup), []).append(backup)
+    named = [g for uuid, g in groups.items() if uuid is not None]
+    if len(named) == 1 and None in groups:
+        return [list(backups)]
+    return list(groups.values())
 
 
 def read_cfg(path):
@@ -5866,7 +5886,7 @@ def verify_exit_code(results):
 # retention_group and in_retention (which folders one VM's retention may count and delete),
 # plan_vm_retention (the one plan the run, pre_clean and --preview share), retention_steps
 # (delta-export chains: merge, never delete what a kept point needs), prune_vm_backups,
-# prune_dated_files.
+# plan_dated_retention, prune_dated_files.
 # Imports: errors, store, chain.
 
 class Keep(typing.NamedTuple):
@@ -5976,7 +5996,7 @@ def in_retention(folder, mode, uuid):
     """
     same = mode is None or retention_group(folder.mode) == retention_group(mode)
     if folder.manifest is not None:
-        owner = (folder.manifest.get("vm") or {}).get("uuid")
+        owner = backup_vm_uuid(folder)
         return same and (uuid is None or owner in (None, uuid))
     if folder.legacy:
         return same
@@ -6047,10 +6067,20 @@ def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None
     return deleted
 
 
+def plan_dated_retention(names, keep, incoming=None):
+    """Return the pool_db_/host_ file names to delete among `names`, the `keep` newest kept
+    (pure); with `incoming`, a datetime, as if the file a run is about to write stood beside
+    them (--preview)."""
+    entries = [(name, parse_dated_file(name), True) for name in names]
+    if incoming is not None:
+        entries.append((None, incoming, True))
+    return plan_retention(entries, keep)
+
+
 def prune_dated_files(store, folder, keep):
     """Delete the oldest pool_db_/host_ files in `store`'s `folder` beyond `keep`; return their names."""
     paths = {os.path.basename(p): p for p in store.dated_files(folder)}
-    doomed = plan_retention([(n, parse_dated_file(n), True) for n in paths], keep)
+    doomed = plan_dated_retention(paths, keep)
     for name in doomed:
         log.info("retention: deleting %s", os.path.join(folder, name))
         store.delete(paths[name])
@@ -6755,10 +6785,20 @@ def backup_dated_file(ctx, folder_name, file_name, what, fetch):
         return VmResult(what, "", "pool", "error", None, 0, time.monotonic() - began, str(exc))
 
 
+def pool_db_folder(view):
+    """Return the folder name of the pool database dumps: METADATA_<master's hostname>."""
+    return "METADATA_" + (view.master.get("hostname") or view.master.get("name_label", "master"))
+
+
+def host_folder(ref, host):
+    """Return (folder name, host name) of a host's dom0 backups: HOST_<hostname>."""
+    name = host.get("hostname") or host.get("name_label", ref)
+    return "HOST_" + name, name
+
+
 def backup_pool_db(ctx, moment):
     """Dump the pool database to METADATA_<master>/pool_db_<stamp>.dump."""
-    master = ctx.view.master.get("hostname") or ctx.view.master.get("name_label", "master")
-    return backup_dated_file(ctx, "METADATA_" + master,
+    return backup_dated_file(ctx, pool_db_folder(ctx.view),
                              "pool_db_%s.dump" % moment.strftime("%Y%m%d-%H%M%S"),
                              "pool database", ctx.transport.dump_pool_db)
 
@@ -6767,9 +6807,9 @@ def backup_hosts(ctx, moment):
     """Back up every host's dom0 to HOST_<hostname>/host_<stamp>.xbk (one request per host)."""
     results = []
     for ref, host in sorted(ctx.view.hosts.items(), key=lambda item: item[1].get("name_label", "")):
-        name = host.get("hostname") or host.get("name_label", ref)
+        folder, name = host_folder(ref, host)
         results.append(backup_dated_file(
-            ctx, "HOST_" + name, "host_%s.xbk" % moment.strftime("%Y%m%d-%H%M%S"),
+            ctx, folder, "host_%s.xbk" % moment.strftime("%Y%m%d-%H%M%S"),
             "host backup of %s" % name, lambda tmp, h=host: ctx.transport.backup_host(h, tmp)))
     return results
 
@@ -6976,7 +7016,9 @@ def diff_inputs(paths):
         raise UsageError("%s: no such folder" % folder)
     vm_dir = os.path.abspath(folder)
     store = LocalStore(os.path.dirname(vm_dir))
-    found = [b.path for b in store.backups(os.path.basename(vm_dir)) if METADATA_FILE in b.entries]
+    backups = [b for b in store.backups(os.path.basename(vm_dir)) if METADATA_FILE in b.entries]
+    # the newest backup's VM only: a folder may hold two VMs' backups (store.group_by_vm)
+    found = [b.path for b in next((g for g in group_by_vm(backups) if g[-1] is backups[-1]), [])]
     if len(found) < 2:
         raise UsageError("%s: %d backup%s with %s; diff needs two"
                          % (folder, len(found), "" if len(found) == 1 else "s", METADATA_FILE))
@@ -7054,10 +7096,11 @@ def chain_line(disk):
 
 
 class VmListing(typing.NamedTuple):
-    """One VM folder's backups, newest first."""
+    """One VM's backups in its folder, newest first (a folder may hold two VMs': store.group_by_vm)."""
     name: str
     folder: str
     backups: typing.Tuple[BackupSummary, ...]
+    uuid: typing.Optional[str] = None       # the VM's, from the manifests; None: not recorded
 
     def counts(self):
         """Return (complete, incomplete): the backups that can be restored, and the others."""
@@ -7065,9 +7108,10 @@ class VmListing(typing.NamedTuple):
         return complete, len(self.backups) - complete
 
     def to_json(self):
-        """Return {"name", "folder", "complete", "incomplete", "backups": [...]}."""
+        """Return {"name", "folder", "uuid", "complete", "incomplete", "backups": [...]}."""
         complete, incomplete = self.counts()
         return collections.OrderedDict([("name", self.name), ("folder", self.folder),
+                                        ("uuid", self.uuid),
                                         ("complete", complete), ("incomplete", incomplete),
                                         ("backups", [b.to_json() for b in self.backups])])
 
@@ -7134,11 +7178,14 @@ def scan_backup_dir(root, pattern=None):
     store = LocalStore(root)
     vms, dated = [], {"pool_db": [], "hosts": []}
     for name in store.vm_folders():
-        backups = tuple(backup_summary(store, b) for b in reversed(store.backups(name)))
-        if backups:
+        folders = list(reversed(store.backups(name)))
+        for group in group_by_vm(folders):   # one listing per VM, whatever folder they share
+            backups = tuple(backup_summary(store, b) for b in group)
             vm_name = next((b.vm_name for b in backups if b.vm_name), name)
             if not selector or selector.matches(vm_name) or selector.matches(name):
-                vms.append(VmListing(vm_name, name, backups))
+                uuid = next((backup_vm_uuid(b) for b in group if backup_vm_uuid(b)), None)
+                vms.append(VmListing(vm_name, name, backups, uuid))
+        if folders:
             continue
         for path in reversed(store.dated_files(name)):
             file = os.path.basename(path)
@@ -7153,9 +7200,13 @@ def format_list(data):
     """Return the human table of a Listing."""
     out = ["backup_dir %s" % data.backup_dir]
     row = "  %-19s  %-12s %5s  %8s  %-10s  %s"
+    shared = collections.Counter(vm.folder for vm in data.vms)
     for vm in data.vms:
         shown = printable(vm.name)
-        if vm.folder != vm.name:
+        if shared[vm.folder] > 1:
+            shown += "  (folder %s, shared with another VM; uuid %s)" % (printable(vm.folder),
+                                                                       vm.uuid or "not recorded")
+        elif vm.folder != vm.name:
             shown += "  (folder %s)" % printable(vm.folder)
         complete, incomplete = vm.counts()
         out += ["", "%s: %d complete backup%s%s" % (shown, complete, "" if complete == 1 else "s",
@@ -7226,12 +7277,21 @@ def cmd_list(argv):
 # Imports: everything below commands, and commands.options.
 
 def newest_complete(vm_dir):
-    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none."""
+    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none, or
+    if the folder holds more than one VM's backups (their names made one folder): then the
+    message names the newest backup of each, to restore by its path."""
     store = LocalStore(os.path.dirname(vm_dir))
-    for backup in reversed(store.backups(os.path.basename(vm_dir))):
-        if backup.complete:
-            return backup
-    raise RestoreError("%s holds no complete backup" % vm_dir)
+    complete = [b for b in reversed(store.backups(os.path.basename(vm_dir))) if b.complete]
+    if not complete:
+        raise RestoreError("%s holds no complete backup" % vm_dir)
+    groups = group_by_vm(complete)
+    if len(groups) > 1:
+        raise RestoreError("%s holds the backups of %d VMs (their names make one folder); "
+                           "restore one by its backup folder: %s" % (
+                               vm_dir, len(groups), "; ".join(
+                                   "%s [%s]: %s" % (printable(g[0].vm), backup_vm_uuid(g[0]) or
+                                                    "uuid not recorded", g[0].path) for g in groups)))
+    return complete[0]
 
 
 def resolve_backup(path):
@@ -8475,7 +8535,7 @@ def test_mail(config):
 # The whole backup run, as a list of named steps; and the preview, the same run without side effects.
 #
 # Owns: run_backup, back_up_everything, select_for_run, report_run, report_cannot_start,
-# preview (and what it plans: planned_deletions, planned_destroys).
+# preview (and what it plans: planned_deletions, planned_dated_deletions, planned_destroys).
 # Imports: everything below it.
 
 def run_backup(config, endpoint, password, inv):
@@ -8638,7 +8698,8 @@ def preview_pool(config, endpoint, password, record):
     if config.host_backup:
         record.results.extend(VmResult("host backup of %s" % (h.get("hostname") or ref), "",
                                        "pool", "success") for ref, h in view.hosts.items())
-    deletions = planned_deletions(config, plans) if not record.cannot_start else ()
+    deletions = () if record.cannot_start else \
+        planned_deletions(config, plans) + planned_dated_deletions(config, view)
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
 
 
@@ -8656,6 +8717,20 @@ def planned_deletions(config, plans, now=None):
         doomed = plan_vm_retention(folders, keep_for(config, vm), vm.mode, vm.uuid, incoming=now)
         found.extend((folder, step.describe()) for step in retention_steps(
             folders, doomed, vm.mode, vm.uuid, incoming_point(folders, vm.mode, now)))
+    return tuple(found)
+
+
+def planned_dated_deletions(config, view, now=None):
+    """Return [(folder, file name)] of the pool database dumps and host backups retention
+    would delete after the run writes its own (retention.plan_dated_retention)."""
+    store, found = LocalStore(config.backup_dir), []
+    now = now or datetime.datetime.now().replace(microsecond=0)
+    folders = [pool_db_folder(view)] if config.pool_db_backup else []
+    if config.host_backup:
+        folders += [host_folder(ref, host)[0] for ref, host in sorted(view.hosts.items())]
+    for folder in map(safe_dirname, folders):
+        names = [os.path.basename(p) for p in store.dated_files(folder)]
+        found.extend((folder, name) for name in plan_dated_retention(names, config.max_backups, now))
     return tuple(found)
 
 

@@ -5,7 +5,7 @@ keep_daily/weekly/monthly/yearly), gfs_kept and plan_retention (pure, table-test
 retention_group and in_retention (which folders one VM's retention may count and delete),
 plan_vm_retention (the one plan the run, pre_clean and --preview share), retention_steps
 (delta-export chains: merge, never delete what a kept point needs), prune_vm_backups,
-prune_dated_files.
+plan_dated_retention, prune_dated_files.
 Imports: errors, store, chain.
 """
 
@@ -14,7 +14,7 @@ import typing
 
 from vmbackup.chain import chain_point, finish_merges, merge_points, plan_chain_retention
 from vmbackup.errors import ChainBroken, log
-from vmbackup.store import SUCCESS_MARKER, parse_dated_file
+from vmbackup.store import SUCCESS_MARKER, backup_vm_uuid, parse_dated_file
 
 
 class Keep(typing.NamedTuple):
@@ -124,7 +124,7 @@ def in_retention(folder, mode, uuid):
     """
     same = mode is None or retention_group(folder.mode) == retention_group(mode)
     if folder.manifest is not None:
-        owner = (folder.manifest.get("vm") or {}).get("uuid")
+        owner = backup_vm_uuid(folder)
         return same and (uuid is None or owner in (None, uuid))
     if folder.legacy:
         return same
@@ -195,10 +195,20 @@ def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None
     return deleted
 
 
+def plan_dated_retention(names, keep, incoming=None):
+    """Return the pool_db_/host_ file names to delete among `names`, the `keep` newest kept
+    (pure); with `incoming`, a datetime, as if the file a run is about to write stood beside
+    them (--preview)."""
+    entries = [(name, parse_dated_file(name), True) for name in names]
+    if incoming is not None:
+        entries.append((None, incoming, True))
+    return plan_retention(entries, keep)
+
+
 def prune_dated_files(store, folder, keep):
     """Delete the oldest pool_db_/host_ files in `store`'s `folder` beyond `keep`; return their names."""
     paths = {os.path.basename(p): p for p in store.dated_files(folder)}
-    doomed = plan_retention([(n, parse_dated_file(n), True) for n in paths], keep)
+    doomed = plan_dated_retention(paths, keep)
     for name in doomed:
         log.info("retention: deleting %s", os.path.join(folder, name))
         store.delete(paths[name])

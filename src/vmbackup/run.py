@@ -1,7 +1,7 @@
 """The whole backup run, as a list of named steps; and the preview, the same run without side effects.
 
 Owns: run_backup, back_up_everything, select_for_run, report_run, report_cannot_start,
-preview (and what it plans: planned_deletions, planned_destroys).
+preview (and what it plans: planned_deletions, planned_dated_deletions, planned_destroys).
 Imports: everything below it.
 """
 
@@ -11,8 +11,8 @@ import os
 import sys
 
 from vmbackup.backup import (
-    Context, backup_hosts, backup_pool_db, backup_vm_safely, estimate_size, last_backup_bytes,
-    run_note)
+    Context, backup_hosts, backup_pool_db, backup_vm_safely, estimate_size, host_folder,
+    last_backup_bytes, pool_db_folder, run_note)
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
 from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
 from vmbackup.notify import report_problems, send_reports
@@ -20,7 +20,7 @@ from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
 from vmbackup.chain import incoming_point
-from vmbackup.retention import keep_for, plan_vm_retention, retention_steps
+from vmbackup.retention import keep_for, plan_dated_retention, plan_vm_retention, retention_steps
 from vmbackup.selection import plan_vm, read_pool, select_vms, wanted_by
 from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
@@ -193,7 +193,8 @@ def preview_pool(config, endpoint, password, record):
     if config.host_backup:
         record.results.extend(VmResult("host backup of %s" % (h.get("hostname") or ref), "",
                                        "pool", "success") for ref, h in view.hosts.items())
-    deletions = planned_deletions(config, plans) if not record.cannot_start else ()
+    deletions = () if record.cannot_start else \
+        planned_deletions(config, plans) + planned_dated_deletions(config, view)
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
 
 
@@ -225,6 +226,20 @@ def planned_deletions(config, plans, now=None):
         doomed = plan_vm_retention(folders, keep_for(config, vm), vm.mode, vm.uuid, incoming=now)
         found.extend((folder, step.describe()) for step in retention_steps(
             folders, doomed, vm.mode, vm.uuid, incoming_point(folders, vm.mode, now)))
+    return tuple(found)
+
+
+def planned_dated_deletions(config, view, now=None):
+    """Return [(folder, file name)] of the pool database dumps and host backups retention
+    would delete after the run writes its own (retention.plan_dated_retention)."""
+    store, found = LocalStore(config.backup_dir), []
+    now = now or datetime.datetime.now().replace(microsecond=0)
+    folders = [pool_db_folder(view)] if config.pool_db_backup else []
+    if config.host_backup:
+        folders += [host_folder(ref, host)[0] for ref, host in sorted(view.hosts.items())]
+    for folder in map(safe_dirname, folders):
+        names = [os.path.basename(p) for p in store.dated_files(folder)]
+        found.extend((folder, name) for name in plan_dated_retention(names, config.max_backups, now))
     return tuple(found)
 
 

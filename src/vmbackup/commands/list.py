@@ -15,7 +15,7 @@ from vmbackup.check import check_backup
 from vmbackup.config import DEFAULT_BACKUP_DIR, PLAIN_NAME_RE, Selector, read_config_file
 from vmbackup.errors import BackupDirError, EXIT_OK, PROG, UsageError
 from vmbackup.report import write_json
-from vmbackup.store import LocalStore, parse_dated_file
+from vmbackup.store import LocalStore, backup_vm_uuid, group_by_vm, parse_dated_file
 from vmbackup.util import human_size, printable
 
 
@@ -55,10 +55,11 @@ def chain_line(disk):
 
 
 class VmListing(typing.NamedTuple):
-    """One VM folder's backups, newest first."""
+    """One VM's backups in its folder, newest first (a folder may hold two VMs': store.group_by_vm)."""
     name: str
     folder: str
     backups: typing.Tuple[BackupSummary, ...]
+    uuid: typing.Optional[str] = None       # the VM's, from the manifests; None: not recorded
 
     def counts(self):
         """Return (complete, incomplete): the backups that can be restored, and the others."""
@@ -66,9 +67,10 @@ class VmListing(typing.NamedTuple):
         return complete, len(self.backups) - complete
 
     def to_json(self):
-        """Return {"name", "folder", "complete", "incomplete", "backups": [...]}."""
+        """Return {"name", "folder", "uuid", "complete", "incomplete", "backups": [...]}."""
         complete, incomplete = self.counts()
         return collections.OrderedDict([("name", self.name), ("folder", self.folder),
+                                        ("uuid", self.uuid),
                                         ("complete", complete), ("incomplete", incomplete),
                                         ("backups", [b.to_json() for b in self.backups])])
 
@@ -135,11 +137,14 @@ def scan_backup_dir(root, pattern=None):
     store = LocalStore(root)
     vms, dated = [], {"pool_db": [], "hosts": []}
     for name in store.vm_folders():
-        backups = tuple(backup_summary(store, b) for b in reversed(store.backups(name)))
-        if backups:
+        folders = list(reversed(store.backups(name)))
+        for group in group_by_vm(folders):   # one listing per VM, whatever folder they share
+            backups = tuple(backup_summary(store, b) for b in group)
             vm_name = next((b.vm_name for b in backups if b.vm_name), name)
             if not selector or selector.matches(vm_name) or selector.matches(name):
-                vms.append(VmListing(vm_name, name, backups))
+                uuid = next((backup_vm_uuid(b) for b in group if backup_vm_uuid(b)), None)
+                vms.append(VmListing(vm_name, name, backups, uuid))
+        if folders:
             continue
         for path in reversed(store.dated_files(name)):
             file = os.path.basename(path)
@@ -154,9 +159,13 @@ def format_list(data):
     """Return the human table of a Listing."""
     out = ["backup_dir %s" % data.backup_dir]
     row = "  %-19s  %-12s %5s  %8s  %-10s  %s"
+    shared = collections.Counter(vm.folder for vm in data.vms)
     for vm in data.vms:
         shown = printable(vm.name)
-        if vm.folder != vm.name:
+        if shared[vm.folder] > 1:
+            shown += "  (folder %s, shared with another VM; uuid %s)" % (printable(vm.folder),
+                                                                       vm.uuid or "not recorded")
+        elif vm.folder != vm.name:
             shown += "  (folder %s)" % printable(vm.folder)
         complete, incomplete = vm.counts()
         out += ["", "%s: %d complete backup%s%s" % (shown, complete, "" if complete == 1 else "s",
