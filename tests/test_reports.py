@@ -438,6 +438,20 @@ def test_no_password_is_sent_unencrypted_to_another_host(tmp_path):
         vmbackup.send_mail(config, vmbackup.build_mail(config, "s", "b"))
 
 
+@pytest.mark.parametrize("mail_on, code", [("always", 1), ("error", 0)], ids=["mailed", "not-mailed"])
+def test_the_preview_warns_of_mail_settings_the_run_would_refuse(sim_pool, api, backup_dir,
+                                                                 tmp_path, mail_on, code):
+    """The SMTP password would cross the network in clear: the run warns when it mails."""
+    cfg = write(tmp_path / "m.cfg", "mail_to=a@example.org\nsmtp_server=mail.example.org\n"
+                                    "smtp_username=u\nmail_on=%s\n" % mail_on)
+    args = api(sim_pool) + ["-c", cfg, "-d", backup_dir, "-e", "PRD-print7"]
+    preview = run_vmbackup(*args, "--preview", "--json", tmp_path / "preview.json", exit_code=code)
+    run_vmbackup(*args, "--json", tmp_path / "run.json", exit_code=code)
+    warnings = json.loads((tmp_path / "run.json").read_text())["warnings"]
+    assert json.loads((tmp_path / "preview.json").read_text())["warnings"] == warnings
+    assert ("not sending the SMTP password unencrypted to mail.example.org" in preview) == (code == 1)
+
+
 # -- implicit TLS, non-ASCII names -------------------------------------------------------
 
 def test_ssl_and_non_ascii_names_in_subject_and_body(transport, backup_dir, tmp_path, smtp, certs):

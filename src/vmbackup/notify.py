@@ -21,7 +21,7 @@ import time
 
 from vmbackup import __version__
 from vmbackup.config import read_password_file
-from vmbackup.errors import EXIT_OK, PROG, VmBackupError, log
+from vmbackup.errors import EXIT_OK, EXIT_WARNING, PROG, VmBackupError, log
 from vmbackup.logsinks import run_lines, sink_problems, write_problem
 from vmbackup.metrics import backup_history, metrics_text, write_metrics
 from vmbackup.report import exit_code_for, status_word, tally
@@ -270,19 +270,25 @@ def failure_text(config, exc):
     return "%s: %s" % (where, one_line(getattr(exc, "strerror", None) or exc))
 
 
-def send_mail(config, msg, sleep=time.sleep):
-    """Send `msg` through smtp_server, trying MAIL_TRIES times; raise MailFailed."""
+def smtp_password(config):
+    """Return the SMTP password the settings give (None: no AUTH); raise MailFailed when
+    they forbid sending it (in clear to another host, a file others can read)."""
     to = ", ".join(config.mail_to or ())
-    password = None
     try:
         if config.smtp_username:
             if config.smtp_security == "none" and not is_loopback(config.smtp_server):
                 raise MailFailed(to, "not sending the SMTP password unencrypted to %s: set "
                                      "smtp_security=starttls or ssl" % config.smtp_server)
             if config.smtp_password_file:
-                password = read_password_file(config.smtp_password_file)
+                return read_password_file(config.smtp_password_file)
     except VmBackupError as exc:
         raise MailFailed(to, str(exc)) if not isinstance(exc, MailFailed) else exc
+    return None
+
+
+def send_mail(config, msg, sleep=time.sleep):
+    """Send `msg` through smtp_server, trying MAIL_TRIES times; raise MailFailed."""
+    to, password = ", ".join(config.mail_to or ()), smtp_password(config)
     for attempt in range(1, MAIL_TRIES + 1):
         try:
             smtp = smtp_connect(config, password)
@@ -350,13 +356,19 @@ def send_reports(config, record):
         write_run_metrics(config, record)
 
 
-def report_problems(config):
-    """Return the warnings a run with `config` would get from a log file, syslog socket or
-    metrics file it cannot use (the preview's check; nothing is written, no mail is sent)."""
+def report_problems(config, code):
+    """Return the warnings a run with `config` ending with exit `code` would get from a log
+    file, syslog socket or metrics file it cannot use, or mail settings it refuses (the
+    preview's check; nothing is written, no mail is sent)."""
     problems = sink_problems(config)
     if config.metrics_file and write_problem(config.metrics_file):
         problems.append("cannot write metrics_file %s: %s"
                         % (config.metrics_file, write_problem(config.metrics_file)))
+    if config.mail_to and mail_wanted(config.mail_on, max(code, EXIT_WARNING if problems else 0)):
+        try:
+            smtp_password(config)
+        except MailFailed as exc:
+            problems.append(str(exc))
     return problems
 
 

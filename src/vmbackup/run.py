@@ -162,7 +162,7 @@ def preview(config, endpoint, password, json_target=None):
         found = preview_pool(config, endpoint, password, record)
     except VmBackupError as exc:
         record.cannot_start = record.cannot_start or str(exc)
-    for problem in report_problems(config):
+    for problem in report_problems(config, exit_code_for(record.outcome())):
         record.log.warning("%s", problem)
     outcome = record.outcome()
     data = preview_data(config, outcome, found)
