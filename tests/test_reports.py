@@ -694,6 +694,22 @@ def test_credentials_in_a_refused_server_url_stay_out_of_the_mail(tmp_path, smtp
     assert "s3cret" not in out and "s3cret" not in msg.as_string()
 
 
+@pytest.mark.parametrize("config_file, expected", [
+    ("/etc/vmbackup/week end.cfg",
+     ["  vmbackup.py list -d '/srv/my backups'",
+      "  vmbackup.py -c '/etc/vmbackup/week end.cfg' --preview", "  less '/var/log/vm backup.log'"]),
+    (None, ["  vmbackup.py list -d '/srv/my backups'"]),
+], ids=["config-file", "command-line-run"])
+def test_the_mails_commands_work_when_pasted(config_file, expected):
+    """Paths are shell-quoted; a command-line run's preview would need its own arguments."""
+    config = vmbackup.build_config(None, {"backup_dir": "/srv/my backups",
+                                          "log_file": "/var/log/vm backup.log"}, (), config_file)
+    body = vmbackup.mail_body(config, vmbackup.RunRecord().outcome(), "p", [], None)
+    commands = body.split("To see more:\n", 1)[1].splitlines()
+    assert set(expected) <= set(commands)
+    assert [c for c in commands if "--preview" in c] == [c for c in expected if "--preview" in c]
+
+
 @pytest.mark.parametrize("server, record_pool, expected", [
     ("https://pool-master.example.org/", None, "pool-master.example.org"),
     ("http://127.0.0.1:8080", None, "127.0.0.1:8080"),

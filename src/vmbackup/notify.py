@@ -14,6 +14,7 @@ import email.header
 import email.mime.text
 import email.utils
 import os
+import shlex
 import smtplib
 import socket
 import ssl
@@ -147,16 +148,18 @@ def mail_body(config, outcome, pool, lines, space):
         out.append("backup_dir %s: not there, no space to tell." % config.backup_dir)
     out += ["", "To see more:"]
     if config.log_file:
-        out += ["  # this run's log", "  less %s" % config.log_file]
+        out += ["  # this run's log", "  less %s" % shlex.quote(config.log_file)]
     if config.syslog:
         out += ["  # this run's log in the journal",
                 "  journalctl -t vmbackup --since '%s'" % outcome.started]
     if config.status_log and os.path.isdir(os.path.dirname(config.status_log) or "."):
-        out += ["  # the status log (one line per VM and run)", "  tail %s" % config.status_log]
-    run = "%s -c %s" % (PROG, config.config_file) if config.config_file else PROG
+        out += ["  # the status log (one line per VM and run)",
+                "  tail %s" % shlex.quote(config.status_log)]
     out += ["  # every backup in backup_dir, with its status",
-            "  %s list -d %s" % (PROG, config.backup_dir),
-            "  # what the next run would do (changes nothing)", "  %s --preview" % run]
+            "  %s list -d %s" % (PROG, shlex.quote(config.backup_dir))]
+    if config.config_file:      # a command-line run's preview needs that run's arguments
+        out += ["  # what the next run would do (changes nothing)",
+                "  %s -c %s --preview" % (PROG, shlex.quote(config.config_file))]
     return "\n".join(out) + "\n"
 
 
