@@ -1,12 +1,15 @@
 """Restore round trips through the simulated pool, over both transports: what comes back
 is byte for byte what the VM held at snapshot time, and the original is untouched."""
 import datetime
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 import vmbackup
-from conftest import run_vmbackup, session
+from conftest import VMBACKUP, run_vmbackup, session
 
 
 def describe_vm(pool, ref):
@@ -245,6 +248,17 @@ def test_a_bad_backup_names_an_older_backup_with_disks_not_a_metadata_only_one(s
         handle.write(b"X")
     out = run_vmbackup("restore", vm_dir, *args, exit_code=2)
     assert "the newest good backup is %s:" % os.path.join(vm_dir, older) in out
+
+
+def test_restore_json_to_stdout_is_json_alone(sim_pool, api, backup_dir):
+    args = api(sim_pool)
+    run_vmbackup(*args, "-e", "PRD-print7", "-d", backup_dir)
+    proc = subprocess.run([sys.executable, VMBACKUP, "restore", str(backup_dir / "PRD-print7"),
+                           "--json", "-"] + [str(a) for a in args], stdout=subprocess.PIPE,
+                          stderr=subprocess.PIPE, universal_newlines=True)
+    assert proc.returncode == 0, proc.stderr
+    (vm,) = json.loads(proc.stdout)["restored"]
+    assert vm["name"] == "PRD-print7 (restored %s)" % datetime.date.today().isoformat()
 
 
 def test_attach_to_checks_the_devices_are_free_in_the_preview_too(sim_pool, transport,

@@ -405,7 +405,7 @@ def cmd_restore(argv):
             transport.close()
     finally:
         xapi.logout()
-    for entry in done:
+    for entry in done if args.json != "-" else ():     # --json -: stdout is the JSON alone
         sys.stdout.write("restored %s %s %s\n" % (entry["kind"], entry["uuid"], printable(entry["name"])))
     if args.json:
         write_json(args.json, {"restored": done, "backup": folder})
