@@ -253,12 +253,14 @@ def test_a_bad_backup_names_an_older_backup_with_disks_not_a_metadata_only_one(s
 def test_restore_json_to_stdout_is_json_alone(sim_pool, api, backup_dir):
     args = api(sim_pool)
     run_vmbackup(*args, "-e", "PRD-print7", "-d", backup_dir)
-    proc = subprocess.run([sys.executable, VMBACKUP, "restore", str(backup_dir / "PRD-print7"),
-                           "--json", "-"] + [str(a) for a in args], stdout=subprocess.PIPE,
-                          stderr=subprocess.PIPE, universal_newlines=True)
-    assert proc.returncode == 0, proc.stderr
-    (vm,) = json.loads(proc.stdout)["restored"]
-    assert vm["name"] == "PRD-print7 (restored %s)" % datetime.date.today().isoformat()
+    for extra, key in ((["--preview"], "would_restore"), ([], "restored")):
+        proc = subprocess.run([sys.executable, VMBACKUP, "restore", str(backup_dir / "PRD-print7"),
+                               "--json", "-"] + [str(a) for a in args + extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True)
+        assert proc.returncode == 0, proc.stderr
+        (vm,) = json.loads(proc.stdout)[key]
+        assert vm["name"] == "PRD-print7 (restored %s)" % datetime.date.today().isoformat()
 
 
 def test_attach_to_checks_the_devices_are_free_in_the_preview_too(sim_pool, transport,

@@ -382,11 +382,16 @@ def cmd_restore(argv):
             log.info("%s %s -> %s %r on SR %r", "would restore" if args.preview else "restoring",
                      os.path.relpath(item.file, os.path.dirname(os.path.dirname(folder))),
                      "VM" if item.kind == "vm" else "disk", item.name, sr["name_label"])
-        if args.preview:
+        if args.preview and args.json:
+            write_json(args.json, {"preview": True, "backup": folder, "would_restore": [
+                {"kind": item.kind, "name": item.name, "file": item.file, "sr": sr["uuid"]}
+                for item in items]})
+        if args.preview and args.json != "-":
             sys.stdout.write("".join("%s %s -> new %s %r (%s) on SR %r\n" % (
                 "would restore", item.file, "VM" if item.kind == "vm" else "disk", item.name,
                 human_size(item.virtual_size) if item.virtual_size else item.fmt, sr["name_label"])
                 for item in items))
+        if args.preview:
             return EXIT_OK
         transport = make_transport(config, xapi, password)
         try:
