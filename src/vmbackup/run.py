@@ -14,7 +14,8 @@ from vmbackup.backup import (
     Context, backup_hosts, backup_pool_db, backup_vm_safely, estimate_size, host_folder,
     last_backup_bytes, pool_db_folder, run_note)
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
-from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
+from vmbackup.delta import kept_reference
+from vmbackup.leftovers import PoolBeat, chain_references, clean_leftovers, is_leftover
 from vmbackup.notify import report_problems, send_reports
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
@@ -195,7 +196,8 @@ def preview_pool(config, endpoint, password, record):
                                        "pool", "success") for ref, h in view.hosts.items())
     deletions = () if record.cannot_start else \
         planned_deletions(config, plans) + planned_dated_deletions(config, view)
-    return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
+    keep = chain_references(Context(config, None, view, ""))
+    return PreviewPlan(tuple(plans), deletions, planned_destroys(view, keep))
 
 
 def with_space_check(config, plan):
@@ -243,10 +245,12 @@ def planned_dated_deletions(config, view, now=None):
     return tuple(found)
 
 
-def planned_destroys(view):
-    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy."""
+def planned_destroys(view, keep=None):
+    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy (never
+    the references the delta-export chains keep: `keep`, a ChainReferences)."""
     found = [("VM", rec.get("name_label", ""), rec.get("uuid", ""))
              for rec in view.vms.values() if is_leftover(rec)]
     found += [("VDI", rec.get("name_label", ""), rec.get("uuid", ""))
-              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")]
+              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")
+              and not (keep and kept_reference(rec, keep))]
     return tuple(sorted(found))

@@ -57,6 +57,7 @@ CLI_SETTINGS = {
     "log_file": ("log_file", parse_text),
     "syslog": ("syslog", bool),
     "metrics_file": ("metrics_file", parse_text),
+    "full_interval": ("full_interval", lambda v: parse_int(v, 0)),
 }
 
 
