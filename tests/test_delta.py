@@ -749,3 +749,31 @@ def test_restore_of_a_broken_chain_names_no_metadata_only_backup(chain_of):
     out = run_vmbackup("restore", newest, *c.args, "--name", "x", exit_code=2)
     assert "refusing to restore" in out and c.points()[1] not in out, out
     assert "no older backup of this VM verifies" in out
+
+
+def test_two_vms_sharing_a_folder_keep_each_others_references(tmp_path, monkeypatch, backup_dir):
+    """`a/b` and `a_b` make one folder; backed up in different runs, each VM's chain goes
+    on with deltas: neither run takes the other VM's point for its chain's previous one
+    nor destroys the other VM's references."""
+    desc = pools.simple_pool(vms=[{"name": n, "power_state": "Running",
+                                   "disks": [{"size": "4M", "blocks": [0]}]} for n in ("a/b", "a_b")],
+                             nbd={"purpose": "nbd"})
+    pool = xapisim.start_pool(desc, keepalive=0.5)
+    try:
+        args = Connect("api", tmp_path, monkeypatch)(pool)
+        for night in range(2):
+            for name in ("a/b", "a_b"):
+                write_blocks(pool, pool.vm_disks(name)["xvda"], [night + 2])
+                run_vmbackup(*args, "-D", "^%s$:5" % name, "-d", backup_dir, fork=True)
+        methods = {}
+        folder = os.path.join(str(backup_dir), "a_b")
+        for point in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, point, "backup.json")) as f:
+                manifest = json.load(f)
+            methods.setdefault(manifest["vm"]["name"], []).append(
+                manifest["disks"][0]["chain"]["method"])
+        assert methods == {"a/b": ["full", "cbt-nbd"], "a_b": ["full", "cbt-nbd"]}
+        out = run_vmbackup("verify", str(backup_dir))
+        assert "4 good" in out
+    finally:
+        pool.stop()

@@ -245,10 +245,12 @@ def recorded_references(store):
             log.debug("reading %s: %s", vm_folder, exc)
             backup_dir = None       # a chain not read is not known to be gone
             continue
+        newest = {}       # per VM: two VMs whose names make one folder each have a chain
         for point in points:
             chains.update(link.chain_id for link in chain_links(point).values())
-        if points:
-            recorded.update(p.reference_uuid for p in previous_disks(points[-1]).values()
+            newest[(point.manifest.get("vm") or {}).get("uuid")] = point
+        for point in newest.values():
+            recorded.update(p.reference_uuid for p in previous_disks(point).values()
                             if p.reference_uuid)
     return ChainReferences(frozenset(recorded), frozenset(chains), backup_dir)
 
@@ -691,6 +693,9 @@ def drop_old_references(ctx, folder, vlog):
     names = [p.name for p in points]
     if os.path.basename(folder) not in names:
         return
+    owner = (points[names.index(os.path.basename(folder))].manifest.get("vm") or {}).get("uuid")
+    points = delta_points(store, vm_folder, owner)     # not another VM's in the same folder
+    names = [p.name for p in points]
     at = names.index(os.path.basename(folder))
     if at == 0:
         return
