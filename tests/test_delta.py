@@ -777,3 +777,34 @@ def test_two_vms_sharing_a_folder_keep_each_others_references(tmp_path, monkeypa
         assert "4 good" in out
     finally:
         pool.stop()
+
+
+def test_restore_right_after_a_merge_was_killed(chain_of):
+    """A run killed in the middle of a retention merge: restore (before any other run)
+    finishes the merge and restores the point byte for byte instead of refusing it."""
+    import vmbackup
+    c = chain_of(delta_pool())
+    for i in range(3):
+        write_blocks(c.pool, c.disk(), [10 + i])
+        c.run(keep=5)
+    pid = os.fork()
+    if pid == 0:                    # a run's retention, killed at the merge's 6th step
+        steps = []
+
+        def hook(what):
+            steps.append(what)
+            if len(steps) == 6:
+                os.kill(os.getpid(), signal.SIGKILL)
+        vmbackup.MERGE_HOOKS.append(hook)
+        try:
+            vmbackup.prune_vm_backups(vmbackup.LocalStore(c.backup_dir), "db", 2,
+                                      mode="delta-export", uuid=c.manifest()["vm"]["uuid"])
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    assert os.path.exists(os.path.join(c.backup_dir, "db", vmbackup.MERGE_JOURNAL))
+    c.expected = c.expected[1:]
+    c.points = lambda: sorted(os.listdir(os.path.join(c.backup_dir, "db")))[-2:]
+    c.restore_every_point()
+    assert "2 good" in run_vmbackup("verify", c.backup_dir)
