@@ -162,12 +162,20 @@ def test_nbd_unreachable_plan(reference, method, reason):
     ({"uuid": "r3", "other_config": {"vmbackup_chain": "another-store"}}, True),
     ({"uuid": "r4"}, False),
     ({"uuid": "r5", "other_config": {"vmbackup_chain": ""}}, False),
+    ({"uuid": "r6", "other_config": {"vmbackup_chain": "gone", "vmbackup_backup_dir": "/b"}},
+     False),
+    ({"uuid": "r7", "other_config": {"vmbackup_chain": "gone", "vmbackup_backup_dir": "/c"}},
+     True),
 ], ids=["recorded", "our-chain-moved-past-it", "another-backup-dirs-chain",
-        "never-committed-killed-run", "empty-chain-key"])
+        "never-committed-killed-run", "empty-chain-key", "chain-retention-deleted-here",
+        "chain-of-another-backup-dir"])
 def test_kept_reference(record, expected):
     from vmbackup import ChainReferences, kept_reference
-    refs = ChainReferences(frozenset({"r1"}), frozenset({"ours"}))
+    refs = ChainReferences(frozenset({"r1"}), frozenset({"ours"}), "/b")
     assert kept_reference(record, refs) is expected
+    # backup_dir not wholly read: a chain not found may be there, its references stay
+    unread = refs._replace(backup_dir=None)
+    assert kept_reference(record, unread) is (expected or record["uuid"] == "r6")
 
 
 def bitmap(*blocks, nbits=128):
@@ -682,3 +690,121 @@ def test_retention_merges_and_the_chain_goes_on(chain_of):
     c.expected = c.expected[-2:]
     c.check_every_point()
     assert "BAD" not in run_vmbackup("verify", c.backup_dir)
+
+
+def test_references_of_a_chain_retention_deleted_go(chain_of):
+    """Switching a VM from delta-export to vm-export: once retention has deleted the
+    chain's last point, its references (which keep their data without NBD) are leftovers
+    of this backup_dir, not another's, and the next run destroys them; switching back
+    starts a new chain."""
+    c = chain_of(delta_pool("cbt-export"))
+    c.run(keep=2, fork=True)     # runs of their own, over when the preview looks
+    write_blocks(c.pool, c.disk(), [41])
+    c.run(keep=2, fork=True)
+    assert len(c.references()) == 2
+    run_vmbackup(*c.args, "-e", "db:2", "-d", c.backup_dir)
+    assert len(c.references()) == 2          # a delta point is still kept: so are its references
+    run_vmbackup(*c.args, "-e", "db:1", "-d", c.backup_dir)
+    assert [c.manifest(i)["mode"] for i in range(len(c.points()))] == ["vm-export"]
+    leftovers = set(c.references())
+    preview = run_vmbackup(*c.args, "-e", "db:1", "-d", c.backup_dir, "--preview")
+    assert all(uuid in preview for uuid in leftovers), preview
+    out = run_vmbackup(*c.args, "-e", "db:1", "-d", c.backup_dir)
+    assert c.references() == {}, out
+    c.run(keep=1)
+    assert c.manifest()["mode"] == "delta-export" and len(c.points()) == 1
+    assert c.chain()["method"] == "full" and len(c.references()) == 2
+    c.expected = c.expected[-1:]
+    c.check_every_point()
+
+
+def test_a_delta_points_size_is_the_bytes_it_moved(chain_of, tmp_path):
+    """The run's JSON, status log and metrics give a delta point's size as the changed
+    bytes it carries, not the apparent size of its sparse VHD (a whole 2 MiB block per
+    changed 64 KiB range)."""
+    c = chain_of(delta_pool(disks=[{"size": "8M", "blocks": [0]}]))
+    c.run()
+    write_blocks(c.pool, c.disk(), [5])
+    report = tmp_path / "run.json"
+    c.run("--json", report)
+    assert c.chain()["changed_bytes"] == BLOCK
+    folder = os.path.join(c.backup_dir, "db", c.points()[-1])
+    assert os.path.getsize(os.path.join(folder, "xvda.vhd")) > 2 * MIB     # a whole VHD block
+    assert json.loads(report.read_text())["vms"][0]["bytes"] == BLOCK
+
+
+def test_restore_of_a_broken_chain_names_no_metadata_only_backup(chain_of):
+    """A damaged full makes every point of its chain bad: restore refuses and never offers a
+    metadata-only backup (no disk data) as the good one to restore instead."""
+    c = chain_of(delta_pool())
+    c.run()
+    run_vmbackup(*c.args, "-D", "db:5", "-d", c.backup_dir, "--metadata-only")
+    write_blocks(c.pool, c.disk(), [3])
+    c.run()
+    full = os.path.join(c.backup_dir, "db", c.points()[0], "xvda.vhd")
+    with open(full, "r+b") as f:
+        f.seek(4096 + 512)
+        f.write(b"X" * 512)
+    newest = os.path.join(c.backup_dir, "db", c.points()[-1])
+    out = run_vmbackup("restore", newest, *c.args, "--name", "x", exit_code=2)
+    assert "refusing to restore" in out and c.points()[1] not in out, out
+    assert "no older backup of this VM verifies" in out
+
+
+def test_two_vms_sharing_a_folder_keep_each_others_references(tmp_path, monkeypatch, backup_dir):
+    """`a/b` and `a_b` make one folder; backed up in different runs, each VM's chain goes
+    on with deltas: neither run takes the other VM's point for its chain's previous one
+    nor destroys the other VM's references."""
+    desc = pools.simple_pool(vms=[{"name": n, "power_state": "Running",
+                                   "disks": [{"size": "4M", "blocks": [0]}]} for n in ("a/b", "a_b")],
+                             nbd={"purpose": "nbd"})
+    pool = xapisim.start_pool(desc, keepalive=0.5)
+    try:
+        args = Connect("api", tmp_path, monkeypatch)(pool)
+        for night in range(2):
+            for name in ("a/b", "a_b"):
+                write_blocks(pool, pool.vm_disks(name)["xvda"], [night + 2])
+                run_vmbackup(*args, "-D", "^%s$:5" % name, "-d", backup_dir, fork=True)
+        methods = {}
+        folder = os.path.join(str(backup_dir), "a_b")
+        for point in sorted(os.listdir(folder)):
+            with open(os.path.join(folder, point, "backup.json")) as f:
+                manifest = json.load(f)
+            methods.setdefault(manifest["vm"]["name"], []).append(
+                manifest["disks"][0]["chain"]["method"])
+        assert methods == {"a/b": ["full", "cbt-nbd"], "a_b": ["full", "cbt-nbd"]}
+        out = run_vmbackup("verify", str(backup_dir))
+        assert "4 good" in out
+    finally:
+        pool.stop()
+
+
+def test_restore_right_after_a_merge_was_killed(chain_of):
+    """A run killed in the middle of a retention merge: restore (before any other run)
+    finishes the merge and restores the point byte for byte instead of refusing it."""
+    import vmbackup
+    c = chain_of(delta_pool())
+    for i in range(3):
+        write_blocks(c.pool, c.disk(), [10 + i])
+        c.run(keep=5)
+    pid = os.fork()
+    if pid == 0:                    # a run's retention, killed at the merge's 6th step
+        steps = []
+
+        def hook(what):
+            steps.append(what)
+            if len(steps) == 6:
+                os.kill(os.getpid(), signal.SIGKILL)
+        vmbackup.MERGE_HOOKS.append(hook)
+        try:
+            vmbackup.prune_vm_backups(vmbackup.LocalStore(c.backup_dir), "db", 2,
+                                      mode="delta-export", uuid=c.manifest()["vm"]["uuid"])
+        finally:
+            os._exit(0)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFSIGNALED(status)
+    assert os.path.exists(os.path.join(c.backup_dir, "db", vmbackup.MERGE_JOURNAL))
+    c.expected = c.expected[1:]
+    c.points = lambda: sorted(os.listdir(os.path.join(c.backup_dir, "db")))[-2:]
+    c.restore_every_point()
+    assert "2 good" in run_vmbackup("verify", c.backup_dir)

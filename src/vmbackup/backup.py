@@ -297,6 +297,8 @@ def backup_vm(ctx, plan, vlog):
     note = finish_point(ctx, folder, manifest, vlog) if vm.mode == "delta-export" else ""
     prune_vm_backups(store, vm_folder, keep_for(config, vm), vlog=vlog, mode=vm.mode, uuid=vm.uuid)
     total = sum(f["size"] for f in exported)
+    if vm.mode == "delta-export":     # a sparse VHD's apparent size is 2 MiB per changed block
+        total = sum(int((f.get("chain") or {}).get("changed_bytes") or 0) for f in exported)
     if vlog.errors:
         return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,
                         time.monotonic() - began, "; ".join(vlog.errors), tuple(vlog.warnings))

@@ -11,7 +11,7 @@ import sys
 import time
 import typing
 
-from vmbackup.chain import chain_paths
+from vmbackup.chain import MERGE_JOURNAL, chain_paths, finish_merges
 from vmbackup.check import check_backup, verify_lines
 from vmbackup.commands.options import (
     EXIT_STATUS_TEXT, connection_options, load_config, output_options, settings_from_args)
@@ -376,6 +376,18 @@ def build_restore_parser():
     return parser
 
 
+def finish_killed_merge(folder):
+    """Finish, under the run lock, a retention merge a killed run left in the VM folder of
+    `folder` (the chain's points read as bad until then); return True if there was one."""
+    vm_dir = os.path.dirname(os.path.abspath(folder))
+    if not os.path.exists(os.path.join(vm_dir, MERGE_JOURNAL)):
+        return False
+    store = LocalStore(os.path.dirname(vm_dir))
+    with store.lock():
+        finish_merges(store, os.path.basename(vm_dir))
+    return True
+
+
 def cmd_restore(argv):
     """`vmbackup.py restore BACKUP ...`: verify, then import; return the exit code."""
     args = build_restore_parser().parse_args(argv)
@@ -383,6 +395,8 @@ def cmd_restore(argv):
     backup = resolve_backup(args.backup)
     folder = backup.path
     log.info("restoring from %s (%s)", folder, how_chosen(os.path.abspath(args.backup), backup))
+    if not args.preview and finish_killed_merge(folder):
+        backup = resolve_backup(args.backup)
     check = check_backup(backup)
     if check.status in ("bad", "incomplete"):
         refuse_bad_backup(backup, check)
