@@ -6072,7 +6072,7 @@ def verify_exit_code(results):
 # backup_dir (CHAIN_KEY, set once its point is committed). A killed run's references go,
 # the current chain's stay.
 #
-# Owns: CHAIN_KEY, ChainReferences and kept_reference (pure), PreviousDisk, ReferenceState, DiskFacts, DiskPlan, plan_delta and changed_ranges (pure);
+# Owns: CHAIN_KEY, STORE_KEY, ChainReferences and kept_reference (pure), PreviousDisk, ReferenceState, DiskFacts, DiskPlan, plan_delta and changed_ranges (pure);
 # previous_point, recorded_references, enable_cbt_once, read_ranges_nbd, delta_point (one VM's
 # point), chain_entries (manifest disks), finish_point, drop_old_references, point_note.
 # Imports: errors, util, store, metadata, chain, nbd, formats.vhdfile, transport.base.
@@ -6252,39 +6252,55 @@ def previous_point(store, vm_folder, vm_uuid):
 CHAIN_KEY = "vmbackup_chain"
 
 
+#: other_config key a reference gets beside CHAIN_KEY: the backup_dir (real path) holding its
+#: chain, so that once retention has deleted the chain's last point the reference is known
+#: as this backup_dir's leftover, not another backup_dir's.
+STORE_KEY = "vmbackup_backup_dir"
+
+
 class ChainReferences(typing.NamedTuple):
     """What a store says about the reference VDIs on the pool."""
     recorded: typing.FrozenSet[str]     # the references the chains go on from
     chains: typing.FrozenSet[str]       # every chain id this store holds a point of
+    backup_dir: typing.Optional[str] = None   # the store's real path (None: not all read)
 
 
 def recorded_references(store):
     """Return the ChainReferences of `store`: the reference VDIs the newest complete
     delta-export point of every VM folder records, and the ids of its chains."""
     recorded, chains = set(), set()
+    root = getattr(store, "root", None)
+    backup_dir = os.path.realpath(root) if root else None
     for vm_folder in store.vm_folders():
         try:
             points = delta_points(store, vm_folder)
         except OSError as exc:
             log.debug("reading %s: %s", vm_folder, exc)
+            backup_dir = None       # a chain not read is not known to be gone
             continue
+        newest = {}       # per VM: two VMs whose names make one folder each have a chain
         for point in points:
             chains.update(link.chain_id for link in chain_links(point).values())
-        if points:
-            recorded.update(p.reference_uuid for p in previous_disks(points[-1]).values()
+            newest[(point.manifest.get("vm") or {}).get("uuid")] = point
+        for point in newest.values():
+            recorded.update(p.reference_uuid for p in previous_disks(point).values()
                             if p.reference_uuid)
-    return ChainReferences(frozenset(recorded), frozenset(chains))
+    return ChainReferences(frozenset(recorded), frozenset(chains), backup_dir)
 
 
 def kept_reference(record, references):
     """Return True if the VDI `record`, a leftover by the tags, must stay (pure): a reference
     the store's chains go on from, or a committed reference (CHAIN_KEY) of a chain the store
     does not hold -- another backup_dir's. A reference of a point never committed (a killed
-    run) or one its chain has moved past is not kept."""
+    run), one its chain has moved past, or one of a chain this backup_dir held (STORE_KEY)
+    whose last point retention deleted is not kept."""
     if record.get("uuid") in references.recorded:
         return True
-    chain = (record.get("other_config") or {}).get(CHAIN_KEY)
-    return bool(chain) and chain not in references.chains
+    other_config = record.get("other_config") or {}
+    chain = other_config.get(CHAIN_KEY)
+    if not chain or chain in references.chains:
+        return False
+    return not (references.backup_dir and other_config.get(STORE_KEY) == references.backup_dir)
 
 
 # -- the pool's side -------------------------------------------------------------
@@ -6688,6 +6704,9 @@ def finish_point(ctx, folder, manifest, vlog):
             chain = disk.get("chain") or {}
             found = ctx.transport.vdi_by_uuid((chain.get("reference") or {}).get("vdi_uuid"))
             if found is not None:
+                ctx.transport.remove_key("VDI", found[0], STORE_KEY)
+                ctx.transport.xapi.call("VDI.add_to_other_config", found[0].ref, STORE_KEY,
+                                        os.path.realpath(ctx.config.backup_dir))
                 ctx.transport.remove_key("VDI", found[0], CHAIN_KEY)
                 ctx.transport.xapi.call("VDI.add_to_other_config", found[0].ref, CHAIN_KEY,
                                         chain.get("id", ""))
@@ -6707,6 +6726,9 @@ def drop_old_references(ctx, folder, vlog):
     names = [p.name for p in points]
     if os.path.basename(folder) not in names:
         return
+    owner = (points[names.index(os.path.basename(folder))].manifest.get("vm") or {}).get("uuid")
+    points = delta_points(store, vm_folder, owner)     # not another VM's in the same folder
+    names = [p.name for p in points]
     at = names.index(os.path.basename(folder))
     if at == 0:
         return
@@ -7589,6 +7611,8 @@ def backup_vm(ctx, plan, vlog):
     note = finish_point(ctx, folder, manifest, vlog) if vm.mode == "delta-export" else ""
     prune_vm_backups(store, vm_folder, keep_for(config, vm), vlog=vlog, mode=vm.mode, uuid=vm.uuid)
     total = sum(f["size"] for f in exported)
+    if vm.mode == "delta-export":     # a sparse VHD's apparent size is 2 MiB per changed block
+        total = sum(int((f.get("chain") or {}).get("changed_bytes") or 0) for f in exported)
     if vlog.errors:
         return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,
                         time.monotonic() - began, "; ".join(vlog.errors), tuple(vlog.warnings))
@@ -8488,6 +8512,18 @@ def build_restore_parser():
     return parser
 
 
+def finish_killed_merge(folder):
+    """Finish, under the run lock, a retention merge a killed run left in the VM folder of
+    `folder` (the chain's points read as bad until then); return True if there was one."""
+    vm_dir = os.path.dirname(os.path.abspath(folder))
+    if not os.path.exists(os.path.join(vm_dir, MERGE_JOURNAL)):
+        return False
+    store = LocalStore(os.path.dirname(vm_dir))
+    with store.lock():
+        finish_merges(store, os.path.basename(vm_dir))
+    return True
+
+
 def cmd_restore(argv):
     """`vmbackup.py restore BACKUP ...`: verify, then import; return the exit code."""
     args = build_restore_parser().parse_args(argv)
@@ -8495,6 +8531,8 @@ def cmd_restore(argv):
     backup = resolve_backup(args.backup)
     folder = backup.path
     log.info("restoring from %s (%s)", folder, how_chosen(os.path.abspath(args.backup), backup))
+    if not args.preview and finish_killed_merge(folder):
+        backup = resolve_backup(args.backup)
     check = check_backup(backup)
     if check.status in ("bad", "incomplete"):
         refuse_bad_backup(backup, check)
