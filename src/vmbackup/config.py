@@ -76,6 +76,11 @@ SETTINGS = collections.OrderedDict([
     ("tls_ca_file", Setting(None, parse_text, "CA bundle that signed the pool's certificate")),
     ("tls_fingerprint", Setting(None, parse_fingerprint, "pinned SHA-256 fingerprint of the pool's certificate")),
     ("tls_insecure", Setting(False, parse_bool, "do not verify the pool's certificate (warns)")),
+    ("jobs", Setting(1, lambda v: parse_int(v, 1), "VMs backed up at once (each its own snapshot)")),
+    ("jobs_per_host", Setting(2, lambda v: parse_int(v, 0),
+                              "exports one host serves at once (0: no limit besides jobs)")),
+    ("jobs_per_sr", Setting(2, lambda v: parse_int(v, 0),
+                            "exports reading one SR at once (0: no limit besides jobs)")),
 ])
 
 
@@ -185,6 +190,9 @@ class Config(typing.NamedTuple):
     tls_ca_file: typing.Optional[str] = None
     tls_fingerprint: typing.Optional[str] = None
     tls_insecure: bool = False
+    jobs: int = 1
+    jobs_per_host: int = 2
+    jobs_per_sr: int = 2
     selectors: typing.Tuple[Selector, ...] = ()
     config_file: typing.Optional[str] = None
     origins: typing.Dict[str, str] = {}   # key -> "file:line" or "command line"

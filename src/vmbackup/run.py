@@ -10,8 +10,9 @@ import datetime
 import os
 import sys
 
-from vmbackup.backup import Context, backup_hosts, backup_pool_db, backup_vm_safely, run_note
+from vmbackup.backup import Context, backup_hosts, backup_pool_db, run_note
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
+from vmbackup.jobs import back_up_vms
 from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
@@ -77,8 +78,8 @@ def back_up_everything(config, endpoint, password, status_log, record):
             clean_leftovers(ctx)
             selection = select_for_run(config, view, record)
             log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
-            for vm in selection.vms:
-                record.results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
+            back_up_vms(ctx, [plan_vm(vm, view) for vm in selection.vms], status_log,
+                        record.results)
             if config.pool_db_backup:
                 record.results.append(backup_pool_db(ctx, record.started))
             if config.host_backup:

@@ -50,6 +50,9 @@ CLI_SETTINGS = {
     "progress_interval": ("progress_interval", lambda v: parse_int(v, 1)),
     "umask": ("umask", parse_umask),
     "status_log": ("status_log", parse_text),
+    "jobs": ("jobs", lambda v: parse_int(v, 1)),
+    "jobs_per_host": ("jobs_per_host", lambda v: parse_int(v, 0)),
+    "jobs_per_sr": ("jobs_per_sr", lambda v: parse_int(v, 0)),
 }
 
 
