@@ -23,15 +23,26 @@ BUFSIZE = 1 << 20
 #: Buffers shared by the reader and the hashing thread: an export holds NBUFFERS * BUFSIZE.
 NBUFFERS = 4
 
+#: ... and when several exports run at once (jobs > 1): two smaller ones, which still
+#: overlap reading and hashing, so memory stays flat whatever -j (bench/jobs_scaling.py).
+JOB_NBUFFERS, JOB_BUFSIZE = 2, 1 << 19
+
+#: All-zero blocks, the ones a raw disk's blocks are compared with (shared, read-only;
+#: never written, so their pages stay the kernel's zero page).
+ZERO_BLOCKS = {BUFSIZE: bytes(BUFSIZE), JOB_BUFSIZE: bytes(JOB_BUFSIZE)}
+
 
 class ApiTransport(Transport):
     """XenAPI calls, and data streamed between XAPI's HTTP handlers and the files."""
 
     name = "api"
+    nbuffers, bufsize = NBUFFERS, BUFSIZE
 
     def __init__(self, xapi, config):
         Transport.__init__(self, xapi, config)
         self.endpoint = xapi.endpoint
+        if getattr(config, "jobs", 1) > 1:
+            self.nbuffers, self.bufsize = JOB_NBUFFERS, JOB_BUFSIZE
 
     # -- snapshots
     def take_snapshot(self, vm, name, quiesce):
@@ -158,7 +169,7 @@ class ApiTransport(Transport):
         """
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            with BlockHasher() as hasher:
+            with BlockHasher(self.nbuffers, self.bufsize) as hasher:
                 total = self.copy_blocks(response, fd, hasher, what, sparse, meter)
                 digest = hasher.hexdigest()
             os.ftruncate(fd, total)
@@ -173,7 +184,7 @@ class ApiTransport(Transport):
         Every block is counted on `meter`; a stop request of the run ends the copy
         (Terminated) at the next block, or at once when its socket was shut.
         """
-        zero = bytes(BUFSIZE) if sparse else None
+        zero = ZERO_BLOCKS[self.bufsize] if sparse else None
         pacer = Pacer(self.config.max_rate)
         meter = meter or Meter(None, "", what, None)
         total = 0
@@ -189,7 +200,7 @@ class ApiTransport(Transport):
                 hasher.give_back(buf)
                 meter.check()
                 return total
-            if zero is not None and n == BUFSIZE and buf == zero:
+            if zero is not None and n == self.bufsize and buf == zero:
                 os.lseek(fd, n, os.SEEK_CUR)
             else:
                 write_all(fd, buf, n)
