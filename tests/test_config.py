@@ -152,7 +152,7 @@ def test_example_cfg_is_current_and_parses():
     # a safe example: its selectors are commented out, and each parses once uncommented
     assert parsed.selectors == []
     uncommented = re.sub(r"(?m)^#((?:vm|vdi|meta)-export|exclude)=", r"\1=", text)
-    assert len(parse_config(uncommented, "example.cfg").selectors) == 8
+    assert len(parse_config(uncommented, "example.cfg").selectors) == 9
 
 
 # -- the NAUbackup command line ---------------------------------------------

@@ -56,6 +56,7 @@ def test_list_shows_complete_incomplete_and_legacy(sim_pool, api, backup_dir):
     out = run_vmbackup("list", "-d", backup_dir)
     lines = out.splitlines()
     row = lambda key: [l.lower() for l in lines if key in l][0]
+    assert "PRD-print7: 2 complete backups, 1 incomplete" in lines  # counted apart
     when = good[len("backup-"):len("backup-") + 10]
     assert " complete" in row(when) and "incomplete" not in row(when)
     assert "incomplete" in row("2020-01-01")
@@ -64,6 +65,7 @@ def test_list_shows_complete_incomplete_and_legacy(sim_pool, api, backup_dir):
     data = json.loads(run_vmbackup("list", "-d", backup_dir, "--json", "-"))
     (vm,) = data["vms"]
     assert (vm["name"], vm["folder"]) == ("PRD-print7", "PRD-print7")
+    assert (vm["complete"], vm["incomplete"]) == (2, 1)
     rows = {b["name"]: (b["complete"], b["legacy"]) for b in vm["backups"]}
     assert rows == {good: (True, False), "backup-2020-01-01-000000": (False, False),
                     "backup-2019-09-05-(00:10:01)": (True, True)}

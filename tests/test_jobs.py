@@ -316,12 +316,15 @@ def test_progress_is_live_on_a_terminal(transport, tmp_path, pool):
 def test_progress_off_a_terminal_is_a_log_line_per_interval(transport, tmp_path, pool):
     backup_dir = tmp_path / "b"
     backup_dir.mkdir()
-    pool.faults.throttle(1 * M)
-    out = run_vmbackup(*transport(pool), "-E", "vm01", "-d", backup_dir, "--progress-interval",
+    pool.faults.throttle(512 * 1024)        # about 6 s for vm01's export
+    out = run_vmbackup(*transport(pool), "-e", "vm01", "-d", backup_dir, "--progress-interval",
                        "1")
     assert "\x1b[" not in out
     lines = [line for line in out.splitlines() if " progress " in line]
-    assert lines and all(re.search(r"INFO vm=vm01: progress xvd[ab]: [\d.]+[BKM] of ~", line)
-                         for line in lines), out
-    if transport.kind == "xe":   # the task's progress, as xe prints none
-        assert any(re.search(r"\(\d+%\)", line) for line in lines), out
+    assert lines and all(re.search(r"INFO vm=vm01: progress (vm01\.xva|metadata export of \S+): "
+                                   r"[\d.]+[BKM]", line) for line in lines), out
+    xva = [line for line in lines if "progress vm01.xva: " in line]
+    assert len(xva) >= 2 and all(re.search(r"/s(, ETA \d+:\d\d)?$", line) for line in xva), out
+    assert any(" of ~" in line for line in xva), out     # the disks' physical utilisation
+    if transport.kind == "xe":   # and the task's progress, as xe prints none
+        assert any(re.search(r"\(\d+%\)", line) for line in xva), out

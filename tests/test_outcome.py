@@ -50,15 +50,16 @@ E = RunProblem("error", "", "cannot destroy leftover snapshot 1234: INTERNAL_ERR
     (outcome(cannot_start="backup_dir=/x (command line): the folder does not exist"), 2,
      "S:0 W:0 E:1", "ERROR"),
     (outcome(unit("success"), terminated="SIGTERM"), 2, "S:1 W:0 E:1", "ERROR"),
+    (outcome(unit("success"), terminated="SIGINT"), 130, "S:1 W:0 E:1", "ERROR"),
 ], ids=["nothing", "ok", "vm-warning", "two-warnings", "vm-failure", "run-warning",
-        "run-error", "nothing-selected", "cannot-start", "sigterm"])
+        "run-error", "nothing-selected", "cannot-start", "sigterm", "sigint"])
 def test_every_reader_of_the_outcome_agrees(record, code, counts, word):
     assert exit_code_for(record) == code
     assert str(tally(record)) == counts
     assert status_end_fields(record) == ["end", word, counts]
     data = run_summary(None, record)
     assert data["exit_code"] == code and data["summary"] == counts
-    assert data["status"] == {0: "ok", 1: "warning", 2: "error"}[code]
+    assert data["status"] == {0: "ok", 1: "warning", 2: "error", 130: "error"}[code]
     assert len(data["warnings"]) == tally(record).warnings
     assert len(data["errors"]) == tally(record).errors
     assert len(recap(record)) == tally(record).warnings + tally(record).errors
@@ -116,8 +117,16 @@ def nothing_selected(pool):
     return ["-e", ".*", "-x", ".*"]
 
 
+def one_vm_selected_and_excluded(pool):
+    return ["-e", "web01", "-x", "web01"]
+
+
 def cannot_start(pool):
     return ["-e", "PRD-print7", "-d", "/nonexistent/backups"]
+
+
+def backup_dir_full(pool):     # as good as full: below space_threshold
+    return ["-e", "PRD-print7", "--space-threshold", "100"]
 
 
 EVENTS = [
@@ -128,7 +137,9 @@ EVENTS = [
     (run_warning, 1, "S:1 W:1 E:0", "WARNING", ["success"]),
     (run_error, 2, "S:1 W:0 E:1", "ERROR", ["success"]),
     (nothing_selected, 1, "S:0 W:1 E:0", "WARNING", []),
+    (one_vm_selected_and_excluded, 1, "S:0 W:1 E:0", "WARNING", []),
     (cannot_start, 2, "S:0 W:0 E:1", "ERROR", []),
+    (backup_dir_full, 2, "S:0 W:0 E:1", "ERROR", []),
 ]
 
 
@@ -151,6 +162,10 @@ def test_run_outcome_table(sim_pool, transport, backup_dir, tmp_path, event, cod
     if event is cannot_start:
         assert data["status"] == "error" and "/nonexistent/backups" in data["reason"]
         assert "vmbackup.py: error: backup_dir=/nonexistent/backups" in out
+    elif event is backup_dir_full:
+        assert data["status"] == "error" and "below space_threshold=100" in data["reason"]
+        assert "vmbackup.py: error: backup_dir %s has " % backup_dir in out
+        assert sim_pool.calls.count("VM.snapshot") == 0
     else:
         assert "done: %s, exit %d" % (counts, code) in out
         assert len(re.findall(r"recap: (FAILED|WARNING) ", out)) == w + e
@@ -161,22 +176,50 @@ def test_run_outcome_table(sim_pool, transport, backup_dir, tmp_path, event, cod
         assert_pool_clean(sim_pool)
 
 
-def test_sigterm_is_in_the_outcome_and_the_snapshot_claim_is_true(sim_pool, transport,
-                                                                    backup_dir, tmp_path):
+@pytest.mark.parametrize("signum, code, said", [
+    (signal.SIGTERM, 2, "terminated by SIGTERM; snapshots cleaned up"),
+    (signal.SIGINT, 130, "interrupted"),
+], ids=["SIGTERM", "SIGINT"])
+def test_a_signal_is_in_the_outcome_and_the_snapshot_claim_is_true(sim_pool, transport,
+                                                                   backup_dir, tmp_path,
+                                                                   signum, code, said):
     status_log, summary = tmp_path / "status.log", tmp_path / "run.json"
     sim_pool.faults.throttle(256 * 1024, path="/export")
     proc = spawn(transport(sim_pool) + ["-e", "db01", "-d", backup_dir, "--status-log",
                                         status_log, "--json", summary])
     wait_for(exporting(sim_pool), what="the export to start")
     wait_for(lambda: stray_files(backup_dir), what="the partial file")
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == code, out
+    assert said in out
+    name = signal.Signals(signum).name
+    assert status_log.read_text().splitlines()[-1].endswith(",end,ERROR,S:0 W:0 E:1")
+    data = json.loads(summary.read_text())
+    assert data["status"] == "error" and data["terminated"] == name
+    assert data["errors"] == ["terminated by %s" % name]
+    assert data["exit_code"] == code            # what the process exits with
+    assert_pool_clean(sim_pool)
+
+
+def test_sigterm_claims_no_cleanup_when_a_snapshot_could_not_be_destroyed(sim_pool, transport,
+                                                                           backup_dir, tmp_path):
+    summary = tmp_path / "run.json"
+    sim_pool.faults.throttle(256 * 1024, path="/export")
+    sim_pool.faults.fail("VM.destroy", "INTERNAL_ERROR", "injected", times=None)
+    proc = spawn(transport(sim_pool) + ["-e", "db01", "-d", backup_dir, "--json", summary])
+    wait_for(exporting(sim_pool), what="the export to start")
+    wait_for(lambda: stray_files(backup_dir), what="the partial file")
     proc.send_signal(signal.SIGTERM)
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 2, out
-    assert "terminated by SIGTERM; snapshots cleaned up" in out
-    assert status_log.read_text().splitlines()[-1].endswith(",end,ERROR,S:0 W:0 E:1")
-    data = json.loads(summary.read_text())
-    assert data["status"] == "error" and data["terminated"] == "SIGTERM"
-    assert data["errors"] == ["terminated by SIGTERM"]
+    (snap,) = sim_pool.leftovers()["snapshots"]
+    assert "snapshots cleaned up" not in out
+    assert "terminated by SIGTERM; snapshot %s left (the next run destroys it)" % snap["uuid"] in out
+    assert json.loads(summary.read_text())["terminated"] == "SIGTERM"
+    sim_pool.faults.clear()
+    out = run_vmbackup(*transport(sim_pool), "-e", "PRD-print7", "-d", backup_dir)
+    assert "destroying leftover snapshot %r (%s)" % (snap["name_label"], snap["uuid"]) in out
     assert_pool_clean(sim_pool)
 
 
@@ -306,6 +349,32 @@ def test_preview_lists_what_the_run_would_delete_and_destroy(sim_pool, api, back
 
 # -- first contact ----------------------------------------------------------------------------
 
+@pytest.mark.parametrize("tls", [False, True], ids=["http", "https"])
+def test_the_simulators_banner_command_works_as_printed(tmp_path, tls):
+    env = dict(os.environ, TMPDIR=str(tmp_path))
+    here = os.path.dirname(os.path.abspath(__file__))
+    sim = subprocess.Popen([sys.executable, os.path.join(here, "xapisim"), "--no-socket",
+                            "--auth-delay", "0"] + (["--tls"] if tls else []),
+                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                           universal_newlines=True, env=env, start_new_session=True)
+    try:
+        banner = []
+        for line in sim.stdout:
+            banner.append(line)
+            if line.startswith("Ctrl-C stops it."):
+                break
+        (command,) = [l.strip() for l in banner if " --preview" in l]
+        done = subprocess.run(["bash", "-c", command], stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, universal_newlines=True, env=env,
+                              timeout=300)
+    finally:
+        sim.terminate()
+        sim.communicate(timeout=60)
+    assert re.search(r"Preview: the run would (succeed|end with warnings|start, but end)",
+                     done.stdout), "".join(banner) + done.stdout
+    assert "Traceback" not in done.stdout and "would not start" not in done.stdout
+
+
 def test_no_password_says_so(sim_pool, backup_dir):
     out = run_vmbackup("--server", sim_pool.url, "-e", "web01", "-d", backup_dir, exit_code=2)
     assert "no password given: use --password-file FILE" in out
@@ -361,10 +430,37 @@ def test_hung_server_is_named_after_the_login_timeout(backup_dir, tmp_path, monk
     assert "no answer within 1 s (the login timeout)" in out
 
 
-def test_credentials_in_the_server_url_are_refused_and_masked(backup_dir):
-    out = run_vmbackup("--server", "https://root:hunter2@pool1/", "-e", "web01", "-d", backup_dir,
+def test_a_hung_xapi_call_is_named_after_the_call_timeout(sim_pool, api, backup_dir, tmp_path,
+                                                        monkeypatch):
+    summary = tmp_path / "run.json"
+    monkeypatch.setattr(vmbackup, "XMLRPC_TIMEOUT", 1)
+    sim_pool.faults.slow("pool.get_all_records", 4)
+    out = run_vmbackup(*api(sim_pool), "-e", "PRD-print7", "-d", backup_dir, "--json", summary,
                        exit_code=2)
+    assert "XAPI pool.get_all_records failed: no answer within 1 s (the XAPI call timeout)" in out
+    assert "(the XAPI call timeout)" in json.loads(summary.read_text())["reason"]
+
+
+@pytest.mark.parametrize("where", ["command-line", "config-file"])
+def test_credentials_in_the_server_url_are_refused_and_masked(backup_dir, tmp_path, where):
+    status_log, summary = tmp_path / "status.log", tmp_path / "run.json"
+    if where == "config-file":
+        cfg = tmp_path / "weekly.cfg"
+        cfg.write_text("server=https://root:hunter2@pool1/\nbackup_dir=%s\nvm-export=web01\n"
+                       "status_log=%s\n" % (backup_dir, status_log))
+        args = ["-c", cfg]
+    else:
+        args = ["--server", "https://root:hunter2@pool1/", "-e", "web01", "-d", backup_dir,
+                "--status-log", status_log]
+    out = run_vmbackup(*args, "-v", "--json", summary, exit_code=2)
     assert "https://***@pool1/" in out and "hunter2" not in out
+    data = json.loads(summary.read_text())
+    assert data["status"] == "error" and "https://***@pool1/" in data["reason"]
+    assert data["settings"]["server"] == "https://***@pool1/"
+    assert "hunter2" not in summary.read_text()
+    lines = status_log.read_text().splitlines()      # it cannot start, and says so there too
+    assert lines[0].endswith(",begin") and lines[-1].endswith(",end,ERROR,S:0 W:0 E:1")
+    assert "hunter2" not in status_log.read_text()
 
 
 def test_vdi_export_says_exported_before_snapshot_destroyed(sim_pool, transport, backup_dir):

@@ -3,6 +3,7 @@ simulated pool and the pool (leftover snapshots/VDIs) and backup_dir (no false s
 earlier backups intact) are checked afterwards, over both transports where it applies."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -389,6 +390,48 @@ def test_vm_too_big_for_the_free_space_is_skipped(api, mount_tmpfs):
         assert "has 8.0M free, VM huge needs about" in out
         assert complete(small, "small") and complete(small, "huge") == []
         assert pool.calls.count("VM.snapshot") == 1
+        assert_pool_clean(pool)
+
+
+MiB = 1 << 20
+
+
+def plan_of(mode, *disks):
+    """A VmPlan of one VM in `mode` with disks of (virtual_size, physical_utilisation)."""
+    vm = vmbackup.Selected("r", "web01", "u", mode, 3, (), None)
+    return vmbackup.VmPlan(vm, [vmbackup.VmDisk("xvd" + "abc"[i], str(i), "", "", {
+        "virtual_size": v, "physical_utilisation": p}, False) for i, (v, p) in enumerate(disks)],
+                           [], [])
+
+
+@pytest.mark.parametrize("plan, previous, expected", [
+    (plan_of("vm-export", (512 * MiB, 31 * MiB)), 0, 33 * (MiB + 1536)),
+    (plan_of("vm-export", (512 * MiB, 31 * MiB)), 328 * MiB, 328 * MiB),
+    (plan_of("vm-export", (3 * MiB, 3 * MiB)), 0, 3 * (MiB + 1536)),
+    (plan_of("vm-export", (8 * MiB, 64 * 1024), (4 * MiB + 1, 0)), 0, 3 * (MiB + 1536) + 5 * (MiB + 1536)),
+    (plan_of("vdi-export", (512 * MiB, 31 * MiB)), 0, 31 * MiB),
+], ids=["xva-first-backup", "xva-as-big-as-the-last", "xva-never-above-the-disk",
+        "xva-two-disks-whole-chunks", "vdi-export"])
+def test_estimate_size(plan, previous, expected):
+    assert vmbackup.estimate_size(plan, previous) == expected
+
+
+def test_an_xva_that_will_not_fit_is_refused_before_its_snapshot(api, mount_tmpfs):
+    """Data spread thinly (one 64 KiB block in every MiB): the XVA is 16 times the disk's
+    physical utilisation; the second night's backup will not fit and is refused up front."""
+    small = mount_tmpfs("40m")
+    desc = pools.simple_pool(vms=[{"name": "thin", "disks": [{"size": "24M",
+                                                               "blocks": list(range(0, 384, 16))}]}])
+    with start_pool(desc) as pool:
+        args = api(pool) + ["-e", "thin", "-d", small, "--space-threshold", "0", "--max-backups", "2"]
+        run_vmbackup(*args)
+        (first,) = complete(small, "thin")
+        xva = os.path.getsize(os.path.join(str(small), "thin", first, "thin.xva"))
+        assert xva > 24 * MiB                      # vs 1.5 MiB of physical utilisation
+        out = run_vmbackup(*args, exit_code=2)
+        assert re.search(r"has 1\d\.\dM free, VM thin needs about 2\d\.\dM", out), out
+        assert pool.calls.count("VM.snapshot") == 1    # refused before its snapshot
+        assert complete(small, "thin") == [first] and stray_files(small) == []
         assert_pool_clean(pool)
 
 

@@ -5,6 +5,7 @@ import os
 
 import pytest
 
+import vmbackup
 from conftest import run_vmbackup, session
 
 
@@ -81,18 +82,94 @@ def test_vm_export_round_trip(sim_pool, transport, backup_dir):
     assert not sim_pool.leftovers()["snapshots"]
 
 
-def test_preserve_keeps_name_and_macs(sim_pool, api, backup_dir):
-    args = api(sim_pool)
+def destroy_vm(pool, name):
+    s = session(pool)
+    try:
+        ref, _ = pool.vm(name)
+        if s.xenapi.VM.get_power_state(ref) != "Halted":
+            s.xenapi.VM.hard_shutdown(ref)
+        for vbd in s.xenapi.VM.get_VBDs(ref):
+            vdi = s.xenapi.VBD.get_VDI(vbd)
+            if vdi != "OpaqueRef:NULL":
+                s.xenapi.VDI.destroy(vdi)
+        s.xenapi.VM.destroy(ref)
+    finally:
+        s.xenapi.session.logout()
+
+
+def test_preserve_next_to_the_original_is_refused_unless_forced(sim_pool, transport, backup_dir):
+    args = transport(sim_pool)
     ref, _ = sim_pool.vm("db01")
     _, disks, vifs = describe_vm(sim_pool, ref)
     run_vmbackup(*args, "-e", "db01", "-d", backup_dir, "--compress", "zstd")
-    run_vmbackup("restore", backup_folder(backup_dir, "db01"), *args, "--preserve",
-                 "--sr", "Local storage on xcp-ng-a" if False else "NFS storage", "--start")
-    both = vms_named(sim_pool, "db01")
-    assert len(both) == 2
-    (new,) = [r for r in both if r != ref]
+    folder = backup_folder(backup_dir, "db01")
+    sim_pool.calls.clear()
+    for extra in ([], ["--preview"]):      # the preview refuses as the restore does
+        out = run_vmbackup("restore", folder, *args, "--preserve", *extra, exit_code=2)
+        assert "refusing to restore db01: --preserve: VM 'db01' (%s, halted): it is the " \
+            "backed-up VM itself; it has the same name; it uses MAC %s (" \
+            % (sim_pool.vm("db01")[1]["uuid"], ", ".join(m.lower() for _, _, m in vifs)) in out
+        assert "--force" in out
+    assert not [r for r in sim_pool.calls.requests() if r.method == "PUT"]
+    assert vms_named(sim_pool, "db01") == [ref]
+    run_vmbackup("restore", folder, *args, "--preserve", "--sr", "NFS storage", "--start", "--force")
+    (new,) = [r for r in vms_named(sim_pool, "db01") if r != ref]
     rec, new_disks, new_vifs = describe_vm(sim_pool, new)
     assert new_vifs == vifs and new_disks == disks and rec["power_state"] == "Running"
+
+
+def test_preserve_after_the_original_is_gone(sim_pool, transport, backup_dir):
+    args = transport(sim_pool)
+    ref, _ = sim_pool.vm("db01")
+    _, disks, vifs = describe_vm(sim_pool, ref)
+    run_vmbackup(*args, "-e", "db01", "-d", backup_dir)
+    destroy_vm(sim_pool, "db01")
+    run_vmbackup("restore", backup_folder(backup_dir, "db01"), *args, "--preserve")
+    (new,) = vms_named(sim_pool, "db01")
+    _, new_disks, new_vifs = describe_vm(sim_pool, new)
+    assert new_vifs == vifs and new_disks == disks
+
+
+def test_preserve_refused_when_another_vm_took_a_mac(sim_pool, api, backup_dir):
+    args = api(sim_pool)
+    run_vmbackup(*args, "-e", "db01", "-d", backup_dir)
+    s = session(sim_pool)
+    try:
+        ref, _ = sim_pool.vm("db01")
+        mac = s.xenapi.VIF.get_MAC(s.xenapi.VM.get_VIFs(ref)[0])
+        s.xenapi.VM.set_name_label(ref, "db01-old")    # renamed, still there: same uuid
+        other, _ = sim_pool.vm("nodisk-vm")
+        vif = s.xenapi.VM.get_VIFs(other)[0]
+        network = s.xenapi.VIF.get_network(vif)
+        s.xenapi.VIF.destroy(vif)
+        s.xenapi.VIF.create({"device": "0", "network": network, "VM": other, "MAC": mac,
+                             "MTU": "1500", "other_config": {}, "qos_algorithm_type": "",
+                             "qos_algorithm_params": {}})
+    finally:
+        s.xenapi.session.logout()
+    out = run_vmbackup("restore", backup_folder(backup_dir, "db01"), *args, "--preserve",
+                       exit_code=2)
+    assert "VM 'db01-old' (%s, halted): it is the backed-up VM itself; it uses MAC %s" \
+        % (sim_pool.vm("db01-old")[1]["uuid"], mac.lower()) in out
+    assert "VM 'nodisk-vm' (" in out and "): it uses MAC %s" % mac.lower() in out
+    assert vms_named(sim_pool, "db01") == []
+
+
+def test_restoring_twice_gives_a_free_name_and_a_taken_name_is_refused(sim_pool, transport,
+                                                                       backup_dir):
+    args = transport(sim_pool)
+    run_vmbackup(*args, "-e", "PRD-print7", "-d", backup_dir)
+    vm_dir = os.path.join(str(backup_dir), "PRD-print7")
+    name = "PRD-print7 (restored %s)" % datetime.date.today().isoformat()
+    run_vmbackup("restore", vm_dir, *args)
+    out = run_vmbackup("restore", vm_dir, *args, "--preview")
+    assert repr(name + " 2") in out
+    out = run_vmbackup("restore", vm_dir, *args)
+    assert len(vms_named(sim_pool, name)) == 1 and len(vms_named(sim_pool, name + " 2")) == 1
+    assert "restored vm" in out and out.rstrip().endswith(name + " 2")
+    out = run_vmbackup("restore", vm_dir, *args, "--name", "web01", exit_code=2)
+    assert "--name web01: a VM of that name is in the pool" in out
+    assert len(vms_named(sim_pool, "web01")) == 1
 
 
 @pytest.mark.parametrize("fmt", ["raw", "vhd"])
@@ -138,3 +215,84 @@ def test_metadata_only_backup_cannot_be_restored(sim_pool, api, backup_dir):
     run_vmbackup(*args, "-m", "web01", "-d", backup_dir)
     out = run_vmbackup("restore", os.path.join(str(backup_dir), "web01"), *args, exit_code=2)
     assert "metadata-only backup: there is no disk to restore" in out
+
+
+def test_attach_to_checks_the_devices_are_free_in_the_preview_too(sim_pool, transport,
+                                                                  backup_dir):
+    args = transport(sim_pool)
+    run_vmbackup(*args, "-E", "db01::xvda;xvdb", "-d", backup_dir)
+    vm_dir = os.path.join(str(backup_dir), "db01")
+    sim_pool.calls.clear()
+    for extra in (["--preview"], []):
+        out = run_vmbackup("restore", vm_dir, *args, "--attach-to", "db01", *extra, exit_code=2)
+        assert "--attach-to db01: userdevice 0 (for xvda) is taken by its disk xvda" in out
+        assert "userdevice 1 (for xvdb) is taken" in out
+    assert not [r for r in sim_pool.calls.requests() if r.method == "PUT"]
+    assert sim_pool.calls.count("VDI.create") == 0
+
+
+def test_restore_says_which_backup_it_chose_and_that_it_verified_it(sim_pool, transport,
+                                                                    backup_dir):
+    args = transport(sim_pool)
+    run_vmbackup(*args, "-e", "PRD-print7", "-d", backup_dir, "--max-backups", "3")
+    run_vmbackup(*args, "-e", "PRD-print7", "-d", backup_dir, "--max-backups", "3")
+    vm_dir = os.path.join(str(backup_dir), "PRD-print7")
+    older, newest = [os.path.join(vm_dir, n) for n in sorted(os.listdir(vm_dir))]
+    out = run_vmbackup("restore", vm_dir, *args, "--preview")
+    assert "restoring from %s (the newest complete backup in %s)" % (newest, vm_dir) in out
+    assert "verified PRD-print7/%s: every file's size and SHA-256 match the manifest" \
+        % os.path.basename(newest) in out
+    xva = os.path.join(newest, "PRD-print7.xva")
+    with open(xva, "r+b") as handle:
+        handle.seek(os.path.getsize(xva) // 2)
+        byte = handle.read(1)
+        handle.seek(-1, 1)
+        handle.write(bytes([byte[0] ^ 0xFF]))
+    out = run_vmbackup("restore", vm_dir, *args, exit_code=2)
+    assert "%s is bad: refusing to restore it" % newest in out
+    assert "the newest good backup is %s: restore it with `vmbackup.py restore %s`" \
+        % (older, older) in out
+    out = run_vmbackup("restore", older, *args)
+    assert "restoring from %s (as named)" % older in out and "restored vm" in out
+
+
+# -- the guards' decisions, as tables -----------------------------------------------------
+
+ME = vmbackup.BackupIdentity("web01", "u-1", ("aa:00:00:00:00:01",))
+
+
+def pool_of(*vms):
+    """({ref: VM record}, {ref: VIF record}) of (name, uuid, MACs, flags) tuples."""
+    records, vifs = {}, {}
+    for i, (name, uuid, macs, flags) in enumerate(vms):
+        refs = ["vif-%d-%d" % (i, j) for j in range(len(macs))]
+        vifs.update({r: {"MAC": m} for r, m in zip(refs, macs)})
+        records["vm-%d" % i] = dict({"name_label": name, "uuid": uuid, "VIFs": refs,
+                                     "power_state": "Running"}, **flags)
+    return records, vifs
+
+
+@pytest.mark.parametrize("vms, expected", [
+    ((), []),
+    ((("web01", "u-1", ("aa:00:00:00:00:01",), {}),),
+     ["VM 'web01' (u-1, running): it is the backed-up VM itself; it has the same name; "
+      "it uses MAC aa:00:00:00:00:01"]),
+    ((("web01-old", "u-1", (), {}),), ["VM 'web01-old' (u-1, running): it is the backed-up VM itself"]),
+    ((("web01", "u-2", (), {"power_state": "Halted"}),),
+     ["VM 'web01' (u-2, halted): it has the same name"]),
+    ((("db01", "u-3", ("AA:00:00:00:00:01",), {}),), ["VM 'db01' (u-3, running): it uses MAC aa:00:00:00:00:01"]),
+    ((("web01", "u-1", ("aa:00:00:00:00:01",), {"is_a_snapshot": True}),
+      ("web01", "u-4", (), {"is_a_template": True})), []),
+], ids=["empty-pool", "the-original", "renamed-original", "same-name", "same-mac-any-case",
+        "snapshots-and-templates-ignored"])
+def test_preserve_conflicts(vms, expected):
+    assert vmbackup.preserve_conflicts(ME, *pool_of(*vms)) == expected
+
+
+@pytest.mark.parametrize("taken, expected", [
+    (set(), "web01 (restored 2026-12-01)"),
+    ({"web01 (restored 2026-12-01)"}, "web01 (restored 2026-12-01) 2"),
+    ({"web01 (restored 2026-12-01)", "web01 (restored 2026-12-01) 2"}, "web01 (restored 2026-12-01) 3"),
+], ids=["free", "once", "twice"])
+def test_free_name(taken, expected):
+    assert vmbackup.free_name("web01 (restored 2026-12-01)", taken) == expected

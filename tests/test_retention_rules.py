@@ -118,3 +118,23 @@ def test_the_printed_config_backs_up_nothing_and_says_so(sim_pool, api, backup_d
     out = run_vmbackup(*api(sim_pool), "-c", cfg, exit_code=2)
     assert "config file %s selects nothing" % cfg in out and "uncomment" in out
     assert os.listdir(str(backup_dir)) == []
+
+
+def test_a_legacy_multi_disk_folder_checks_each_disk_against_its_own_vdi_cfg(tmp_path):
+    """NAUbackup writes DISK-<device>/vdi.cfg for every disk; a folder holding more than one
+    disk file (web01.raw, web01-xvdb.raw) has each checked against, and restored at, its own size."""
+    folder = tmp_path / "web01" / "backup-2019-09-05-(00:10:01)"
+    for device, size in (("xvda", 4096), ("xvdb", 8192)):
+        (folder / ("DISK-" + device)).mkdir(parents=True)
+        (folder / ("DISK-" + device) / "vdi.cfg").write_text("virtual_size=%d\n" % size)
+        (folder / ("DISK-" + device) / "vbd.cfg").write_text("userdevice=%d\n" % (size // 8192))
+    (folder / "web01.raw").write_bytes(bytes(4096))
+    (folder / "web01-xvdb.raw").write_bytes(bytes(8192))
+    (folder / "success").write_text("")
+    assert vmbackup.verify_backup(str(folder)).status == "good"
+    items = vmbackup.plan_restore(str(folder), None, new_name="web01")
+    assert [(i.device, i.userdevice, i.virtual_size) for i in items] == [("xvda", "0", 4096),
+                                                                         ("xvdb", "1", 8192)]
+    (folder / "web01-xvdb.raw").write_bytes(bytes(4096))     # cut short: xvdb's size, not xvda's
+    out = run_vmbackup("verify", folder, exit_code=2)
+    assert "web01-xvdb.raw: raw image is 4096 bytes, the disk's virtual_size is 8192" in out

@@ -21,6 +21,12 @@ Problems the soak attributes to a bug it found (KNOWN_BUGS, each with a minimal
 reproduction) carry its id; they make the test xfail while the bug is open (OPEN_BUGS) and
 fail it once the bug is fixed (a regression); any other problem fails it.
 
+A second, smaller soak (test_soak_mixed_modes_and_shared_folders) mixes full, meta-export
+and --metadata-only runs on one backup_dir with three VMs whose names make one folder
+(app/01, app:01, app_01), random max_backups and max_meta_backups and dropped exports; after
+every run no backup may change but by its own VM's retention in its own group (data or
+metadata-only) after a new backup of it, and at the end no data backup is lost.
+
 The backup runs are in-process (like `run_vmbackup`) for speed, with vmbackup's retry
 backoff and xe poll interval shortened; killed and terminated runs are real processes in
 their own session, like cron jobs.
@@ -793,3 +799,156 @@ def test_soak(kind, runs, jobs, tmp_path, scratch, monkeypatch):
             soak.run(entry)
         soak.final_checks()
     soak.report()
+
+
+# -- a second soak: metadata-only and full runs, and names that make one folder ------------
+
+#: Three VMs whose names make one folder (app_01), beside two ordinary ones.  Selected one
+#: at a time they share the folder; selected together they are refused.
+MIXED_VMS = {"app/01": "app/01", "app:01": "app[:]01", "app_01": "app_01",
+             "db-01": "db-01", "web-01": "web-01"}
+
+
+def mixed_pool():
+    return pools.simple_pool(vms=[
+        _vm("app/01", [_disk("1M", 0, 3)]), _vm("app:01", [_disk("1M", 0, 5)]),
+        _vm("app_01", [_disk("1M", 0, 7)], "host1"),
+        _vm("db-01", [_disk("1M", 0, 9), _disk("512K", 1)]), _vm("web-01", [_disk("1M", 0, 11)])])
+
+
+def mixed_plan(rng, runs):
+    """One dict per run: how it selects (full, meta-export or --metadata-only), which of the
+    three app VMs it takes (none, one, or two: refused), max_backups, max_meta_backups, and
+    maybe a dropped export; the last run takes one app VM and no fault."""
+    plan = []
+    for i in range(runs):
+        apps = rng.choice([[], [0], [1], [2], [0, 1], [1, 2]]) if i < runs - 1 else [i % 3]
+        plan.append({"run": i + 1, "how": rng.choice(["full", "full", "meta", "metadata_only"]),
+                     "apps": [["app/01", "app:01", "app_01"][a] for a in apps],
+                     "max": rng.randint(1, 3), "max_meta": rng.choice([None, 1, 2, 3]),
+                     "drop": rng.randrange(200000) if i < runs - 1 and rng.random() < 0.3 else None})
+    return plan
+
+
+def mixed_args(entry):
+    names = ["db-01", "web-01"] + entry["apps"]
+    args = ["--max-backups", entry["max"]]
+    if entry["max_meta"]:
+        args += ["--max-meta-backups", entry["max_meta"]]
+    if entry["how"] == "meta":
+        return args + sum((["-m", MIXED_VMS[n]] for n in names), [])
+    args += ["-E", "db-01:-1:xvda;xvdb", "-e", "web-01"] + sum((["-e", MIXED_VMS[n]]
+                                                              for n in entry["apps"]), [])
+    return args + (["--metadata-only"] if entry["how"] == "metadata_only" else [])
+
+
+def inventory(backup_dir):
+    """{(VM uuid, "data"|"metadata"): sorted "folder/backup" names} of every complete backup."""
+    found = {}
+    for folder in sorted(os.listdir(str(backup_dir))):
+        path = os.path.join(str(backup_dir), folder)
+        if not os.path.isdir(path):
+            continue
+        for name in sorted(os.listdir(path)):
+            if not os.path.exists(os.path.join(path, name, vmbackup.SUCCESS_MARKER)):
+                continue
+            with open(os.path.join(path, name, vmbackup.MANIFEST)) as handle:
+                manifest = json.load(handle)
+            key = (manifest["vm"]["uuid"], vmbackup.retention_group(manifest["mode"]))
+            found.setdefault(key, []).append(folder + "/" + name)
+    return found
+
+
+def check_mixed_run(entry, before, after, data, rc, out):
+    """Return (problems, pruned) of one run: problems are a backup deleted but by its own VM's
+    retention in its own group after a new backup, more or fewer kept than the limit, a wrong
+    exit code; pruned, the backups that retention rightly deleted."""
+    problems, pruned = [], set()
+    results = {vm["uuid"]: vm for vm in data["vms"]}
+    clash = len(entry["apps"]) > 1
+    if clash and "make the backup folder 'app_01'" not in out:
+        problems.append("two app VMs selected, but no refusal naming the folder")
+    failed = [vm["name"] for vm in data["vms"] if vm["status"] == "error"]
+    if rc != (2 if clash or failed else 0):
+        problems.append("exit %s (clash %s, failed %s)" % (rc, clash, failed))
+    for key in sorted(set(before) | set(after)):
+        uuid, group = key
+        old, new = before.get(key, []), after.get(key, [])
+        made = sorted(set(new) - set(old))
+        result = results.get(uuid)
+        backed_up = result is not None and result["status"] != "error" \
+            and vmbackup.retention_group(result["mode"]) == group
+        if not backed_up:
+            if new != old:
+                problems.append("%s %s: changed without a backup of its own: %s -> %s"
+                                % (uuid, group, old, new))
+            continue
+        limit = entry["max"] if group == "data" else (entry["max_meta"] or entry["max"])
+        expect = sorted(old + made, key=lambda n: n.split("/")[1])[-limit:]
+        if len(made) != 1 or sorted(new) != sorted(expect):
+            problems.append("%s %s (limit %d): %s -> %s, expected %s"
+                            % (uuid, group, limit, old, new, expect))
+        pruned |= set(old) - set(new)
+    return problems, pruned
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("kind, runs", [("api", 16), ("xe", 6)], ids=["api-16-runs", "xe-6-runs"])
+def test_soak_mixed_modes_and_shared_folders(kind, runs, tmp_path, scratch, monkeypatch):
+    """Full, meta-export and --metadata-only runs on one backup_dir, with VMs whose names
+    make one folder: no data backup is ever lost, no backup is deleted but by its own VM's
+    retention in its own group, and two such VMs selected together are refused."""
+    monkeypatch.setattr(vmbackup.Xapi, "BACKOFF", 0.05)
+    monkeypatch.setattr(vmbackup.XeTransport, "POLL", 0.02)
+    rng = random.Random("%d-mixed-%s" % (SEED, kind))
+    plan = mixed_plan(rng, runs)
+    backup_dir = scratch / "backups"
+    backup_dir.mkdir()
+    problems, made, pruned, shared, mixed = [], set(), set(), False, False
+    with start_pool(mixed_pool(), keepalive=0.5) as pool:
+        for key, value in pool.env().items():
+            monkeypatch.setenv(key, value)
+        if kind == "xe":
+            connect = ["--transport", "xe", "--xe", pool.xe_path, "--server", "unix:" + pool.socket_path]
+        else:
+            pw = tmp_path / "xapi.pw"
+            pw.write_text(pool.password + "\n")
+            pw.chmod(0o600)
+            connect = ["--transport", "api", "--server", pool.url, "--password-file", pw]
+        for entry in plan:
+            before = inventory(backup_dir)
+            if entry["drop"] is not None:
+                pool.faults.drop_export(after_bytes=entry["drop"])
+            report = tmp_path / ("run-%d.json" % entry["run"])
+            rc, out = invoke(*(connect + ["-d", backup_dir, "--space-threshold", "1", "--json", report]
+                               + [str(a) for a in mixed_args(entry)]))
+            pool.faults.clear()
+            after = inventory(backup_dir)
+            where = "run %d %s: exit %s\n%s" % (entry["run"], json.dumps(entry), rc, tail(out))
+            found, gone = check_mixed_run(entry, before, after, json.loads(report.read_text()), rc, out)
+            problems += ["%s\n%s" % (p, where) for p in found]
+            pruned |= gone
+            left = pool.leftovers()
+            if left["snapshots"] or left["vdis"]:
+                problems.append("left in the pool: %s\n%s" % (left, where))
+            made |= {n for (_, group), names in after.items() if group == "data" for n in names}
+            owners = {uuid for (uuid, _), names in after.items() if names[0].startswith("app_01/")}
+            shared = shared or len(owners) > 1
+            mixed = mixed or any((uuid, "metadata") in after for uuid, group in after if group == "data")
+        # no data backup was ever lost: each one made is still here, or its own VM's data
+        # retention deleted it after a newer backup of that VM
+        final = {n for (_, group), names in inventory(backup_dir).items() if group == "data"
+                 for n in names}
+        if made - final - pruned:
+            problems.append("data backups lost: %s" % sorted(made - final - pruned))
+        rc, out = invoke("verify", backup_dir, "--json", tmp_path / "verify.json")
+        bad = [b["display"] for b in json.loads((tmp_path / "verify.json").read_text())["backups"]
+               if b["status"] not in ("good", "incomplete")]
+        if bad:
+            problems.append("verify found bad backups: %s" % bad)
+    print("mixed soak seed %d (SOAK_SEED replays it), %d runs:\n%s" % (
+        SEED, runs, "\n".join(json.dumps(e) for e in plan)))
+    assert not problems, "\n\n".join(problems)
+    # what this soak is for happened: one folder held two VMs' backups, a VM had data and
+    # metadata-only backups side by side, and retention deleted some
+    assert shared and mixed and pruned

@@ -89,6 +89,25 @@ def test_legacy_root_disk(disks, root):
     assert legacy_root_disk(disks) == root
 
 
+TWO_DISKS = {"xvda": cfg("0", 100), "xvdb": cfg("1", 200)}
+
+
+@pytest.mark.parametrize("names, disks, held", [
+    (["web01.raw"], TWO_DISKS, {"web01.raw": LegacyDisk("xvda", "0", 100)}),
+    (["web01.raw", "web01-xvdb.raw"], TWO_DISKS,
+     {"web01.raw": LegacyDisk("xvda", "0", 100), "web01-xvdb.raw": LegacyDisk("xvdb", "1", 200)}),
+    (["web01-xvdb.vhd", "web01.vhd"], TWO_DISKS,
+     {"web01.vhd": LegacyDisk("xvda", "0", 100), "web01-xvdb.vhd": LegacyDisk("xvdb", "1", 200)}),
+    (["web01.raw", "web01-xvdc.raw"], TWO_DISKS,           # no DISK-xvdc: no size to check
+     {"web01.raw": LegacyDisk("xvda", "0", 100), "web01-xvdc.raw": None}),
+    (["copy.raw"], TWO_DISKS, {"copy.raw": LegacyDisk("xvda", "0", 100)}),   # the only one: root
+    (["copy.raw", "other.raw"], TWO_DISKS, {"copy.raw": None, "other.raw": None}),
+    (["web01.xva", "vm-metadata.xml"], TWO_DISKS, {}),
+], ids=["root-only", "root-and-xvdb", "vhd", "unknown-device", "only-file", "two-unknown", "no-disk-files"])
+def test_legacy_disk_files(names, disks, held):
+    assert vmbackup.legacy_disk_files("web01", names, disks) == held
+
+
 # -- the commands read the one model ------------------------------------------------
 
 def test_manifest_folder_with_only_success_compress_is_incomplete_everywhere(tmp_path):

@@ -661,7 +661,7 @@ def test_list_shows_each_backup_newest_first(listing_dir):
     rc, out = run_cmd(V.cmd_list, "-d", listing_dir)
     assert rc == 0
     lines = out.splitlines()
-    start = lines.index("web01: 4 backups")
+    start = lines.index("web01: 3 complete backups, 1 incomplete")
     rows = [re.split(r"\s{2,}", l.strip()) for l in lines[start + 2:start + 6]]
     assert [r[0] for r in rows] == ["2026-11-24 10:15:00", "2026-11-23 10:15:00",
                                     "2026-11-22 10:15:00", "2025-01-05 10:00:00"]
@@ -671,7 +671,7 @@ def test_list_shows_each_backup_newest_first(listing_dir):
     assert rows[2][4] == "complete"
     assert rows[2][5].startswith("BAD: web01.xva: size is 1024 bytes, the manifest says")
     assert rows[3][1] == "vm-export" and rows[3][4:] == ["complete", "not verified (legacy NAUbackup)"]
-    assert "db 01: 1 backup" in lines
+    assert "db 01: 1 complete backup" in lines
     assert "pool database: METADATA_xcp1 (1 file)" in lines
     assert any(l.split()[:3] == ["2026-11-23", "10:20:00", "host_20261123-102000.xbk"] for l in lines)
 

@@ -23,7 +23,7 @@ from vmbackup.metadata import (
     file_entry, manifest_record, pool_info, save_vm_metadata, write_cfg_files)
 from vmbackup.progress import exporting
 from vmbackup.report import RunRecord, UnitLog, VmResult, status_size
-from vmbackup.retention import prune_dated_files, prune_vm_backups
+from vmbackup.retention import keep_for, prune_dated_files, prune_vm_backups
 from vmbackup.selection import PoolView
 from vmbackup.store import XVA_SUFFIXES, LocalStore, check_space, inside, safe_dirname, stamp
 from vmbackup.transport.base import BEAT_WORD, Obj, Transport
@@ -223,10 +223,38 @@ def disk_estimate(disk, fmt):
     return int(disk.vdi.get(key) or disk.vdi.get("virtual_size") or 0)
 
 
-def estimate_size(plan):
-    """Return the bytes a VM's export may take: its exported VDIs' physical utilisation."""
-    return sum(int(d.vdi.get("physical_utilisation") or d.vdi.get("virtual_size") or 0)
-               for d in plan.disks)
+#: An XVA carries a disk in chunks of 1 MiB; a chunk of zeros is left out, except the first
+#: and the last, and each chunk brings a tar header, a checksum member's header and body.
+XVA_CHUNK, XVA_CHUNK_OVERHEAD = 1 << 20, 3 * 512
+
+
+def estimate_size(plan, previous=0):
+    """Return the bytes a VM's export may take (pure).
+
+    Each exported disk's physical utilisation -- for an XVA in whole 1 MiB chunks, its
+    first and last chunk included -- and never less than `previous`, what the VM's last
+    complete backup in this mode took: data spread thinly over a disk makes an XVA of
+    many chunks that XAPI's physical utilisation does not show.
+    """
+    total = 0
+    for disk in plan.disks:
+        size = int(disk.vdi.get("virtual_size") or 0)
+        used = int(disk.vdi.get("physical_utilisation") or size)
+        if plan.vm.mode == "vm-export":
+            chunks = min(-(-size // XVA_CHUNK), -(-used // XVA_CHUNK) + 2)
+            used = chunks * (XVA_CHUNK + XVA_CHUNK_OVERHEAD)
+        total += used
+    return max(total, previous)
+
+
+def last_backup_bytes(store, vm_folder, mode):
+    """Return the bytes of the files of a VM folder's newest complete backup in `mode`
+    (0: none)."""
+    for backup in reversed(store.backups(vm_folder)):
+        if backup.complete and backup.mode == mode and backup.manifest is not None:
+            return sum(int(f.get("size") or 0) for f in backup.manifest["files"]
+                       if isinstance(f, dict))
+    return 0
 
 
 def build_manifest(ctx, plan, started, files):
@@ -253,16 +281,17 @@ def backup_vm(ctx, plan, vlog):
     began = time.monotonic()
     store, vm_folder = LocalStore(config.backup_dir), safe_dirname(vm.name)
     os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
-    check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
+    check_space(config, estimate_size(plan, last_backup_bytes(store, vm_folder, vm.mode)),
+                "VM %s" % printable(vm.name))
     if config.pre_clean and vm.mode != "meta-export":
-        prune_vm_backups(store, vm_folder, vm.max_backups - 1, drop_incomplete=False, vlog=vlog,
-                         mode=vm.mode, uuid=vm.uuid)
+        prune_vm_backups(store, vm_folder, keep_for(config, vm), drop_incomplete=False, vlog=vlog,
+                         mode=vm.mode, uuid=vm.uuid, incoming=datetime.datetime.now())
     folder, moment = store.new_folder(vm_folder)
     vlog.info("%s to %s", vm.mode, folder)
     started = datetime.datetime.now()
     files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
     store.commit(folder, build_manifest(ctx, plan, started, files + exported))
-    prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog, mode=vm.mode, uuid=vm.uuid)
+    prune_vm_backups(store, vm_folder, keep_for(config, vm), vlog=vlog, mode=vm.mode, uuid=vm.uuid)
     total = sum(f["size"] for f in exported)
     if vlog.errors:
         return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,

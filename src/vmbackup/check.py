@@ -276,15 +276,14 @@ def _check_listed_file(found, folder, entry, sizes, quick=False):
 
 def _check_legacy_files(found, backup, quick):
     """Check a NAUbackup folder's files by their format (no manifest: no sizes or SHA-256 to compare)."""
-    raw_size = backup.root_disk.virtual_size if backup.root_disk else None
     for item in backup.files:
         path = os.path.join(backup.path, item.name)
         size = os.path.getsize(path)
         if item.kind is None or quick:
             found.checked(item.name, size)
             continue
-        problems, unchecked, _ = check_file(path, item.kind,
-                                            raw_size if item.kind in ("raw", "vhd") else None)
+        disk = backup.disk_files.get(item.name)   # each disk file against its own vdi.cfg
+        problems, unchecked, _ = check_file(path, item.kind, disk.virtual_size if disk else None)
         found.checked(item.name, size, problems, unchecked)
 
 

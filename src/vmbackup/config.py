@@ -15,8 +15,8 @@ import typing
 
 from vmbackup.errors import ConfigError, log
 from vmbackup.util import (
-    choice, parse_bool, parse_compress, parse_fingerprint, parse_int, parse_percent,
-    parse_rate, parse_text, parse_umask)
+    choice, parse_addresses, parse_bool, parse_compress, parse_fingerprint, parse_int,
+    parse_percent, parse_rate, parse_text, parse_umask)
 
 
 #: NAUbackup's documented defaults, kept so its config files mean the same here.
@@ -50,6 +50,16 @@ SETTINGS = collections.OrderedDict([
     ("max_meta_backups", Setting(None, lambda v: parse_int(v, 1),
                                  "metadata-only backups kept per VM, counted apart from the "
                                  "backups with disk data (default: max_backups)")),
+    ("keep_daily", Setting(0, lambda v: parse_int(v, -1),
+                           "GFS, as borg prune: beside the max_backups newest, also keep the "
+                           "newest backup of each of this many more days (0: off, -1: all)")),
+    ("keep_weekly", Setting(0, lambda v: parse_int(v, -1),
+                            "GFS: then the newest of each of this many more weeks, Monday to "
+                            "Sunday (0: off, -1: all)")),
+    ("keep_monthly", Setting(0, lambda v: parse_int(v, -1),
+                             "GFS: then the newest of each of this many more months (0: off, -1: all)")),
+    ("keep_yearly", Setting(0, lambda v: parse_int(v, -1),
+                            "GFS: then the newest of each of this many more years (0: off, -1: all)")),
     ("vdi_export_format", Setting("raw", choice("raw", "vhd"),
                                   "disk format of vdi-export: raw or vhd")),
     ("pool_db_backup", Setting(False, parse_bool, "back up the pool database (0|1)")),
@@ -76,6 +86,38 @@ SETTINGS = collections.OrderedDict([
     ("tls_ca_file", Setting(None, parse_text, "CA bundle that signed the pool's certificate")),
     ("tls_fingerprint", Setting(None, parse_fingerprint, "pinned SHA-256 fingerprint of the pool's certificate")),
     ("tls_insecure", Setting(False, parse_bool, "do not verify the pool's certificate (warns)")),
+    # -- reports: log file, syslog, metrics, mail (notify, logsinks, metrics) --
+    ("log_file", Setting(None, parse_text, "append the log (the lines stderr shows, info and up "
+                                           "even with -q) to this file")),
+    ("syslog", Setting(False, parse_bool, "send the log to syslog (ident vmbackup; journald "
+                                          "reads /dev/log too) (0|1)")),
+    ("syslog_address", Setting("/dev/log", parse_text,
+                               "syslog socket: a unix datagram socket path, or host:port (UDP)")),
+    ("syslog_facility", Setting("user", choice("user", "daemon", "local0", "local1", "local2",
+                                               "local3", "local4", "local5", "local6", "local7"),
+                                "syslog facility: user, daemon or local0..local7")),
+    ("metrics_file", Setting(None, parse_text, "Prometheus textfile written after every run, e.g. "
+                             "/var/lib/node_exporter/textfile_collector/vmbackup.prom")),
+    ("mail_to", Setting(None, parse_addresses, "mail the run's report to these addresses "
+                                               "(comma-separated)")),
+    ("mail_from", Setting(None, parse_text, "sender address (default vmbackup@this host)")),
+    ("mail_on", Setting("error", choice("always", "warning", "error"),
+                        "when to mail: always, warning (warnings or errors), error")),
+    ("mail_subject_prefix", Setting("[vmbackup]", parse_text, "first word of the subject")),
+    ("smtp_server", Setting("localhost", parse_text, "SMTP server")),
+    ("smtp_port", Setting(None, lambda v: parse_int(v, 1),
+                          "SMTP port (default 25, 587 with starttls, 465 with ssl)")),
+    ("smtp_security", Setting("none", choice("none", "starttls", "ssl"),
+                              "none, starttls or ssl; starttls and ssl verify the server's "
+                              "certificate and name")),
+    ("smtp_ca_file", Setting(None, parse_text, "CA bundle for the SMTP server's certificate "
+                                               "(default: the system's)")),
+    ("smtp_username", Setting(None, parse_text, "SMTP AUTH user (needs starttls or ssl, "
+                                                "or a server on this host)")),
+    ("smtp_password_file", Setting(None, parse_text, "file holding the SMTP password "
+                                                     "(mode 0600)")),
+    ("smtp_timeout", Setting(30, lambda v: parse_int(v, 1),
+                             "seconds an SMTP connection may wait; 3 tries in all")),
     ("jobs", Setting(1, lambda v: parse_int(v, 1), "VMs backed up at once (each its own snapshot)")),
     ("jobs_per_host", Setting(2, lambda v: parse_int(v, 0),
                               "exports one host serves at once (0: no limit besides jobs)")),
@@ -100,6 +142,8 @@ class Selector(typing.NamedTuple):
     max_backups: typing.Optional[int] = None   # None: the global max_backups
     devices: typing.Tuple[str, ...] = ()       # vdi-export disks; () = root disk
     origin: str = "command line"               # "file:line" or "command line"
+    gfs: typing.Optional[typing.Tuple[int, int, int, int]] = None   # its own keep_daily,
+    # keep_weekly, keep_monthly, keep_yearly ('web01:4+7d+4w'); None: the global keep_* settings
 
     @property
     def is_plain(self):
@@ -119,9 +163,48 @@ class Selector(typing.NamedTuple):
 
 _SELECTOR_TAIL = {
     # NAME:MAX:DEV;DEV  (the regex part may itself hold colons, so split from the right)
-    "vdi-export": re.compile(r"^(?P<name>.+?)(?::(?P<max>-?\d*)(?::(?P<devs>[A-Za-z0-9;, ]*))?)?$", re.S),
-    "other": re.compile(r"^(?P<name>.+?)(?::(?P<max>-?\d*))?$", re.S),
+    "vdi-export": re.compile(r"^(?P<name>.+?)(?::(?P<max>[-+0-9dwmy]*)(?::(?P<devs>[A-Za-z0-9;, ]*))?)?$",
+                             re.S),
+    "other": re.compile(r"^(?P<name>.+?)(?::(?P<max>[-+0-9dwmy]*))?$", re.S),
 }
+
+
+#: A selector's MAX field: MAX_BACKUPS, then GFS terms ('4+7d+4w+12m+2y', '12m'), the keep_daily,
+#: keep_weekly, keep_monthly and keep_yearly of its VMs. Before these terms a MAX with a letter
+#: or a '+' was an error, so no config that worked changes meaning.
+_KEEP_FIELD = re.compile(r"^(?P<count>(?:-?\d+)?)(?P<gfs>(?:(?:^|\+)-?\d+[dwmy])*)$")
+
+
+#: The GFS term letters, in the order of Selector.gfs.
+GFS_UNITS = "dwmy"
+
+
+def parse_keep_field(text, raw):
+    """Return (max_backups or None, gfs or None) of the MAX field `text` of selector `raw`;
+    raise ValueError. "4" -> (4, None); "4+7d+2y" -> (4, (7, 0, 0, 2)); "12m" -> (None, (0, 0, 12, 0))."""
+    match = _KEEP_FIELD.match(text or "")
+    if not match:
+        raise ValueError("MAX %r in %r: write a number, or a number and GFS terms like "
+                         "4+7d+4w+12m+2y (days, weeks, months, years)" % (text, raw))
+    count, terms = match.group("count"), match.group("gfs")
+    max_backups = None
+    if count not in ("", "-1"):
+        max_backups = int(count)
+        if max_backups < 1:
+            raise ValueError("max_backups in %r must be at least 1 (or -1 for the default)" % raw)
+    if not terms:
+        return max_backups, None
+    gfs = [None] * len(GFS_UNITS)
+    for term in terms.split("+"):
+        if not term:
+            continue
+        slot = GFS_UNITS.index(term[-1])
+        if gfs[slot] is not None:
+            raise ValueError("MAX %r in %r gives the %r term twice" % (text, raw, term[-1]))
+        gfs[slot] = int(term[:-1])
+        if gfs[slot] < -1:
+            raise ValueError("%r in %r must be at least -1 (-1: every period)" % (term, raw))
+    return max_backups, tuple(n or 0 for n in gfs)
 
 
 #: What a selector with a mistyped MAX looks like ('web01:abc', 'DEV-web3:x:xvda'): a word
@@ -147,20 +230,17 @@ def parse_selector(text, mode, origin="command line"):
     devs = match.groupdict().get("devs") or ""
     bad = _BAD_MAX["vdi-export" if mode == "vdi-export" else "other"].match(name)
     if bad and not PLAIN_NAME_RE.match(name):
-        raise ValueError("MAX_BACKUPS %r in %r is not a whole number (NAME_OR_REGEX[:MAX%s])"
+        raise ValueError("MAX_BACKUPS %r in %r is not a whole number (NAME_OR_REGEX[:MAX%s], "
+                         "MAX = N or N+7d+4w+12m+2y)"
                          % (bad.group("max"), raw, "[:DEV;DEV]" if mode == "vdi-export" else ""))
-    max_backups = None
-    if max_text not in (None, "", "-1"):
-        max_backups = int(max_text)
-        if max_backups < 1:
-            raise ValueError("max_backups in %r must be at least 1 (or -1 for the default)" % raw)
+    max_backups, gfs = parse_keep_field(max_text, raw)
     devices = tuple(d.strip() for d in re.split(r"[;,]", devs) if d.strip())
     if not PLAIN_NAME_RE.match(name):
         try:
             re.compile(name)
         except re.error as exc:
             raise ValueError("invalid regex: %s=%s (%s)" % (mode, raw, exc))
-    return Selector(mode, name, max_backups, devices, origin)
+    return Selector(mode, name, max_backups, devices, origin, gfs)
 
 
 class Config(typing.NamedTuple):
@@ -168,6 +248,10 @@ class Config(typing.NamedTuple):
     backup_dir: str = DEFAULT_BACKUP_DIR
     max_backups: int = DEFAULT_MAX_BACKUPS
     max_meta_backups: typing.Optional[int] = None
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
     vdi_export_format: str = "raw"
     pool_db_backup: bool = False
     host_backup: bool = False
@@ -190,6 +274,22 @@ class Config(typing.NamedTuple):
     tls_ca_file: typing.Optional[str] = None
     tls_fingerprint: typing.Optional[str] = None
     tls_insecure: bool = False
+    log_file: typing.Optional[str] = None
+    syslog: bool = False
+    syslog_address: str = "/dev/log"
+    syslog_facility: str = "user"
+    metrics_file: typing.Optional[str] = None
+    mail_to: typing.Optional[typing.Tuple[str, ...]] = None
+    mail_from: typing.Optional[str] = None
+    mail_on: str = "error"
+    mail_subject_prefix: str = "[vmbackup]"
+    smtp_server: str = "localhost"
+    smtp_port: typing.Optional[int] = None
+    smtp_security: str = "none"
+    smtp_ca_file: typing.Optional[str] = None
+    smtp_username: typing.Optional[str] = None
+    smtp_password_file: typing.Optional[str] = None
+    smtp_timeout: int = 30
     jobs: int = 1
     jobs_per_host: int = 2
     jobs_per_sr: int = 2
@@ -296,6 +396,9 @@ def example_config():
         "# is a Python regex matched at the start of the name (re.match): end it with $ to anchor.",
         "# Plain names win over regexes, excludes win over everything, vdi-export wins over",
         "# vm-export, and the last line for the same VM sets its MAX_BACKUPS. Order does not matter.",
+        "# MAX_BACKUPS may carry GFS terms, that VM's own keep_daily/weekly/monthly/yearly:",
+        "# PRD-db.*:4+7d+4w+12m keeps the 4 newest backups, then the newest of each of 7 more",
+        "# days, 4 more weeks and 12 more months ('+2y': 2 more years; a term left out is 0).",
         "#",
         "# The selectors below are examples, commented out: as printed, this file backs up",
         "# nothing (the run says so). Uncomment and edit the ones you want.",
@@ -307,6 +410,7 @@ def example_config():
         "#vm-export=PRD-.*",
         "#vm-export=.*SAVE$:5",
         "#vm-export=my-third-vm:3",
+        "#vm-export=PRD-db.*:4+7d+4w+12m",
         "# metadata only (no snapshot, no disk export): cheap enough to run hourly; its",
         "# backups are counted apart from the data backups (max_meta_backups)",
         "#meta-export=DEV-.*",

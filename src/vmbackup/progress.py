@@ -57,7 +57,7 @@ def progress_text(label, done, expected, fraction, elapsed):
     text = "%s: %s" % (label, human_size(done))
     if expected and expected >= done:
         text += " of ~%s" % human_size(expected)
-    if fraction is not None and 0.0 <= fraction <= 1.0:
+    if fraction is not None and 0.0 < fraction <= 1.0:
         text += " (%d%%)" % int(fraction * 100)
     if elapsed > 0:
         text += ", %s/s" % human_size(done / elapsed)

@@ -7,7 +7,7 @@ status_end_fields), StatusLog, settings_summary, preview_data/format_preview,
 write_json, setup_logging. Nothing here infers anything from which logger a line
 went through: the exit code, the tally, the status log and the JSON all read the
 Outcome.
-Imports: errors, util, config.
+Imports: errors, util, config, retention.
 """
 
 import datetime
@@ -20,8 +20,10 @@ import typing
 
 from vmbackup import __version__
 from vmbackup.config import SETTINGS
-from vmbackup.errors import BackupDirError, EXIT_ERROR, EXIT_OK, EXIT_WARNING, log
-from vmbackup.util import printable
+from vmbackup.errors import (
+    BackupDirError, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_WARNING, log)
+from vmbackup.retention import keep_for
+from vmbackup.util import mask_credentials, printable
 
 
 def settings_summary(config):
@@ -31,6 +33,8 @@ def settings_summary(config):
         value = getattr(config, key)
         if key == "umask":
             value = "%03o" % value
+        elif key == "server" and value:
+            value = mask_credentials(value)
         rows.append((key, value, config.where(key)))
     return rows
 
@@ -112,7 +116,10 @@ def tally(outcome):
 
 
 def exit_code_for(outcome):
-    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec)."""
+    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec);
+    130 for a run interrupted by Ctrl-C (SIGINT), as the shell expects."""
+    if outcome.terminated == "SIGINT":
+        return EXIT_INTERRUPTED
     counts = tally(outcome)
     if counts.errors:
         return EXIT_ERROR
@@ -191,6 +198,7 @@ class RunRecord:
         self.terminated = None
         self.begun = False              # the status log has its `begin` line
         self.open_snapshots = {}        # uuid -> unit: taken and not yet destroyed
+        self.pool = None                # the pool's name_label, once read (the mail's subject)
 
     def outcome(self):
         sel = self.selection
@@ -295,7 +303,7 @@ def preview_data(config, outcome, found):
         "would_start": outcome.cannot_start is None,
         "settings": {key: value for key, value, _ in settings_summary(config)},
         "vms": [{"name": p.vm.name, "uuid": p.vm.uuid, "mode": p.vm.mode,
-                 "max_backups": p.vm.max_backups,
+                 "max_backups": p.vm.max_backups, "retention": str(keep_for(config, p.vm)),
                  "disks": [d.device for d in p.disks],
                  "skipped_disks": [d.device for d in p.skipped],
                  "problems": list(p.problems),
@@ -332,8 +340,9 @@ def format_preview(data, config):
         disks = ", ".join(vm["disks"]) or "-"
         if vm["skipped_disks"]:
             disks += "  (left out, [NOBAK]: %s)" % ", ".join(vm["skipped_disks"])
-        out.append("  %-24s %-11s max_backups=%-3d disks: %s  [%s]"
-                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], disks, vm["uuid"]))
+        gfs = "retention %s  " % vm["retention"] if "+" in vm["retention"] else ""
+        out.append("  %-24s %-11s max_backups=%-3d %sdisks: %s  [%s]"
+                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], gfs, disks, vm["uuid"]))
     for title, key in (("Excluded", "excluded"), ("Not selected", "not_selected")):
         out.append("%s (%d):" % (title, len(data[key])))
         out.extend("  %-24s [%s]" % (printable(v["name"]), v["uuid"]) for v in data[key])

@@ -1,14 +1,106 @@
 """Which old backups to delete, as a pure decision, and deleting them through the Store.
 
-Owns: plan_retention (pure, table-tested), retention_group and owned_by (which folders
-one VM's retention may count and delete), prune_vm_backups, prune_dated_files.
+Owns: Keep and keep_for (how many backups a VM keeps: max_backups, and the GFS rules
+keep_daily/weekly/monthly/yearly), gfs_kept and plan_retention (pure, table-tested),
+retention_group and in_retention (which folders one VM's retention may count and delete),
+plan_vm_retention (the one plan the run, pre_clean and --preview share), prune_vm_backups,
+prune_dated_files.
 Imports: errors, store.
 """
 
 import os
+import typing
 
 from vmbackup.errors import log
 from vmbackup.store import SUCCESS_MARKER, parse_dated_file
+
+
+class Keep(typing.NamedTuple):
+    """How many complete backups one VM keeps, as borg prune's rules: the `last` newest
+    (max_backups), then the newest backup of each of `daily` more days, `weekly` more weeks,
+    `monthly` more months and `yearly` more years (0: the rule is off; -1: no limit)."""
+    last: int
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    def __str__(self):
+        """'4', or '4+7d+4w+12m+2y' as a selector's MAX field writes it."""
+        gfs = "".join("+%d%s" % (n, unit) for n, unit in zip(self[1:], "dwmy") if n)
+        return "%d%s" % (self.last, gfs)
+
+
+#: The GFS rules in the order they apply, each with the period a backup's time falls in.
+#: The times are the folder names' wall-clock local times (store.stamp), never converted:
+#: a day is a calendar day of the host that made the backups, a DST change included;
+#: weeks are ISO weeks, Monday to Sunday (31 Dec 2026 and 1 Jan 2027 share week 2026-W53).
+GFS_PERIODS = (
+    ("daily", lambda when: when.date()),
+    ("weekly", lambda when: when.isocalendar()[:2]),
+    ("monthly", lambda when: (when.year, when.month)),
+    ("yearly", lambda when: when.year),
+)
+
+
+def keep_for(config, vm):
+    """Return the Keep of a selected VM (selection.Selected): its max_backups, and the GFS
+    rules its selector's MAX field gives ('web01:4+7d+4w'), else the keep_* settings."""
+    gfs = vm.selector.gfs
+    if gfs is None:
+        gfs = (config.keep_daily, config.keep_weekly, config.keep_monthly, config.keep_yearly)
+    return Keep(vm.max_backups, *gfs)
+
+
+def gfs_kept(backups, keep):
+    """Return {name: (rule, n)}: which of the complete `backups` [(name, datetime)] `keep`
+    keeps, and the rule that keeps each (pure).
+
+    borg prune's semantics: the rules apply in the order last, daily, weekly, monthly,
+    yearly; each walks the backups newest first and, for each new period, keeps its newest
+    backup unless an earlier rule already kept it, in which case the period is used up and
+    does not count (keep_weekly=4 beside keep_daily=7 keeps 4 more weeks); a rule that runs
+    out of backups before its count also keeps the oldest backup, so the first backup ages
+    on until newer ones replace it. The newest backup is always kept.
+    """
+    newest_first = sorted(backups, key=lambda b: (b[1], b[0] is None, b[0] or ""), reverse=True)
+    kept = {}
+    rules = (("last", lambda when: object()),) + GFS_PERIODS
+    for (rule, period_of), count in zip(rules, (max(1, keep.last),) + tuple(keep[1:])):
+        if count == 0 or not newest_first:
+            continue
+        found, last_period = 0, None
+        for name, when in newest_first:
+            period = period_of(when)
+            if period == last_period:
+                continue
+            last_period = period
+            if name not in kept:
+                found += 1
+                kept[name] = (rule, found)
+                if found == count:
+                    break
+        oldest = newest_first[-1][0]
+        if 0 < count and found < count and oldest not in kept:
+            kept[oldest] = (rule + " (oldest)", found + 1)
+    return kept
+
+
+def plan_retention(entries, keep, drop_incomplete=True):
+    """Return the names to delete from `entries` [(name, datetime, complete)], newest kept.
+
+    `keep` is a Keep, or a number (the newest backups kept: Keep(keep)). Complete
+    backups that no rule keeps (gfs_kept) go; incomplete ones go when `drop_incomplete`.
+    An entry named None stands for the backup a run is about to make (--preview,
+    pre_clean): it is planned as complete, and never returned. Never returns the newest
+    complete backup (with an entry named None, that is the run's own). Pure: works from
+    names and markers (store.is_complete), never from mtimes.
+    """
+    keep = keep if isinstance(keep, Keep) else Keep(keep)
+    kept = gfs_kept([(name, when) for name, when, done in entries if done], keep)
+    doomed = [name for name, _, done in entries
+              if name is not None and (not done and drop_incomplete or done and name not in kept)]
+    return sorted(doomed)
 
 
 def retention_group(mode):
@@ -37,30 +129,34 @@ def in_retention(folder, mode, uuid):
     return not folder.complete and SUCCESS_MARKER not in folder.entries and not folder.manifest_error
 
 
-def plan_retention(entries, keep, drop_incomplete=True):
-    """Return the names to delete from `entries` [(name, datetime, complete)], newest kept.
+def plan_vm_retention(folders, keep, mode=None, uuid=None, drop_incomplete=True, incoming=None):
+    """Return the names plan_retention deletes among the BackupFolders `folders` that the
+    retention of VM `uuid` in `mode` may count (in_retention) (pure): what a run deletes
+    after its backup, pre_clean before it, and --preview lists."""
+    entries = [(f.name, f.when, f.complete) for f in folders if in_retention(f, mode, uuid)]
+    if incoming is not None:     # the backup the run makes: planned as done at `incoming`
+        entries.append((None, incoming, True))
+    return plan_retention(entries, keep, drop_incomplete)
 
-    The `keep` newest complete backups stay; older complete ones go; incomplete
-    ones go when `drop_incomplete`. Never returns the newest complete backup.
-    Pure: works from names and markers (store.is_complete), never from mtimes.
+
+def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None,
+                     incoming=None):
+    """Delete what plan_vm_retention says among the backups of VM `uuid` in `mode` filed
+    under the folder `vm` of `store`; return the names deleted. `keep`: a Keep or a number.
+
+    With `incoming` (pre_clean, before the export) it deletes what retention will delete
+    once the backup of that time is made, except the newest complete backup: the export
+    may yet fail, and the last good backup always stays.
     """
-    complete = sorted((e for e in entries if e[2]), key=lambda e: e[1], reverse=True)
-    keep = max(1, keep)
-    doomed = [name for name, _, _ in complete[keep:]]
-    if drop_incomplete:
-        doomed += [name for name, _, done in entries if not done]
-    return sorted(doomed)
-
-
-def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None):
-    """Delete what plan_retention says among the backups of VM `uuid` in `mode` filed under
-    the folder `vm` of `store` (in_retention); return the names deleted."""
     vlog = vlog or log
     for name in store.finish_deletes(vm):
         vlog.info("retention: finished deleting %s (an earlier delete was interrupted)", name)
-    folders = {f.name: f for f in store.backups(vm) if in_retention(f, mode, uuid)}
-    doomed = plan_retention([(f.name, f.when, f.complete) for f in folders.values()], keep,
-                            drop_incomplete)
+    folders = {f.name: f for f in store.backups(vm)}
+    doomed = plan_vm_retention(folders.values(), keep, mode, uuid, drop_incomplete, incoming)
+    if incoming is not None:
+        good = [f for f in folders.values() if f.complete and in_retention(f, mode, uuid)]
+        last_good = max(good, key=lambda f: f.when).name if good else None
+        doomed = [name for name in doomed if name != last_good]
     for name in doomed:
         if folders[name].complete:
             vlog.info("retention: deleting %s", name)

@@ -14,10 +14,11 @@ from vmbackup.backup import Context, backup_hosts, backup_pool_db, run_note
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
 from vmbackup.jobs import back_up_vms
 from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
+from vmbackup.notify import send_reports
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
-from vmbackup.retention import plan_retention
+from vmbackup.retention import keep_for, plan_vm_retention
 from vmbackup.selection import plan_vm, read_pool, select_vms, wanted_by
 from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
@@ -74,6 +75,7 @@ def back_up_everything(config, endpoint, password, status_log, record):
         try:
             beat.start()
             view = read_pool(xapi, wanted_by(config))
+            record.pool = view.pool.get("name_label")
             ctx = Context(config, transport, view, beat.note, record)
             clean_leftovers(ctx)
             selection = select_for_run(config, view, record)
@@ -111,7 +113,8 @@ def select_for_run(config, view, record):
 
 
 def report_run(config, record, status_log, json_target):
-    """Print and write the run's Outcome: status log `end`, summary, recap, --json."""
+    """Print and write the run's Outcome: mail, metrics, status log `end`, summary, recap, --json."""
+    send_reports(config, record)     # what cannot be sent is a warning of this run
     outcome = record.outcome()
     if not record.begun and status_log.folder_exists():
         status_log.line(PROG, "begin")      # a run that cannot start still leaves its pair
@@ -128,11 +131,15 @@ def report_run(config, record, status_log, json_target):
         write_json(json_target, run_summary(config, record.outcome()))
 
 
-def report_cannot_start(json_target, reason):
-    """Write the --json of a run stopped before its settings were read (a config error)."""
+def report_cannot_start(json_target, reason, config=None):
+    """Write the --json of a run stopped before it began (a config error; with `config`,
+    its settings read, also the status log's begin/end pair)."""
     record = RunRecord()
     record.cannot_start = reason
-    if json_target:
+    if config is not None:
+        report_run(config, record, StatusLog(config.status_log, config.where("status_log"),
+                                             record.log), json_target)
+    elif json_target:
         write_json(json_target, run_summary(None, record.outcome()))
 
 
@@ -184,17 +191,17 @@ def preview_pool(config, endpoint, password, record):
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
 
 
-def planned_deletions(config, plans):
-    """Return [(VM folder, backup name)] retention would delete after each plan's new backup."""
+def planned_deletions(config, plans, now=None):
+    """Return [(VM folder, backup name)] retention would delete after each plan's new backup
+    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only."""
     store, found = LocalStore(config.backup_dir), []
+    now = now or datetime.datetime.now().replace(microsecond=0)
     for plan in plans:
         if plan.problems:
             continue
-        folder = safe_dirname(plan.vm.name)
-        entries = [(f.name, f.when, f.complete) for f in store.backups(folder)]
-        new = ("(this run)", datetime.datetime.max, True)
-        found.extend((folder, name) for name in plan_retention(entries + [new], plan.vm.max_backups)
-                     if name != new[0])
+        vm, folder = plan.vm, safe_dirname(plan.vm.name)
+        found.extend((folder, name) for name in plan_vm_retention(
+            store.backups(folder), keep_for(config, vm), vm.mode, vm.uuid, incoming=now))
     return tuple(found)
 
 

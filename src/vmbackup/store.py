@@ -3,7 +3,7 @@
 Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names; the backup
 folder model (BackupFolder, read_backup_folder) and its rules, each written once:
 is_complete (is this folder a finished backup?), file_kind (is this file an XVA?),
-legacy_root_disk (which DISK-* did NAUbackup export?); MANIFEST and the success
+legacy_root_disk and legacy_disk_files (which DISK-* does a NAUbackup disk file hold?); MANIFEST and the success
 markers, read_manifest/read_cfg; the Store interface and LocalStore; RunLock;
 check_backup_dir/check_space/log_df, folder_size.
 Imports: errors, util.
@@ -199,10 +199,37 @@ def legacy_root_disk(disks):
     """
     if LEGACY_ROOT_DEVICE not in disks:
         return None
-    vbd, vdi = disks[LEGACY_ROOT_DEVICE]
+    return legacy_disk(LEGACY_ROOT_DEVICE, *disks[LEGACY_ROOT_DEVICE])
+
+
+def legacy_disk(device, vbd, vdi):
+    """Return the LegacyDisk of DISK-<device> from its vbd.cfg and vdi.cfg pairs."""
     size = vdi.get("virtual_size", "").strip()
-    return LegacyDisk(LEGACY_ROOT_DEVICE, vbd.get("userdevice", "0") or "0",
+    return LegacyDisk(device, vbd.get("userdevice", "0") or "0",
                       int(size) if size.isdigit() else None)
+
+
+def legacy_disk_files(vm, names, disks):
+    """Return {disk file: LegacyDisk or None}: which DISK-<device> each .raw/.vhd file among
+    `names` of a NAUbackup folder in the VM folder `vm` holds, from {device: (vbd.cfg, vdi.cfg)}.
+
+    The one rule: `<vm>.raw` (or the folder's only disk file) holds the root disk
+    (legacy_root_disk); `<vm>-<device>.raw` holds DISK-<device>, each checked against its
+    own vdi.cfg; any other disk file holds no disk we know (its size goes unchecked).
+    ("web01", ["web01.raw", "web01-xvdb.raw"], {xvda, xvdb}) -> {web01.raw: xvda, web01-xvdb.raw: xvdb}
+    """
+    files = [n for n in names if file_kind(n) in ("raw", "vhd")]
+    found = {}
+    for name in files:
+        stem = name[:-len(".raw")]   # .raw and .vhd are as long
+        device = stem[len(vm) + 1:] if stem.startswith(vm + "-") else None
+        if device in disks:
+            found[name] = legacy_disk(device, *disks[device])
+        elif stem == vm or len(files) == 1:
+            found[name] = legacy_root_disk(disks)
+        else:
+            found[name] = None
+    return found
 
 
 class BackupFile(typing.NamedTuple):
@@ -225,6 +252,7 @@ class BackupFolder(typing.NamedTuple):
     files: typing.Tuple[BackupFile, ...]        # the manifest's files, or (legacy) the folder's
     entries: typing.FrozenSet[str]              # every name in the folder
     root_disk: typing.Optional[LegacyDisk]      # legacy only: legacy_root_disk
+    disk_files: typing.Dict[str, typing.Optional[LegacyDisk]] = {}  # legacy only: legacy_disk_files
 
     def names_of(self, kind):
         """Return the names of this backup's files of `kind` (xva, vhd, raw, metadata)."""
@@ -278,7 +306,7 @@ def read_backup_folder(path):
         except BadFile as exc:
             error = str(exc)
     legacy = is_legacy_folder(name, entries)
-    mode, names = None, []
+    mode, names, disk_files = None, [], {}
     if manifest is not None:
         names = [str(f.get("name", "")) for f in manifest["files"] if isinstance(f, dict)]
         mode, vm = manifest.get("mode"), (manifest.get("vm") or {}).get("name", vm)
@@ -286,11 +314,14 @@ def read_backup_folder(path):
         names = sorted(n for n in entries.difference(LEGACY_SUCCESS_MARKERS)
                        if os.path.isfile(os.path.join(path, n)))
         mode = legacy_mode(file_kind(n) for n in names)
-        root_disk = legacy_root_disk(read_legacy_disks(path, entries))
+        disks = read_legacy_disks(path, entries)
+        root_disk = legacy_root_disk(disks)
+        disk_files = legacy_disk_files(os.path.basename(os.path.dirname(os.path.abspath(path))),
+                                       names, disks)
     complete = is_complete(entries) and (legacy or MANIFEST in entries)
     return BackupFolder(path, name, vm, parse_backup_name(name), complete, legacy, mode,
                         manifest, error, tuple(BackupFile(n, file_kind(n)) for n in names),
-                        entries, root_disk)
+                        entries, root_disk, disk_files)
 
 
 #: A run touches its lock's mtime this often (seconds) while it lives.

@@ -1,7 +1,7 @@
 """Small helpers every layer uses: value parsers, human sizes, printable names, durable writes.
 
-Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text, human_size, one_line,
-printable, partial_file (write to .part, rename on success), fsync, write_text,
+Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text/addresses, human_size, one_line,
+printable, mask_credentials, partial_file (write to .part, rename on success), fsync, write_text,
 sha256_file, free_space.
 Imports: errors.
 """
@@ -113,6 +113,21 @@ def parse_text(text):
     return str(text).strip()
 
 
+def parse_addresses(text):
+    """Return the mail addresses of a comma-separated list; raise ValueError if one is not one.
+
+    >>> parse_addresses("ops@example.org, Backup Team <backup@example.org>")
+    ('ops@example.org', 'Backup Team <backup@example.org>')
+    """
+    found = tuple(a.strip() for a in str(text).split(",") if a.strip())
+    for address in found:
+        if not re.match(r"^(?:[^<>@]*<)?[^<>@\s]+@[^<>@\s]+>?$", address):
+            raise ValueError("%r is not a mail address" % address)
+    if not found:
+        raise ValueError("expected one or more mail addresses, comma-separated")
+    return found
+
+
 def human_size(nbytes):
     """Return '1.5G'-style text for a byte count."""
     value = float(nbytes)
@@ -201,3 +216,14 @@ def free_space(path):
     st = os.statvfs(path)
     free, total = st.f_bavail * st.f_frsize, st.f_blocks * st.f_frsize
     return free, total, (100.0 * free / total) if total else 0.0
+
+
+def mask_credentials(url):
+    """Return `url` with any user:password@ replaced: 'https://root:pw@h/' -> 'https://***@h/'."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return scheme + sep + netloc + slash + tail

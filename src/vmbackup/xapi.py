@@ -23,7 +23,7 @@ from vmbackup import __version__
 from vmbackup.errors import (
     CallFailed, ConfigError, ExportFailed, ExportStalled, LoginError, VmBackupError,
     XapiCallFailed, log, xapi_error_text)
-from vmbackup.util import human_size, one_line
+from vmbackup.util import human_size, mask_credentials, one_line
 
 
 try:  # the official client; dom0 ships it, elsewhere: pip install XenAPI
@@ -193,17 +193,6 @@ def parse_endpoint(server, ca_file=None, fingerprint=None, insecure=False):
     except ValueError:
         raise ConfigError("server=%s: bad port" % server)
     return Endpoint(parts.scheme, parts.hostname, port, ca_file, fingerprint, insecure)
-
-
-def mask_credentials(url):
-    """Return `url` with any user:password@ replaced: 'https://root:pw@h/' -> 'https://***@h/'."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return scheme + sep + netloc + slash + tail
 
 
 class EndpointTransport(xmlrpc.client.Transport):

@@ -13,9 +13,11 @@ from vmbackup import __version__
 from vmbackup.commands.options import (
     EXIT_STATUS_TEXT, connection_options, load_config, output_options, settings_from_args)
 from vmbackup.config import (
-    LEGACY_WORD_KEYS, Selector, normalise_key, parse_selector,
+    LEGACY_WORD_KEYS, Selector, build_config, normalise_key, parse_selector,
     read_config_file, read_password_file)
 from vmbackup.errors import PROG, UsageError, VmBackupError, log
+from vmbackup.logsinks import log_sinks
+from vmbackup.notify import test_mail
 from vmbackup.run import preview, report_cannot_start, run_backup
 from vmbackup.util import parse_bool
 from vmbackup.xapi import parse_endpoint
@@ -100,6 +102,11 @@ def build_parser():
     opt("--max-backups", type=int, metavar="N", help="successful backups kept per VM")
     opt("--max-meta-backups", type=int, metavar="N",
         help="metadata-only backups kept per VM, counted apart (default: --max-backups)")
+    for period, units in (("daily", "days"), ("weekly", "weeks"), ("monthly", "months"),
+                          ("yearly", "years")):
+        opt("--keep-" + period, metavar="N",
+            help="GFS: beside the --max-backups newest, keep the newest backup of each of N more "
+                 "%s (-1: all)" % units)
     opt("--compress", choices=("none", "gzip", "zstd"), help="vm-export compression")
     opt("--vdi-format", choices=("raw", "vhd"), help="vdi-export disk format")
     opt("--pool-db-backup", action="store_const", const=True, help="back up the pool database")
@@ -124,6 +131,12 @@ def build_parser():
     opt("--umask", metavar="OCTAL", help="umask for backup files (default 077)")
     opt("--status-log", metavar="FILE", help="append NAUbackup-style status lines to FILE")
     opt("--ignore-extra-keys", action="store_true", help="skip unknown config keys")
+    opt("--log-file", metavar="FILE", help="append the log to FILE too (info and up, even with -q)")
+    opt("--syslog", action="store_const", const=True,
+        help="send the log to syslog too (/dev/log, ident vmbackup)")
+    opt("--metrics-file", metavar="FILE", help="write a Prometheus textfile after the run")
+    opt("--test-mail", action="store_true",
+        help="send a test mail with the config's mail settings, back up nothing")
     opt("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -140,7 +153,8 @@ def parse_modern(argv):
                 selectors.append(parse_selector(text, mode, "--%s" % mode))
             except ValueError as exc:
                 raise UsageError("--%s %s: %s" % (mode, text, exc))
-    return Invocation("backup", config_file=args.config, cli_values=values,
+    return Invocation("test-mail" if args.test_mail else "backup", config_file=args.config,
+                      cli_values=values,
                       cli_selectors=tuple(selectors), preview=args.preview,
                       ignore_extra_keys=args.ignore_extra_keys, json=args.json)
 
@@ -240,13 +254,16 @@ def cmd_backup(inv):
 
     A run stopped by its settings still writes --json (status error, the reason).
     """
+    if inv.action == "test-mail":
+        return cmd_test_mail(inv)
+    config = None
     try:
         config, password = load_settings(inv)
         endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                                   config.tls_insecure)
     except VmBackupError as exc:
         if not inv.preview:
-            report_cannot_start(inv.json, str(exc))
+            report_cannot_start(inv.json, str(exc), config)
         raise
     if config.tls_insecure and not endpoint.is_local and not config.tls_fingerprint:
         # a caution about a chosen setting, printed each run; not a problem of the run
@@ -254,4 +271,11 @@ def cmd_backup(inv):
                     "can read the backups; prefer tls_fingerprint")
     if inv.preview:
         return preview(config, endpoint, password, inv.json)
-    return run_backup(config, endpoint, password, inv)
+    with log_sinks(config):     # --log-file, --syslog, and the lines the mail quotes
+        return run_backup(config, endpoint, password, inv)
+
+
+def cmd_test_mail(inv):
+    """Send a test mail with the mail settings of the config file and command line."""
+    parsed = read_config_file(inv.config_file, inv.ignore_extra_keys) if inv.config_file else None
+    return test_mail(build_config(parsed, inv.cli_values, (), inv.config_file))

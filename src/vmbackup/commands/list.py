@@ -42,9 +42,16 @@ class VmListing(typing.NamedTuple):
     folder: str
     backups: typing.Tuple[BackupSummary, ...]
 
+    def counts(self):
+        """Return (complete, incomplete): the backups that can be restored, and the others."""
+        complete = sum(1 for b in self.backups if b.complete)
+        return complete, len(self.backups) - complete
+
     def to_json(self):
-        """Return {"name", "folder", "backups": [...]}."""
+        """Return {"name", "folder", "complete", "incomplete", "backups": [...]}."""
+        complete, incomplete = self.counts()
         return collections.OrderedDict([("name", self.name), ("folder", self.folder),
+                                        ("complete", complete), ("incomplete", incomplete),
                                         ("backups", [b.to_json() for b in self.backups])])
 
 
@@ -131,8 +138,10 @@ def format_list(data):
         shown = printable(vm.name)
         if vm.folder != vm.name:
             shown += "  (folder %s)" % printable(vm.folder)
-        out += ["", "%s: %d backup%s" % (shown, len(vm.backups),
-                                         "" if len(vm.backups) == 1 else "s"),
+        complete, incomplete = vm.counts()
+        out += ["", "%s: %d complete backup%s%s" % (shown, complete, "" if complete == 1 else "s",
+                                                    ", %d incomplete" % incomplete if incomplete
+                                                    else ""),
                 row % ("DATE", "MODE", "FILES", "SIZE", "STATE", "CHECK")]
         for b in vm.backups:
             out.append(row % ((b.date or "?").replace("T", " "), b.mode or "?", b.files,

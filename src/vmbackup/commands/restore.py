@@ -5,6 +5,7 @@ Imports: everything below commands, and commands.options.
 
 import argparse
 import datetime
+import glob
 import os
 import sys
 import time
@@ -16,7 +17,8 @@ from vmbackup.commands.options import (
 from vmbackup.errors import EXIT_OK, PROG, RestoreError, UsageError, VmBackupError, log
 from vmbackup.report import write_json
 from vmbackup.selection import is_candidate
-from vmbackup.store import LocalStore, file_kind, parse_backup_name, read_backup_folder
+from vmbackup.store import (
+    LocalStore, file_kind, parse_backup_name, read_backup_folder, read_cfg)
 from vmbackup.transport.base import Obj
 from vmbackup.transport.choose import make_transport
 from vmbackup.util import human_size, printable
@@ -87,22 +89,146 @@ def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
 
 
 def legacy_manifest(backup):
-    """Return a manifest-like dict for a NAUbackup BackupFolder: its .xva, or its one
-    .raw/.vhd file and the root disk (store.legacy_root_disk) that file holds."""
+    """Return a manifest-like dict for a NAUbackup BackupFolder: its .xva, or its .raw/.vhd
+    files and the disk each holds (store.legacy_disk_files)."""
     xvas = backup.names_of("xva")
     if xvas:
         return {"mode": "vm-export", "files": [{"name": n} for n in xvas], "vm": {}}
-    disks, root = backup.names_of("raw") + backup.names_of("vhd"), backup.root_disk
-    if len(disks) == 1 and root is not None:
-        if root.virtual_size is None:
-            raise RestoreError("%s: DISK-%s/vdi.cfg records no virtual_size for %s"
-                               % (backup.path, root.device, disks[0]))
-        return {"mode": "vdi-export", "vm": {},
-                "disks": [{"file": disks[0], "device": root.device, "userdevice": root.userdevice,
-                           "virtual_size": root.virtual_size}],
-                "files": [{"name": disks[0]}]}
+    files = backup.names_of("raw") + backup.names_of("vhd")
+    if files and all(backup.disk_files.get(f) is not None for f in files):
+        disks, files = [], sorted(files, key=lambda f: backup.disk_files[f].device)
+        for name in files:
+            disk = backup.disk_files[name]
+            if disk.virtual_size is None:
+                raise RestoreError("%s: DISK-%s/vdi.cfg records no virtual_size for %s"
+                                   % (backup.path, disk.device, name))
+            disks.append({"file": name, "device": disk.device, "userdevice": disk.userdevice,
+                          "virtual_size": disk.virtual_size})
+        return {"mode": "vdi-export", "vm": {}, "disks": disks,
+                "files": [{"name": n} for n in files]}
     raise RestoreError("%s: legacy NAUbackup folder with nothing this tool can restore"
                        % backup.path)
+
+
+class BackupIdentity(typing.NamedTuple):
+    """Who the backed-up VM was: what a --preserve restore would bring back into the pool."""
+    name: str
+    uuid: str
+    macs: typing.Tuple[str, ...]
+
+
+def backup_identity(backup, manifest):
+    """Return the BackupIdentity of a BackupFolder: the manifest's (or vm.cfg's) name and
+    uuid, and the MAC of every VIF its VIFs/*.cfg files record."""
+    vm = (manifest or {}).get("vm") or {}
+    cfg = read_cfg(os.path.join(backup.path, "vm.cfg"))
+    macs = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(backup.path), "VIFs", "*.cfg"))):
+        mac = read_cfg(path).get("MAC", "").strip().lower()
+        if mac and mac not in macs:
+            macs.append(mac)
+    return BackupIdentity(vm.get("name") or cfg.get("name_label") or backup.vm,
+                          vm.get("uuid") or cfg.get("orig_uuid", ""), tuple(macs))
+
+
+def preserve_conflicts(identity, vms, vifs):
+    """Return one line per real VM of the pool a --preserve restore of `identity` would
+    clash with: the same uuid, the same name, or one of its MACs (pure).
+
+    `vms` and `vifs` are {ref: record} as VM.get_all_records and VIF.get_all_records give.
+    """
+    lines = []
+    for rec in sorted((r for r in vms.values() if is_candidate(r)),
+                      key=lambda r: (r.get("name_label", ""), r.get("uuid", ""))):
+        why = []
+        if identity.uuid and rec.get("uuid") == identity.uuid:
+            why.append("it is the backed-up VM itself")
+        if rec.get("name_label") == identity.name:
+            why.append("it has the same name")
+        macs = {vifs[v].get("MAC", "").lower() for v in rec.get("VIFs", ()) if v in vifs}
+        shared = [m for m in identity.macs if m in macs]
+        if shared:
+            why.append("it uses MAC %s" % ", ".join(shared))
+        if why:
+            lines.append("VM %s (%s, %s): %s" % (printable(repr(rec.get("name_label", ""))),
+                                                 rec.get("uuid", ""),
+                                                 str(rec.get("power_state", "")).lower(),
+                                                 "; ".join(why)))
+    return lines
+
+
+def free_name(wanted, taken):
+    """Return `wanted`, or `wanted 2`, `wanted 3`... : the first not in `taken` (pure)."""
+    name, n = wanted, 1
+    while name in taken:
+        n += 1
+        name = "%s %d" % (wanted, n)
+    return name
+
+
+def attach_conflicts(items, target_name, vbds):
+    """Return one line per disk of `items` whose userdevice the VM `target_name` already
+    uses (`vbds`: the target's VBD records) (pure)."""
+    used = {str(v.get("userdevice")): v for v in vbds}
+    lines = []
+    for item in items:
+        vbd = used.get(item.userdevice) if item.userdevice else None
+        if vbd is not None:
+            what = "empty CD drive" if vbd.get("empty") else str(vbd.get("type", "disk")).lower()
+            lines.append("--attach-to %s: userdevice %s (for %s) is taken by its %s %s"
+                         % (printable(target_name), item.userdevice, item.device or item.name,
+                            what, vbd.get("device") or "(no device name)"))
+    return lines
+
+
+def older_good_backup(backup):
+    """Return the newest complete backup older than `backup` in its VM folder that
+    verifies (good or unchecked), or None."""
+    vm_dir = os.path.dirname(os.path.abspath(backup.path))
+    store = LocalStore(os.path.dirname(vm_dir))
+    for older in reversed(store.backups(os.path.basename(vm_dir))):
+        if older.complete and older.when and backup.when and older.when < backup.when \
+                and check_backup(older).status in ("good", "unchecked"):
+            return older
+    return None
+
+
+def refuse_bad_backup(backup, check):
+    """Log what is wrong with `backup` and raise RestoreError naming the newest good one."""
+    for line in verify_lines(check, verbosity=-1):
+        log.error("%s", printable(line))
+    good = older_good_backup(backup)
+    hint = ("; the newest good backup is %s: restore it with `%s restore %s`"
+            % (good.path, PROG, good.path) if good else "; no older backup of this VM verifies")
+    raise RestoreError("%s is %s: refusing to restore it (see `vmbackup.py verify`)%s"
+                       % (backup.path, check.status, hint))
+
+
+def check_pool_for(xapi, items, identity, args):
+    """Refuse (RestoreError) what would clash in the pool, unless --force; return the items
+    with a VM's default name made free. Runs in the preview as in the restore."""
+    problems = []
+    vm_items = [i for i in items if i.kind == "vm"]
+    if vm_items:
+        vms = xapi.call("VM.get_all_records")
+        taken = {r.get("name_label") for r in vms.values() if is_candidate(r)}
+        if args.preserve:
+            problems += ["--preserve: %s" % line for line in
+                         preserve_conflicts(identity, vms, xapi.call("VIF.get_all_records"))]
+        elif args.name and args.name in taken:
+            problems.append("--name %s: a VM of that name is in the pool" % printable(args.name))
+        elif not args.name:
+            items = [i._replace(name=free_name(i.name, taken)) if i.kind == "vm" else i
+                     for i in items]
+    if problems and args.force:
+        for line in problems:
+            log.warning("%s (going ahead: --force)", line)
+        return items
+    if problems:
+        raise RestoreError("refusing to restore %s: %s (the restored VM would make duplicate "
+                           "names or MACs in the pool; remove or rename the other VM, or give "
+                           "--force)" % (printable(identity.name), "; ".join(problems)))
+    return items
 
 
 def find_sr(xapi, wanted):
@@ -188,6 +314,8 @@ def build_restore_parser():
     opt("--preserve", action="store_true",
         help="keep the MAC addresses and the VM's name, for disaster recovery when the original is gone")
     opt("--start", action="store_true", help="start the restored VM")
+    opt("--force", action="store_true",
+        help="restore even when a VM of the same name, uuid or MAC is in the pool")
     opt("--attach-to", metavar="VM", help="vdi-export: attach the restored disks to this VM")
     opt("--preview", "--dry-run", action="store_true", help="show what would be created; change nothing")
     return parser
@@ -199,15 +327,18 @@ def cmd_restore(argv):
     config, password = load_config(settings_from_args(args))
     backup = resolve_backup(args.backup)
     folder = backup.path
+    log.info("restoring from %s (%s)", folder, "the newest complete backup in %s"
+             % os.path.abspath(args.backup) if os.path.abspath(args.backup) != folder
+             else "as named")
     check = check_backup(backup)
     if check.status in ("bad", "incomplete"):
-        for line in verify_lines(check, verbosity=-1):
-            log.error("%s", printable(line))
-        raise RestoreError("%s is %s: refusing to restore it (see `vmbackup.py verify`)"
-                           % (folder, check.status))
+        refuse_bad_backup(backup, check)
     if check.status == "unchecked":
         log.warning("%s could not be fully checked here (%s); restoring anyway",
                     check.display, printable("; ".join(str(u) for u in check.unchecked)))
+    else:
+        log.info("verified %s: every file's size and SHA-256 match the manifest", check.display
+                 if not backup.legacy else check.display + " (legacy: each file's format)")
     manifest = legacy_manifest(backup) if backup.legacy else backup.manifest
     items = plan_restore(folder, manifest, args.name, args.preserve)
     if args.attach_to and items[0].kind != "disk":
@@ -218,7 +349,14 @@ def cmd_restore(argv):
     done = []
     try:
         sr_ref, sr = find_sr(xapi, args.sr)
-        attach = find_vm(xapi, args.attach_to)[0] if args.attach_to else None
+        items = check_pool_for(xapi, items, backup_identity(backup, manifest), args)
+        attach = None
+        if args.attach_to:
+            attach, target = find_vm(xapi, args.attach_to)
+            clash = attach_conflicts(items, target["name_label"],
+                                     [xapi.call("VBD.get_record", v) for v in target["VBDs"]])
+            if clash:
+                raise RestoreError("; ".join(clash))
         for item in items:
             log.info("%s %s -> %s %r on SR %r", "would restore" if args.preview else "restoring",
                      os.path.relpath(item.file, os.path.dirname(os.path.dirname(folder))),
