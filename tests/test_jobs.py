@@ -65,6 +65,18 @@ def test_serving_host(srs, expected):
     assert vmbackup.serving_host(frozenset(srs), "m", SEES) == expected
 
 
+def test_jobs_settings_from_file_and_command_line(sim_pool, api, tmp_path):
+    config = vmbackup.build_config(vmbackup.parse_config(
+        "jobs=4\njobs_per_host=0\njobs_per_sr=3\n", "t.cfg"))
+    assert (config.jobs, config.jobs_per_host, config.jobs_per_sr) == (4, 0, 3)
+    default = vmbackup.Config()
+    assert (default.jobs, default.jobs_per_host, default.jobs_per_sr) == (1, 2, 2)
+    with pytest.raises(vmbackup.ConfigError, match="t.cfg:2: jobs=0"):
+        vmbackup.parse_config("max_backups=2\njobs=0\n", "t.cfg")
+    out = run_vmbackup(*api(sim_pool), "-e", "db01", "-j", "many", exit_code=2)
+    assert out.strip().splitlines()[-1].startswith("vmbackup.py: error: --jobs many: ")
+
+
 # -- progress arithmetic (pure) ------------------------------------------------------
 
 M = 1 << 20
@@ -234,7 +246,12 @@ def test_failed_snapshot_fails_only_its_vm(transport, tmp_path, pool):
     assert_pool_clean(pool)
 
 
-def test_sigterm_stops_every_export_and_destroys_every_snapshot(transport, tmp_path, pool):
+@pytest.mark.parametrize("signum, code, says", [
+    (signal.SIGTERM, 2, "terminated by SIGTERM; snapshots cleaned up"),
+    (signal.SIGINT, 130, "interrupted"),
+], ids=["SIGTERM", "Ctrl-C"])
+def test_a_signal_stops_every_export_and_destroys_every_snapshot(transport, tmp_path, pool,
+                                                                  signum, code, says):
     backup_dir = tmp_path / "b"
     backup_dir.mkdir()
     pool.faults.throttle(256 * 1024)        # long enough to be cut
@@ -242,10 +259,10 @@ def test_sigterm_stops_every_export_and_destroys_every_snapshot(transport, tmp_p
                                     "--jobs-per-host", "0", "--jobs-per-sr", "0"])
     wait_for(lambda: len(pool.leftovers()["snapshots"]) >= 3, what="3 snapshots at once")
     wait_for(lambda: pool.calls.most_at_once(("/export",)) >= 3, what="3 exports at once")
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signum)
     out, _ = proc.communicate(timeout=120)
-    assert proc.returncode == 2, out
-    assert "terminated by SIGTERM; snapshots cleaned up" in out
+    assert proc.returncode == code, out
+    assert says in out and "Traceback" not in out
     assert_pool_clean(pool)
     assert not any(complete(backup_dir, vm) for vm in VMS)
     assert not stray_files(backup_dir)
