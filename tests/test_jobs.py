@@ -77,6 +77,27 @@ def test_jobs_settings_from_file_and_command_line(sim_pool, api, tmp_path):
     assert out.strip().splitlines()[-1].startswith("vmbackup.py: error: --jobs many: ")
 
 
+def plan_of(mode, *srs):
+    vm = vmbackup.Selected("ref", "a", "uuid", mode, 1, (), None)
+    disks = [vmbackup.VmDisk("xvd" + "ab"[i], str(i), "vbd", "vdi", {"SR": sr}, False)
+             for i, sr in enumerate(srs)]
+    return vmbackup.VmPlan(vm, disks, [], [])
+
+
+@pytest.mark.parametrize("plan, sees, expected", [
+    (plan_of("vm-export", "nfs"), SEES, key("m", "nfs")),
+    (plan_of("vm-export", "l2", "nfs"), SEES, key("h2", "l2 nfs")),
+    (plan_of("vdi-export", "l2", "l3"), SEES, key("h2 h3", "l2 l3")),
+    (plan_of("vm-export", "l2", "l3"), SEES, key("", "l2 l3")),
+    (plan_of("meta-export"), SEES, key()),
+    (plan_of("vm-export", "l2"), None, key("", "l2")),
+], ids=["shared-served-by-master", "local-served-by-its-host", "vdi-export-host-per-disk",
+        "no-host-sees-all", "meta-export", "pbds-unreadable"])
+def test_job_key(plan, sees, expected):
+    view = vmbackup.PoolView({"master": "m"}, {}, {}, {}, {}, {}, {}, {}, {})
+    assert vmbackup.job_key(plan, view, sees) == expected
+
+
 # -- progress arithmetic (pure) ------------------------------------------------------
 
 M = 1 << 20

@@ -22,7 +22,7 @@ import sys
 import typing
 
 from vmbackup.backup import backup_vm_safely
-from vmbackup.errors import Terminated, log
+from vmbackup.errors import Terminated, VmBackupError, log
 from vmbackup.progress import ProgressBoard, UnitFilter, bound, live_terminal
 from vmbackup.report import VmResult
 from vmbackup.selection import NULL_REF
@@ -98,6 +98,8 @@ def job_key(plan, view, sees):
     vdi-export by a host per disk; a meta-export reads no disk."""
     srs = frozenset(d.vdi.get("SR") for d in plan.disks) - {None, "", NULL_REF}
     master = view.pool.get("master")
+    if sees is None:
+        return JobKey(frozenset(), srs)
     if plan.vm.mode == "vdi-export":
         hosts = {serving_host(frozenset([sr]), master, sees) for sr in srs}
     else:
@@ -106,9 +108,16 @@ def job_key(plan, view, sees):
 
 
 def pool_sight(xapi):
-    """Return {host ref: frozenset of the SR refs it has a PBD for} (one call)."""
+    """Return {host ref: frozenset of the SR refs it has a PBD for} (one call); None when
+    the PBDs cannot be read (then only the SR caps and `jobs` hold)."""
     sees = collections.defaultdict(set)
-    for pbd in xapi.call("PBD.get_all_records").values():
+    try:
+        pbds = xapi.call("PBD.get_all_records")
+    except VmBackupError as exc:
+        log.info("cannot tell which host serves each export (%s): jobs_per_host not applied",
+                 exc)
+        return None
+    for pbd in pbds.values():
         sees[pbd.get("host")].add(pbd.get("SR"))
     return {host: frozenset(srs) for host, srs in sees.items()}
 
