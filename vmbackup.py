@@ -49,6 +49,11 @@ import base64
 import collections
 import contextlib
 import datetime
+import email.charset
+import email.header
+import email.mime.text
+import email.utils
+import glob
 import gzip
 import hashlib
 import http.client
@@ -59,6 +64,7 @@ import queue
 import re
 import shutil
 import signal
+import smtplib
 import socket
 import ssl
 import stat
@@ -264,8 +270,8 @@ def xxh64_hex(data):
 # === vmbackup/util.py =======================================================
 # Small helpers every layer uses: value parsers, human sizes, printable names, durable writes.
 #
-# Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text, human_size, one_line,
-# printable, partial_file (write to .part, rename on success), fsync, write_text,
+# Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text/addresses, human_size, one_line,
+# printable, mask_credentials, partial_file (write to .part, rename on success), fsync, write_text,
 # sha256_file, free_space.
 # Imports: errors.
 
@@ -370,6 +376,21 @@ def parse_text(text):
     return str(text).strip()
 
 
+def parse_addresses(text):
+    """Return the mail addresses of a comma-separated list; raise ValueError if one is not one.
+
+    >>> parse_addresses("ops@example.org, Backup Team <backup@example.org>")
+    ('ops@example.org', 'Backup Team <backup@example.org>')
+    """
+    found = tuple(a.strip() for a in str(text).split(",") if a.strip())
+    for address in found:
+        if not re.match(r"^(?:[^<>@]*<)?[^<>@\s]+@[^<>@\s]+>?$", address):
+            raise ValueError("%r is not a mail address" % address)
+    if not found:
+        raise ValueError("expected one or more mail addresses, comma-separated")
+    return found
+
+
 def human_size(nbytes):
     """Return '1.5G'-style text for a byte count."""
     value = float(nbytes)
@@ -460,6 +481,17 @@ def free_space(path):
     return free, total, (100.0 * free / total) if total else 0.0
 
 
+def mask_credentials(url):
+    """Return `url` with any user:password@ replaced: 'https://root:pw@h/' -> 'https://***@h/'."""
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        scheme, rest = "", url
+    netloc, slash, tail = rest.partition("/")
+    if "@" in netloc:
+        netloc = "***@" + netloc.rsplit("@", 1)[1]
+    return scheme + sep + netloc + slash + tail
+
+
 # === vmbackup/config.py =====================================================
 # The settings: NAUbackup's .cfg keys, the selectors, the merged Config, example.cfg, password files.
 #
@@ -499,6 +531,16 @@ SETTINGS = collections.OrderedDict([
     ("max_meta_backups", Setting(None, lambda v: parse_int(v, 1),
                                  "metadata-only backups kept per VM, counted apart from the "
                                  "backups with disk data (default: max_backups)")),
+    ("keep_daily", Setting(0, lambda v: parse_int(v, -1),
+                           "GFS, as borg prune: beside the max_backups newest, also keep the "
+                           "newest backup of each of this many more days (0: off, -1: all)")),
+    ("keep_weekly", Setting(0, lambda v: parse_int(v, -1),
+                            "GFS: then the newest of each of this many more weeks, Monday to "
+                            "Sunday (0: off, -1: all)")),
+    ("keep_monthly", Setting(0, lambda v: parse_int(v, -1),
+                             "GFS: then the newest of each of this many more months (0: off, -1: all)")),
+    ("keep_yearly", Setting(0, lambda v: parse_int(v, -1),
+                            "GFS: then the newest of each of this many more years (0: off, -1: all)")),
     ("vdi_export_format", Setting("raw", choice("raw", "vhd"),
                                   "disk format of vdi-export: raw or vhd")),
     ("pool_db_backup", Setting(False, parse_bool, "back up the pool database (0|1)")),
@@ -525,6 +567,38 @@ SETTINGS = collections.OrderedDict([
     ("tls_ca_file", Setting(None, parse_text, "CA bundle that signed the pool's certificate")),
     ("tls_fingerprint", Setting(None, parse_fingerprint, "pinned SHA-256 fingerprint of the pool's certificate")),
     ("tls_insecure", Setting(False, parse_bool, "do not verify the pool's certificate (warns)")),
+    # -- reports: log file, syslog, metrics, mail (notify, logsinks, metrics) --
+    ("log_file", Setting(None, parse_text, "append the log (the lines stderr shows, info and up "
+                                           "even with -q) to this file")),
+    ("syslog", Setting(False, parse_bool, "send the log to syslog (ident vmbackup; journald "
+                                          "reads /dev/log too) (0|1)")),
+    ("syslog_address", Setting("/dev/log", parse_text,
+                               "syslog socket: a unix datagram socket path, or host:port (UDP)")),
+    ("syslog_facility", Setting("user", choice("user", "daemon", "local0", "local1", "local2",
+                                               "local3", "local4", "local5", "local6", "local7"),
+                                "syslog facility: user, daemon or local0..local7")),
+    ("metrics_file", Setting(None, parse_text, "Prometheus textfile written after every run, e.g. "
+                             "/var/lib/node_exporter/textfile_collector/vmbackup.prom")),
+    ("mail_to", Setting(None, parse_addresses, "mail the run's report to these addresses "
+                                               "(comma-separated)")),
+    ("mail_from", Setting(None, parse_text, "sender address (default vmbackup@this host)")),
+    ("mail_on", Setting("error", choice("always", "warning", "error"),
+                        "when to mail: always, warning (warnings or errors), error")),
+    ("mail_subject_prefix", Setting("[vmbackup]", parse_text, "first word of the subject")),
+    ("smtp_server", Setting("localhost", parse_text, "SMTP server")),
+    ("smtp_port", Setting(None, lambda v: parse_int(v, 1),
+                          "SMTP port (default 25, 587 with starttls, 465 with ssl)")),
+    ("smtp_security", Setting("none", choice("none", "starttls", "ssl"),
+                              "none, starttls or ssl; starttls and ssl verify the server's "
+                              "certificate and name")),
+    ("smtp_ca_file", Setting(None, parse_text, "CA bundle for the SMTP server's certificate "
+                                               "(default: the system's)")),
+    ("smtp_username", Setting(None, parse_text, "SMTP AUTH user (needs starttls or ssl, "
+                                                "or a server on this host)")),
+    ("smtp_password_file", Setting(None, parse_text, "file holding the SMTP password "
+                                                     "(mode 0600)")),
+    ("smtp_timeout", Setting(30, lambda v: parse_int(v, 1),
+                             "seconds an SMTP connection may wait; 3 tries in all")),
 ])
 
 
@@ -544,6 +618,8 @@ class Selector(typing.NamedTuple):
     max_backups: typing.Optional[int] = None   # None: the global max_backups
     devices: typing.Tuple[str, ...] = ()       # vdi-export disks; () = root disk
     origin: str = "command line"               # "file:line" or "command line"
+    gfs: typing.Optional[typing.Tuple[int, int, int, int]] = None   # its own keep_daily,
+    # keep_weekly, keep_monthly, keep_yearly ('web01:4+7d+4w'); None: the global keep_* settings
 
     @property
     def is_plain(self):
@@ -563,9 +639,48 @@ class Selector(typing.NamedTuple):
 
 _SELECTOR_TAIL = {
     # NAME:MAX:DEV;DEV  (the regex part may itself hold colons, so split from the right)
-    "vdi-export": re.compile(r"^(?P<name>.+?)(?::(?P<max>-?\d*)(?::(?P<devs>[A-Za-z0-9;, ]*))?)?$", re.S),
-    "other": re.compile(r"^(?P<name>.+?)(?::(?P<max>-?\d*))?$", re.S),
+    "vdi-export": re.compile(r"^(?P<name>.+?)(?::(?P<max>[-+0-9dwmy]*)(?::(?P<devs>[A-Za-z0-9;, ]*))?)?$",
+                             re.S),
+    "other": re.compile(r"^(?P<name>.+?)(?::(?P<max>[-+0-9dwmy]*))?$", re.S),
 }
+
+
+#: A selector's MAX field: MAX_BACKUPS, then GFS terms ('4+7d+4w+12m+2y', '12m'), the keep_daily,
+#: keep_weekly, keep_monthly and keep_yearly of its VMs. Before these terms a MAX with a letter
+#: or a '+' was an error, so no config that worked changes meaning.
+_KEEP_FIELD = re.compile(r"^(?P<count>(?:-?\d+)?)(?P<gfs>(?:(?:^|\+)-?\d+[dwmy])*)$")
+
+
+#: The GFS term letters, in the order of Selector.gfs.
+GFS_UNITS = "dwmy"
+
+
+def parse_keep_field(text, raw):
+    """Return (max_backups or None, gfs or None) of the MAX field `text` of selector `raw`;
+    raise ValueError. "4" -> (4, None); "4+7d+2y" -> (4, (7, 0, 0, 2)); "12m" -> (None, (0, 0, 12, 0))."""
+    match = _KEEP_FIELD.match(text or "")
+    if not match:
+        raise ValueError("MAX %r in %r: write a number, or a number and GFS terms like "
+                         "4+7d+4w+12m+2y (days, weeks, months, years)" % (text, raw))
+    count, terms = match.group("count"), match.group("gfs")
+    max_backups = None
+    if count not in ("", "-1"):
+        max_backups = int(count)
+        if max_backups < 1:
+            raise ValueError("max_backups in %r must be at least 1 (or -1 for the default)" % raw)
+    if not terms:
+        return max_backups, None
+    gfs = [None] * len(GFS_UNITS)
+    for term in terms.split("+"):
+        if not term:
+            continue
+        slot = GFS_UNITS.index(term[-1])
+        if gfs[slot] is not None:
+            raise ValueError("MAX %r in %r gives the %r term twice" % (text, raw, term[-1]))
+        gfs[slot] = int(term[:-1])
+        if gfs[slot] < -1:
+            raise ValueError("%r in %r must be at least -1 (-1: every period)" % (term, raw))
+    return max_backups, tuple(n or 0 for n in gfs)
 
 
 #: What a selector with a mistyped MAX looks like ('web01:abc', 'DEV-web3:x:xvda'): a word
@@ -591,20 +706,17 @@ def parse_selector(text, mode, origin="command line"):
     devs = match.groupdict().get("devs") or ""
     bad = _BAD_MAX["vdi-export" if mode == "vdi-export" else "other"].match(name)
     if bad and not PLAIN_NAME_RE.match(name):
-        raise ValueError("MAX_BACKUPS %r in %r is not a whole number (NAME_OR_REGEX[:MAX%s])"
+        raise ValueError("MAX_BACKUPS %r in %r is not a whole number (NAME_OR_REGEX[:MAX%s], "
+                         "MAX = N or N+7d+4w+12m+2y)"
                          % (bad.group("max"), raw, "[:DEV;DEV]" if mode == "vdi-export" else ""))
-    max_backups = None
-    if max_text not in (None, "", "-1"):
-        max_backups = int(max_text)
-        if max_backups < 1:
-            raise ValueError("max_backups in %r must be at least 1 (or -1 for the default)" % raw)
+    max_backups, gfs = parse_keep_field(max_text, raw)
     devices = tuple(d.strip() for d in re.split(r"[;,]", devs) if d.strip())
     if not PLAIN_NAME_RE.match(name):
         try:
             re.compile(name)
         except re.error as exc:
             raise ValueError("invalid regex: %s=%s (%s)" % (mode, raw, exc))
-    return Selector(mode, name, max_backups, devices, origin)
+    return Selector(mode, name, max_backups, devices, origin, gfs)
 
 
 class Config(typing.NamedTuple):
@@ -612,6 +724,10 @@ class Config(typing.NamedTuple):
     backup_dir: str = DEFAULT_BACKUP_DIR
     max_backups: int = DEFAULT_MAX_BACKUPS
     max_meta_backups: typing.Optional[int] = None
+    keep_daily: int = 0
+    keep_weekly: int = 0
+    keep_monthly: int = 0
+    keep_yearly: int = 0
     vdi_export_format: str = "raw"
     pool_db_backup: bool = False
     host_backup: bool = False
@@ -634,6 +750,22 @@ class Config(typing.NamedTuple):
     tls_ca_file: typing.Optional[str] = None
     tls_fingerprint: typing.Optional[str] = None
     tls_insecure: bool = False
+    log_file: typing.Optional[str] = None
+    syslog: bool = False
+    syslog_address: str = "/dev/log"
+    syslog_facility: str = "user"
+    metrics_file: typing.Optional[str] = None
+    mail_to: typing.Optional[typing.Tuple[str, ...]] = None
+    mail_from: typing.Optional[str] = None
+    mail_on: str = "error"
+    mail_subject_prefix: str = "[vmbackup]"
+    smtp_server: str = "localhost"
+    smtp_port: typing.Optional[int] = None
+    smtp_security: str = "none"
+    smtp_ca_file: typing.Optional[str] = None
+    smtp_username: typing.Optional[str] = None
+    smtp_password_file: typing.Optional[str] = None
+    smtp_timeout: int = 30
     selectors: typing.Tuple[Selector, ...] = ()
     config_file: typing.Optional[str] = None
     origins: typing.Dict[str, str] = {}   # key -> "file:line" or "command line"
@@ -737,6 +869,9 @@ def example_config():
         "# is a Python regex matched at the start of the name (re.match): end it with $ to anchor.",
         "# Plain names win over regexes, excludes win over everything, vdi-export wins over",
         "# vm-export, and the last line for the same VM sets its MAX_BACKUPS. Order does not matter.",
+        "# MAX_BACKUPS may carry GFS terms, that VM's own keep_daily/weekly/monthly/yearly:",
+        "# PRD-db.*:4+7d+4w+12m keeps the 4 newest backups, then the newest of each of 7 more",
+        "# days, 4 more weeks and 12 more months ('+2y': 2 more years; a term left out is 0).",
         "#",
         "# The selectors below are examples, commented out: as printed, this file backs up",
         "# nothing (the run says so). Uncomment and edit the ones you want.",
@@ -748,6 +883,7 @@ def example_config():
         "#vm-export=PRD-.*",
         "#vm-export=.*SAVE$:5",
         "#vm-export=my-third-vm:3",
+        "#vm-export=PRD-db.*:4+7d+4w+12m",
         "# metadata only (no snapshot, no disk export): cheap enough to run hourly; its",
         "# backups are counted apart from the data backups (max_meta_backups)",
         "#meta-export=DEV-.*",
@@ -973,6 +1109,178 @@ class TarStream(object):
             total += len(data)
 
 
+# === vmbackup/logsinks.py ===================================================
+# Where a run's log goes besides stderr: a log file, syslog, and the run's own lines for its mail.
+#
+# Owns: syslog_frame (RFC 3164 framing, pure), SyslogHandler, RunLines, log_sinks (the
+# context manager a run is inside), run_lines (what the mail quotes). A sink that cannot
+# be opened or written is a problem noted on RunLines; the run records it as a warning
+# when it reports (notify.send_reports), so it counts in W and the exit code.
+# Imports: errors.
+
+#: syslog facilities by name (RFC 3164 section 4.1.1).
+FACILITIES = {"user": 1, "daemon": 3, "local0": 16, "local1": 17, "local2": 18, "local3": 19,
+              "local4": 20, "local5": 21, "local6": 22, "local7": 23}
+
+
+#: logging level -> syslog severity: err 3, warning 4, info 6, debug 7 (crit 2).
+SEVERITIES = ((logging.CRITICAL, 2), (logging.ERROR, 3), (logging.WARNING, 4),
+              (logging.INFO, 6), (0, 7))
+
+
+#: RFC 3164's TIMESTAMP months, whatever the locale.
+MONTHS = ("Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec")
+
+
+#: RFC 3164 section 4.1: a packet is at most 1024 bytes.
+SYSLOG_MAX = 1024
+
+
+SYSLOG_IDENT = "vmbackup"
+
+
+#: Seconds one line may wait for a full syslog socket before it is dropped (and said).
+SYSLOG_TIMEOUT = 5.0
+
+
+def syslog_severity(levelno):
+    """Return the syslog severity of a logging level: ERROR -> 3, WARNING -> 4, INFO -> 6."""
+    return next(sev for level, sev in SEVERITIES if levelno >= level)
+
+
+def syslog_frame(facility, levelno, when, message, pid, hostname=None, ident=SYSLOG_IDENT):
+    """Return one RFC 3164 packet: `<PRI>Mmm dd hh:mm:ss [HOSTNAME ]TAG[PID]: MSG`, UTF-8.
+
+    The HOSTNAME is left out on the local socket, as the C library's syslog() does (the
+    local daemon adds it). A packet longer than SYSLOG_MAX bytes is cut there.
+
+    >>> syslog_frame("user", logging.ERROR, datetime.datetime(2026, 12, 6, 9, 5, 1), "x", 42)
+    b'<11>Dec  6 09:05:01 vmbackup[42]: x'
+    """
+    pri = FACILITIES[facility] * 8 + syslog_severity(levelno)
+    head = "<%d>%s %2d %02d:%02d:%02d %s%s[%d]: " % (
+        pri, MONTHS[when.month - 1], when.day, when.hour, when.minute, when.second,
+        hostname + " " if hostname else "", ident, pid)
+    packet = (head + message).encode("utf-8", "backslashreplace")
+    if len(packet) > SYSLOG_MAX:
+        packet = packet[:SYSLOG_MAX].decode("utf-8", "ignore").encode("utf-8")
+    return packet
+
+
+def syslog_target(address):
+    """Return (family, address) of a syslog_address: '/dev/log' or 'host:port' (UDP).
+
+    >>> syslog_target("/dev/log"), syslog_target("logs.example.org:514")
+    ((1, '/dev/log'), (2, ('logs.example.org', 514)))
+    """
+    host, _, port = address.rpartition(":")
+    if host and port.isdigit() and not address.startswith("/"):
+        return socket.AF_INET, (host.strip("[]"), int(port))
+    return socket.AF_UNIX, address
+
+
+class SyslogHandler(logging.Handler):
+    """Sends each log line to syslog as one RFC 3164 datagram; never raises into the run."""
+
+    def __init__(self, address, facility, problems):
+        logging.Handler.__init__(self)
+        family, self.target = syslog_target(address)
+        self.address, self.facility, self.problems = address, facility, problems
+        self.hostname = socket.gethostname().split(".")[0] if family == socket.AF_INET else None
+        self.sock = socket.socket(family, socket.SOCK_DGRAM)
+        self.sock.settimeout(SYSLOG_TIMEOUT)   # a stuck daemon costs lines, never the run
+        try:
+            self.sock.connect(self.target)
+        except OSError:
+            self.sock.close()
+            raise
+
+    def emit(self, record):
+        try:
+            when = datetime.datetime.fromtimestamp(record.created)
+            for line in self.format(record).splitlines() or [""]:
+                self.sock.send(syslog_frame(self.facility, record.levelno, when, line,
+                                            os.getpid(), self.hostname))
+        except OSError as exc:
+            if not any(p.startswith("syslog") for p in self.problems):
+                self.problems.append("syslog %s: a line was not sent: %s"
+                                     % (self.address, exc.strerror or exc))
+
+    def close(self):
+        self.sock.close()
+        logging.Handler.close(self)
+
+
+class RunLines(logging.Handler):
+    """Keeps the run's log lines (as stderr shows them) for its mail; notes the sinks' problems."""
+
+    #: Lines kept at most (the last ones win): a mail quotes lines, it is not the log.
+    LIMIT = 20000
+
+    def __init__(self):
+        logging.Handler.__init__(self, logging.INFO)
+        self.lines = []
+        self.problems = []      # what a sink could not do: warnings of the run
+
+    def emit(self, record):
+        self.lines.append(self.format(record))
+        if len(self.lines) > self.LIMIT:
+            del self.lines[: len(self.lines) - self.LIMIT]
+
+
+def console_handler():
+    """Return the stderr handler report.setup_logging installed (None before it ran)."""
+    return next((h for h in log.handlers if getattr(h, "_vmbackup_console", False)), None)
+
+
+@contextlib.contextmanager
+def log_sinks(config):
+    """Attach the log file, syslog and the RunLines for the block; yield the RunLines.
+
+    The log file gets the lines stderr shows, in the same format, from info up even with
+    -q (debug with -vv): -q quiets the terminal (cron's mail), not the record.
+    """
+    console = console_handler()
+    formatter = console.formatter if console else logging.Formatter(
+        "%(asctime)s %(levelname)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    level = min(logging.INFO, console.level) if console else logging.INFO
+    lines = RunLines()
+    lines.setFormatter(formatter)
+    handlers = [lines]
+    if config.log_file:
+        try:
+            handler = logging.FileHandler(config.log_file, "a", encoding="utf-8")
+            handler.setFormatter(formatter)
+            handler.setLevel(level)
+            handlers.append(handler)
+        except OSError as exc:
+            lines.problems.append("cannot append to log_file %s: %s"
+                                  % (config.log_file, exc.strerror or exc))
+    if config.syslog:
+        try:
+            handler = SyslogHandler(config.syslog_address, config.syslog_facility, lines.problems)
+            handler.setFormatter(logging.Formatter("%(message)s"))
+            handler.setLevel(level)
+            handlers.append(handler)
+        except OSError as exc:
+            lines.problems.append("cannot send to syslog at %s: %s"
+                                  % (config.syslog_address, exc.strerror or exc))
+    for handler in handlers:
+        handler._vmbackup_sink = True
+        log.addHandler(handler)
+    try:
+        yield lines
+    finally:
+        for handler in handlers:
+            log.removeHandler(handler)
+            handler.close()
+
+
+def run_lines():
+    """Return the RunLines of the run in progress (None outside log_sinks)."""
+    return next((h for h in log.handlers if isinstance(h, RunLines)), None)
+
+
 # === vmbackup/nbd.py ========================================================
 # The one NBD client: reads a snapshot's blocks from XAPI's NBD server (xapi-nbd).
 #
@@ -1137,7 +1445,7 @@ def connect_info(info, allow_insecure=False, timeout=60.0):
 # Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names; the backup
 # folder model (BackupFolder, read_backup_folder) and its rules, each written once:
 # is_complete (is this folder a finished backup?), file_kind (is this file an XVA?),
-# legacy_root_disk (which DISK-* did NAUbackup export?); MANIFEST and the success
+# legacy_root_disk and legacy_disk_files (which DISK-* does a NAUbackup disk file hold?); MANIFEST and the success
 # markers, read_manifest/read_cfg; the Store interface and LocalStore; RunLock;
 # check_backup_dir/check_space/log_df, folder_size.
 # Imports: errors, util.
@@ -1317,10 +1625,37 @@ def legacy_root_disk(disks):
     """
     if LEGACY_ROOT_DEVICE not in disks:
         return None
-    vbd, vdi = disks[LEGACY_ROOT_DEVICE]
+    return legacy_disk(LEGACY_ROOT_DEVICE, *disks[LEGACY_ROOT_DEVICE])
+
+
+def legacy_disk(device, vbd, vdi):
+    """Return the LegacyDisk of DISK-<device> from its vbd.cfg and vdi.cfg pairs."""
     size = vdi.get("virtual_size", "").strip()
-    return LegacyDisk(LEGACY_ROOT_DEVICE, vbd.get("userdevice", "0") or "0",
+    return LegacyDisk(device, vbd.get("userdevice", "0") or "0",
                       int(size) if size.isdigit() else None)
+
+
+def legacy_disk_files(vm, names, disks):
+    """Return {disk file: LegacyDisk or None}: which DISK-<device> each .raw/.vhd file among
+    `names` of a NAUbackup folder in the VM folder `vm` holds, from {device: (vbd.cfg, vdi.cfg)}.
+
+    The one rule: `<vm>.raw` (or the folder's only disk file) holds the root disk
+    (legacy_root_disk); `<vm>-<device>.raw` holds DISK-<device>, each checked against its
+    own vdi.cfg; any other disk file holds no disk we know (its size goes unchecked).
+    ("web01", ["web01.raw", "web01-xvdb.raw"], {xvda, xvdb}) -> {web01.raw: xvda, web01-xvdb.raw: xvdb}
+    """
+    files = [n for n in names if file_kind(n) in ("raw", "vhd")]
+    found = {}
+    for name in files:
+        stem = name[:-len(".raw")]   # .raw and .vhd are as long
+        device = stem[len(vm) + 1:] if stem.startswith(vm + "-") else None
+        if device in disks:
+            found[name] = legacy_disk(device, *disks[device])
+        elif stem == vm or len(files) == 1:
+            found[name] = legacy_root_disk(disks)
+        else:
+            found[name] = None
+    return found
 
 
 class BackupFile(typing.NamedTuple):
@@ -1343,6 +1678,7 @@ class BackupFolder(typing.NamedTuple):
     files: typing.Tuple[BackupFile, ...]        # the manifest's files, or (legacy) the folder's
     entries: typing.FrozenSet[str]              # every name in the folder
     root_disk: typing.Optional[LegacyDisk]      # legacy only: legacy_root_disk
+    disk_files: typing.Dict[str, typing.Optional[LegacyDisk]] = {}  # legacy only: legacy_disk_files
 
     def names_of(self, kind):
         """Return the names of this backup's files of `kind` (xva, vhd, raw, metadata)."""
@@ -1396,7 +1732,7 @@ def read_backup_folder(path):
         except BadFile as exc:
             error = str(exc)
     legacy = is_legacy_folder(name, entries)
-    mode, names = None, []
+    mode, names, disk_files = None, [], {}
     if manifest is not None:
         names = [str(f.get("name", "")) for f in manifest["files"] if isinstance(f, dict)]
         mode, vm = manifest.get("mode"), (manifest.get("vm") or {}).get("name", vm)
@@ -1404,11 +1740,14 @@ def read_backup_folder(path):
         names = sorted(n for n in entries.difference(LEGACY_SUCCESS_MARKERS)
                        if os.path.isfile(os.path.join(path, n)))
         mode = legacy_mode(file_kind(n) for n in names)
-        root_disk = legacy_root_disk(read_legacy_disks(path, entries))
+        disks = read_legacy_disks(path, entries)
+        root_disk = legacy_root_disk(disks)
+        disk_files = legacy_disk_files(os.path.basename(os.path.dirname(os.path.abspath(path))),
+                                       names, disks)
     complete = is_complete(entries) and (legacy or MANIFEST in entries)
     return BackupFolder(path, name, vm, parse_backup_name(name), complete, legacy, mode,
                         manifest, error, tuple(BackupFile(n, file_kind(n)) for n in names),
-                        entries, root_disk)
+                        entries, root_disk, disk_files)
 
 
 #: A run touches its lock's mtime this often (seconds) while it lives.
@@ -1941,17 +2280,6 @@ def parse_endpoint(server, ca_file=None, fingerprint=None, insecure=False):
     return Endpoint(parts.scheme, parts.hostname, port, ca_file, fingerprint, insecure)
 
 
-def mask_credentials(url):
-    """Return `url` with any user:password@ replaced: 'https://root:pw@h/' -> 'https://***@h/'."""
-    scheme, sep, rest = url.partition("://")
-    if not sep:
-        scheme, rest = "", url
-    netloc, slash, tail = rest.partition("/")
-    if "@" in netloc:
-        netloc = "***@" + netloc.rsplit("@", 1)[1]
-    return scheme + sep + netloc + slash + tail
-
-
 class EndpointTransport(xmlrpc.client.Transport):
     """xmlrpc transport that opens its connections through an Endpoint."""
 
@@ -2349,6 +2677,10 @@ CLI_SETTINGS = {
     "backup_dir": ("backup_dir", parse_text),
     "max_backups": ("max_backups", lambda v: parse_int(v, 1)),
     "max_meta_backups": ("max_meta_backups", lambda v: parse_int(v, 1)),
+    "keep_daily": ("keep_daily", lambda v: parse_int(v, -1)),
+    "keep_weekly": ("keep_weekly", lambda v: parse_int(v, -1)),
+    "keep_monthly": ("keep_monthly", lambda v: parse_int(v, -1)),
+    "keep_yearly": ("keep_yearly", lambda v: parse_int(v, -1)),
     "compress": ("compress", parse_compress),
     "vdi_format": ("vdi_export_format", choice("raw", "vhd")),
     "pool_db_backup": ("pool_db_backup", bool),
@@ -2371,6 +2703,9 @@ CLI_SETTINGS = {
     "progress_interval": ("progress_interval", lambda v: parse_int(v, 1)),
     "umask": ("umask", parse_umask),
     "status_log": ("status_log", parse_text),
+    "log_file": ("log_file", parse_text),
+    "syslog": ("syslog", bool),
+    "metrics_file": ("metrics_file", parse_text),
 }
 
 
@@ -2941,379 +3276,103 @@ def check_xva_file(path, want_sha256=False):
     return problems[:MAX_PROBLEMS], unchecked, info
 
 
-# === vmbackup/report.py =====================================================
-# The run's outcome and everything that prints it: results, tallies, exit code, summary, preview, JSON.
-#
-# Owns: RunProblem, VmResult, Outcome (the one record of a run: every warning and error once,
-# attributed to its VM or to the run), UnitLog and RunRecord (what builds it), the pure
-# readers of an Outcome (tally, exit_code_for, status_word, recap, run_summary,
-# status_end_fields), StatusLog, settings_summary, preview_data/format_preview,
-# write_json, setup_logging. Nothing here infers anything from which logger a line
-# went through: the exit code, the tally, the status log and the JSON all read the
-# Outcome.
-# Imports: errors, util, config.
-
-def settings_summary(config):
-    """Return [(key, shown value, origin)] of the effective settings (no secrets)."""
-    rows = []
-    for key in SETTINGS:
-        value = getattr(config, key)
-        if key == "umask":
-            value = "%03o" % value
-        rows.append((key, value, config.where(key)))
-    return rows
-
-
-# -- the outcome record ---------------------------------------------------------
-
-class RunProblem(typing.NamedTuple):
-    """One warning or error, attributed to a unit (a VM, 'pool database', ...) or to the run ('')."""
-    severity: str               # warning or error
-    unit: str                   # '' for the run itself
-    message: str
-
-    def __str__(self):
-        return "%s: %s" % (printable(self.unit), self.message) if self.unit else self.message
-
-
-class VmResult(typing.NamedTuple):
-    """The outcome of one unit of work (a VM, the pool database, a host)."""
-    name: str
-    uuid: str
-    mode: str
-    status: str                 # success, warning or error
-    path: typing.Optional[str] = None
-    bytes: int = 0
-    seconds: float = 0.0
-    message: str = ""           # the error (error); the warnings joined (warning)
-    warnings: typing.Tuple[str, ...] = ()
-
-    def problems(self):
-        """Return this unit's Problems: each warning, then its failure."""
-        found = [RunProblem("warning", self.name, w) for w in self.warnings]
-        if self.status == "error":
-            found.append(RunProblem("error", self.name, self.message))
-        return found
-
-
-class Outcome(typing.NamedTuple):
-    """The one record of a run (or of a preview): what every printer of it reads."""
-    started: datetime.datetime
-    finished: datetime.datetime
-    results: typing.Tuple[VmResult, ...] = ()
-    problems: typing.Tuple[RunProblem, ...] = ()       # the run's own, in the order met
-    excluded: typing.Tuple[typing.Tuple[str, str], ...] = ()
-    not_selected: typing.Tuple[typing.Tuple[str, str], ...] = ()
-    cannot_start: typing.Optional[str] = None        # why the run never got going
-    terminated: typing.Optional[str] = None          # the signal that stopped it
-
-    def all_problems(self):
-        """Return every RunProblem of the run: the units' in their order, then the run's."""
-        found = [p for r in self.results for p in r.problems()] + list(self.problems)
-        if self.cannot_start:
-            found.append(RunProblem("error", "", self.cannot_start))
-        if self.terminated:
-            found.append(RunProblem("error", "", "terminated by %s" % self.terminated))
-        return found
-
-
-class Tally(typing.NamedTuple):
-    """S: units that succeeded (with or without warnings); W: warnings; E: failures.
-
-    The run's own problems count too: its warnings in W, its errors (a leftover that
-    cannot be destroyed, a duplicate VM name, a run that cannot start or is
-    terminated) in E.
-    """
-    succeeded: int
-    warnings: int
-    errors: int
-
-    def __str__(self):
-        return "S:%d W:%d E:%d" % self
-
-
-def tally(outcome):
-    """Return the Tally of an Outcome."""
-    problems = outcome.all_problems()
-    return Tally(sum(1 for r in outcome.results if r.status != "error"),
-                 sum(1 for p in problems if p.severity == "warning"),
-                 sum(1 for p in problems if p.severity == "error"))
-
-
-def exit_code_for(outcome):
-    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec)."""
-    counts = tally(outcome)
-    if counts.errors:
-        return EXIT_ERROR
-    return EXIT_WARNING if counts.warnings else EXIT_OK
-
-
-def status_word(code):
-    """Return the status log's word for an exit code: SUCCESS, WARNING or ERROR."""
-    return {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
-
-
-def status_end_fields(outcome):
-    """Return the fields of the run's `end` status-log line: ['end', 'SUCCESS', 'S:1 W:0 E:0']."""
-    return ["end", status_word(exit_code_for(outcome)), str(tally(outcome))]
-
-
-def recap(outcome):
-    """Return one line per failed or warned unit (and run problem), with its reason."""
-    lines = []
-    for problem in outcome.all_problems():
-        word = "FAILED" if problem.severity == "error" else "WARNING"
-        lines.append("%s %s: %s" % (word, printable(problem.unit) if problem.unit else "(run)",
-                                    problem.message))
-    return lines
-
-
-class UnitLog(logging.LoggerAdapter):
-    """The log of one unit (lines prefixed `vm=<name>: `) or of the run (no prefix).
-
-    Its `warning()` and `error()` are how a problem enters the run's Outcome: each is
-    recorded here, once, in the order met. Lines logged any other way are only lines.
-    """
-
-    def __init__(self, name=""):
-        logging.LoggerAdapter.__init__(self, log, {})
-        self.unit = name
-        self.prefix = "vm=%s: " % printable(name) if name else ""
-        self.met = []
-
-    def process(self, msg, kwargs):
-        return self.prefix + msg, kwargs
-
-    def _record(self, severity, msg, args):
-        self.met.append(RunProblem(severity, self.unit, msg % args if args else msg))
-
-    def warning(self, msg, *args, **kwargs):
-        self._record("warning", msg, args)
-        logging.LoggerAdapter.warning(self, msg, *args, **kwargs)
-
-    def error(self, msg, *args, **kwargs):
-        self._record("error", msg, args)
-        logging.LoggerAdapter.error(self, msg, *args, **kwargs)
-
-    def failed(self, message):
-        """Log a unit's failure without recording it: its VmResult carries it."""
-        logging.LoggerAdapter.error(self, "FAILED: %s", message)
-
-    @property
-    def warnings(self):
-        return [p.message for p in self.met if p.severity == "warning"]
-
-    @property
-    def errors(self):
-        return [p.message for p in self.met if p.severity == "error"]
-
-
-class RunRecord:
-    """What a run (or a preview) has met so far; outcome() freezes it into the Outcome."""
-
-    def __init__(self, started=None):
-        self.started = started or datetime.datetime.now().replace(microsecond=0)
-        self.log = UnitLog()
-        self.results = []
-        self.selection = None
-        self.cannot_start = None
-        self.terminated = None
-        self.begun = False              # the status log has its `begin` line
-        self.open_snapshots = {}        # uuid -> unit: taken and not yet destroyed
-
-    def outcome(self):
-        sel = self.selection
-        return Outcome(self.started, datetime.datetime.now().replace(microsecond=0),
-                       tuple(self.results), tuple(self.log.met),
-                       tuple(sel.excluded) if sel else (), tuple(sel.not_selected) if sel else (),
-                       self.cannot_start, self.terminated)
-
-    def terminated_note(self):
-        """Return what to say about the snapshots after a signal: only the truth."""
-        if not self.open_snapshots:
-            return "snapshots cleaned up"
-        return "snapshot %s left (the next run destroys it)" % ", ".join(sorted(self.open_snapshots))
-
-
-# -- what prints it -------------------------------------------------------------
-
-class StatusLog:
-    """NAUbackup's status log: `YYYY/MM/DD HH:MM:SS,<what>,<host>,<fields...>` lines, appended."""
-
-    def __init__(self, path, origin="default", runlog=None):
-        self.path = path
-        self.host = socket.gethostname()
-        self.runlog = runlog or log
-        if path and not self.folder_exists():
-            if origin.startswith("default"):
-                log.info("status log %s not written: its folder does not exist", path)
-                self.path = None
-
-    def folder_exists(self):
-        return bool(self.path) and os.path.isdir(os.path.dirname(self.path) or ".")
-
-    def line(self, what, *fields):
-        if not self.path:
-            return
-        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
-                        + [str(f) for f in fields])
-        try:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(text + "\n")
-        except OSError as exc:
-            self.runlog.warning("cannot append to status log %s: %s", self.path, exc.strerror)
-            self.path = None
-
-
-def status_size(nbytes):
-    """Return the status log's size field as NAUbackup 3.25 writes it: whole GiB, '3G'."""
-    return "%dG" % (nbytes // 2 ** 30)
-
-
-def unit_json(result):
-    return {"name": result.name, "uuid": result.uuid, "mode": result.mode,
-            "status": result.status, "path": result.path, "bytes": result.bytes,
-            "seconds": round(result.seconds, 3), "message": result.message,
-            "warnings": list(result.warnings)}
-
-
-def problems_json(outcome):
-    """Return the JSON keys every summary shares: warnings, errors, problems, summary, status."""
-    problems = outcome.all_problems()
-    code = exit_code_for(outcome)
-    return {
-        "status": {EXIT_OK: "ok", EXIT_WARNING: "warning"}.get(code, "error"),
-        "exit_code": code,
-        "warnings": [str(p) for p in problems if p.severity == "warning"],
-        "errors": [str(p) for p in problems if p.severity == "error"],
-        "problems": [p._asdict() for p in problems],
-        "summary": str(tally(outcome)),
-        "reason": outcome.cannot_start,
-        "terminated": outcome.terminated,
-    }
-
-
-def run_summary(config, outcome):
-    """Return the JSON summary of a run (config None: it failed before its settings were read)."""
-    data = {
-        "preview": False, "version": __version__,
-        "started": outcome.started.isoformat(), "finished": outcome.finished.isoformat(),
-        "settings": ({key: value for key, value, _ in settings_summary(config)}
-                     if config else {}),
-        "vms": [unit_json(r) for r in outcome.results],
-        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
-        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
-    }
-    data.update(problems_json(outcome))
-    return data
-
-
-class PreviewPlan(typing.NamedTuple):
-    """What a preview found the run would do, beside its Outcome."""
-    plans: typing.Tuple = ()                        # selection.Plan of each selected VM
-    deletions: typing.Tuple[typing.Tuple[str, str], ...] = ()   # (VM folder, backup name)
-    destroys: typing.Tuple[typing.Tuple[str, str, str], ...] = ()   # (VM|VDI, name, uuid)
-
-
-def preview_data(config, outcome, found):
-    """Return the preview as a JSON-ready dict: the Outcome the run would have, and its plan."""
-    data = {
-        "preview": True,
-        "version": __version__,
-        "would_start": outcome.cannot_start is None,
-        "settings": {key: value for key, value, _ in settings_summary(config)},
-        "vms": [{"name": p.vm.name, "uuid": p.vm.uuid, "mode": p.vm.mode,
-                 "max_backups": p.vm.max_backups,
-                 "disks": [d.device for d in p.disks],
-                 "skipped_disks": [d.device for d in p.skipped],
-                 "problems": list(p.problems),
-                 "selector": p.vm.selector.text, "origin": p.vm.selector.origin}
-                for p in found.plans],
-        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
-        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
-        "delete": [{"vm": vm, "backup": name} for vm, name in found.deletions],
-        "destroy": [{"class": cls, "name": name, "uuid": uuid}
-                    for cls, name, uuid in found.destroys],
-    }
-    data.update(problems_json(outcome))
-    return data
-
-
-def preview_verdict(data):
-    """Return the preview's last line: what the run would do and how it would exit."""
-    if not data["would_start"]:
-        return "Preview: the run would not start (exit 2): %s" % data["reason"]
-    word = {0: "succeed", 1: "end with warnings", 2: "start, but end with errors"}[data["exit_code"]]
-    return "Preview: the run would %s (exit %d, %s): %d VMs selected." % (
-        word, data["exit_code"], data["summary"], len(data["vms"]))
-
-
-def format_preview(data, config):
-    """Return the human preview text for `data` (from preview_data)."""
-    out = ["vmbackup %s preview: nothing is snapshotted, exported or deleted." % __version__, "",
-           "Settings:"]
-    for key, value, origin in settings_summary(config):
-        out.append("  %-18s %-28s (%s)" % (key, "-" if value is None else value, origin))
-    out.append("")
-    out.append("Selected VMs (%d):" % len(data["vms"]))
-    for vm in data["vms"]:
-        disks = ", ".join(vm["disks"]) or "-"
-        if vm["skipped_disks"]:
-            disks += "  (left out, [NOBAK]: %s)" % ", ".join(vm["skipped_disks"])
-        out.append("  %-24s %-11s max_backups=%-3d disks: %s  [%s]"
-                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], disks, vm["uuid"]))
-    for title, key in (("Excluded", "excluded"), ("Not selected", "not_selected")):
-        out.append("%s (%d):" % (title, len(data[key])))
-        out.extend("  %-24s [%s]" % (printable(v["name"]), v["uuid"]) for v in data[key])
-    out.append("Retention would delete (%d):" % len(data["delete"]))
-    out.extend("  %s/%s" % (printable(d["vm"]), d["backup"]) for d in data["delete"])
-    out.append("Leftover snapshots the run would destroy (%d):" % len(data["destroy"]))
-    out.extend("  %s %-24s [%s]" % (d["class"], printable(d["name"]), d["uuid"])
-               for d in data["destroy"])
-    out.extend("***WARNING - " + w for w in data["warnings"])
-    out.extend("***ERROR - " + e for e in data["errors"])
-    out.append(preview_verdict(data))
-    return "\n".join(out) + "\n"
-
-
-def write_json(target, data):
-    """Write `data` as JSON to the file `target` ('-': stdout)."""
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    try:
-        with open(target, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    except OSError as exc:
-        raise BackupDirError("cannot write --json file %s: %s" % (target, exc.strerror))
-
-
-def setup_logging(verbosity):
-    """Send log lines to stderr: warnings and up with -q, debug with -vv."""
-    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
-        max(-2, min(verbosity, 0)), logging.INFO)
-    if verbosity >= 2:
-        level = logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
-    for old in [h for h in log.handlers if getattr(h, "_vmbackup_console", False)]:
-        log.removeHandler(old)
-    handler._vmbackup_console = True
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    handler.setLevel(level)
-    log.propagate = False
-
-
 # === vmbackup/retention.py ==================================================
 # Which old backups to delete, as a pure decision, and deleting them through the Store.
 #
-# Owns: plan_retention (pure, table-tested), retention_group and owned_by (which folders
-# one VM's retention may count and delete), prune_vm_backups, prune_dated_files.
+# Owns: Keep and keep_for (how many backups a VM keeps: max_backups, and the GFS rules
+# keep_daily/weekly/monthly/yearly), gfs_kept and plan_retention (pure, table-tested),
+# retention_group and in_retention (which folders one VM's retention may count and delete),
+# plan_vm_retention (the one plan the run, pre_clean and --preview share), prune_vm_backups,
+# prune_dated_files.
 # Imports: errors, store.
+
+class Keep(typing.NamedTuple):
+    """How many complete backups one VM keeps, as borg prune's rules: the `last` newest
+    (max_backups), then the newest backup of each of `daily` more days, `weekly` more weeks,
+    `monthly` more months and `yearly` more years (0: the rule is off; -1: no limit)."""
+    last: int
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    def __str__(self):
+        """'4', or '4+7d+4w+12m+2y' as a selector's MAX field writes it."""
+        gfs = "".join("+%d%s" % (n, unit) for n, unit in zip(self[1:], "dwmy") if n)
+        return "%d%s" % (self.last, gfs)
+
+
+#: The GFS rules in the order they apply, each with the period a backup's time falls in.
+#: The times are the folder names' wall-clock local times (store.stamp), never converted:
+#: a day is a calendar day of the host that made the backups, a DST change included;
+#: weeks are ISO weeks, Monday to Sunday (31 Dec 2026 and 1 Jan 2027 share week 2026-W53).
+GFS_PERIODS = (
+    ("daily", lambda when: when.date()),
+    ("weekly", lambda when: when.isocalendar()[:2]),
+    ("monthly", lambda when: (when.year, when.month)),
+    ("yearly", lambda when: when.year),
+)
+
+
+def keep_for(config, vm):
+    """Return the Keep of a selected VM (selection.Selected): its max_backups, and the GFS
+    rules its selector's MAX field gives ('web01:4+7d+4w'), else the keep_* settings."""
+    gfs = vm.selector.gfs
+    if gfs is None:
+        gfs = (config.keep_daily, config.keep_weekly, config.keep_monthly, config.keep_yearly)
+    return Keep(vm.max_backups, *gfs)
+
+
+def gfs_kept(backups, keep):
+    """Return {name: (rule, n)}: which of the complete `backups` [(name, datetime)] `keep`
+    keeps, and the rule that keeps each (pure).
+
+    borg prune's semantics: the rules apply in the order last, daily, weekly, monthly,
+    yearly; each walks the backups newest first and, for each new period, keeps its newest
+    backup unless an earlier rule already kept it, in which case the period is used up and
+    does not count (keep_weekly=4 beside keep_daily=7 keeps 4 more weeks); a rule that runs
+    out of backups before its count also keeps the oldest backup, so the first backup ages
+    on until newer ones replace it. The newest backup is always kept.
+    """
+    newest_first = sorted(backups, key=lambda b: (b[1], b[0] is None, b[0] or ""), reverse=True)
+    kept = {}
+    rules = (("last", lambda when: object()),) + GFS_PERIODS
+    for (rule, period_of), count in zip(rules, (max(1, keep.last),) + tuple(keep[1:])):
+        if count == 0 or not newest_first:
+            continue
+        found, last_period = 0, None
+        for name, when in newest_first:
+            period = period_of(when)
+            if period == last_period:
+                continue
+            last_period = period
+            if name not in kept:
+                found += 1
+                kept[name] = (rule, found)
+                if found == count:
+                    break
+        oldest = newest_first[-1][0]
+        if 0 < count and found < count and oldest not in kept:
+            kept[oldest] = (rule + " (oldest)", found + 1)
+    return kept
+
+
+def plan_retention(entries, keep, drop_incomplete=True):
+    """Return the names to delete from `entries` [(name, datetime, complete)], newest kept.
+
+    `keep` is a Keep, or a number (the newest backups kept: Keep(keep)). Complete
+    backups that no rule keeps (gfs_kept) go; incomplete ones go when `drop_incomplete`.
+    An entry named None stands for the backup a run is about to make (--preview,
+    pre_clean): it is planned as complete, and never returned. Never returns the newest
+    complete backup (with an entry named None, that is the run's own). Pure: works from
+    names and markers (store.is_complete), never from mtimes.
+    """
+    keep = keep if isinstance(keep, Keep) else Keep(keep)
+    kept = gfs_kept([(name, when) for name, when, done in entries if done], keep)
+    doomed = [name for name, _, done in entries
+              if name is not None and (not done and drop_incomplete or done and name not in kept)]
+    return sorted(doomed)
+
 
 def retention_group(mode):
     """Return which backups count together: "metadata" for meta-export, "data" for every mode
@@ -3341,30 +3400,34 @@ def in_retention(folder, mode, uuid):
     return not folder.complete and SUCCESS_MARKER not in folder.entries and not folder.manifest_error
 
 
-def plan_retention(entries, keep, drop_incomplete=True):
-    """Return the names to delete from `entries` [(name, datetime, complete)], newest kept.
+def plan_vm_retention(folders, keep, mode=None, uuid=None, drop_incomplete=True, incoming=None):
+    """Return the names plan_retention deletes among the BackupFolders `folders` that the
+    retention of VM `uuid` in `mode` may count (in_retention) (pure): what a run deletes
+    after its backup, pre_clean before it, and --preview lists."""
+    entries = [(f.name, f.when, f.complete) for f in folders if in_retention(f, mode, uuid)]
+    if incoming is not None:     # the backup the run makes: planned as done at `incoming`
+        entries.append((None, incoming, True))
+    return plan_retention(entries, keep, drop_incomplete)
 
-    The `keep` newest complete backups stay; older complete ones go; incomplete
-    ones go when `drop_incomplete`. Never returns the newest complete backup.
-    Pure: works from names and markers (store.is_complete), never from mtimes.
+
+def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None,
+                     incoming=None):
+    """Delete what plan_vm_retention says among the backups of VM `uuid` in `mode` filed
+    under the folder `vm` of `store`; return the names deleted. `keep`: a Keep or a number.
+
+    With `incoming` (pre_clean, before the export) it deletes what retention will delete
+    once the backup of that time is made, except the newest complete backup: the export
+    may yet fail, and the last good backup always stays.
     """
-    complete = sorted((e for e in entries if e[2]), key=lambda e: e[1], reverse=True)
-    keep = max(1, keep)
-    doomed = [name for name, _, _ in complete[keep:]]
-    if drop_incomplete:
-        doomed += [name for name, _, done in entries if not done]
-    return sorted(doomed)
-
-
-def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None):
-    """Delete what plan_retention says among the backups of VM `uuid` in `mode` filed under
-    the folder `vm` of `store` (in_retention); return the names deleted."""
     vlog = vlog or log
     for name in store.finish_deletes(vm):
         vlog.info("retention: finished deleting %s (an earlier delete was interrupted)", name)
-    folders = {f.name: f for f in store.backups(vm) if in_retention(f, mode, uuid)}
-    doomed = plan_retention([(f.name, f.when, f.complete) for f in folders.values()], keep,
-                            drop_incomplete)
+    folders = {f.name: f for f in store.backups(vm)}
+    doomed = plan_vm_retention(folders.values(), keep, mode, uuid, drop_incomplete, incoming)
+    if incoming is not None:
+        good = [f for f in folders.values() if f.complete and in_retention(f, mode, uuid)]
+        last_good = max(good, key=lambda f: f.when).name if good else None
+        doomed = [name for name in doomed if name != last_good]
     for name in doomed:
         if folders[name].complete:
             vlog.info("retention: deleting %s", name)
@@ -4107,15 +4170,14 @@ def _check_listed_file(found, folder, entry, sizes, quick=False):
 
 def _check_legacy_files(found, backup, quick):
     """Check a NAUbackup folder's files by their format (no manifest: no sizes or SHA-256 to compare)."""
-    raw_size = backup.root_disk.virtual_size if backup.root_disk else None
     for item in backup.files:
         path = os.path.join(backup.path, item.name)
         size = os.path.getsize(path)
         if item.kind is None or quick:
             found.checked(item.name, size)
             continue
-        problems, unchecked, _ = check_file(path, item.kind,
-                                            raw_size if item.kind in ("raw", "vhd") else None)
+        disk = backup.disk_files.get(item.name)   # each disk file against its own vdi.cfg
+        problems, unchecked, _ = check_file(path, item.kind, disk.virtual_size if disk else None)
         found.checked(item.name, size, problems, unchecked)
 
 
@@ -4323,6 +4385,380 @@ def manifest_record(vm, mode, transport, started, finished, files, disks=(), ski
         "disks": [dict(d) for d in disks], "skipped_disks": list(skipped),
         "files": list(files), "pool": pool or {},
     }
+
+
+# === vmbackup/report.py =====================================================
+# The run's outcome and everything that prints it: results, tallies, exit code, summary, preview, JSON.
+#
+# Owns: RunProblem, VmResult, Outcome (the one record of a run: every warning and error once,
+# attributed to its VM or to the run), UnitLog and RunRecord (what builds it), the pure
+# readers of an Outcome (tally, exit_code_for, status_word, recap, run_summary,
+# status_end_fields), StatusLog, settings_summary, preview_data/format_preview,
+# write_json, setup_logging. Nothing here infers anything from which logger a line
+# went through: the exit code, the tally, the status log and the JSON all read the
+# Outcome.
+# Imports: errors, util, config, retention.
+
+def settings_summary(config):
+    """Return [(key, shown value, origin)] of the effective settings (no secrets)."""
+    rows = []
+    for key in SETTINGS:
+        value = getattr(config, key)
+        if key == "umask":
+            value = "%03o" % value
+        elif key == "server" and value:
+            value = mask_credentials(value)
+        rows.append((key, value, config.where(key)))
+    return rows
+
+
+# -- the outcome record ---------------------------------------------------------
+
+class RunProblem(typing.NamedTuple):
+    """One warning or error, attributed to a unit (a VM, 'pool database', ...) or to the run ('')."""
+    severity: str               # warning or error
+    unit: str                   # '' for the run itself
+    message: str
+
+    def __str__(self):
+        return "%s: %s" % (printable(self.unit), self.message) if self.unit else self.message
+
+
+class VmResult(typing.NamedTuple):
+    """The outcome of one unit of work (a VM, the pool database, a host)."""
+    name: str
+    uuid: str
+    mode: str
+    status: str                 # success, warning or error
+    path: typing.Optional[str] = None
+    bytes: int = 0
+    seconds: float = 0.0
+    message: str = ""           # the error (error); the warnings joined (warning)
+    warnings: typing.Tuple[str, ...] = ()
+
+    def problems(self):
+        """Return this unit's Problems: each warning, then its failure."""
+        found = [RunProblem("warning", self.name, w) for w in self.warnings]
+        if self.status == "error":
+            found.append(RunProblem("error", self.name, self.message))
+        return found
+
+
+class Outcome(typing.NamedTuple):
+    """The one record of a run (or of a preview): what every printer of it reads."""
+    started: datetime.datetime
+    finished: datetime.datetime
+    results: typing.Tuple[VmResult, ...] = ()
+    problems: typing.Tuple[RunProblem, ...] = ()       # the run's own, in the order met
+    excluded: typing.Tuple[typing.Tuple[str, str], ...] = ()
+    not_selected: typing.Tuple[typing.Tuple[str, str], ...] = ()
+    cannot_start: typing.Optional[str] = None        # why the run never got going
+    terminated: typing.Optional[str] = None          # the signal that stopped it
+
+    def all_problems(self):
+        """Return every RunProblem of the run: the units' in their order, then the run's."""
+        found = [p for r in self.results for p in r.problems()] + list(self.problems)
+        if self.cannot_start:
+            found.append(RunProblem("error", "", self.cannot_start))
+        if self.terminated:
+            found.append(RunProblem("error", "", "terminated by %s" % self.terminated))
+        return found
+
+
+class Tally(typing.NamedTuple):
+    """S: units that succeeded (with or without warnings); W: warnings; E: failures.
+
+    The run's own problems count too: its warnings in W, its errors (a leftover that
+    cannot be destroyed, a duplicate VM name, a run that cannot start or is
+    terminated) in E.
+    """
+    succeeded: int
+    warnings: int
+    errors: int
+
+    def __str__(self):
+        return "S:%d W:%d E:%d" % self
+
+
+def tally(outcome):
+    """Return the Tally of an Outcome."""
+    problems = outcome.all_problems()
+    return Tally(sum(1 for r in outcome.results if r.status != "error"),
+                 sum(1 for p in problems if p.severity == "warning"),
+                 sum(1 for p in problems if p.severity == "error"))
+
+
+def exit_code_for(outcome):
+    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec);
+    130 for a run interrupted by Ctrl-C (SIGINT), as the shell expects."""
+    if outcome.terminated == "SIGINT":
+        return EXIT_INTERRUPTED
+    counts = tally(outcome)
+    if counts.errors:
+        return EXIT_ERROR
+    return EXIT_WARNING if counts.warnings else EXIT_OK
+
+
+def status_word(code):
+    """Return the status log's word for an exit code: SUCCESS, WARNING or ERROR."""
+    return {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
+
+
+def status_end_fields(outcome):
+    """Return the fields of the run's `end` status-log line: ['end', 'SUCCESS', 'S:1 W:0 E:0']."""
+    return ["end", status_word(exit_code_for(outcome)), str(tally(outcome))]
+
+
+def recap(outcome):
+    """Return one line per failed or warned unit (and run problem), with its reason."""
+    lines = []
+    for problem in outcome.all_problems():
+        word = "FAILED" if problem.severity == "error" else "WARNING"
+        lines.append("%s %s: %s" % (word, printable(problem.unit) if problem.unit else "(run)",
+                                    problem.message))
+    return lines
+
+
+class UnitLog(logging.LoggerAdapter):
+    """The log of one unit (lines prefixed `vm=<name>: `) or of the run (no prefix).
+
+    Its `warning()` and `error()` are how a problem enters the run's Outcome: each is
+    recorded here, once, in the order met. Lines logged any other way are only lines.
+    """
+
+    def __init__(self, name=""):
+        logging.LoggerAdapter.__init__(self, log, {})
+        self.unit = name
+        self.prefix = "vm=%s: " % printable(name) if name else ""
+        self.met = []
+
+    def process(self, msg, kwargs):
+        return self.prefix + msg, kwargs
+
+    def _record(self, severity, msg, args):
+        self.met.append(RunProblem(severity, self.unit, msg % args if args else msg))
+
+    def warning(self, msg, *args, **kwargs):
+        self._record("warning", msg, args)
+        logging.LoggerAdapter.warning(self, msg, *args, **kwargs)
+
+    def error(self, msg, *args, **kwargs):
+        self._record("error", msg, args)
+        logging.LoggerAdapter.error(self, msg, *args, **kwargs)
+
+    def failed(self, message):
+        """Log a unit's failure without recording it: its VmResult carries it."""
+        logging.LoggerAdapter.error(self, "FAILED: %s", message)
+
+    @property
+    def warnings(self):
+        return [p.message for p in self.met if p.severity == "warning"]
+
+    @property
+    def errors(self):
+        return [p.message for p in self.met if p.severity == "error"]
+
+
+class RunRecord:
+    """What a run (or a preview) has met so far; outcome() freezes it into the Outcome."""
+
+    def __init__(self, started=None):
+        self.started = started or datetime.datetime.now().replace(microsecond=0)
+        self.log = UnitLog()
+        self.results = []
+        self.selection = None
+        self.cannot_start = None
+        self.terminated = None
+        self.begun = False              # the status log has its `begin` line
+        self.open_snapshots = {}        # uuid -> unit: taken and not yet destroyed
+        self.pool = None                # the pool's name_label, once read (the mail's subject)
+
+    def outcome(self):
+        sel = self.selection
+        return Outcome(self.started, datetime.datetime.now().replace(microsecond=0),
+                       tuple(self.results), tuple(self.log.met),
+                       tuple(sel.excluded) if sel else (), tuple(sel.not_selected) if sel else (),
+                       self.cannot_start, self.terminated)
+
+    def terminated_note(self):
+        """Return what to say about the snapshots after a signal: only the truth."""
+        if not self.open_snapshots:
+            return "snapshots cleaned up"
+        return "snapshot %s left (the next run destroys it)" % ", ".join(sorted(self.open_snapshots))
+
+
+# -- what prints it -------------------------------------------------------------
+
+class StatusLog:
+    """NAUbackup's status log: `YYYY/MM/DD HH:MM:SS,<what>,<host>,<fields...>` lines, appended."""
+
+    def __init__(self, path, origin="default", runlog=None):
+        self.path = path
+        self.host = socket.gethostname()
+        self.runlog = runlog or log
+        if path and not self.folder_exists():
+            if origin.startswith("default"):
+                log.info("status log %s not written: its folder does not exist", path)
+                self.path = None
+
+    def folder_exists(self):
+        return bool(self.path) and os.path.isdir(os.path.dirname(self.path) or ".")
+
+    def line(self, what, *fields):
+        if not self.path:
+            return
+        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
+                        + [str(f) for f in fields])
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+        except OSError as exc:
+            self.runlog.warning("cannot append to status log %s: %s", self.path, exc.strerror)
+            self.path = None
+
+
+def status_size(nbytes):
+    """Return the status log's size field as NAUbackup 3.25 writes it: whole GiB, '3G'."""
+    return "%dG" % (nbytes // 2 ** 30)
+
+
+def unit_json(result):
+    return {"name": result.name, "uuid": result.uuid, "mode": result.mode,
+            "status": result.status, "path": result.path, "bytes": result.bytes,
+            "seconds": round(result.seconds, 3), "message": result.message,
+            "warnings": list(result.warnings)}
+
+
+def problems_json(outcome):
+    """Return the JSON keys every summary shares: warnings, errors, problems, summary, status."""
+    problems = outcome.all_problems()
+    code = exit_code_for(outcome)
+    return {
+        "status": {EXIT_OK: "ok", EXIT_WARNING: "warning"}.get(code, "error"),
+        "exit_code": code,
+        "warnings": [str(p) for p in problems if p.severity == "warning"],
+        "errors": [str(p) for p in problems if p.severity == "error"],
+        "problems": [p._asdict() for p in problems],
+        "summary": str(tally(outcome)),
+        "reason": outcome.cannot_start,
+        "terminated": outcome.terminated,
+    }
+
+
+def run_summary(config, outcome):
+    """Return the JSON summary of a run (config None: it failed before its settings were read)."""
+    data = {
+        "preview": False, "version": __version__,
+        "started": outcome.started.isoformat(), "finished": outcome.finished.isoformat(),
+        "settings": ({key: value for key, value, _ in settings_summary(config)}
+                     if config else {}),
+        "vms": [unit_json(r) for r in outcome.results],
+        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
+        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
+    }
+    data.update(problems_json(outcome))
+    return data
+
+
+class PreviewPlan(typing.NamedTuple):
+    """What a preview found the run would do, beside its Outcome."""
+    plans: typing.Tuple = ()                        # selection.Plan of each selected VM
+    deletions: typing.Tuple[typing.Tuple[str, str], ...] = ()   # (VM folder, backup name)
+    destroys: typing.Tuple[typing.Tuple[str, str, str], ...] = ()   # (VM|VDI, name, uuid)
+
+
+def preview_data(config, outcome, found):
+    """Return the preview as a JSON-ready dict: the Outcome the run would have, and its plan."""
+    data = {
+        "preview": True,
+        "version": __version__,
+        "would_start": outcome.cannot_start is None,
+        "settings": {key: value for key, value, _ in settings_summary(config)},
+        "vms": [{"name": p.vm.name, "uuid": p.vm.uuid, "mode": p.vm.mode,
+                 "max_backups": p.vm.max_backups, "retention": str(keep_for(config, p.vm)),
+                 "disks": [d.device for d in p.disks],
+                 "skipped_disks": [d.device for d in p.skipped],
+                 "problems": list(p.problems),
+                 "selector": p.vm.selector.text, "origin": p.vm.selector.origin}
+                for p in found.plans],
+        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
+        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
+        "delete": [{"vm": vm, "backup": name} for vm, name in found.deletions],
+        "destroy": [{"class": cls, "name": name, "uuid": uuid}
+                    for cls, name, uuid in found.destroys],
+    }
+    data.update(problems_json(outcome))
+    return data
+
+
+def preview_verdict(data):
+    """Return the preview's last line: what the run would do and how it would exit."""
+    if not data["would_start"]:
+        return "Preview: the run would not start (exit 2): %s" % data["reason"]
+    word = {0: "succeed", 1: "end with warnings", 2: "start, but end with errors"}[data["exit_code"]]
+    return "Preview: the run would %s (exit %d, %s): %d VMs selected." % (
+        word, data["exit_code"], data["summary"], len(data["vms"]))
+
+
+def format_preview(data, config):
+    """Return the human preview text for `data` (from preview_data)."""
+    out = ["vmbackup %s preview: nothing is snapshotted, exported or deleted." % __version__, "",
+           "Settings:"]
+    for key, value, origin in settings_summary(config):
+        out.append("  %-18s %-28s (%s)" % (key, "-" if value is None else value, origin))
+    out.append("")
+    out.append("Selected VMs (%d):" % len(data["vms"]))
+    for vm in data["vms"]:
+        disks = ", ".join(vm["disks"]) or "-"
+        if vm["skipped_disks"]:
+            disks += "  (left out, [NOBAK]: %s)" % ", ".join(vm["skipped_disks"])
+        gfs = "retention %s  " % vm["retention"] if "+" in vm["retention"] else ""
+        out.append("  %-24s %-11s max_backups=%-3d %sdisks: %s  [%s]"
+                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], gfs, disks, vm["uuid"]))
+    for title, key in (("Excluded", "excluded"), ("Not selected", "not_selected")):
+        out.append("%s (%d):" % (title, len(data[key])))
+        out.extend("  %-24s [%s]" % (printable(v["name"]), v["uuid"]) for v in data[key])
+    out.append("Retention would delete (%d):" % len(data["delete"]))
+    out.extend("  %s/%s" % (printable(d["vm"]), d["backup"]) for d in data["delete"])
+    out.append("Leftover snapshots the run would destroy (%d):" % len(data["destroy"]))
+    out.extend("  %s %-24s [%s]" % (d["class"], printable(d["name"]), d["uuid"])
+               for d in data["destroy"])
+    out.extend("***WARNING - " + w for w in data["warnings"])
+    out.extend("***ERROR - " + e for e in data["errors"])
+    out.append(preview_verdict(data))
+    return "\n".join(out) + "\n"
+
+
+def write_json(target, data):
+    """Write `data` as JSON to the file `target` ('-': stdout)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise BackupDirError("cannot write --json file %s: %s" % (target, exc.strerror))
+
+
+def setup_logging(verbosity):
+    """Send log lines to stderr: warnings and up with -q, debug with -vv."""
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(-2, min(verbosity, 0)), logging.INFO)
+    if verbosity >= 2:
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           "%Y-%m-%d %H:%M:%S"))
+    for old in [h for h in log.handlers if getattr(h, "_vmbackup_console", False)]:
+        log.removeHandler(old)
+    handler._vmbackup_console = True
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    handler.setLevel(level)
+    log.propagate = False
 
 
 # === vmbackup/transport/api.py ==============================================
@@ -5038,10 +5474,38 @@ def export_with_retries(ctx, plan, folder, moment, vlog):
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def estimate_size(plan):
-    """Return the bytes a VM's export may take: its exported VDIs' physical utilisation."""
-    return sum(int(d.vdi.get("physical_utilisation") or d.vdi.get("virtual_size") or 0)
-               for d in plan.disks)
+#: An XVA carries a disk in chunks of 1 MiB; a chunk of zeros is left out, except the first
+#: and the last, and each chunk brings a tar header, a checksum member's header and body.
+XVA_CHUNK, XVA_CHUNK_OVERHEAD = 1 << 20, 3 * 512
+
+
+def estimate_size(plan, previous=0):
+    """Return the bytes a VM's export may take (pure).
+
+    Each exported disk's physical utilisation -- for an XVA in whole 1 MiB chunks, its
+    first and last chunk included -- and never less than `previous`, what the VM's last
+    complete backup in this mode took: data spread thinly over a disk makes an XVA of
+    many chunks that XAPI's physical utilisation does not show.
+    """
+    total = 0
+    for disk in plan.disks:
+        size = int(disk.vdi.get("virtual_size") or 0)
+        used = int(disk.vdi.get("physical_utilisation") or size)
+        if plan.vm.mode == "vm-export":
+            chunks = min(-(-size // XVA_CHUNK), -(-used // XVA_CHUNK) + 2)
+            used = chunks * (XVA_CHUNK + XVA_CHUNK_OVERHEAD)
+        total += used
+    return max(total, previous)
+
+
+def last_backup_bytes(store, vm_folder, mode):
+    """Return the bytes of the files of a VM folder's newest complete backup in `mode`
+    (0: none)."""
+    for backup in reversed(store.backups(vm_folder)):
+        if backup.complete and backup.mode == mode and backup.manifest is not None:
+            return sum(int(f.get("size") or 0) for f in backup.manifest["files"]
+                       if isinstance(f, dict))
+    return 0
 
 
 def build_manifest(ctx, plan, started, files):
@@ -5068,16 +5532,17 @@ def backup_vm(ctx, plan, vlog):
     began = time.monotonic()
     store, vm_folder = LocalStore(config.backup_dir), safe_dirname(vm.name)
     os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
-    check_space(config, estimate_size(plan), "VM %s" % printable(vm.name))
+    check_space(config, estimate_size(plan, last_backup_bytes(store, vm_folder, vm.mode)),
+                "VM %s" % printable(vm.name))
     if config.pre_clean and vm.mode != "meta-export":
-        prune_vm_backups(store, vm_folder, vm.max_backups - 1, drop_incomplete=False, vlog=vlog,
-                         mode=vm.mode, uuid=vm.uuid)
+        prune_vm_backups(store, vm_folder, keep_for(config, vm), drop_incomplete=False, vlog=vlog,
+                         mode=vm.mode, uuid=vm.uuid, incoming=datetime.datetime.now())
     folder, moment = store.new_folder(vm_folder)
     vlog.info("%s to %s", vm.mode, folder)
     started = datetime.datetime.now()
     files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
     store.commit(folder, build_manifest(ctx, plan, started, files + exported))
-    prune_vm_backups(store, vm_folder, vm.max_backups, vlog=vlog, mode=vm.mode, uuid=vm.uuid)
+    prune_vm_backups(store, vm_folder, keep_for(config, vm), vlog=vlog, mode=vm.mode, uuid=vm.uuid)
     total = sum(f["size"] for f in exported)
     if vlog.errors:
         return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,
@@ -5425,9 +5890,16 @@ class VmListing(typing.NamedTuple):
     folder: str
     backups: typing.Tuple[BackupSummary, ...]
 
+    def counts(self):
+        """Return (complete, incomplete): the backups that can be restored, and the others."""
+        complete = sum(1 for b in self.backups if b.complete)
+        return complete, len(self.backups) - complete
+
     def to_json(self):
-        """Return {"name", "folder", "backups": [...]}."""
+        """Return {"name", "folder", "complete", "incomplete", "backups": [...]}."""
+        complete, incomplete = self.counts()
         return collections.OrderedDict([("name", self.name), ("folder", self.folder),
+                                        ("complete", complete), ("incomplete", incomplete),
                                         ("backups", [b.to_json() for b in self.backups])])
 
 
@@ -5514,8 +5986,10 @@ def format_list(data):
         shown = printable(vm.name)
         if vm.folder != vm.name:
             shown += "  (folder %s)" % printable(vm.folder)
-        out += ["", "%s: %d backup%s" % (shown, len(vm.backups),
-                                         "" if len(vm.backups) == 1 else "s"),
+        complete, incomplete = vm.counts()
+        out += ["", "%s: %d complete backup%s%s" % (shown, complete, "" if complete == 1 else "s",
+                                                    ", %d incomplete" % incomplete if incomplete
+                                                    else ""),
                 row % ("DATE", "MODE", "FILES", "SIZE", "STATE", "CHECK")]
         for b in vm.backups:
             out.append(row % ((b.date or "?").replace("T", " "), b.mode or "?", b.files,
@@ -5626,6 +6100,208 @@ def cmd_verify(argv):
     return code
 
 
+# === vmbackup/metrics.py ====================================================
+# The run as Prometheus metrics: a textfile for node_exporter's textfile collector.
+#
+# Owns: escape_label, History and backup_history (what backup_dir says of a unit's last
+# good backup), metrics_text (pure: an Outcome and histories -> the exposition text),
+# write_metrics (temp + rename).
+#
+# The run's figures (start, end, exit code, S/W/E, each unit's status, size and time) are
+# read from the run's Outcome; "last successful backup" and "backups kept" are read from
+# the backup folders themselves (complete folders, their manifests), so they survive a
+# run in which the VM failed, a lost metrics file, and runs of other config files.
+# Imports: errors, util, store, report.
+
+STATUS_CODES = {"success": 0, "warning": 1, "error": 2}
+
+
+def escape_label(value):
+    r"""Return a label value escaped for the text format: backslash, double quote, newline.
+
+    >>> escape_label('quote\'s "double"\nback\\slash')
+    'quote\'s \\"double\\"\\nback\\\\slash'
+    """
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def labels(**pairs):
+    """Return '{a="x",b="y"}' (sorted by name) for the non-None pairs."""
+    return "{%s}" % ",".join('%s="%s"' % (k, escape_label(v))
+                             for k, v in sorted(pairs.items()) if v is not None)
+
+
+def epoch(moment):
+    """Return the Unix time of a naive local datetime."""
+    return time.mktime(moment.timetuple()) + moment.microsecond / 1e6
+
+
+def local_time(text):
+    """Return the naive datetime of a manifest's ISO time ('2026-12-06T13:05:01.123'), or None."""
+    text = str(text)
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f" if "." in text
+                                          else "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return None
+
+
+class History(typing.NamedTuple):
+    """What backup_dir says of one unit: its last complete backup, and how many are kept."""
+    last_success: typing.Optional[float] = None    # Unix time it finished
+    size: int = 0                                   # its bytes
+    seconds: typing.Optional[float] = None          # how long it took (vmbackup's manifest)
+    kept: int = 0                                   # complete backups of this mode
+
+
+def vm_history(store, result):
+    """Return the History of a VM result's folder: complete backups of its mode (and uuid)."""
+    mine = [f for f in store.backups(safe_dirname(result.name))
+            if f.complete and f.mode == result.mode
+            and ((f.manifest or {}).get("vm") or {}).get("uuid", result.uuid) == result.uuid]
+    if not mine:
+        return History()
+    last = mine[-1]
+    manifest = last.manifest or {}
+    started, finished = local_time(manifest.get("started")), local_time(manifest.get("finished"))
+    when = finished or last.when
+    return History(epoch(when) if when else None, store.usage(last.path)[1],
+                   (finished - started).total_seconds() if started and finished else None,
+                   len(mine))
+
+
+def dated_history(store, prefix):
+    """Return the History of the pool_db_/host_ files in the folders starting `prefix`."""
+    found = [(parse_dated_file(os.path.basename(p)), p) for folder in store.vm_folders()
+             if folder.startswith(prefix) for p in store.dated_files(folder)]
+    if not found:
+        return History()
+    when, path = max(found)
+    kept = len([p for p in found if os.path.dirname(p[1]) == os.path.dirname(path)])
+    return History(epoch(when), os.path.getsize(path), None, kept)
+
+
+def backup_history(config, outcome):
+    """Return {unit name: History} for every unit of the Outcome, read from backup_dir."""
+    store, found = LocalStore(config.backup_dir), {}
+    if not os.path.isdir(config.backup_dir):
+        return found
+    for result in outcome.results:
+        try:
+            if result.mode != "pool":
+                found[result.name] = vm_history(store, result)
+            elif result.name == "pool database":
+                found[result.name] = dated_history(store, "METADATA_")
+            else:
+                host = result.name[len("host backup of "):]
+                found[result.name] = dated_history(store, safe_dirname("HOST_" + host))
+        except (OSError, VmBackupError) as exc:  # unreadable folder: no history
+            log.debug("metrics: cannot read the backups of %s: %s", printable(result.name), exc)
+    return found
+
+
+class Family:
+    """One metric family: HELP, TYPE gauge and its samples."""
+
+    def __init__(self, name, text):
+        self.name, self.text, self.samples = name, text, []
+
+    def add(self, value, **pairs):
+        if value is not None:
+            self.samples.append("%s%s %s" % (self.name, labels(**pairs) if pairs else "",
+                                              format_value(value)))
+
+    def lines(self):
+        if not self.samples:
+            return []
+        return (["# HELP %s %s" % (self.name, self.text), "# TYPE %s gauge" % self.name]
+                + self.samples)
+
+
+def format_value(value):
+    """Return a sample value: integers as integers, else repr of the float."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int) or float(value).is_integer():
+        return "%d" % value
+    return repr(float(value))
+
+
+def metrics_text(outcome, history, job=""):
+    """Return the textfile of a run: the run's figures, then each unit's, grouped by family.
+
+    `history` is backup_history's {unit name: History}; `job` (the config file's name) is
+    the `config` label of every sample, so the runs of several config files can share a
+    collector (`job` itself is Prometheus's own target label).
+    """
+    code, counts = exit_code_for(outcome), tally(outcome)
+    run = [
+        Family("vmbackup_last_run_start_timestamp_seconds", "When the last run started."),
+        Family("vmbackup_last_run_end_timestamp_seconds", "When the last run ended."),
+        Family("vmbackup_last_run_exit_code",
+               "Exit code of the last run: 0 ok, 1 warnings, 2 failures."),
+        Family("vmbackup_last_run_succeeded", "Units (VMs, pool database, hosts) that succeeded "
+                                              "in the last run (S)."),
+        Family("vmbackup_last_run_warnings", "Warnings of the last run (W)."),
+        Family("vmbackup_last_run_errors", "Failures of the last run (E)."),
+    ]
+    for family, value in zip(run, (epoch(outcome.started), epoch(outcome.finished), code)
+                             + tuple(counts)):
+        family.add(value, config=job)
+    vm = [
+        Family("vmbackup_vm_last_run_status",
+               "Status of the VM in the last run: 0 success, 1 warning, 2 error."),
+        Family("vmbackup_vm_last_run_size_bytes", "Bytes exported for the VM in the last run."),
+        Family("vmbackup_vm_last_run_duration_seconds", "Seconds the VM took in the last run."),
+        Family("vmbackup_vm_last_success_timestamp_seconds",
+               "When the VM's last complete backup of this mode finished (0: none in backup_dir)."),
+        Family("vmbackup_vm_last_success_size_bytes", "Bytes of the VM's last complete backup."),
+        Family("vmbackup_vm_last_success_duration_seconds",
+               "Seconds the VM's last complete backup took."),
+        Family("vmbackup_vm_backups_kept", "Complete backups of the VM (this mode) in backup_dir."),
+    ]
+    pool = [
+        Family("vmbackup_pool_backup_last_run_status",
+               "Status of the pool database or host backup in the last run: 0 success, 2 error."),
+        Family("vmbackup_pool_backup_last_run_size_bytes",
+               "Bytes of the pool database or host backup in the last run."),
+        Family("vmbackup_pool_backup_last_run_duration_seconds",
+               "Seconds the pool database or host backup took in the last run."),
+        Family("vmbackup_pool_backup_last_success_timestamp_seconds",
+               "When the last pool database or host backup in backup_dir was taken (0: none)."),
+        Family("vmbackup_pool_backup_last_success_size_bytes",
+               "Bytes of the last pool database or host backup in backup_dir."),
+        Family("vmbackup_pool_backup_kept", "Pool database or host backups in backup_dir."),
+    ]
+    for result in outcome.results:
+        past = history.get(result.name, History())
+        if result.mode != "pool":
+            key = dict(config=job, vm=result.name, uuid=result.uuid, mode=result.mode)
+            values = (STATUS_CODES[result.status], result.bytes, result.seconds,
+                      past.last_success or 0, past.size if past.kept else None, past.seconds,
+                      past.kept)
+            families = vm
+        else:
+            key = dict(config=job, unit=result.name)
+            values = (STATUS_CODES[result.status], result.bytes, result.seconds,
+                      past.last_success or 0, past.size if past.kept else None, past.kept)
+            families = pool
+        for family, value in zip(families, values):
+            family.add(value, **key)
+    out = []
+    for family in run + vm + pool:
+        out.extend(family.lines())
+    return "\n".join(out) + "\n"
+
+
+def write_metrics(path, text):
+    """Write the textfile at `path` atomically (NAME.part, then rename), mode 0644."""
+    with partial_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
+
+
 # === vmbackup/transport/choose.py ===========================================
 # Picking the transport a run uses (api or xe) from the settings.
 #
@@ -5722,22 +6398,146 @@ def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
 
 
 def legacy_manifest(backup):
-    """Return a manifest-like dict for a NAUbackup BackupFolder: its .xva, or its one
-    .raw/.vhd file and the root disk (store.legacy_root_disk) that file holds."""
+    """Return a manifest-like dict for a NAUbackup BackupFolder: its .xva, or its .raw/.vhd
+    files and the disk each holds (store.legacy_disk_files)."""
     xvas = backup.names_of("xva")
     if xvas:
         return {"mode": "vm-export", "files": [{"name": n} for n in xvas], "vm": {}}
-    disks, root = backup.names_of("raw") + backup.names_of("vhd"), backup.root_disk
-    if len(disks) == 1 and root is not None:
-        if root.virtual_size is None:
-            raise RestoreError("%s: DISK-%s/vdi.cfg records no virtual_size for %s"
-                               % (backup.path, root.device, disks[0]))
-        return {"mode": "vdi-export", "vm": {},
-                "disks": [{"file": disks[0], "device": root.device, "userdevice": root.userdevice,
-                           "virtual_size": root.virtual_size}],
-                "files": [{"name": disks[0]}]}
+    files = backup.names_of("raw") + backup.names_of("vhd")
+    if files and all(backup.disk_files.get(f) is not None for f in files):
+        disks, files = [], sorted(files, key=lambda f: backup.disk_files[f].device)
+        for name in files:
+            disk = backup.disk_files[name]
+            if disk.virtual_size is None:
+                raise RestoreError("%s: DISK-%s/vdi.cfg records no virtual_size for %s"
+                                   % (backup.path, disk.device, name))
+            disks.append({"file": name, "device": disk.device, "userdevice": disk.userdevice,
+                          "virtual_size": disk.virtual_size})
+        return {"mode": "vdi-export", "vm": {}, "disks": disks,
+                "files": [{"name": n} for n in files]}
     raise RestoreError("%s: legacy NAUbackup folder with nothing this tool can restore"
                        % backup.path)
+
+
+class BackupIdentity(typing.NamedTuple):
+    """Who the backed-up VM was: what a --preserve restore would bring back into the pool."""
+    name: str
+    uuid: str
+    macs: typing.Tuple[str, ...]
+
+
+def backup_identity(backup, manifest):
+    """Return the BackupIdentity of a BackupFolder: the manifest's (or vm.cfg's) name and
+    uuid, and the MAC of every VIF its VIFs/*.cfg files record."""
+    vm = (manifest or {}).get("vm") or {}
+    cfg = read_cfg(os.path.join(backup.path, "vm.cfg"))
+    macs = []
+    for path in sorted(glob.glob(os.path.join(glob.escape(backup.path), "VIFs", "*.cfg"))):
+        mac = read_cfg(path).get("MAC", "").strip().lower()
+        if mac and mac not in macs:
+            macs.append(mac)
+    return BackupIdentity(vm.get("name") or cfg.get("name_label") or backup.vm,
+                          vm.get("uuid") or cfg.get("orig_uuid", ""), tuple(macs))
+
+
+def preserve_conflicts(identity, vms, vifs):
+    """Return one line per real VM of the pool a --preserve restore of `identity` would
+    clash with: the same uuid, the same name, or one of its MACs (pure).
+
+    `vms` and `vifs` are {ref: record} as VM.get_all_records and VIF.get_all_records give.
+    """
+    lines = []
+    for rec in sorted((r for r in vms.values() if is_candidate(r)),
+                      key=lambda r: (r.get("name_label", ""), r.get("uuid", ""))):
+        why = []
+        if identity.uuid and rec.get("uuid") == identity.uuid:
+            why.append("it is the backed-up VM itself")
+        if rec.get("name_label") == identity.name:
+            why.append("it has the same name")
+        macs = {vifs[v].get("MAC", "").lower() for v in rec.get("VIFs", ()) if v in vifs}
+        shared = [m for m in identity.macs if m in macs]
+        if shared:
+            why.append("it uses MAC %s" % ", ".join(shared))
+        if why:
+            lines.append("VM %s (%s, %s): %s" % (printable(repr(rec.get("name_label", ""))),
+                                                 rec.get("uuid", ""),
+                                                 str(rec.get("power_state", "")).lower(),
+                                                 "; ".join(why)))
+    return lines
+
+
+def free_name(wanted, taken):
+    """Return `wanted`, or `wanted 2`, `wanted 3`... : the first not in `taken` (pure)."""
+    name, n = wanted, 1
+    while name in taken:
+        n += 1
+        name = "%s %d" % (wanted, n)
+    return name
+
+
+def attach_conflicts(items, target_name, vbds):
+    """Return one line per disk of `items` whose userdevice the VM `target_name` already
+    uses (`vbds`: the target's VBD records) (pure)."""
+    used = {str(v.get("userdevice")): v for v in vbds}
+    lines = []
+    for item in items:
+        vbd = used.get(item.userdevice) if item.userdevice else None
+        if vbd is not None:
+            what = "empty CD drive" if vbd.get("empty") else str(vbd.get("type", "disk")).lower()
+            lines.append("--attach-to %s: userdevice %s (for %s) is taken by its %s %s"
+                         % (printable(target_name), item.userdevice, item.device or item.name,
+                            what, vbd.get("device") or "(no device name)"))
+    return lines
+
+
+def older_good_backup(backup):
+    """Return the newest complete backup older than `backup` in its VM folder that
+    verifies (good or unchecked), or None."""
+    vm_dir = os.path.dirname(os.path.abspath(backup.path))
+    store = LocalStore(os.path.dirname(vm_dir))
+    for older in reversed(store.backups(os.path.basename(vm_dir))):
+        if older.complete and older.when and backup.when and older.when < backup.when \
+                and check_backup(older).status in ("good", "unchecked"):
+            return older
+    return None
+
+
+def refuse_bad_backup(backup, check):
+    """Log what is wrong with `backup` and raise RestoreError naming the newest good one."""
+    for line in verify_lines(check, verbosity=-1):
+        log.error("%s", printable(line))
+    good = older_good_backup(backup)
+    hint = ("; the newest good backup is %s: restore it with `%s restore %s`"
+            % (good.path, PROG, good.path) if good else "; no older backup of this VM verifies")
+    raise RestoreError("%s is %s: refusing to restore it (see `vmbackup.py verify`)%s"
+                       % (backup.path, check.status, hint))
+
+
+def check_pool_for(xapi, items, identity, args):
+    """Refuse (RestoreError) what would clash in the pool, unless --force; return the items
+    with a VM's default name made free. Runs in the preview as in the restore."""
+    problems = []
+    vm_items = [i for i in items if i.kind == "vm"]
+    if vm_items:
+        vms = xapi.call("VM.get_all_records")
+        taken = {r.get("name_label") for r in vms.values() if is_candidate(r)}
+        if args.preserve:
+            problems += ["--preserve: %s" % line for line in
+                         preserve_conflicts(identity, vms, xapi.call("VIF.get_all_records"))]
+        elif args.name and args.name in taken:
+            problems.append("--name %s: a VM of that name is in the pool" % printable(args.name))
+        elif not args.name:
+            items = [i._replace(name=free_name(i.name, taken)) if i.kind == "vm" else i
+                     for i in items]
+    if problems and args.force:
+        for line in problems:
+            log.warning("%s (going ahead: --force)", line)
+        return items
+    if problems:
+        raise RestoreError("refusing to restore %s: %s (the restored VM would make duplicate "
+                           "names or MACs in the pool; remove or rename the other VM, or give "
+                           "--force)" % (printable(identity.name), "; ".join(problems)))
+    return items
 
 
 def find_sr(xapi, wanted):
@@ -5823,6 +6623,8 @@ def build_restore_parser():
     opt("--preserve", action="store_true",
         help="keep the MAC addresses and the VM's name, for disaster recovery when the original is gone")
     opt("--start", action="store_true", help="start the restored VM")
+    opt("--force", action="store_true",
+        help="restore even when a VM of the same name, uuid or MAC is in the pool")
     opt("--attach-to", metavar="VM", help="vdi-export: attach the restored disks to this VM")
     opt("--preview", "--dry-run", action="store_true", help="show what would be created; change nothing")
     return parser
@@ -5834,15 +6636,18 @@ def cmd_restore(argv):
     config, password = load_config(settings_from_args(args))
     backup = resolve_backup(args.backup)
     folder = backup.path
+    log.info("restoring from %s (%s)", folder, "the newest complete backup in %s"
+             % os.path.abspath(args.backup) if os.path.abspath(args.backup) != folder
+             else "as named")
     check = check_backup(backup)
     if check.status in ("bad", "incomplete"):
-        for line in verify_lines(check, verbosity=-1):
-            log.error("%s", printable(line))
-        raise RestoreError("%s is %s: refusing to restore it (see `vmbackup.py verify`)"
-                           % (folder, check.status))
+        refuse_bad_backup(backup, check)
     if check.status == "unchecked":
         log.warning("%s could not be fully checked here (%s); restoring anyway",
                     check.display, printable("; ".join(str(u) for u in check.unchecked)))
+    else:
+        log.info("verified %s: every file's size and SHA-256 match the manifest", check.display
+                 if not backup.legacy else check.display + " (legacy: each file's format)")
     manifest = legacy_manifest(backup) if backup.legacy else backup.manifest
     items = plan_restore(folder, manifest, args.name, args.preserve)
     if args.attach_to and items[0].kind != "disk":
@@ -5853,7 +6658,14 @@ def cmd_restore(argv):
     done = []
     try:
         sr_ref, sr = find_sr(xapi, args.sr)
-        attach = find_vm(xapi, args.attach_to)[0] if args.attach_to else None
+        items = check_pool_for(xapi, items, backup_identity(backup, manifest), args)
+        attach = None
+        if args.attach_to:
+            attach, target = find_vm(xapi, args.attach_to)
+            clash = attach_conflicts(items, target["name_label"],
+                                     [xapi.call("VBD.get_record", v) for v in target["VBDs"]])
+            if clash:
+                raise RestoreError("; ".join(clash))
         for item in items:
             log.info("%s %s -> %s %r on SR %r", "would restore" if args.preview else "restoring",
                      os.path.relpath(item.file, os.path.dirname(os.path.dirname(folder))),
@@ -6152,6 +6964,368 @@ def clean_leftovers(ctx):
     return count
 
 
+# === vmbackup/notify.py =====================================================
+# The run's reports to the outside: the mail, the metrics file, and what the log sinks met.
+#
+# Owns: mail_wanted, mail_subject, mail_body (pure readers of an Outcome), build_mail,
+# send_mail (SMTP with none/starttls/ssl, AUTH, retries), MailFailed, test_mail,
+# send_reports (what run.report_run calls: each report that cannot be made is a warning
+# of the run, never a crash and never a lost backup).
+# Imports: errors, util, config, store, report, logsinks, metrics.
+
+class MailFailed(VmBackupError):
+    """mail to {} not sent: {}"""
+
+
+#: mail_on -> the lowest exit code that is mailed.
+MAIL_ON = {"always": 0, "warning": 1, "error": 2}
+
+
+#: Tries of one mail, and the seconds waited before the second, third... (times the try).
+MAIL_TRIES = 3
+MAIL_RETRY_DELAY = 10.0
+
+
+#: The default port of each smtp_security.
+SMTP_PORTS = {"none": 25, "starttls": 587, "ssl": 465}
+
+
+def mail_wanted(mail_on, code):
+    """Return True if a run that exits `code` is mailed under `mail_on`.
+
+    >>> mail_wanted("error", 1), mail_wanted("warning", 1), mail_wanted("always", 0)
+    (False, True, True)
+    """
+    return code >= MAIL_ON[mail_on]
+
+
+def pool_name(config, record_pool):
+    """Return the pool's name for the subject: its name_label, else the server, else this host."""
+    if record_pool:
+        return record_pool
+    server = config.server or ""
+    if "://" not in server:     # this host's xapi (none, or unix:/path)
+        return socket.gethostname()
+    return server.split("://", 1)[1].split("/", 1)[0] or socket.gethostname()
+
+
+def mail_subject(prefix, outcome, pool):
+    """Return '[vmbackup] ERROR demo-pool: S:10 W:1 E:2'."""
+    return "%s %s %s: %s" % (prefix, status_word(exit_code_for(outcome)), printable(pool),
+                             tally(outcome))
+
+
+def duration(seconds):
+    """Return '0:03:12' for 192 seconds."""
+    seconds = int(round(seconds or 0))
+    return "%d:%02d:%02d" % (seconds // 3600, seconds // 60 % 60, seconds % 60)
+
+
+def summary_table(outcome):
+    """Return the lines of the table of units: VM, mode, status, size, time, message."""
+    rows = [("VM", "MODE", "STATUS", "SIZE", "TIME", "MESSAGE")]
+    for r in outcome.results:
+        rows.append((printable(r.name), r.mode, r.status, human_size(r.bytes) if r.bytes else "-",
+                     duration(r.seconds), one_line(r.message, 100) if r.message else ""))
+    widths = [min(40, max(len(row[i]) for row in rows)) for i in range(5)]
+    return [("  ".join(fit(cell, w) for cell, w in zip(row, widths)) + "  " + row[5]).rstrip()
+            for row in rows]
+
+
+def fit(cell, width):
+    """Return `cell` padded to `width`, or cut to it with an ellipsis."""
+    return cell.ljust(width) if len(cell) <= width else cell[:width - 1] + "\u2026"
+
+
+def unit_lines(lines, unit):
+    """Return the log lines of one unit (its `vm=<name>: ` lines), at most the last 40."""
+    mark = " vm=%s: " % printable(unit)
+    return [line for line in lines if mark in line][-40:]
+
+
+def problem_groups(problems):
+    """Return [(unit, [RunProblem])]: each unit's problems together, units that failed first
+    (the run's own problems are one group per problem, unit '')."""
+    groups = []
+    for problem in problems:
+        if problem.unit and groups and groups[-1][0] == problem.unit:
+            groups[-1][1].append(problem)
+        else:
+            groups.append((problem.unit, [problem]))
+    return sorted(groups, key=lambda g: 0 if any(p.severity == "error" for p in g[1]) else 1)
+
+
+def mail_body(config, outcome, pool, lines, space):
+    """Return the plain-text report of a run: what failed first, then every unit's row.
+
+    `lines` are the run's log lines (logsinks.RunLines), `space` the (free, total,
+    percent) of backup_dir or None; nothing is counted here that the Outcome does not say.
+    """
+    code = exit_code_for(outcome)
+    out = ["vmbackup %s on %s: %s, %s, exit %d" % (__version__, socket.gethostname(),
+                                                   status_word(code), tally(outcome), code),
+           "pool:     %s" % printable(pool),
+           "started:  %s" % outcome.started, "finished: %s (%s)" % (
+               outcome.finished, duration((outcome.finished - outcome.started).total_seconds())),
+           "config:   %s" % (config.config_file or "(command line)"), ""]
+    if outcome.cannot_start:
+        out += ["The run did not start: %s" % outcome.cannot_start, ""]
+    problems = outcome.all_problems()
+    if problems:
+        out.append("What failed or warned (%d):" % len(problems))
+        for unit, found in problem_groups(problems):
+            out.append("")
+            for problem in found:
+                out.append("%s %s: %s" % ("FAILED" if problem.severity == "error" else "WARNING",
+                                          printable(unit) if unit else "(run)", problem.message))
+            if unit:
+                out.extend("    " + line for line in unit_lines(lines, unit))
+        out.append("")
+    if outcome.results:
+        out += summary_table(outcome) + [""]
+    if space:
+        free, total, percent = space
+        out.append("Space left in backup_dir %s: %s free of %s (%.1f%% free)."
+                   % (config.backup_dir, human_size(free), human_size(total), percent))
+    else:
+        out.append("backup_dir %s: not there, no space to tell." % config.backup_dir)
+    out += ["", "To see more:"]
+    if config.log_file:
+        out += ["  # this run's log", "  less %s" % config.log_file]
+    if config.syslog:
+        out += ["  # this run's log in the journal",
+                "  journalctl -t vmbackup --since '%s'" % outcome.started]
+    if config.status_log and os.path.isdir(os.path.dirname(config.status_log) or "."):
+        out += ["  # the status log (one line per VM and run)", "  tail %s" % config.status_log]
+    run = "%s -c %s" % (PROG, config.config_file) if config.config_file else PROG
+    out += ["  # every backup in backup_dir, with its status",
+            "  %s list -d %s" % (PROG, config.backup_dir),
+            "  # what the next run would do (changes nothing)", "  %s --preview" % run]
+    return "\n".join(out) + "\n"
+
+
+def build_mail(config, subject, body):
+    """Return the message (UTF-8 plain text, quoted-printable) from mail_from to mail_to.
+
+    Built with the email package's compat32 classes and headers encoded here: Python 3.6's
+    newer policy folds an address list with a non-ASCII name into a header of stray CRs.
+    """
+    charset = email.charset.Charset("utf-8")
+    charset.body_encoding = email.charset.QP
+    msg = email.mime.text.MIMEText(body, "plain", charset)
+    sender = config.mail_from or "vmbackup@%s" % socket.getfqdn()
+    msg["From"] = encode_addresses([sender])
+    msg["To"] = encode_addresses(config.mail_to or ())
+    msg["Subject"] = encode_text(subject, "Subject")
+    msg["Date"] = email.utils.formatdate(localtime=True)
+    msg["Message-ID"] = email.utils.make_msgid(
+        "vmbackup", email.utils.parseaddr(sender)[1].rpartition("@")[2] or None)
+    msg["X-Mailer"] = "vmbackup %s" % __version__
+    return msg
+
+
+def encode_text(text, header_name=None):
+    """Return a header value: `text` when ASCII, else RFC 2047 encoded words (a Header,
+    folded as a header named `header_name`; without one, the encoded text)."""
+    try:
+        text.encode("ascii")
+        return text
+    except UnicodeEncodeError:
+        header = email.header.Header(text, "utf-8", header_name=header_name)
+        return header if header_name else header.encode()
+
+
+def encode_addresses(addresses):
+    """Return 'Name <a@b>, c@d' with non-ASCII names as encoded words."""
+    return ", ".join(email.utils.formataddr((encode_text(name) if name else "", addr))
+                     for name, addr in email.utils.getaddresses(list(addresses)))
+
+
+def is_loopback(host):
+    """Return True for a server on this host (localhost, 127.x, ::1)."""
+    return host in ("localhost", "::1") or host.startswith("127.")
+
+
+def smtp_connect(config, password):
+    """Return a logged-in smtplib connection to smtp_server; raise OSError or SMTPException."""
+    security, host = config.smtp_security, config.smtp_server
+    port = config.smtp_port or SMTP_PORTS[security]
+    context = None
+    if security != "none":
+        context = ssl.create_default_context(cafile=config.smtp_ca_file)
+    if security == "ssl":
+        smtp = smtplib.SMTP_SSL(host, port, timeout=config.smtp_timeout, context=context)
+    else:
+        smtp = smtplib.SMTP(host, port, timeout=config.smtp_timeout)
+    try:
+        if security == "starttls":
+            smtp.starttls(context=context)
+        if config.smtp_username:
+            smtp_login(smtp, config.smtp_username, password or "")
+    except BaseException:
+        smtp.close()
+        raise
+    return smtp
+
+
+def smtp_login(smtp, username, password):
+    """Log in; raise SMTPAuthenticationError. Credentials beyond ASCII go as UTF-8 AUTH PLAIN
+    (RFC 4616), which smtplib's login cannot send."""
+    try:
+        (username + password).encode("ascii")
+    except UnicodeEncodeError:
+        smtp.ehlo_or_helo_if_needed()
+        token = base64.b64encode(("\0%s\0%s" % (username, password)).encode("utf-8"))
+        code, reply = smtp.docmd("AUTH", "PLAIN " + token.decode("ascii"))
+        if code != 235:
+            raise smtplib.SMTPAuthenticationError(code, reply)
+        return
+    smtp.login(username, password)
+
+
+def retryable(exc):
+    """Return True for what a second try may cure: a refused or dropped connection, a 4xx."""
+    if isinstance(exc, (ssl.SSLError, ssl.CertificateError, smtplib.SMTPAuthenticationError)):
+        return False
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return 400 <= exc.smtp_code < 500
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return all(400 <= code < 500 for code, _ in exc.recipients.values())
+    return isinstance(exc, (OSError, smtplib.SMTPException))
+
+
+def failure_text(config, exc):
+    """Return one line for an SMTP failure, naming the server and what to check."""
+    where = "%s:%s (smtp_security=%s)" % (config.smtp_server,
+                                          config.smtp_port or SMTP_PORTS[config.smtp_security],
+                                          config.smtp_security)
+    if isinstance(exc, (ssl.SSLError, ssl.CertificateError)):
+        return ("%s: TLS certificate refused: %s (set smtp_ca_file to the CA that signed it, "
+                "and smtp_server to a name the certificate holds)" % (where, one_line(exc)))
+    if isinstance(exc, smtplib.SMTPAuthenticationError):
+        return "%s: login as %s refused: %s %s" % (where, config.smtp_username, exc.smtp_code,
+                                                     one_line(exc.smtp_error.decode("utf-8",
+                                                                                    "replace")))
+    if isinstance(exc, smtplib.SMTPResponseException):
+        return "%s: %s %s" % (where, exc.smtp_code,
+                              one_line(exc.smtp_error.decode("utf-8", "replace")))
+    if isinstance(exc, smtplib.SMTPRecipientsRefused):
+        return "%s: recipients refused: %s" % (where, ", ".join(sorted(exc.recipients)))
+    return "%s: %s" % (where, one_line(getattr(exc, "strerror", None) or exc))
+
+
+def send_mail(config, msg, sleep=time.sleep):
+    """Send `msg` through smtp_server, trying MAIL_TRIES times; raise MailFailed."""
+    to = ", ".join(config.mail_to or ())
+    password = None
+    try:
+        if config.smtp_username:
+            if config.smtp_security == "none" and not is_loopback(config.smtp_server):
+                raise MailFailed(to, "not sending the SMTP password unencrypted to %s: set "
+                                     "smtp_security=starttls or ssl" % config.smtp_server)
+            if config.smtp_password_file:
+                password = read_password_file(config.smtp_password_file)
+    except VmBackupError as exc:
+        raise MailFailed(to, str(exc)) if not isinstance(exc, MailFailed) else exc
+    for attempt in range(1, MAIL_TRIES + 1):
+        try:
+            smtp = smtp_connect(config, password)
+            try:
+                smtp.send_message(msg)
+            finally:
+                try:
+                    smtp.quit()
+                except (OSError, smtplib.SMTPException):
+                    smtp.close()
+            return attempt
+        except (OSError, smtplib.SMTPException, ValueError) as exc:
+            text = failure_text(config, exc)
+            if attempt == MAIL_TRIES or not retryable(exc):
+                raise MailFailed(to, "%s (try %d of %d)" % (text, attempt, MAIL_TRIES))
+            log.info("mail try %d of %d failed: %s; trying again in %gs",
+                     attempt, MAIL_TRIES, text, MAIL_RETRY_DELAY * attempt)
+            sleep(MAIL_RETRY_DELAY * attempt)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+def mail_report(config, outcome, pool):
+    """Mail the run's report if mail_on asks for it; raise MailFailed."""
+    code = exit_code_for(outcome)
+    if not config.mail_to or not mail_wanted(config.mail_on, code):
+        return
+    lines = run_lines()
+    try:
+        space = free_space(config.backup_dir) if os.path.isdir(config.backup_dir) else None
+    except OSError:
+        space = None
+    msg = build_mail(config, mail_subject(config.mail_subject_prefix, outcome, pool),
+                     mail_body(config, outcome, pool, lines.lines if lines else [], space))
+    tries = send_mail(config, msg)
+    log.info("mailed the report to %s (%s)%s", ", ".join(config.mail_to), msg["Subject"],
+             "" if tries == 1 else " on try %d" % tries)
+
+
+def send_reports(config, record):
+    """Mail the report and write the metrics file of a run; what fails is a warning of the run.
+
+    Called by run.report_run before it writes the status log's `end` line, so that line,
+    the exit code and --json count these warnings; the mail cannot count its own failure,
+    the metrics file (written after it) does.
+    """
+    lines = run_lines()
+    if lines:
+        for problem in lines.problems:
+            record.log.warning("%s", problem)
+        lines.problems[:] = []
+    pool = pool_name(config, getattr(record, "pool", None))
+    try:
+        mail_report(config, record.outcome(), pool)
+    except MailFailed as exc:
+        record.log.warning("%s", exc)
+    except Exception as exc:  # noqa: BLE001 - a report never costs the run
+        log.debug("traceback", exc_info=True)
+        record.log.warning("mail not sent: internal error: %s: %s", type(exc).__name__,
+                           one_line(exc))
+    if config.metrics_file:
+        try:
+            outcome = record.outcome()
+            text = metrics_text(outcome, backup_history(config, outcome),
+                                os.path.basename(config.config_file or ""))
+            write_metrics(config.metrics_file, text)
+        except OSError as exc:
+            record.log.warning("cannot write metrics_file %s: %s", config.metrics_file,
+                               exc.strerror or exc)
+        except Exception as exc:  # noqa: BLE001 - a report never costs the run
+            log.debug("traceback", exc_info=True)
+            record.log.warning("cannot write metrics_file %s: internal error: %s: %s",
+                               config.metrics_file, type(exc).__name__, one_line(exc))
+
+
+def test_mail(config):
+    """Send a test message with the mail settings of `config`; return the exit code."""
+    if not config.mail_to:
+        raise MailFailed("(nobody)", "mail_to is not set in %s" % (config.config_file
+                                                                   or "the command line"))
+    port = config.smtp_port or SMTP_PORTS[config.smtp_security]
+    body = "\n".join([
+        "This is a test message from vmbackup %s on %s." % (__version__, socket.gethostname()),
+        "",
+        "Reports are sent when a run ends with: %s (mail_on=%s)." % (
+            {"always": "anything", "warning": "warnings or errors", "error": "errors"}[
+                config.mail_on], config.mail_on),
+        "smtp_server:   %s:%d" % (config.smtp_server, port),
+        "smtp_security: %s" % config.smtp_security,
+        "smtp_username: %s" % (config.smtp_username or "-"),
+        "config:        %s" % (config.config_file or "(command line)"),
+        "sent at:       %s" % datetime.datetime.now().replace(microsecond=0), ""])
+    msg = build_mail(config, "%s TEST %s: mail settings work" % (
+        config.mail_subject_prefix, socket.gethostname()), body)
+    send_mail(config, msg)
+    log.info("test mail sent to %s through %s:%d", ", ".join(config.mail_to),
+             config.smtp_server, port)
+    return EXIT_OK
+
+
 # === vmbackup/run.py ========================================================
 # The whole backup run, as a list of named steps; and the preview, the same run without side effects.
 #
@@ -6207,6 +7381,7 @@ def back_up_everything(config, endpoint, password, status_log, record):
         try:
             beat.start()
             view = read_pool(xapi, wanted_by(config))
+            record.pool = view.pool.get("name_label")
             ctx = Context(config, transport, view, beat.note, record)
             clean_leftovers(ctx)
             selection = select_for_run(config, view, record)
@@ -6244,7 +7419,8 @@ def select_for_run(config, view, record):
 
 
 def report_run(config, record, status_log, json_target):
-    """Print and write the run's Outcome: status log `end`, summary, recap, --json."""
+    """Print and write the run's Outcome: mail, metrics, status log `end`, summary, recap, --json."""
+    send_reports(config, record)     # what cannot be sent is a warning of this run
     outcome = record.outcome()
     if not record.begun and status_log.folder_exists():
         status_log.line(PROG, "begin")      # a run that cannot start still leaves its pair
@@ -6261,11 +7437,15 @@ def report_run(config, record, status_log, json_target):
         write_json(json_target, run_summary(config, record.outcome()))
 
 
-def report_cannot_start(json_target, reason):
-    """Write the --json of a run stopped before its settings were read (a config error)."""
+def report_cannot_start(json_target, reason, config=None):
+    """Write the --json of a run stopped before it began (a config error; with `config`,
+    its settings read, also the status log's begin/end pair)."""
     record = RunRecord()
     record.cannot_start = reason
-    if json_target:
+    if config is not None:
+        report_run(config, record, StatusLog(config.status_log, config.where("status_log"),
+                                             record.log), json_target)
+    elif json_target:
         write_json(json_target, run_summary(None, record.outcome()))
 
 
@@ -6317,17 +7497,17 @@ def preview_pool(config, endpoint, password, record):
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
 
 
-def planned_deletions(config, plans):
-    """Return [(VM folder, backup name)] retention would delete after each plan's new backup."""
+def planned_deletions(config, plans, now=None):
+    """Return [(VM folder, backup name)] retention would delete after each plan's new backup
+    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only."""
     store, found = LocalStore(config.backup_dir), []
+    now = now or datetime.datetime.now().replace(microsecond=0)
     for plan in plans:
         if plan.problems:
             continue
-        folder = safe_dirname(plan.vm.name)
-        entries = [(f.name, f.when, f.complete) for f in store.backups(folder)]
-        new = ("(this run)", datetime.datetime.max, True)
-        found.extend((folder, name) for name in plan_retention(entries + [new], plan.vm.max_backups)
-                     if name != new[0])
+        vm, folder = plan.vm, safe_dirname(plan.vm.name)
+        found.extend((folder, name) for name in plan_vm_retention(
+            store.backups(folder), keep_for(config, vm), vm.mode, vm.uuid, incoming=now))
     return tuple(found)
 
 
@@ -6353,6 +7533,8 @@ examples:
   vmbackup.py -e 'PRD-.*' -x PRD-PRINT -d /backups   all VMs starting PRD-, except PRD-PRINT
   vmbackup.py -E 'DEV-web3:7:xvda;xvdb' -d /backups  disks xvda and xvdb of DEV-web3, keep 7
   vmbackup.py -s https://pool-master --password-file /root/.xapi.pw --tls-fingerprint SHA256 -e web01
+  vmbackup.py -q -c weekly.cfg --log-file /var/log/vmbackup.log   cron: print only problems
+  vmbackup.py --test-mail -c weekly.cfg              send a test mail with weekly.cfg's mail_* keys
 
 other commands (each with --help):
   vmbackup.py list | verify | restore | diff ...
@@ -6407,7 +7589,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[connection_options(),
-                 output_options("write the run summary (or preview) as JSON")],
+                 output_options("write the run summary (or preview) as JSON",
+                                quiet_help="print only warnings and errors (cron mails "
+                                           "only when something is wrong)")],
         description="Back up the VMs of a XenServer / XCP-ng pool: snapshot, export, metadata, "
                     "retention, pool database and host backups.",
         epilog=EXAMPLES + "\n" + EXIT_STATUS_TEXT)
@@ -6425,6 +7609,11 @@ def build_parser():
     opt("--max-backups", type=int, metavar="N", help="successful backups kept per VM")
     opt("--max-meta-backups", type=int, metavar="N",
         help="metadata-only backups kept per VM, counted apart (default: --max-backups)")
+    for period, units in (("daily", "days"), ("weekly", "weeks"), ("monthly", "months"),
+                          ("yearly", "years")):
+        opt("--keep-" + period, metavar="N",
+            help="GFS: beside the --max-backups newest, keep the newest backup of each of N more "
+                 "%s (-1: all)" % units)
     opt("--compress", choices=("none", "gzip", "zstd"), help="vm-export compression")
     opt("--vdi-format", choices=("raw", "vhd"), help="vdi-export disk format")
     opt("--pool-db-backup", action="store_const", const=True, help="back up the pool database")
@@ -6445,6 +7634,12 @@ def build_parser():
     opt("--umask", metavar="OCTAL", help="umask for backup files (default 077)")
     opt("--status-log", metavar="FILE", help="append NAUbackup-style status lines to FILE")
     opt("--ignore-extra-keys", action="store_true", help="skip unknown config keys")
+    opt("--log-file", metavar="FILE", help="append the log to FILE too (info and up, even with -q)")
+    opt("--syslog", action="store_const", const=True,
+        help="send the log to syslog too (/dev/log, ident vmbackup)")
+    opt("--metrics-file", metavar="FILE", help="write a Prometheus textfile after the run")
+    opt("--test-mail", action="store_true",
+        help="send a test mail with the config's mail settings, back up nothing")
     opt("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -6461,7 +7656,8 @@ def parse_modern(argv):
                 selectors.append(parse_selector(text, mode, "--%s" % mode))
             except ValueError as exc:
                 raise UsageError("--%s %s: %s" % (mode, text, exc))
-    return Invocation("backup", config_file=args.config, cli_values=values,
+    return Invocation("test-mail" if args.test_mail else "backup", config_file=args.config,
+                      cli_values=values,
                       cli_selectors=tuple(selectors), preview=args.preview,
                       ignore_extra_keys=args.ignore_extra_keys, json=args.json)
 
@@ -6561,13 +7757,16 @@ def cmd_backup(inv):
 
     A run stopped by its settings still writes --json (status error, the reason).
     """
+    if inv.action == "test-mail":
+        return cmd_test_mail(inv)
+    config = None
     try:
         config, password = load_settings(inv)
         endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                                   config.tls_insecure)
     except VmBackupError as exc:
         if not inv.preview:
-            report_cannot_start(inv.json, str(exc))
+            report_cannot_start(inv.json, str(exc), config)
         raise
     if config.tls_insecure and not endpoint.is_local and not config.tls_fingerprint:
         # a caution about a chosen setting, printed each run; not a problem of the run
@@ -6575,7 +7774,14 @@ def cmd_backup(inv):
                     "can read the backups; prefer tls_fingerprint")
     if inv.preview:
         return preview(config, endpoint, password, inv.json)
-    return run_backup(config, endpoint, password, inv)
+    with log_sinks(config):     # --log-file, --syslog, and the lines the mail quotes
+        return run_backup(config, endpoint, password, inv)
+
+
+def cmd_test_mail(inv):
+    """Send a test mail with the mail settings of the config file and command line."""
+    parsed = read_config_file(inv.config_file, inv.ignore_extra_keys) if inv.config_file else None
+    return test_mail(build_config(parsed, inv.cli_values, (), inv.config_file))
 
 
 # === vmbackup/cli.py ========================================================

@@ -342,11 +342,16 @@ def test_metrics_of_hostile_names_pool_db_and_hosts_pass_promtool(sim_pool, api,
     assert oct(os.stat(str(metrics)).st_mode & 0o777) == oct(0o644)
 
 
-def test_a_run_that_cannot_start_still_writes_its_metrics(tmp_path):
+def test_a_run_that_cannot_start_still_mails_and_writes_its_metrics(tmp_path, smtp):
+    inbox, port = smtp()
+    config = mail_config(tmp_path, port)
     metrics = tmp_path / "vmbackup.prom"
-    out = run_vmbackup("-e", "web01", "-d", tmp_path / "missing", "--server", "http://127.0.0.1:9/",
-                       "--metrics-file", metrics, exit_code=2)
+    out = run_vmbackup("-c", config, "-e", "web01", "-d", tmp_path / "missing", "--server",
+                       "http://127.0.0.1:9/", "--metrics-file", metrics, exit_code=2)
     assert "backup_dir=" in out
+    (msg,) = inbox.messages
+    assert msg["Subject"] == "[vmbackup] ERROR 127.0.0.1:9: S:0 W:0 E:1"
+    assert "The run did not start: backup_dir=%s" % (tmp_path / "missing") in msg.get_content()
     promtool(metrics)
     found = samples(metrics)
     assert value(found, "vmbackup_last_run_exit_code") == 2
@@ -534,3 +539,78 @@ def test_syslog_frame(levelno, facility, text, expected):
 ], ids=["plain", "quotes", "newline", "backslash", "unicode"])
 def test_escape_label(raw, escaped):
     assert vmbackup.escape_label(raw) == escaped
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--metrics-file", "cannot write metrics_file %s: No such file or directory"),
+    ("--log-file", "cannot append to log_file %s: No such file or directory"),
+], ids=["metrics-file", "log-file"])
+def test_a_report_file_that_cannot_be_written_is_a_warning(sim_pool, api, backup_dir, tmp_path,
+                                                          option, message):
+    target = tmp_path / "no-such-folder" / "file"
+    out = run_vmbackup(*api(sim_pool), "-d", backup_dir, "-e", "PRD-print7", option, target,
+                       "--json", tmp_path / "run.json", exit_code=1)
+    assert json.loads((tmp_path / "run.json").read_text())["warnings"] == [message % target]
+    assert "WARNING recap: WARNING (run): " + message % target in out
+    (folder,) = os.listdir(str(backup_dir / "PRD-print7"))
+    assert "success" in os.listdir(str(backup_dir / "PRD-print7" / folder))
+
+
+def test_reports_on_python36(sim_pool, backup_dir, tmp_path, smtp, certs):
+    """dom0's Python 3.6 (XCP-ng 8.3, XenServer 8): smtplib, ssl and email as 3.6 has them."""
+    from test_python36 import PY36
+    if PY36 is None:
+        pytest.skip("no Python 3.6 interpreter on this machine")
+    import shutil
+    import XenAPI
+    lib = tmp_path / "lib36"
+    shutil.copytree(os.path.dirname(XenAPI.__file__), str(lib / "XenAPI"))
+    inbox, port = smtp("starttls", auth=True)
+    syslog = SyslogSocket(socket.AF_UNIX, str(tmp_path / "log"))
+    metrics = tmp_path / "vmbackup.prom"
+    config = mail_config(tmp_path, port, "starttls", ca=certs["good"][0], auth=True,
+                         extra="syslog=1\nsyslog_address=%s\nmetrics_file=%s\n"
+                               % (syslog.address, metrics))
+    pw = tmp_path / "pw"
+    pw.write_text(sim_pool.password + "\n")
+    pw.chmod(0o600)
+    env = dict(os.environ, PYTHONPATH=str(lib))
+    env.pop("PYTHONHOME", None)
+    for args in (["--test-mail", "-c", config],
+                 ["-c", config, "--server", sim_pool.url, "--password-file", pw, "--transport",
+                  "api", "-d", backup_dir, "-e", "PRD-print7", "-q"]):
+        proc = subprocess.run([PY36, vmbackup.__file__] + [str(a) for a in args], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              universal_newlines=True, timeout=300)
+        assert proc.returncode == 0, proc.stdout
+    assert [str(m["Subject"]).split()[1:2] for m in inbox.messages] == [["TEST"], ["SUCCESS"]], \
+        [e.original_content[:600] for e in inbox.envelopes]
+    assert inbox.logins == [SMTP_USER, SMTP_USER]     # the non-ASCII password, as UTF-8
+    promtool(metrics)
+    assert any(m == "done: S:1 W:0 E:0, exit 0" for _, _, _, m in frames(syslog.stop()))
+
+
+def P(severity, unit, message="m"):
+    return vmbackup.RunProblem(severity, unit, message)
+
+
+@pytest.mark.parametrize("problems, groups", [
+    ([P("warning", "a"), P("error", "a")], [("a", 2)]),
+    ([P("warning", "a"), P("error", "b"), P("error", "")], [("b", 1), ("", 1), ("a", 1)]),
+    ([P("warning", ""), P("warning", "")], [("", 1), ("", 1)]),
+    ([P("warning", "a"), P("warning", "b"), P("error", "c")], [("c", 1), ("a", 1), ("b", 1)]),
+], ids=["one-unit-warned-then-failed", "failures-first", "run-problems-apart", "order-kept-within"])
+def test_the_mail_groups_problems_by_unit_failures_first(problems, groups):
+    assert [(u, len(found)) for u, found in vmbackup.problem_groups(problems)] == groups
+
+
+@pytest.mark.parametrize("server, record_pool, expected", [
+    ("https://pool-master.example.org/", None, "pool-master.example.org"),
+    ("http://127.0.0.1:8080", None, "127.0.0.1:8080"),
+    ("unix:/var/lib/xcp/xapi", None, socket.gethostname()),
+    (None, None, socket.gethostname()),
+    ("https://pool-master.example.org", "demo-pool", "demo-pool"),
+], ids=["https", "http-port", "local-socket", "this-host", "pool-read"])
+def test_the_subject_names_the_pool(server, record_pool, expected):
+    config = vmbackup.build_config(None, {"server": server})
+    assert vmbackup.pool_name(config, record_pool) == expected

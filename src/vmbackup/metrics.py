@@ -16,7 +16,7 @@ import os
 import time
 import typing
 
-from vmbackup.errors import log
+from vmbackup.errors import VmBackupError, log
 from vmbackup.report import exit_code_for, tally
 from vmbackup.store import LocalStore, parse_dated_file, safe_dirname
 from vmbackup.util import partial_file, printable
@@ -104,7 +104,7 @@ def backup_history(config, outcome):
             else:
                 host = result.name[len("host backup of "):]
                 found[result.name] = dated_history(store, safe_dirname("HOST_" + host))
-        except OSError as exc:  # unreadable folder: no history, said once
+        except (OSError, VmBackupError) as exc:  # unreadable folder: no history
             log.debug("metrics: cannot read the backups of %s: %s", printable(result.name), exc)
     return found
 

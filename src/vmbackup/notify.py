@@ -9,8 +9,9 @@ Imports: errors, util, config, store, report, logsinks, metrics.
 
 import base64
 import datetime
-import email.message
-import email.policy
+import email.charset
+import email.header
+import email.mime.text
 import email.utils
 import os
 import smtplib
@@ -58,7 +59,9 @@ def pool_name(config, record_pool):
     if record_pool:
         return record_pool
     server = config.server or ""
-    return server.split("://", 1)[-1].split("/", 1)[0] or socket.gethostname()
+    if "://" not in server:     # this host's xapi (none, or unix:/path)
+        return socket.gethostname()
+    return server.split("://", 1)[1].split("/", 1)[0] or socket.gethostname()
 
 
 def mail_subject(prefix, outcome, pool):
@@ -95,6 +98,18 @@ def unit_lines(lines, unit):
     return [line for line in lines if mark in line][-40:]
 
 
+def problem_groups(problems):
+    """Return [(unit, [RunProblem])]: each unit's problems together, units that failed first
+    (the run's own problems are one group per problem, unit '')."""
+    groups = []
+    for problem in problems:
+        if problem.unit and groups and groups[-1][0] == problem.unit:
+            groups[-1][1].append(problem)
+        else:
+            groups.append((problem.unit, [problem]))
+    return sorted(groups, key=lambda g: 0 if any(p.severity == "error" for p in g[1]) else 1)
+
+
 def mail_body(config, outcome, pool, lines, space):
     """Return the plain-text report of a run: what failed first, then every unit's row.
 
@@ -113,15 +128,13 @@ def mail_body(config, outcome, pool, lines, space):
     problems = outcome.all_problems()
     if problems:
         out.append("What failed or warned (%d):" % len(problems))
-        shown = set()
-        for problem in problems:
-            word = "FAILED" if problem.severity == "error" else "WARNING"
+        for unit, found in problem_groups(problems):
             out.append("")
-            out.append("%s %s: %s" % (word, printable(problem.unit) if problem.unit else "(run)",
-                                      problem.message))
-            if problem.unit and problem.unit not in shown:
-                shown.add(problem.unit)
-                out.extend("    " + line for line in unit_lines(lines, problem.unit))
+            for problem in found:
+                out.append("%s %s: %s" % ("FAILED" if problem.severity == "error" else "WARNING",
+                                          printable(unit) if unit else "(run)", problem.message))
+            if unit:
+                out.extend("    " + line for line in unit_lines(lines, unit))
         out.append("")
     if outcome.results:
         out += summary_table(outcome) + [""]
@@ -147,18 +160,40 @@ def mail_body(config, outcome, pool, lines, space):
 
 
 def build_mail(config, subject, body):
-    """Return the EmailMessage (UTF-8 plain text) from mail_from to mail_to."""
-    msg = email.message.EmailMessage(policy=email.policy.SMTP)
+    """Return the message (UTF-8 plain text, quoted-printable) from mail_from to mail_to.
+
+    Built with the email package's compat32 classes and headers encoded here: Python 3.6's
+    newer policy folds an address list with a non-ASCII name into a header of stray CRs.
+    """
+    charset = email.charset.Charset("utf-8")
+    charset.body_encoding = email.charset.QP
+    msg = email.mime.text.MIMEText(body, "plain", charset)
     sender = config.mail_from or "vmbackup@%s" % socket.getfqdn()
-    msg["From"] = sender
-    msg["To"] = ", ".join(config.mail_to or ())
-    msg["Subject"] = subject
+    msg["From"] = encode_addresses([sender])
+    msg["To"] = encode_addresses(config.mail_to or ())
+    msg["Subject"] = encode_text(subject, "Subject")
     msg["Date"] = email.utils.formatdate(localtime=True)
-    msg["Message-ID"] = email.utils.make_msgid("vmbackup", sender.rpartition("@")[2].strip(">")
-                                               or None)
+    msg["Message-ID"] = email.utils.make_msgid(
+        "vmbackup", email.utils.parseaddr(sender)[1].rpartition("@")[2] or None)
     msg["X-Mailer"] = "vmbackup %s" % __version__
-    msg.set_content(body)
     return msg
+
+
+def encode_text(text, header_name=None):
+    """Return a header value: `text` when ASCII, else RFC 2047 encoded words (a Header,
+    folded as a header named `header_name`; without one, the encoded text)."""
+    try:
+        text.encode("ascii")
+        return text
+    except UnicodeEncodeError:
+        header = email.header.Header(text, "utf-8", header_name=header_name)
+        return header if header_name else header.encode()
+
+
+def encode_addresses(addresses):
+    """Return 'Name <a@b>, c@d' with non-ASCII names as encoded words."""
+    return ", ".join(email.utils.formataddr((encode_text(name) if name else "", addr))
+                     for name, addr in email.utils.getaddresses(list(addresses)))
 
 
 def is_loopback(host):
@@ -315,6 +350,10 @@ def send_reports(config, record):
         except OSError as exc:
             record.log.warning("cannot write metrics_file %s: %s", config.metrics_file,
                                exc.strerror or exc)
+        except Exception as exc:  # noqa: BLE001 - a report never costs the run
+            log.debug("traceback", exc_info=True)
+            record.log.warning("cannot write metrics_file %s: internal error: %s: %s",
+                               config.metrics_file, type(exc).__name__, one_line(exc))
 
 
 def test_mail(config):

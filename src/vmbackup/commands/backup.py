@@ -30,6 +30,8 @@ examples:
   vmbackup.py -e 'PRD-.*' -x PRD-PRINT -d /backups   all VMs starting PRD-, except PRD-PRINT
   vmbackup.py -E 'DEV-web3:7:xvda;xvdb' -d /backups  disks xvda and xvdb of DEV-web3, keep 7
   vmbackup.py -s https://pool-master --password-file /root/.xapi.pw --tls-fingerprint SHA256 -e web01
+  vmbackup.py -q -c weekly.cfg --log-file /var/log/vmbackup.log   cron: print only problems
+  vmbackup.py --test-mail -c weekly.cfg              send a test mail with weekly.cfg's mail_* keys
 
 other commands (each with --help):
   vmbackup.py list | verify | restore | diff ...
@@ -84,7 +86,9 @@ def build_parser():
     parser = argparse.ArgumentParser(
         prog=PROG, formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[connection_options(),
-                 output_options("write the run summary (or preview) as JSON")],
+                 output_options("write the run summary (or preview) as JSON",
+                                quiet_help="print only warnings and errors (cron mails "
+                                           "only when something is wrong)")],
         description="Back up the VMs of a XenServer / XCP-ng pool: snapshot, export, metadata, "
                     "retention, pool database and host backups.",
         epilog=EXAMPLES + "\n" + EXIT_STATUS_TEXT)
