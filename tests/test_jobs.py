@@ -289,6 +289,24 @@ def test_a_signal_stops_every_export_and_destroys_every_snapshot(transport, tmp_
     assert not stray_files(backup_dir)
 
 
+def test_a_second_signal_while_stopping_does_not_cut_the_cleanup(transport, tmp_path, pool):
+    backup_dir = tmp_path / "b"
+    backup_dir.mkdir()
+    pool.faults.throttle(256 * 1024)
+    pool.faults.slow("VM.destroy", 1.5)      # the cleanup takes a while
+    proc = spawn(transport(pool) + ["-e", "vm0.", "-d", backup_dir, "-j", "4",
+                                    "--jobs-per-host", "0", "--jobs-per-sr", "0"])
+    wait_for(lambda: pool.calls.most_at_once(("/export",)) >= 3, what="3 exports at once")
+    proc.send_signal(signal.SIGTERM)
+    wait_for(lambda: pool.calls.count("VM.destroy") > 0, what="the first snapshot destroy")
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 2, out
+    assert "stopping: waiting for" in out and "snapshots cleaned up" in out
+    assert_pool_clean(pool)
+    assert not stray_files(backup_dir)
+
+
 def test_sigkill_leaves_no_false_success_and_the_next_run_cleans_up(transport, tmp_path, pool):
     backup_dir = tmp_path / "b"
     backup_dir.mkdir()

@@ -175,17 +175,20 @@ class Workers:
             self.running.pop(item[0], None)
             return item
 
-    def drain(self):
-        """Wait for every running worker after a stop; return what they handed back.
-        Further signals only say that the run is still stopping."""
+    def stop(self, reason):
+        """Ask every worker to stop, cut their transfers, wait for each to clean up; return
+        what they handed back. A further signal only says that the run is still stopping."""
         found = []
-        while self.running:
+        while True:
             try:
-                found.append(self.wait_one())
+                self.board.request_stop(reason)
+                self.board.abort_all()
+                while self.running:
+                    found.append(self.wait_one())
+                return found
             except (Terminated, KeyboardInterrupt):
                 log.warning("stopping: waiting for %d VM backups to destroy their snapshots",
                             len(self.running))
-        return found
 
 
 def back_up_vms(ctx, plans, status_log, results):
@@ -237,10 +240,8 @@ def back_up_vms(ctx, plans, status_log, results):
                     finished[index] = handed_back(plans[index], result, exc)
                     write_in_order()
             except BaseException as exc:
-                board.request_stop(stop_reason(exc))
-                board.abort_all()
-                for index, result, exc in workers.drain():
-                    finished[index] = handed_back(plans[index], result, exc)
+                for index, result, error in workers.stop(stop_reason(exc)):
+                    finished[index] = handed_back(plans[index], result, error)
                 write_in_order(final=True)
                 raise
     finally:
