@@ -21,7 +21,7 @@ from vmbackup.errors import (
 from vmbackup.formats.xva import xva_is_complete
 from vmbackup.metadata import (
     file_entry, manifest_record, pool_info, save_vm_metadata, write_cfg_files)
-from vmbackup.progress import exporting
+from vmbackup.progress import check_stop, exporting
 from vmbackup.report import RunRecord, UnitLog, VmResult, status_size
 from vmbackup.retention import keep_for, prune_dated_files, prune_vm_backups
 from vmbackup.selection import PoolView
@@ -73,6 +73,7 @@ class tool_snapshot:
         self.snap = None
 
     def __enter__(self):
+        check_stop()    # a run asked to stop (jobs) takes no new snapshot
         began, t, note = time.monotonic(), self.ctx.transport, self.ctx.run_note
         try:
             # A signal between "snapshot made" and "snapshot tagged" would leave a snapshot

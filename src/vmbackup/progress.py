@@ -156,11 +156,6 @@ def check_stop():
         _local.board.check_stop()
 
 
-def current_unit():
-    """Return the VM name this thread works for ('' in the main thread)."""
-    return _local.unit
-
-
 class UnitFilter(logging.Filter):
     """Prefixes `vm=<name>: ` to the lines a worker thread logs without naming its VM."""
 
