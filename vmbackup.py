@@ -77,18 +77,20 @@ import time
 import traceback
 import typing
 import urllib.parse
+import uuid as uuidlib
 import xml.dom.minidom
 import xml.etree.ElementTree
 import xml.parsers.expat
 import xmlrpc.client
 import zlib
+from typing import NamedTuple, Optional
 
 
 # === vmbackup/errors.py =====================================================
 # The errors vmbackup raises, each carrying its message and exit code, and the exit codes.
 #
 # Owns: EXIT_* codes, the `log` logger, VmBackupError and its kinds (usage, config,
-# login, backup_dir, lock, XAPI calls, exports, restore), Terminated, BadFile.
+# login, backup_dir, lock, XAPI calls, exports, restore, broken VHD chains), Terminated, BadFile.
 # Imports: the standard library only. Every other module may import it.
 
 PROG = "vmbackup.py"
@@ -168,6 +170,10 @@ class BadFile(Exception):
 
 
 class RestoreError(VmBackupError):
+    """{}"""
+
+
+class ChainBroken(VmBackupError):
     """{}"""
 
 
@@ -1445,8 +1451,9 @@ def connect_info(info, allow_insecure=False, timeout=60.0):
 # Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names; the backup
 # folder model (BackupFolder, read_backup_folder) and its rules, each written once:
 # is_complete (is this folder a finished backup?), file_kind (is this file an XVA?),
-# legacy_root_disk and legacy_disk_files (which DISK-* does a NAUbackup disk file hold?); MANIFEST and the success
-# markers, read_manifest/read_cfg; the Store interface and LocalStore; RunLock;
+# legacy_root_disk and legacy_disk_files (which DISK-* does a NAUbackup disk file hold?),
+# backup_vm_uuid and group_by_vm (whose backups does a VM folder hold?); MANIFEST and the
+# success markers, read_manifest/read_cfg/manifest_text; the Store interface and LocalStore; RunLock;
 # check_backup_dir/check_space/log_df, folder_size.
 # Imports: errors, util.
 
@@ -1685,6 +1692,25 @@ class BackupFolder(typing.NamedTuple):
         return [f.name for f in self.files if f.kind == kind]
 
 
+def backup_vm_uuid(backup):
+    """Return the uuid of the VM a BackupFolder's manifest names, or None (legacy, damaged)."""
+    return ((backup.manifest or {}).get("vm") or {}).get("uuid")
+
+
+def group_by_vm(backups):
+    """Return the BackupFolders `backups` split by the VM their manifests name, in the order
+    each VM first appears (pure): one VM folder may hold two VMs' backups (their names made
+    one folder). Backups that name no VM (legacy, damaged, unfinished) join the one VM when
+    there is one, else form a group of their own."""
+    groups = collections.OrderedDict()    # Python 3.6: a dict's order is not promised
+    for backup in backups:
+        groups.setdefault(backup_vm_uuid(backup), []).append(backup)
+    named = [g for uuid, g in groups.items() if uuid is not None]
+    if len(named) == 1 and None in groups:
+        return [list(backups)]
+    return list(groups.values())
+
+
 def read_cfg(path):
     """Return the key=value pairs of a NAUbackup .cfg file as a dict ({} if unreadable)."""
     try:
@@ -1711,6 +1737,11 @@ def read_manifest(folder):
         raise BadFile("%s has format %r; this vmbackup reads format 1"
                       % (MANIFEST, manifest.get("format")))
     return manifest
+
+
+def manifest_text(manifest):
+    """Return the text of a backup.json (the one way it is written)."""
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
 def read_legacy_disks(folder, entries):
@@ -2066,7 +2097,7 @@ class LocalStore(Store):
         return dest
 
     def commit(self, path, manifest):
-        self.write_file(path, MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        self.write_file(path, MANIFEST, manifest_text(manifest))
         write_text(os.path.join(path, SUCCESS_MARKER), "")
         fsync_dir(path)
 
@@ -3276,178 +3307,6 @@ def check_xva_file(path, want_sha256=False):
     return problems[:MAX_PROBLEMS], unchecked, info
 
 
-# === vmbackup/retention.py ==================================================
-# Which old backups to delete, as a pure decision, and deleting them through the Store.
-#
-# Owns: Keep and keep_for (how many backups a VM keeps: max_backups, and the GFS rules
-# keep_daily/weekly/monthly/yearly), gfs_kept and plan_retention (pure, table-tested),
-# retention_group and in_retention (which folders one VM's retention may count and delete),
-# plan_vm_retention (the one plan the run, pre_clean and --preview share), prune_vm_backups,
-# prune_dated_files.
-# Imports: errors, store.
-
-class Keep(typing.NamedTuple):
-    """How many complete backups one VM keeps, as borg prune's rules: the `last` newest
-    (max_backups), then the newest backup of each of `daily` more days, `weekly` more weeks,
-    `monthly` more months and `yearly` more years (0: the rule is off; -1: no limit)."""
-    last: int
-    daily: int = 0
-    weekly: int = 0
-    monthly: int = 0
-    yearly: int = 0
-
-    def __str__(self):
-        """'4', or '4+7d+4w+12m+2y' as a selector's MAX field writes it."""
-        gfs = "".join("+%d%s" % (n, unit) for n, unit in zip(self[1:], "dwmy") if n)
-        return "%d%s" % (self.last, gfs)
-
-
-#: The GFS rules in the order they apply, each with the period a backup's time falls in.
-#: The times are the folder names' wall-clock local times (store.stamp), never converted:
-#: a day is a calendar day of the host that made the backups, a DST change included;
-#: weeks are ISO weeks, Monday to Sunday (31 Dec 2026 and 1 Jan 2027 share week 2026-W53).
-GFS_PERIODS = (
-    ("daily", lambda when: when.date()),
-    ("weekly", lambda when: when.isocalendar()[:2]),
-    ("monthly", lambda when: (when.year, when.month)),
-    ("yearly", lambda when: when.year),
-)
-
-
-def keep_for(config, vm):
-    """Return the Keep of a selected VM (selection.Selected): its max_backups, and the GFS
-    rules its selector's MAX field gives ('web01:4+7d+4w'), else the keep_* settings."""
-    gfs = vm.selector.gfs
-    if gfs is None:
-        gfs = (config.keep_daily, config.keep_weekly, config.keep_monthly, config.keep_yearly)
-    return Keep(vm.max_backups, *gfs)
-
-
-def gfs_kept(backups, keep):
-    """Return {name: (rule, n)}: which of the complete `backups` [(name, datetime)] `keep`
-    keeps, and the rule that keeps each (pure).
-
-    borg prune's semantics: the rules apply in the order last, daily, weekly, monthly,
-    yearly; each walks the backups newest first and, for each new period, keeps its newest
-    backup unless an earlier rule already kept it, in which case the period is used up and
-    does not count (keep_weekly=4 beside keep_daily=7 keeps 4 more weeks); a rule that runs
-    out of backups before its count also keeps the oldest backup, so the first backup ages
-    on until newer ones replace it. The newest backup is always kept.
-    """
-    newest_first = sorted(backups, key=lambda b: (b[1], b[0] is None, b[0] or ""), reverse=True)
-    kept = {}
-    rules = (("last", lambda when: object()),) + GFS_PERIODS
-    for (rule, period_of), count in zip(rules, (max(1, keep.last),) + tuple(keep[1:])):
-        if count == 0 or not newest_first:
-            continue
-        found, last_period = 0, None
-        for name, when in newest_first:
-            period = period_of(when)
-            if period == last_period:
-                continue
-            last_period = period
-            if name not in kept:
-                found += 1
-                kept[name] = (rule, found)
-                if found == count:
-                    break
-        oldest = newest_first[-1][0]
-        if 0 < count and found < count and oldest not in kept:
-            kept[oldest] = (rule + " (oldest)", found + 1)
-    return kept
-
-
-def plan_retention(entries, keep, drop_incomplete=True):
-    """Return the names to delete from `entries` [(name, datetime, complete)], newest kept.
-
-    `keep` is a Keep, or a number (the newest backups kept: Keep(keep)). Complete
-    backups that no rule keeps (gfs_kept) go; incomplete ones go when `drop_incomplete`.
-    An entry named None stands for the backup a run is about to make (--preview,
-    pre_clean): it is planned as complete, and never returned. Never returns the newest
-    complete backup (with an entry named None, that is the run's own). Pure: works from
-    names and markers (store.is_complete), never from mtimes.
-    """
-    keep = keep if isinstance(keep, Keep) else Keep(keep)
-    kept = gfs_kept([(name, when) for name, when, done in entries if done], keep)
-    doomed = [name for name, _, done in entries
-              if name is not None and (not done and drop_incomplete or done and name not in kept)]
-    return sorted(doomed)
-
-
-def retention_group(mode):
-    """Return which backups count together: "metadata" for meta-export, "data" for every mode
-    with disk data (vm-export and vdi-export count together, as NAUbackup's did), None if unknown."""
-    if mode is None:
-        return None
-    return "metadata" if mode == "meta-export" else "data"
-
-
-def in_retention(folder, mode, uuid):
-    """Return True if `folder` (a BackupFolder) is among the backups the retention of VM
-    `uuid` in `mode` may count and delete (pure).
-
-    Never a folder whose manifest names another VM (two VMs whose names map to one
-    folder), nor one of the other group (metadata-only vs data); a legacy folder counts
-    for its mode; an unfinished folder (no manifest, no success) may go; a vmbackup
-    folder with `success` but no manifest (damaged) is never counted nor deleted.
-    """
-    same = mode is None or retention_group(folder.mode) == retention_group(mode)
-    if folder.manifest is not None:
-        owner = (folder.manifest.get("vm") or {}).get("uuid")
-        return same and (uuid is None or owner in (None, uuid))
-    if folder.legacy:
-        return same
-    return not folder.complete and SUCCESS_MARKER not in folder.entries and not folder.manifest_error
-
-
-def plan_vm_retention(folders, keep, mode=None, uuid=None, drop_incomplete=True, incoming=None):
-    """Return the names plan_retention deletes among the BackupFolders `folders` that the
-    retention of VM `uuid` in `mode` may count (in_retention) (pure): what a run deletes
-    after its backup, pre_clean before it, and --preview lists."""
-    entries = [(f.name, f.when, f.complete) for f in folders if in_retention(f, mode, uuid)]
-    if incoming is not None:     # the backup the run makes: planned as done at `incoming`
-        entries.append((None, incoming, True))
-    return plan_retention(entries, keep, drop_incomplete)
-
-
-def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None,
-                     incoming=None):
-    """Delete what plan_vm_retention says among the backups of VM `uuid` in `mode` filed
-    under the folder `vm` of `store`; return the names deleted. `keep`: a Keep or a number.
-
-    With `incoming` (pre_clean, before the export) it deletes what retention will delete
-    once the backup of that time is made, except the newest complete backup: the export
-    may yet fail, and the last good backup always stays.
-    """
-    vlog = vlog or log
-    for name in store.finish_deletes(vm):
-        vlog.info("retention: finished deleting %s (an earlier delete was interrupted)", name)
-    folders = {f.name: f for f in store.backups(vm)}
-    doomed = plan_vm_retention(folders.values(), keep, mode, uuid, drop_incomplete, incoming)
-    if incoming is not None:
-        good = [f for f in folders.values() if f.complete and in_retention(f, mode, uuid)]
-        last_good = max(good, key=lambda f: f.when).name if good else None
-        doomed = [name for name in doomed if name != last_good]
-    for name in doomed:
-        if folders[name].complete:
-            vlog.info("retention: deleting %s", name)
-        else:
-            # housekeeping: the run that left it already reported its failure
-            vlog.info("deleting incomplete backup %s (no success marker)", name)
-        store.delete(folders[name].path)
-    return doomed
-
-
-def prune_dated_files(store, folder, keep):
-    """Delete the oldest pool_db_/host_ files in `store`'s `folder` beyond `keep`; return their names."""
-    paths = {os.path.basename(p): p for p in store.dated_files(folder)}
-    doomed = plan_retention([(n, parse_dated_file(n), True) for n in paths], keep)
-    for name in doomed:
-        log.info("retention: deleting %s", os.path.join(folder, name))
-        store.delete(paths[name])
-    return doomed
-
-
 # === vmbackup/selection.py ==================================================
 # Which VMs and disks a run backs up, and the plan for each: pure decisions over pool records.
 #
@@ -3909,367 +3768,554 @@ class Transport:
         """Release what the transport holds (temporary files)."""
 
 
-# === vmbackup/check.py ======================================================
-# Verifying backups without a server: each file, each folder, each dated file, as typed results.
+# === vmbackup/formats/vhdfile.py ============================================
+# Writing and reading VHD files on the backup storage: dynamic fulls, differencing deltas, chains.
 #
-# Owns: check_file; the typed results (Problem, FileCheck, CheckResult, each with to_json);
-# check_backup/verify_backup/verify_dated_file/verify_single_file, verify_targets,
-# verify_lines, verify_exit_code.
-# Imports: errors, util, store, metadata, formats.
+# A delta-export chain is a dynamic VHD (the full) and one differencing VHD per later point,
+# each naming its parent by the parent's footer uid and its path relative to the child's
+# folder, so libvhdi (vhdiinfo, pyvhdi) and Xen Orchestra's VHD library can read it.
+#
+# Layout of the files this module writes: footer copy at 0, dynamic header at 512, the
+# parent locator's data (differencing only) from 1536, the BAT after it (padded to a
+# sector), then the blocks in the order they were first written, each a 512-byte sector
+# bitmap followed by 2 MiB of data, then the footer. The bitmap marks exactly the sectors
+# written: in a differencing file the others come from the parent.
+#
+# Owns: VHD_BLOCK, SECTOR, CBT_BLOCK, ParentRef, VhdInfo, VhdWriter, write_vhd_from_raw,
+# reparent_vhd, vhd_info, read_vhd_layout, VhdLayout, ChainReader, sector_runs.
+# Imports: errors, util, formats.vhd.
 
-# -- pool database dumps and host backups -----------------------------------------
-def check_pool_dump(path):
-    """Return the problems of a pool database dump: empty, not XML, or not a <database>."""
-    parser = xml.parsers.expat.ParserCreate()
-    roots = []
-    parser.StartElementHandler = lambda name, attrs: roots.append(name) if not roots else None
-    try:
-        with open(path, "rb") as handle:
-            empty = True
-            for block in iter(lambda: handle.read(1 << 20), b""):
-                empty = False
-                parser.Parse(block, False)
-            if empty:
-                return ["empty: XAPI sent nothing"]
-            parser.Parse(b"", True)
-    except xml.parsers.expat.ExpatError as exc:
-        return ["pool database dump is not complete XML: %s" % exc]
-    if roots[:1] != ["database"]:
-        return ["root element is <%s>, not a XAPI <database>" % (roots[0] if roots else "")]
-    return []
+#: A VHD block (what one BAT entry allocates): 2 MiB, as vhd-tool and blktap write them.
+VHD_BLOCK = 2 * 1024 * 1024
 
+#: A VHD sector; every offset and length in a VHD is a multiple of it.
+SECTOR = 512
 
-def check_host_backup(path):
-    """Return the problems of a host backup: a gzip-compressed tar, complete."""
-    if os.path.getsize(path) == 0:
-        return ["empty: XAPI sent nothing"]
-    try:
-        with gzip.open(path, "rb") as stream:
-            tar = TarStream(stream)
-            while tar.next() is not None:
-                pass
-            tar.skip_rest()
-    except BadFile as exc:
-        return [str(exc)]
-    except EOFError:
-        return ["gzip stream: truncated (ends before its end marker)"]
-    except (OSError, zlib.error) as exc:
-        return ["not a complete gzip-compressed tar: %s" % exc]
-    return []
+#: The granularity of a CBT bitmap (one bit per 64 KiB of disk, facts §7).
+CBT_BLOCK = 64 * 1024
 
+#: Sectors in one VHD block, and the size of its sector bitmap (one bit each, in whole sectors).
+BLOCK_SECTORS = VHD_BLOCK // SECTOR
+BITMAP_BYTES = (BLOCK_SECTORS // 8 + SECTOR - 1) // SECTOR * SECTOR
 
-def check_file(path, kind, virtual_size=None, want_sha256=False):
-    """Check one backup file by its kind; return (problems, unchecked, sha256 or None).
+#: A bitmap with every sector of a block present.
+FULL_BITMAP = b"\xff" * (BLOCK_SECTORS // 8) + bytes(BITMAP_BYTES - BLOCK_SECTORS // 8)
 
-    xva: tar, ova.xml, every chunk against its checksum, disk sizes; vhd: footers,
-    header, BAT; raw: exactly `virtual_size` bytes (unchecked if unknown);
-    metadata: ova.xml parses. The SHA-256 is computed in the same pass where possible.
-    """
-    if kind == "xva":
-        problems, unchecked, info = check_xva_file(path, want_sha256)
-        return problems, unchecked, info.get("sha256")
-    problems, unchecked = [], []
-    if kind == "vhd":
-        problems = check_vhd(path, virtual_size)
-    elif kind == "raw":
-        size = os.path.getsize(path)
-        if virtual_size is None:
-            unchecked.append("the disk's virtual size is not recorded: raw size not checked")
-        elif size != virtual_size:
-            problems.append("raw image is %d bytes, the disk's virtual_size is %d%s"
-                            % (size, virtual_size, " (truncated?)" if size < virtual_size else ""))
-    elif kind == "metadata":
-        try:
-            with open(path, "rb") as handle:
-                parse_ova_xml(handle.read())
-        except ValueError as exc:
-            problems.append("vm-metadata.xml does not parse: %s" % exc)
-    return problems, unchecked, (sha256_file(path) if want_sha256 else None)
+#: Seconds between the Unix epoch and the VHD epoch (2000-01-01T00:00:00Z).
+VHD_EPOCH = 946684800
+
+#: A BAT entry for a block that is not allocated.
+VHD_NO_BLOCK = 0xFFFFFFFF
+
+VHD_DYNAMIC, VHD_DIFFERENCING = 3, 4
+
+#: What this tool writes as the footer's creator application.
+VHD_CREATOR = b"vmbk"
+
+#: Offsets inside the dynamic header: parent unicode name (UTF-16BE, 512 bytes), 8 locators.
+PARENT_NAME_AT, LOCATORS_AT, LOCATOR = 64, 576, struct.Struct(">4sIIIQ")
+
+_ZERO_BLOCK = bytes(VHD_BLOCK)
+_FULL_MASK = (1 << BLOCK_SECTORS) - 1
 
 
-# -- typed results ------------------------------------------------------------------
-class Problem(typing.NamedTuple):
-    """One thing wrong with a backup, or one thing not checkable here: which file
-    (relative to the backup folder; "" for the backup itself) and what, in words."""
-    file: str
-    message: str
-
-    def to_json(self):
-        """Return {"file": ..., "message": ...}."""
-        return self._asdict()
-
-    def __str__(self):
-        return "%s: %s" % (self.file, self.message) if self.file else self.message
-
-
-class FileCheck(typing.NamedTuple):
-    """One file of a backup as verify saw it."""
-    name: str
-    size: int
-    status: str                 # good, bad or unchecked
-
-    def to_json(self):
-        """Return {"name": ..., "size": ..., "status": ...}."""
-        return self._asdict()
-
-
-class CheckResult(typing.NamedTuple):
-    """The verdict on one backup folder, pool database dump, host backup or loose file."""
+class ParentRef(NamedTuple):
+    """The parent of a differencing VHD: its footer uid, its path relative to the child's
+    folder (e.g. '../backup-2026-12-01-000000/xvda.vhd') and its footer timestamp (VHD epoch)."""
+    uuid: str
     path: str
-    display: str                # last two path components, as verify prints it
-    vm: typing.Optional[str]
-    name: str
-    date: typing.Optional[str]  # ISO 8601, from the name
-    kind: str                   # vm, pool-db, host or file
-    mode: typing.Optional[str]
-    legacy: bool
-    complete: bool
-    status: str                 # good, bad, incomplete or unchecked (final_status)
-    problems: typing.Tuple[Problem, ...]
-    unchecked: typing.Tuple[Problem, ...]
-    notes: typing.Tuple[str, ...]
-    files: typing.Tuple[FileCheck, ...]
+    timestamp: int = 0
 
-    def to_json(self):
-        """Return the result as verify --json writes it (the same keys, in this order)."""
-        out = collections.OrderedDict((field, getattr(self, field)) for field in self._fields)
-        for field in ("problems", "unchecked", "files"):
-            out[field] = [item.to_json() for item in out[field]]
-        out["notes"] = list(self.notes)
+
+class VhdInfo(NamedTuple):
+    """What a VHD file is: uid, virtual size, disk type (3 dynamic, 4 differencing), its
+    parent's uid and relative path (None for a dynamic VHD), allocated 2 MiB blocks and
+    bytes of data (sectors present * 512)."""
+    uuid: str
+    size: int
+    disk_type: int
+    parent_uuid: Optional[str]
+    parent_path: Optional[str]
+    blocks: int
+    data_bytes: int
+
+
+def vhd_geometry(size):
+    """Return the footer's packed CHS geometry for `size` bytes (the VHD specification's rule)."""
+    sectors = min(size // SECTOR, 65535 * 16 * 255)
+    if sectors >= 65535 * 16 * 63:
+        spt, heads = 255, 16
+        cyl_heads = sectors // spt
+    else:
+        spt = 17
+        cyl_heads = sectors // spt
+        heads = max((cyl_heads + 1023) // 1024, 4)
+        if cyl_heads >= heads * 1024 or heads > 16:
+            spt, heads = 31, 16
+            cyl_heads = sectors // spt
+        if cyl_heads >= heads * 1024:
+            spt, heads = 63, 16
+            cyl_heads = sectors // spt
+    return ((cyl_heads // heads) << 16) | (heads << 8) | spt
+
+
+def vhd_footer_bytes(size, disk_type, uid, timestamp):
+    """Return a 512-byte footer of a dynamic or differencing VHD (data offset 512)."""
+    block = bytearray(512)
+    VHD_FOOTER.pack_into(block, 0, b"conectix", 2, 0x00010000, 512, timestamp & 0xFFFFFFFF,
+                         struct.unpack(">I", VHD_CREATOR)[0], 0x00010000, 0x5769326B,
+                         size, size, vhd_geometry(size), disk_type, 0, uid, 0)
+    struct.pack_into(">I", block, 64, vhd_checksum(block, 64))
+    return bytes(block)
+
+
+def vhd_header_bytes(entries, table_offset, parent=None, locator_at=0):
+    """Return a 1024-byte dynamic header; for a differencing VHD the parent's uid, timestamp,
+    name and one W2ru locator (relative path, UTF-16LE) whose data sits at `locator_at`."""
+    block = bytearray(1024)
+    puid = uuidlib.UUID(parent.uuid).bytes if parent else bytes(16)
+    VHD_HEADER.pack_into(block, 0, b"cxsparse", 0xFFFFFFFFFFFFFFFF, table_offset, 0x00010000,
+                         entries, VHD_BLOCK, 0)
+    struct.pack_into(">16sI", block, 40, puid, (parent.timestamp if parent else 0) & 0xFFFFFFFF)
+    if parent:
+        name = parent.path.encode("utf-16-be")[:512]
+        block[PARENT_NAME_AT:PARENT_NAME_AT + len(name)] = name
+        data = parent.path.encode("utf-16-le")
+        LOCATOR.pack_into(block, LOCATORS_AT, b"W2ru", vhd_sectors(len(data)), len(data), 0,
+                          locator_at)
+    struct.pack_into(">I", block, 36, vhd_checksum(block, 36))
+    return bytes(block)
+
+
+def vhd_sectors(nbytes):
+    """Return how many whole sectors hold `nbytes`."""
+    return (nbytes + SECTOR - 1) // SECTOR
+
+
+def vhd_uid_text(raw):
+    """Return a 16-byte VHD uid as a uuid string."""
+    return str(uuidlib.UUID(bytes=bytes(raw)))
+
+
+def sector_runs(mask):
+    """Return [(first, end)] runs of set bits of a block's sector mask (bit 0 = the last
+    sector, as int.from_bytes(bitmap, 'big') gives it), in sector order."""
+    text = format(mask, "0%db" % BLOCK_SECTORS)
+    return [(m.start(), m.end()) for m in re.finditer("1+", text)]
+
+
+def bitmap_mask(bitmap):
+    """Return a block's sector bitmap as an int mask (see sector_runs)."""
+    return int.from_bytes(bytes(bitmap[:BLOCK_SECTORS // 8]), "big")
+
+
+def mask_bitmap(mask):
+    """Return the on-disk sector bitmap (BITMAP_BYTES) of an int mask."""
+    return mask.to_bytes(BLOCK_SECTORS // 8, "big") + bytes(BITMAP_BYTES - BLOCK_SECTORS // 8)
+
+
+def _range_mask(first, end):
+    """Return the mask of sectors first..end-1 of a block."""
+    return ((1 << (end - first)) - 1) << (BLOCK_SECTORS - end)
+
+
+class VhdWriter:
+    """Write a dynamic (no parent) or differencing (parent=ParentRef) VHD into a seekable file.
+
+    `write(offset, data)` in any order, offsets and lengths multiples of 512 inside `size`;
+    a block is allocated on its first write and its bitmap marks exactly the sectors
+    written. `close()` writes the BAT, the bitmaps, the header and both footers and
+    returns the VhdInfo.
+    """
+
+    def __init__(self, fileobj, size, uuid=None, parent=None):
+        if size <= 0 or size % SECTOR:
+            raise ValueError("VHD size %d is not a positive multiple of 512" % size)
+        self.fileobj, self.size, self.parent = fileobj, size, parent
+        self.uid = uuidlib.UUID(uuid).bytes if uuid else uuidlib.uuid4().bytes
+        self.entries = -(-size // VHD_BLOCK)
+        self.locator = parent.path.encode("utf-16-le") if parent else b""
+        self.table_offset = 1536 + vhd_sectors(len(self.locator)) * SECTOR
+        self.end = self.table_offset + vhd_sectors(self.entries * 4) * SECTOR
+        self.bat = {}           # block index -> file offset of its bitmap
+        self.masks = {}         # block index -> sectors present (int mask)
+        self.closed = False
+
+    def _block_at(self, index):
+        """Return the file offset of block `index`'s data, allocating it at the end."""
+        at = self.bat.get(index)
+        if at is None:
+            at = self.bat[index] = self.end
+            self.masks[index] = 0
+            self.end += BITMAP_BYTES + VHD_BLOCK
+        return at + BITMAP_BYTES
+
+    def write(self, offset, data):
+        """Write `data` at disk byte `offset` (both multiples of 512, inside the disk)."""
+        length = len(data)
+        if offset % SECTOR or length % SECTOR or offset < 0 or offset + length > self.size:
+            raise ValueError("VHD write of %d bytes at %d: not whole sectors inside %d bytes"
+                             % (length, offset, self.size))
+        view = memoryview(data)
+        done = 0
+        while done < length:
+            pos = offset + done
+            index, within = divmod(pos, VHD_BLOCK)
+            piece = min(length - done, VHD_BLOCK - within)
+            at = self._block_at(index)
+            self.fileobj.seek(at + within)
+            self.fileobj.write(view[done:done + piece])
+            self.masks[index] |= _range_mask(within // SECTOR, (within + piece) // SECTOR)
+            done += piece
+
+    def close(self):
+        """Write the metadata (BAT, bitmaps, header, footers); return the VhdInfo."""
+        if self.closed:
+            raise ValueError("VHD writer already closed")
+        self.closed = True
+        handle = self.fileobj
+        timestamp = int(time.time()) - VHD_EPOCH
+        bat = bytearray(b"\xff" * (vhd_sectors(self.entries * 4) * SECTOR))
+        for index, at in self.bat.items():
+            struct.pack_into(">I", bat, index * 4, at // SECTOR)
+            handle.seek(at)
+            handle.write(mask_bitmap(self.masks[index]))
+        handle.seek(self.table_offset)
+        handle.write(bat)
+        footer = vhd_footer_bytes(self.size, VHD_DIFFERENCING if self.parent else VHD_DYNAMIC, self.uid,
+                             timestamp)
+        handle.seek(0)
+        handle.write(footer)
+        handle.write(vhd_header_bytes(self.entries, self.table_offset, self.parent, 1536))
+        if self.locator:
+            handle.write(self.locator + bytes(vhd_sectors(len(self.locator)) * SECTOR
+                                              - len(self.locator)))
+        handle.seek(self.end)
+        handle.write(footer)
+        handle.truncate(self.end + SECTOR)
+        handle.flush()
+        present = sum(bin(m).count("1") for m in self.masks.values())
+        return VhdInfo(vhd_uid_text(self.uid), self.size, VHD_DIFFERENCING if self.parent else VHD_DYNAMIC,
+                       self.parent.uuid if self.parent else None,
+                       self.parent.path if self.parent else None,
+                       len(self.bat), present * SECTOR)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, exc_type, exc, tb):
+        if exc_type is None and not self.closed:
+            self.close()
+        return False
+
+
+def _read_into(reader, buf):
+    """Fill `buf` from `reader` (readinto or read); return how many bytes came."""
+    view = memoryview(buf)
+    got = 0
+    readinto = getattr(reader, "readinto", None)
+    while got < len(buf):
+        if readinto is not None:
+            n = readinto(view[got:])
+        else:
+            data = reader.read(len(buf) - got)
+            n = len(data)
+            view[got:got + n] = data
+        if not n:
+            break
+        got += n
+    return got
+
+
+def write_vhd_from_raw(reader, fileobj, size, uuid=None):
+    """Copy `size` raw bytes from `reader` into a dynamic VHD in `fileobj`, leaving all-zero
+    2 MiB blocks unallocated; return the VhdInfo. Raises BadFile if the stream is short."""
+    writer = VhdWriter(fileobj, size, uuid=uuid)
+    buf = bytearray(VHD_BLOCK)
+    offset = 0
+    while offset < size:
+        want = min(VHD_BLOCK, size - offset)
+        view = memoryview(buf)[:want]
+        got = _read_into(reader, view)
+        if got < want:
+            raise BadFile("raw disk stream ended at byte %d of %d" % (offset + got, size))
+        # bytearray == bytes is a memcmp; a memoryview comparison goes byte by byte
+        if (buf if want == VHD_BLOCK else buf[:want]) != _ZERO_BLOCK[:want]:
+            writer.write(offset, view)
+        offset += want
+    return writer.close()
+
+
+def _parse_footer(block, where):
+    """Return the footer fields of a sound 512-byte footer; raise BadFile naming `where`."""
+    problem = vhd_footer_problem(block, "of " + where)
+    if problem:
+        raise BadFile(problem)
+    fields = VHD_FOOTER.unpack_from(block)
+    if fields[11] not in (VHD_DYNAMIC, VHD_DIFFERENCING):
+        raise BadFile("%s: VHD disk type %d is neither dynamic nor differencing"
+                      % (where, fields[11]))
+    return fields
+
+
+def _parse_header(block, where):
+    """Return (table_offset, entries, block_size, parent uid bytes, parent timestamp)."""
+    if len(block) < 1024 or block[:8] != b"cxsparse":
+        raise BadFile("%s: no dynamic VHD header (no 'cxsparse' cookie)" % where)
+    _, _, table_offset, _, entries, block_size, checksum = VHD_HEADER.unpack_from(block)
+    if checksum != vhd_checksum(block[:1024], 36):
+        raise BadFile("%s: dynamic VHD header checksum mismatch" % where)
+    if block_size != VHD_BLOCK:
+        raise BadFile("%s: VHD block size %d (only 2 MiB blocks are supported)"
+                      % (where, block_size))
+    puid, pstamp = struct.unpack_from(">16sI", block, 40)
+    return table_offset, entries, block_size, puid, pstamp
+
+
+class VhdLayout(NamedTuple):
+    """A VHD file's metadata as read_vhd_layout finds it."""
+    path: str
+    uuid: str
+    size: int
+    disk_type: int
+    parent_uuid: Optional[str]
+    parent_path: Optional[str]
+    bat: tuple                  # file offset of each block's bitmap, or None
+    footer_at: int              # where the trailing footer starts
+    table_offset: int
+    timestamp: int
+
+
+def _parent_path(handle, header):
+    """Return the parent path a differencing header names (W2ru, W2ku, MacX, then the name)."""
+    found = {}
+    for n in range(8):
+        code, _, length, _, at = LOCATOR.unpack_from(header, LOCATORS_AT + 24 * n)
+        if code in (b"W2ru", b"W2ku", b"MacX") and 0 < length <= 65536:
+            handle.seek(at)
+            data = handle.read(length)
+            try:
+                text = data.decode("utf-8" if code == b"MacX" else "utf-16-le")
+            except UnicodeDecodeError:
+                continue
+            found[code] = text[len("file://"):] if text.startswith("file://") else text
+    for code in (b"W2ru", b"W2ku", b"MacX"):
+        if found.get(code):
+            return found[code]
+    name = bytes(header[PARENT_NAME_AT:PARENT_NAME_AT + 512]).decode("utf-16-be", "replace")
+    return name.rstrip("\0") or None
+
+
+def read_vhd_layout(path):
+    """Return the VhdLayout of a dynamic or differencing VHD file; raise BadFile naming it."""
+    with open(path, "rb") as handle:
+        handle.seek(0, os.SEEK_END)
+        total = handle.tell()
+        if total < 2048 or total % SECTOR:
+            raise BadFile("%s: %d bytes is not a dynamic VHD" % (path, total))
+        handle.seek(total - SECTOR)
+        footer = handle.read(SECTOR)
+        fields = _parse_footer(footer, path)
+        handle.seek(fields[3])
+        header = handle.read(1024)
+        table_offset, entries, _, puid, _ = _parse_header(header, path)
+        size, disk_type = fields[9], fields[11]
+        if entries * VHD_BLOCK < size:
+            raise BadFile("%s: the BAT covers %d bytes, less than the disk's %d"
+                          % (path, entries * VHD_BLOCK, size))
+        if table_offset + entries * 4 > total - SECTOR:
+            raise BadFile("%s: the BAT runs past the end of the file (truncated?)" % path)
+        handle.seek(table_offset)
+        raw = struct.unpack(">%dI" % entries, handle.read(entries * 4))
+        bat = tuple(None if e == VHD_NO_BLOCK else e * SECTOR for e in raw)
+        for index, at in enumerate(bat):
+            if at is not None and at + BITMAP_BYTES + VHD_BLOCK > total - SECTOR:
+                raise BadFile("%s: block %d lies past the end of the file (truncated?)"
+                              % (path, index))
+        parent_uuid = parent_path = None
+        if disk_type == VHD_DIFFERENCING:
+            parent_uuid = vhd_uid_text(puid)
+            parent_path = _parent_path(handle, header)
+    return VhdLayout(path, vhd_uid_text(fields[13]), size, disk_type, parent_uuid, parent_path,
+                     bat, total - SECTOR, table_offset, fields[4])
+
+
+def vhd_info(path):
+    """Return the VhdInfo of a VHD file (reads its BAT and every bitmap); raise BadFile."""
+    layout = read_vhd_layout(path)
+    present = 0
+    with open(path, "rb") as handle:
+        for at in layout.bat:
+            if at is not None:
+                handle.seek(at)
+                present += bin(bitmap_mask(handle.read(BITMAP_BYTES))).count("1")
+    return VhdInfo(layout.uuid, layout.size, layout.disk_type, layout.parent_uuid,
+                   layout.parent_path, sum(1 for at in layout.bat if at is not None),
+                   present * SECTOR)
+
+
+class _VhdStream:
+    """A forward-only reader that counts its position (for vhd-tool's sequential stream)."""
+
+    def __init__(self, reader):
+        self.reader, self.pos = reader, 0
+
+    def read_exact(self, length, what):
+        buf = bytearray(length)
+        got = _read_into(self.reader, buf)
+        self.pos += got
+        if got < length:
+            raise BadFile("VHD stream ended at byte %d while reading %s" % (self.pos, what))
+        return buf
+
+    def skip_to(self, target, what):
+        if target < self.pos:
+            raise BadFile("VHD stream: %s at byte %d lies before byte %d already read"
+                          % (what, target, self.pos))
+        while self.pos < target:
+            self.read_exact(min(target - self.pos, VHD_BLOCK), what)
+
+
+def reparent_vhd(reader, fileobj, parent, uuid=None):
+    """Read a VHD stream laid out as vhd-tool writes it (footer, header, BAT, blocks in
+    increasing order, footer; dynamic or differencing) and write its sectors into `fileobj`
+    as a differencing VHD of `parent` (a dynamic one if `parent` is None); return the VhdInfo.
+
+    The stream's own parent fields are ignored. Its bitmaps say which sectors it holds:
+    those are written, zero or not; the others come from `parent`. Raises BadFile on a
+    damaged or short stream.
+    """
+    stream = _VhdStream(reader)
+    fields = _parse_footer(stream.read_exact(SECTOR, "the footer copy"), "VHD stream")
+    size = fields[9]
+    stream.skip_to(fields[3], "the dynamic header")
+    table_offset, entries, _, _, _ = _parse_header(stream.read_exact(1024, "the header"),
+                                                   "VHD stream")
+    if entries * VHD_BLOCK < size:
+        raise BadFile("VHD stream: the BAT covers %d bytes, less than the disk's %d"
+                      % (entries * VHD_BLOCK, size))
+    stream.skip_to(table_offset, "the BAT")
+    raw = struct.unpack(">%dI" % entries, stream.read_exact(entries * 4, "the BAT"))
+    located = sorted((e * SECTOR, index) for index, e in enumerate(raw) if e != VHD_NO_BLOCK)
+    writer = VhdWriter(fileobj, size, uuid=uuid, parent=parent)
+    for at, index in located:
+        stream.skip_to(at, "block %d" % index)
+        mask = bitmap_mask(stream.read_exact(BITMAP_BYTES, "the bitmap of block %d" % index))
+        data = memoryview(stream.read_exact(VHD_BLOCK, "block %d" % index))
+        start = index * VHD_BLOCK
+        for first, end in sector_runs(mask):
+            last = min(start + end * SECTOR, size)
+            if start + first * SECTOR < last:
+                writer.write(start + first * SECTOR, data[first * SECTOR:last - start])
+    tail, buf = b"", bytearray(1 << 20)
+    while True:
+        got = _read_into(stream.reader, buf)
+        tail = (tail + bytes(buf[:got]))[-SECTOR:]
+        if got < len(buf):
+            break
+    trailer = _parse_footer(tail, "VHD stream (trailing footer; truncated?)")
+    if trailer[9] != size:
+        raise BadFile("VHD stream: its two footers disagree on the size (%d and %d)"
+                      % (size, trailer[9]))
+    return writer.close()
+
+
+class ChainReader:
+    """Read a VHD chain (paths oldest first: the full, then each delta) as one raw disk.
+
+    Checks that every child names the previous file's uid as its parent and has its size,
+    else raises ChainBroken naming the file. `read(offset, length)`, `iter_raw(chunk)`.
+    """
+
+    def __init__(self, paths):
+        if not paths:
+            raise ChainBroken("an empty VHD chain")
+        self.layouts = []
+        for n, path in enumerate(paths):
+            try:
+                layout = read_vhd_layout(path)
+            except (BadFile, OSError) as exc:
+                raise ChainBroken("VHD chain: %s" % exc)
+            if n == 0 and layout.disk_type != VHD_DYNAMIC:
+                raise ChainBroken("VHD chain: %s is the chain's base but is not a dynamic VHD"
+                                  % path)
+            if n:
+                prior = self.layouts[-1]
+                if layout.disk_type != VHD_DIFFERENCING or layout.parent_uuid != prior.uuid:
+                    raise ChainBroken("VHD chain: %s names parent uuid %s, but %s has uuid %s"
+                                      % (path, layout.parent_uuid, prior.path, prior.uuid))
+                if layout.size != prior.size:
+                    raise ChainBroken("VHD chain: %s is %d bytes, its parent %s is %d bytes"
+                                      % (path, layout.size, prior.path, prior.size))
+            self.layouts.append(layout)
+        self.size = self.layouts[0].size
+        self.handles = [open(path, "rb") for path in paths]
+
+    def _block(self, index):
+        """Return block `index` of the disk (VHD_BLOCK bytes, the last one too)."""
+        wanted = _FULL_MASK
+        pieces = []             # (mask, handle, data offset), newest first
+        for layout, handle in zip(reversed(self.layouts), reversed(self.handles)):
+            at = layout.bat[index]
+            if at is None:
+                continue
+            if layout.disk_type == VHD_DYNAMIC:
+                mask = _FULL_MASK       # a dynamic VHD's data is its content, as qemu reads it
+            else:
+                handle.seek(at)
+                mask = bitmap_mask(handle.read(BITMAP_BYTES))
+            take = mask & wanted
+            if take:
+                pieces.append((take, handle, at + BITMAP_BYTES))
+                wanted &= ~take
+            if not wanted:
+                break
+        if not pieces:
+            return _ZERO_BLOCK
+        if len(pieces) == 1 and pieces[0][0] == _FULL_MASK:
+            _, handle, at = pieces[0]
+            handle.seek(at)
+            return handle.read(VHD_BLOCK)
+        out = bytearray(VHD_BLOCK)
+        for take, handle, at in pieces:
+            for first, end in sector_runs(take):
+                handle.seek(at + first * SECTOR)
+                out[first * SECTOR:end * SECTOR] = handle.read((end - first) * SECTOR)
         return out
 
+    def read(self, offset, length):
+        """Return `length` bytes of the disk from `offset` (cut at the disk's end)."""
+        end = min(offset + length, self.size)
+        parts = []
+        while offset < end:
+            index, within = divmod(offset, VHD_BLOCK)
+            piece = min(end - offset, VHD_BLOCK - within)
+            block = self._block(index)
+            whole = piece == VHD_BLOCK and isinstance(block, bytes)
+            parts.append(block if whole else bytes(block[within:within + piece]))
+            offset += piece
+        return b"".join(parts)
 
-def final_status(problems, complete, unchecked):
-    """Return a result's status: bad (any problem), incomplete, unchecked, or good."""
-    if problems:
-        return "bad"
-    if not complete:
-        return "incomplete"
-    if unchecked:
-        return "unchecked"
-    return "good"
+    def iter_raw(self, chunk=4 * 1024 * 1024):
+        """Yield the whole disk as raw bytes, in order, `chunk` bytes at a time."""
+        offset = 0
+        while offset < self.size:
+            length = min(chunk, self.size - offset)
+            yield self.read(offset, length)
+            offset += length
 
+    def close(self):
+        """Close the files."""
+        for handle in self.handles:
+            handle.close()
+        self.handles = []
 
-class Findings:
-    """What checking one backup finds, gathered file by file; result() makes the CheckResult."""
+    def __enter__(self):
+        return self
 
-    def __init__(self):
-        self.problems, self.unchecked, self.notes, self.files = [], [], [], []
-
-    def bad(self, rel, message):
-        """Record a problem of the file `rel` ("" for the backup itself)."""
-        self.problems.append(Problem(rel, message))
-
-    def checked(self, rel, size, problems=(), unchecked=(), listed_as=None):
-        """Record one file and what its check said (its problems filed under `rel`, the
-        file listed as `listed_as` or `rel`); return its status."""
-        for message in problems:
-            self.bad(rel, message)
-        self.unchecked += [Problem(rel, message) for message in unchecked]
-        status = "bad" if problems else "unchecked" if unchecked else "good"
-        self.files.append(FileCheck(rel if listed_as is None else listed_as, size, status))
-        return status
-
-    def result(self, path, vm, name, when, kind, mode=None, legacy=False, complete=True,
-               display=None):
-        """Return the CheckResult of what was found."""
-        return CheckResult(path, display or display_path(path), vm, name,
-                           when.isoformat() if when else None, kind, mode, legacy, complete,
-                           final_status(self.problems, complete, self.unchecked),
-                           tuple(self.problems), tuple(self.unchecked), tuple(self.notes),
-                           tuple(self.files))
-
-
-def display_path(path):
-    """Return how verify names a backup folder or a file: its last two path components."""
-    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
-    return "/".join(p for p in parts[-2:] if p)
-
-
-def unreadable_result(path, exc):
-    """Return the (bad) result of a backup that could not be read at all."""
-    found = Findings()
-    found.bad("", "cannot read: %s" % (exc.strerror or exc))
-    name = os.path.basename(path)
-    return found.result(path, os.path.basename(os.path.dirname(path)), name,
-                        parse_backup_name(name), "vm", complete=False)
-
-
-# -- backup folders -------------------------------------------------------------------
-def verify_backup(path, quick=False):
-    """Return the CheckResult of the backup folder at `path` (see check_backup); raise OSError."""
-    return check_backup(read_backup_folder(path), quick)
-
-
-def check_backup(backup, quick=False):
-    """Return the CheckResult of a BackupFolder (status good|bad|incomplete|unchecked).
-
-    Checks the manifest, the success marker, every listed file's size and
-    SHA-256 and its format. quick=True checks sizes only (no file is read).
-    A legacy NAUbackup folder (no manifest) has its files checked by format.
-    """
-    found = Findings()
-    if backup.manifest_error:
-        found.bad(MANIFEST, backup.manifest_error)
-    elif backup.manifest is not None:
-        _check_manifest_files(found, backup, quick)
-    elif not backup.legacy and backup.entries & set(LEGACY_SUCCESS_MARKERS):
-        found.bad(MANIFEST, "manifest missing: a vmbackup folder (only NAUbackup's are named "
-                            "backup-YYYY-MM-DD-(HH:MM:SS)) with a success marker and no %s" % MANIFEST)
-    elif not backup.legacy:
-        found.notes.append("no %s and no success marker: the backup did not finish" % MANIFEST)
-    else:
-        found.notes.append("legacy NAUbackup backup: no manifest")
-        _check_legacy_files(found, backup, quick)
-    return found.result(backup.path, backup.vm, backup.name, backup.when, "vm", backup.mode,
-                        backup.legacy, backup.complete)
-
-
-def _check_manifest_files(found, backup, quick):
-    """Check every file the manifest lists, then that the mode's files are there."""
-    manifest = backup.manifest
-    sizes = {d.get("file"): _int(d.get("virtual_size"), None)
-             for d in manifest.get("disks", ()) if d.get("file")}
-    for entry in manifest["files"]:
-        if not isinstance(entry, dict):
-            found.bad(MANIFEST, "a files entry is not an object")
-            continue
-        _check_listed_file(found, backup.path, entry, sizes, quick)
-    listed = [f.name for f in backup.files]
-    if backup.mode == "vm-export" and not backup.names_of("xva"):
-        found.bad(MANIFEST, "a vm-export backup without an .xva file")
-    if backup.mode == "vdi-export":
-        for disk in manifest.get("disks", ()):
-            if disk.get("file") not in listed:
-                found.bad(MANIFEST, "disk %s: its file %r is not in the backup"
-                          % (disk.get("device"), disk.get("file")))
-    if METADATA_FILE not in listed:
-        found.bad(MANIFEST, "no %s in the backup" % METADATA_FILE)
-
-
-def _check_listed_file(found, folder, entry, sizes, quick=False):
-    """Check one manifest file entry: size, then (unless `quick`) SHA-256 and format."""
-    rel = str(entry.get("name", ""))
-    try:
-        path = inside(folder, rel)
-    except BackupDirError:
-        return found.bad(rel, "file name leaves the backup folder: refused")
-    if not os.path.isfile(path):
-        return found.bad(rel, "missing (listed in %s)" % MANIFEST)
-    size = os.path.getsize(path)
-    if size != entry.get("size"):
-        return found.checked(rel, size, ["size is %d bytes, the manifest says %s%s" % (
-            size, entry.get("size"), " (truncated?)" if size < _int(entry.get("size"), size) else "")])
-    if quick:
-        return found.checked(rel, size)
-    problems, unchecked, digest = check_file(path, file_kind(rel), sizes.get(rel), True)
-    if digest != entry.get("sha256"):
-        problems.insert(0, "sha256 mismatch: the file changed since the backup")
-    return found.checked(rel, size, problems, unchecked)
-
-
-def _check_legacy_files(found, backup, quick):
-    """Check a NAUbackup folder's files by their format (no manifest: no sizes or SHA-256 to compare)."""
-    for item in backup.files:
-        path = os.path.join(backup.path, item.name)
-        size = os.path.getsize(path)
-        if item.kind is None or quick:
-            found.checked(item.name, size)
-            continue
-        disk = backup.disk_files.get(item.name)   # each disk file against its own vdi.cfg
-        problems, unchecked, _ = check_file(path, item.kind, disk.virtual_size if disk else None)
-        found.checked(item.name, size, problems, unchecked)
-
-
-# -- dated files and loose files --------------------------------------------------------
-def verify_dated_file(path):
-    """Return the CheckResult of a pool_db_*.dump or host_*.xbk file."""
-    name = os.path.basename(path)
-    kind = "pool-db" if name.startswith("pool_db_") else "host"
-    found = Findings()
-    problems = (check_pool_dump if kind == "pool-db" else check_host_backup)(path)
-    found.checked("", os.path.getsize(path), problems, listed_as=name)
-    return found.result(path, None, name, parse_dated_file(name), kind)
-
-
-def verify_single_file(path):
-    """Return the CheckResult of one loose .xva/.vhd/.raw file (format checks only)."""
-    folder = os.path.dirname(os.path.abspath(path))
-    name = os.path.basename(path)
-    found = Findings()
-    problems, unchecked, _ = check_file(path, file_kind(name))
-    found.checked("", os.path.getsize(path), problems, unchecked, listed_as=name)
-    return found.result(path, os.path.basename(os.path.dirname(folder)), name,
-                        parse_backup_name(os.path.basename(folder)), "file")
-
-
-def verify_targets(path):
-    """Return [(kind, path)] to verify for a backup, a VM folder, backup_dir or a file; raise UsageError."""
-    if os.path.isfile(path):
-        name = os.path.basename(path)
-        if parse_dated_file(name):
-            return [("dated", path)]
-        if name in (MANIFEST,) + LEGACY_SUCCESS_MARKERS:
-            return verify_targets(os.path.dirname(os.path.abspath(path)))
-        if file_kind(name) in ("xva", "vhd", "raw"):
-            return [("file", path)]
-        raise UsageError("%s: not a backup file (.xva, .xva.gz, .xva.zst, .vhd, .raw, "
-                         "pool_db_*.dump or host_*.xbk)" % path)
-    if not os.path.isdir(path):
-        raise UsageError("%s: no such file or folder" % path)
-    if parse_backup_name(os.path.basename(os.path.normpath(path))):
-        return [("backup", path)]
-    own = backup_folders(path)
-    if own:
-        return [("backup", p) for p in own]
-    targets = []
-    for name in sorted(os.listdir(path)):
-        sub = os.path.join(path, name)
-        if not os.path.isdir(sub) or os.path.islink(sub):
-            continue
-        targets += [("backup", p) for p in backup_folders(sub)]
-        targets += [("dated", p) for p in dated_files(sub)]
-    if not targets:
-        raise UsageError("%s: no backups found (expected a backup folder, a VM folder or "
-                         "backup_dir)" % path)
-    return targets
-
-
-VERIFIERS = {"backup": verify_backup, "dated": verify_dated_file, "file": verify_single_file}
-
-
-def verify_lines(result, verbosity=0):
-    """Return the report lines of one CheckResult: one per bad file, then the verdict.
-
-    verbosity < 0 gives only what is wrong (BAD, UNCHECKED, INCOMPLETE lines).
-    """
-    shown = result.display
-    lines = ["BAD %s: %s" % (_where(shown, p), p.message) for p in result.problems]
-    lines += ["UNCHECKED %s: %s" % (_where(shown, p), p.message) for p in result.unchecked]
-    detail = "; ".join(result.notes)
-    if result.status == "incomplete":
-        lines.append("INCOMPLETE %s: %s" % (shown, detail or "no success marker: the backup "
-                                            "did not finish"))
-    elif verbosity >= 0 and result.status in ("good", "unchecked") or verbosity > 0:
-        count = len(result.files)
-        what = ", ".join(x for x in (result.mode, "%d file%s" % (count, "" if count == 1 else "s"),
-                                     human_size(sum(f.size for f in result.files)), detail) if x)
-        lines.append("%s %s: %s" % (result.status, shown, what))
-    if verbosity > 0:
-        lines += ["  %-9s %s (%s)" % (f.status, f.name, human_size(f.size)) for f in result.files]
-    return lines
-
-
-def _where(shown, problem):
-    return shown + ("/" + problem.file if problem.file else "")
-
-
-def verify_exit_code(results):
-    """Return verify's exit code: 2 if any backup is bad or incomplete, 1 if any unchecked, else 0."""
-    states = {r.status for r in results}
-    if states & {"bad", "incomplete"}:
-        return EXIT_ERROR
-    return EXIT_WARNING if "unchecked" in states else EXIT_OK
+    def __exit__(self, exc_type, exc, tb):
+        self.close()
+        return False
 
 
 # === vmbackup/metadata.py ===================================================
@@ -4385,380 +4431,6 @@ def manifest_record(vm, mode, transport, started, finished, files, disks=(), ski
         "disks": [dict(d) for d in disks], "skipped_disks": list(skipped),
         "files": list(files), "pool": pool or {},
     }
-
-
-# === vmbackup/report.py =====================================================
-# The run's outcome and everything that prints it: results, tallies, exit code, summary, preview, JSON.
-#
-# Owns: RunProblem, VmResult, Outcome (the one record of a run: every warning and error once,
-# attributed to its VM or to the run), UnitLog and RunRecord (what builds it), the pure
-# readers of an Outcome (tally, exit_code_for, status_word, recap, run_summary,
-# status_end_fields), StatusLog, settings_summary, preview_data/format_preview,
-# write_json, setup_logging. Nothing here infers anything from which logger a line
-# went through: the exit code, the tally, the status log and the JSON all read the
-# Outcome.
-# Imports: errors, util, config, retention.
-
-def settings_summary(config):
-    """Return [(key, shown value, origin)] of the effective settings (no secrets)."""
-    rows = []
-    for key in SETTINGS:
-        value = getattr(config, key)
-        if key == "umask":
-            value = "%03o" % value
-        elif key == "server" and value:
-            value = mask_credentials(value)
-        rows.append((key, value, config.where(key)))
-    return rows
-
-
-# -- the outcome record ---------------------------------------------------------
-
-class RunProblem(typing.NamedTuple):
-    """One warning or error, attributed to a unit (a VM, 'pool database', ...) or to the run ('')."""
-    severity: str               # warning or error
-    unit: str                   # '' for the run itself
-    message: str
-
-    def __str__(self):
-        return "%s: %s" % (printable(self.unit), self.message) if self.unit else self.message
-
-
-class VmResult(typing.NamedTuple):
-    """The outcome of one unit of work (a VM, the pool database, a host)."""
-    name: str
-    uuid: str
-    mode: str
-    status: str                 # success, warning or error
-    path: typing.Optional[str] = None
-    bytes: int = 0
-    seconds: float = 0.0
-    message: str = ""           # the error (error); the warnings joined (warning)
-    warnings: typing.Tuple[str, ...] = ()
-
-    def problems(self):
-        """Return this unit's Problems: each warning, then its failure."""
-        found = [RunProblem("warning", self.name, w) for w in self.warnings]
-        if self.status == "error":
-            found.append(RunProblem("error", self.name, self.message))
-        return found
-
-
-class Outcome(typing.NamedTuple):
-    """The one record of a run (or of a preview): what every printer of it reads."""
-    started: datetime.datetime
-    finished: datetime.datetime
-    results: typing.Tuple[VmResult, ...] = ()
-    problems: typing.Tuple[RunProblem, ...] = ()       # the run's own, in the order met
-    excluded: typing.Tuple[typing.Tuple[str, str], ...] = ()
-    not_selected: typing.Tuple[typing.Tuple[str, str], ...] = ()
-    cannot_start: typing.Optional[str] = None        # why the run never got going
-    terminated: typing.Optional[str] = None          # the signal that stopped it
-
-    def all_problems(self):
-        """Return every RunProblem of the run: the units' in their order, then the run's."""
-        found = [p for r in self.results for p in r.problems()] + list(self.problems)
-        if self.cannot_start:
-            found.append(RunProblem("error", "", self.cannot_start))
-        if self.terminated:
-            found.append(RunProblem("error", "", "terminated by %s" % self.terminated))
-        return found
-
-
-class Tally(typing.NamedTuple):
-    """S: units that succeeded (with or without warnings); W: warnings; E: failures.
-
-    The run's own problems count too: its warnings in W, its errors (a leftover that
-    cannot be destroyed, a duplicate VM name, a run that cannot start or is
-    terminated) in E.
-    """
-    succeeded: int
-    warnings: int
-    errors: int
-
-    def __str__(self):
-        return "S:%d W:%d E:%d" % self
-
-
-def tally(outcome):
-    """Return the Tally of an Outcome."""
-    problems = outcome.all_problems()
-    return Tally(sum(1 for r in outcome.results if r.status != "error"),
-                 sum(1 for p in problems if p.severity == "warning"),
-                 sum(1 for p in problems if p.severity == "error"))
-
-
-def exit_code_for(outcome):
-    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec);
-    130 for a run interrupted by Ctrl-C (SIGINT), as the shell expects."""
-    if outcome.terminated == "SIGINT":
-        return EXIT_INTERRUPTED
-    counts = tally(outcome)
-    if counts.errors:
-        return EXIT_ERROR
-    return EXIT_WARNING if counts.warnings else EXIT_OK
-
-
-def status_word(code):
-    """Return the status log's word for an exit code: SUCCESS, WARNING or ERROR."""
-    return {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
-
-
-def status_end_fields(outcome):
-    """Return the fields of the run's `end` status-log line: ['end', 'SUCCESS', 'S:1 W:0 E:0']."""
-    return ["end", status_word(exit_code_for(outcome)), str(tally(outcome))]
-
-
-def recap(outcome):
-    """Return one line per failed or warned unit (and run problem), with its reason."""
-    lines = []
-    for problem in outcome.all_problems():
-        word = "FAILED" if problem.severity == "error" else "WARNING"
-        lines.append("%s %s: %s" % (word, printable(problem.unit) if problem.unit else "(run)",
-                                    problem.message))
-    return lines
-
-
-class UnitLog(logging.LoggerAdapter):
-    """The log of one unit (lines prefixed `vm=<name>: `) or of the run (no prefix).
-
-    Its `warning()` and `error()` are how a problem enters the run's Outcome: each is
-    recorded here, once, in the order met. Lines logged any other way are only lines.
-    """
-
-    def __init__(self, name=""):
-        logging.LoggerAdapter.__init__(self, log, {})
-        self.unit = name
-        self.prefix = "vm=%s: " % printable(name) if name else ""
-        self.met = []
-
-    def process(self, msg, kwargs):
-        return self.prefix + msg, kwargs
-
-    def _record(self, severity, msg, args):
-        self.met.append(RunProblem(severity, self.unit, msg % args if args else msg))
-
-    def warning(self, msg, *args, **kwargs):
-        self._record("warning", msg, args)
-        logging.LoggerAdapter.warning(self, msg, *args, **kwargs)
-
-    def error(self, msg, *args, **kwargs):
-        self._record("error", msg, args)
-        logging.LoggerAdapter.error(self, msg, *args, **kwargs)
-
-    def failed(self, message):
-        """Log a unit's failure without recording it: its VmResult carries it."""
-        logging.LoggerAdapter.error(self, "FAILED: %s", message)
-
-    @property
-    def warnings(self):
-        return [p.message for p in self.met if p.severity == "warning"]
-
-    @property
-    def errors(self):
-        return [p.message for p in self.met if p.severity == "error"]
-
-
-class RunRecord:
-    """What a run (or a preview) has met so far; outcome() freezes it into the Outcome."""
-
-    def __init__(self, started=None):
-        self.started = started or datetime.datetime.now().replace(microsecond=0)
-        self.log = UnitLog()
-        self.results = []
-        self.selection = None
-        self.cannot_start = None
-        self.terminated = None
-        self.begun = False              # the status log has its `begin` line
-        self.open_snapshots = {}        # uuid -> unit: taken and not yet destroyed
-        self.pool = None                # the pool's name_label, once read (the mail's subject)
-
-    def outcome(self):
-        sel = self.selection
-        return Outcome(self.started, datetime.datetime.now().replace(microsecond=0),
-                       tuple(self.results), tuple(self.log.met),
-                       tuple(sel.excluded) if sel else (), tuple(sel.not_selected) if sel else (),
-                       self.cannot_start, self.terminated)
-
-    def terminated_note(self):
-        """Return what to say about the snapshots after a signal: only the truth."""
-        if not self.open_snapshots:
-            return "snapshots cleaned up"
-        return "snapshot %s left (the next run destroys it)" % ", ".join(sorted(self.open_snapshots))
-
-
-# -- what prints it -------------------------------------------------------------
-
-class StatusLog:
-    """NAUbackup's status log: `YYYY/MM/DD HH:MM:SS,<what>,<host>,<fields...>` lines, appended."""
-
-    def __init__(self, path, origin="default", runlog=None):
-        self.path = path
-        self.host = socket.gethostname()
-        self.runlog = runlog or log
-        if path and not self.folder_exists():
-            if origin.startswith("default"):
-                log.info("status log %s not written: its folder does not exist", path)
-                self.path = None
-
-    def folder_exists(self):
-        return bool(self.path) and os.path.isdir(os.path.dirname(self.path) or ".")
-
-    def line(self, what, *fields):
-        if not self.path:
-            return
-        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
-                        + [str(f) for f in fields])
-        try:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(text + "\n")
-        except OSError as exc:
-            self.runlog.warning("cannot append to status log %s: %s", self.path, exc.strerror)
-            self.path = None
-
-
-def status_size(nbytes):
-    """Return the status log's size field as NAUbackup 3.25 writes it: whole GiB, '3G'."""
-    return "%dG" % (nbytes // 2 ** 30)
-
-
-def unit_json(result):
-    return {"name": result.name, "uuid": result.uuid, "mode": result.mode,
-            "status": result.status, "path": result.path, "bytes": result.bytes,
-            "seconds": round(result.seconds, 3), "message": result.message,
-            "warnings": list(result.warnings)}
-
-
-def problems_json(outcome):
-    """Return the JSON keys every summary shares: warnings, errors, problems, summary, status."""
-    problems = outcome.all_problems()
-    code = exit_code_for(outcome)
-    return {
-        "status": {EXIT_OK: "ok", EXIT_WARNING: "warning"}.get(code, "error"),
-        "exit_code": code,
-        "warnings": [str(p) for p in problems if p.severity == "warning"],
-        "errors": [str(p) for p in problems if p.severity == "error"],
-        "problems": [p._asdict() for p in problems],
-        "summary": str(tally(outcome)),
-        "reason": outcome.cannot_start,
-        "terminated": outcome.terminated,
-    }
-
-
-def run_summary(config, outcome):
-    """Return the JSON summary of a run (config None: it failed before its settings were read)."""
-    data = {
-        "preview": False, "version": __version__,
-        "started": outcome.started.isoformat(), "finished": outcome.finished.isoformat(),
-        "settings": ({key: value for key, value, _ in settings_summary(config)}
-                     if config else {}),
-        "vms": [unit_json(r) for r in outcome.results],
-        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
-        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
-    }
-    data.update(problems_json(outcome))
-    return data
-
-
-class PreviewPlan(typing.NamedTuple):
-    """What a preview found the run would do, beside its Outcome."""
-    plans: typing.Tuple = ()                        # selection.Plan of each selected VM
-    deletions: typing.Tuple[typing.Tuple[str, str], ...] = ()   # (VM folder, backup name)
-    destroys: typing.Tuple[typing.Tuple[str, str, str], ...] = ()   # (VM|VDI, name, uuid)
-
-
-def preview_data(config, outcome, found):
-    """Return the preview as a JSON-ready dict: the Outcome the run would have, and its plan."""
-    data = {
-        "preview": True,
-        "version": __version__,
-        "would_start": outcome.cannot_start is None,
-        "settings": {key: value for key, value, _ in settings_summary(config)},
-        "vms": [{"name": p.vm.name, "uuid": p.vm.uuid, "mode": p.vm.mode,
-                 "max_backups": p.vm.max_backups, "retention": str(keep_for(config, p.vm)),
-                 "disks": [d.device for d in p.disks],
-                 "skipped_disks": [d.device for d in p.skipped],
-                 "problems": list(p.problems),
-                 "selector": p.vm.selector.text, "origin": p.vm.selector.origin}
-                for p in found.plans],
-        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
-        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
-        "delete": [{"vm": vm, "backup": name} for vm, name in found.deletions],
-        "destroy": [{"class": cls, "name": name, "uuid": uuid}
-                    for cls, name, uuid in found.destroys],
-    }
-    data.update(problems_json(outcome))
-    return data
-
-
-def preview_verdict(data):
-    """Return the preview's last line: what the run would do and how it would exit."""
-    if not data["would_start"]:
-        return "Preview: the run would not start (exit 2): %s" % data["reason"]
-    word = {0: "succeed", 1: "end with warnings", 2: "start, but end with errors"}[data["exit_code"]]
-    return "Preview: the run would %s (exit %d, %s): %d VMs selected." % (
-        word, data["exit_code"], data["summary"], len(data["vms"]))
-
-
-def format_preview(data, config):
-    """Return the human preview text for `data` (from preview_data)."""
-    out = ["vmbackup %s preview: nothing is snapshotted, exported or deleted." % __version__, "",
-           "Settings:"]
-    for key, value, origin in settings_summary(config):
-        out.append("  %-18s %-28s (%s)" % (key, "-" if value is None else value, origin))
-    out.append("")
-    out.append("Selected VMs (%d):" % len(data["vms"]))
-    for vm in data["vms"]:
-        disks = ", ".join(vm["disks"]) or "-"
-        if vm["skipped_disks"]:
-            disks += "  (left out, [NOBAK]: %s)" % ", ".join(vm["skipped_disks"])
-        gfs = "retention %s  " % vm["retention"] if "+" in vm["retention"] else ""
-        out.append("  %-24s %-11s max_backups=%-3d %sdisks: %s  [%s]"
-                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], gfs, disks, vm["uuid"]))
-    for title, key in (("Excluded", "excluded"), ("Not selected", "not_selected")):
-        out.append("%s (%d):" % (title, len(data[key])))
-        out.extend("  %-24s [%s]" % (printable(v["name"]), v["uuid"]) for v in data[key])
-    out.append("Retention would delete (%d):" % len(data["delete"]))
-    out.extend("  %s/%s" % (printable(d["vm"]), d["backup"]) for d in data["delete"])
-    out.append("Leftover snapshots the run would destroy (%d):" % len(data["destroy"]))
-    out.extend("  %s %-24s [%s]" % (d["class"], printable(d["name"]), d["uuid"])
-               for d in data["destroy"])
-    out.extend("***WARNING - " + w for w in data["warnings"])
-    out.extend("***ERROR - " + e for e in data["errors"])
-    out.append(preview_verdict(data))
-    return "\n".join(out) + "\n"
-
-
-def write_json(target, data):
-    """Write `data` as JSON to the file `target` ('-': stdout)."""
-    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
-    if target == "-":
-        sys.stdout.write(text)
-        sys.stdout.flush()
-        return
-    try:
-        with open(target, "w", encoding="utf-8") as handle:
-            handle.write(text)
-    except OSError as exc:
-        raise BackupDirError("cannot write --json file %s: %s" % (target, exc.strerror))
-
-
-def setup_logging(verbosity):
-    """Send log lines to stderr: warnings and up with -q, debug with -vv."""
-    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
-        max(-2, min(verbosity, 0)), logging.INFO)
-    if verbosity >= 2:
-        level = logging.DEBUG
-    handler = logging.StreamHandler(sys.stderr)
-    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
-                                           "%Y-%m-%d %H:%M:%S"))
-    for old in [h for h in log.handlers if getattr(h, "_vmbackup_console", False)]:
-        log.removeHandler(old)
-    handler._vmbackup_console = True
-    log.addHandler(handler)
-    log.setLevel(logging.DEBUG)
-    handler.setLevel(level)
-    log.propagate = False
 
 
 # === vmbackup/transport/api.py ==============================================
@@ -5279,6 +4951,1516 @@ def find_xe(config):
     return shutil.which("xe")
 
 
+# === vmbackup/chain.py ======================================================
+# Chains of delta-export points on the backup storage: following, verifying, merging them.
+#
+# A delta-export point is a backup folder whose manifest gives each disk a `chain` entry
+# (chain_entry): the chain's id, the point's position, its VHD's uid and its parent (the
+# previous point's folder, file, VHD uid and sha256; None for the chain's base, a dynamic
+# VHD). Every other file of a chain is a differencing VHD of its parent.
+#
+# Retention on chains (plan_chain_retention, pure): keeping N points never deletes a file a
+# kept point needs; when the oldest point falls out and the next one needs it, the next
+# point's delta is merged into the old full on the storage (merge_points): the full's file
+# is patched in place with the delta's sectors, takes the delta's VHD uid (so the next
+# delta's parent uid stays right and its file is untouched) and replaces the delta in the
+# next point's folder; that point becomes the chain's base. A delta that GFS rules drop
+# between two kept points is merged the same way into the next delta, which then names the
+# dropped point's parent. A merge first writes a journal (.chain-merge.json in the VM's
+# folder) naming everything it will change; every step after it can be done again, so a
+# merge a kill interrupted is finished by finish_merges, which every prune calls first.
+#
+# Owns: chain_entry/chain_parent (the manifest's chain fields, written down once),
+# chain_links, chain_paths, verify_chain, plan_chain_retention (ChainPoint, ChainAction,
+# incoming_point), merge_points, finish_merges, MERGE_JOURNAL, MERGE_HOOKS.
+# Imports: errors, util, store, formats.vhdfile.
+
+#: The mode whose backups are chains.
+DELTA_MODE = "delta-export"
+
+#: The journal of a merge in progress, in the VM's folder.
+MERGE_JOURNAL = ".chain-merge.json"
+
+#: Called with a step's name before every change a merge makes (tests kill a merge here).
+MERGE_HOOKS = []
+
+
+# -- the manifest's chain fields -------------------------------------------------------
+def chain_parent(backup, file, vhd_uuid, sha256):
+    """Return a chain entry's `parent`: the parent point's folder name, file, VHD uid, sha256."""
+    return {"backup": backup, "file": file, "vhd_uuid": vhd_uuid, "sha256": sha256}
+
+
+def chain_entry(chain_id, position, vhd_uuid, parent=None, reference=None, method="full",
+                reason=None, changed_bytes=0):
+    """Return the `chain` field of a delta-export disk entry (the one place its shape is written).
+
+    `parent` is chain_parent(...) or None for a full; `reference` is
+    {"vdi_uuid", "kind": "cbt_metadata"|"snapshot"} or None; `method` is full, cbt-nbd,
+    cbt-export or export; `reason` says why a point is a full.
+    """
+    return {"id": chain_id, "position": position, "vhd_uuid": vhd_uuid, "parent": parent,
+            "reference": reference, "method": method, "reason": reason,
+            "changed_bytes": changed_bytes}
+
+
+class ChainLink(typing.NamedTuple):
+    """One disk of one delta-export point, as its manifest records it."""
+    backup: str                     # the point's folder name
+    device: str
+    file: str
+    vhd_uuid: str
+    chain_id: str
+    position: int
+    parent: typing.Optional[dict]   # chain_parent(...) or None (the chain's base)
+    sha256: typing.Optional[str]    # the file's, from the manifest's files
+    size: typing.Optional[int]      # the file's size in bytes, from the manifest's files
+    virtual_size: typing.Optional[int]
+
+
+def chain_links(folder):
+    """Return {device: ChainLink} of a BackupFolder ({} unless it is a delta-export point)."""
+    manifest = folder.manifest
+    if not manifest or manifest.get("mode") != DELTA_MODE:
+        return {}
+    files = {f.get("name"): f for f in manifest.get("files", ()) if isinstance(f, dict)}
+    links = {}
+    for disk in manifest.get("disks", ()):
+        chain = disk.get("chain") if isinstance(disk, dict) else None
+        if not isinstance(chain, dict) or not disk.get("file"):
+            continue
+        entry = files.get(disk["file"], {})
+        parent = chain.get("parent") if isinstance(chain.get("parent"), dict) else None
+        links[str(disk.get("device"))] = ChainLink(
+            folder.name, str(disk.get("device")), str(disk["file"]), str(chain.get("vhd_uuid")),
+            str(chain.get("id")), chain.get("position"), parent, entry.get("sha256"),
+            entry.get("size"), disk.get("virtual_size"))
+    return links
+
+
+def _link_of_file(links, file):
+    """Return the ChainLink of `links` whose file is `file`, or None."""
+    return next((link for link in links.values() if link.file == file), None)
+
+
+def chain_folders(vm_dir, name, device):
+    """Return [(BackupFolder, ChainLink)] from the chain's base to the point `name`'s disk
+    `device`, following the manifests' parent links; raise ChainBroken naming the missing link."""
+    found, seen = [], set()
+    want_device, want_file = device, None
+    while True:
+        if name in seen:
+            raise ChainBroken("VHD chain of %s: the parent links loop at %s" % (device, name))
+        seen.add(name)
+        needed = " (needed by %s)" % found[-1][0].name if found else ""
+        try:
+            folder = read_backup_folder(inside(vm_dir, name))
+        except OSError:
+            raise ChainBroken("VHD chain of %s: backup %s is missing%s" % (device, name, needed))
+        if not folder.complete:
+            raise ChainBroken("VHD chain of %s: backup %s is incomplete%s" % (device, name, needed))
+        links = chain_links(folder)
+        link = _link_of_file(links, want_file) if want_file else links.get(want_device)
+        if link is None:
+            raise ChainBroken("VHD chain of %s: backup %s has no delta-export disk %s%s"
+                              % (device, name, want_file or want_device, needed))
+        if found and found[-1][1].parent.get("vhd_uuid") != link.vhd_uuid:
+            raise ChainBroken("VHD chain of %s: backup %s names parent VHD uuid %s, the manifest "
+                              "of %s records %s" % (device, found[-1][0].name,
+                                                    found[-1][1].parent.get("vhd_uuid"), name,
+                                                    link.vhd_uuid))
+        found.append((folder, link))
+        if link.parent is None:
+            return list(reversed(found))
+        name, want_file = str(link.parent.get("backup")), str(link.parent.get("file"))
+
+
+def chain_paths(store, vm_folder, backup_name, device):
+    """Return the absolute paths of the VHD chain of one disk of a point, the full first;
+    raise ChainBroken naming the missing link (or an unfinished merge of the chain)."""
+    vm_dir = inside(store.root, vm_folder)
+    journal = read_journal(vm_dir)
+    chain = chain_folders(vm_dir, backup_name, device)
+    if journal and {journal.get("from"), journal.get("into")} & {f.name for f, _ in chain}:
+        raise ChainBroken("VHD chain of %s in %s: a merge of %s into %s was interrupted; the "
+                          "next backup run of this VM finishes it" % (
+                              device, backup_name, journal.get("from"), journal.get("into")))
+    return [inside(folder.path, link.file) for folder, link in chain]
+
+
+# -- verifying -----------------------------------------------------------------------------
+#: What verify already read of chain files in this process (sha256, VHD layouts), by
+#: (what, path, size, mtime): a VM folder's points share their ancestors' files.
+_DIGESTS = {}
+
+
+def _memo(memo, what, path, compute):
+    """Return compute(path), once per process for an unchanged file."""
+    st = os.stat(path)
+    key = (what, path, st.st_size, st.st_mtime_ns)
+    if key not in memo:
+        memo[key] = compute(path)
+    return memo[key]
+
+
+def file_digest(path, digests):
+    """Return the sha256 of `path`, once per run for an unchanged file (`digests` is the memo)."""
+    return _memo(digests, "sha256", path, sha256_file)
+
+
+def verify_chain(backup, quick=False, digests=None):
+    """Return [(file, message)] of what is wrong with the chains of a delta-export BackupFolder.
+
+    Every link down to the base: the parent point exists and is complete, its manifest
+    records the VHD uid and sha256 the child names, its file still has that sha256
+    (unless `quick`), and the VHD files agree: the child's header names the parent's uid,
+    sizes are equal, the base is dynamic. `file` is relative to the backup folder.
+    """
+    digests = _DIGESTS if digests is None else digests
+    vm_dir = os.path.dirname(os.path.abspath(backup.path))
+    problems = []
+    journal = read_journal(vm_dir)
+    if journal and backup.name in (journal.get("from"), journal.get("into")):
+        problems.append(("", "a merge of %s into %s was interrupted: the next backup run of "
+                             "this VM finishes it" % (journal.get("from"), journal.get("into"))))
+    for device, link in sorted(chain_links(backup).items()):
+        try:
+            chain = chain_folders(vm_dir, backup.name, device)
+        except ChainBroken as exc:
+            problems.append((link.file, str(exc)))
+            continue
+        layouts = []
+        for n, (folder, own) in enumerate(chain):
+            rel = os.path.relpath(inside(folder.path, own.file), backup.path)
+            path = inside(folder.path, own.file)
+            if n:
+                parent_folder, parent = chain[n - 1]
+                want = own.parent
+                if want.get("sha256") != parent.sha256:
+                    problems.append((rel, "names its parent's sha256 %s, the manifest of %s "
+                                          "records %s" % (str(want.get("sha256"))[:12],
+                                                          parent_folder.name,
+                                                          str(parent.sha256)[:12])))
+            if quick:
+                continue
+            if folder.name != backup.name:
+                try:
+                    if file_digest(path, digests) != own.sha256:
+                        problems.append((rel, "sha256 mismatch: the file changed since the backup"))
+                except OSError as exc:
+                    problems.append((rel, "cannot read: %s" % (exc.strerror or exc)))
+                    break
+            try:
+                layout = _memo(digests, "layout", path, read_vhd_layout)
+            except (BadFile, OSError) as exc:
+                problems.append((rel, "not a readable VHD: %s" % exc))
+                break
+            problems += _layout_problems(rel, layout, own, layouts[-1] if layouts else None)
+            layouts.append(layout)
+    return problems
+
+
+def _layout_problems(rel, layout, link, parent):
+    """Return [(rel, message)] where a chain file's VHD disagrees with its manifest or parent."""
+    found = []
+    if layout.uuid != link.vhd_uuid:
+        found.append((rel, "VHD uuid %s, the manifest records %s" % (layout.uuid, link.vhd_uuid)))
+    if link.virtual_size is not None and str(layout.size) != str(link.virtual_size):
+        found.append((rel, "VHD virtual size %d, the manifest records %s"
+                      % (layout.size, link.virtual_size)))
+    if parent is None:
+        if layout.disk_type != VHD_DYNAMIC:
+            found.append((rel, "the chain's base is not a dynamic VHD"))
+    elif layout.disk_type != VHD_DIFFERENCING or layout.parent_uuid != parent.uuid:
+        found.append((rel, "its VHD names parent uuid %s, its parent's VHD has uuid %s"
+                      % (layout.parent_uuid, parent.uuid)))
+    elif layout.size != parent.size:
+        found.append((rel, "VHD virtual size %d, its parent's is %d" % (layout.size, parent.size)))
+    return found
+
+
+# -- retention on chains (pure) ------------------------------------------------------------
+def chain_point(folder):
+    """Return the ChainPoint of a BackupFolder."""
+    links = chain_links(folder) if folder.mode == DELTA_MODE else None
+    if links is not None:
+        links = {device: (link.parent or {}).get("backup") for device, link in links.items()}
+    return ChainPoint(folder.name, folder.when, folder.complete, links)
+
+
+def incoming_point(folders, mode, when):
+    """Return the ChainPoint of the backup a run is about to make (named None, at `when`): in
+    delta-export, a delta of the newest complete point's disks (a preview cannot know that a
+    full will be needed); None in another mode."""
+    if mode != DELTA_MODE:
+        return None
+    last = next((chain_point(f) for f in reversed(list(folders))
+                 if f.complete and f.mode == DELTA_MODE), None)
+    return ChainPoint(None, when, True,
+                      {device: last.name for device in (last.links or {})} if last else {})
+
+
+class ChainPoint(typing.NamedTuple):
+    """One backup folder of a retention group, as plan_chain_retention sees it."""
+    name: str
+    when: object                    # datetime, from the name
+    complete: bool
+    links: typing.Optional[dict]    # delta-export: {device: parent folder name or None}; else None
+
+
+class ChainAction(typing.NamedTuple):
+    """One step of retention: delete a folder, or merge its disks `devices` into `into` (the
+    next point of their chains, which needs them; it takes their parent, None for a full),
+    and delete it."""
+    kind: str                       # "delete" or "merge"
+    name: str
+    into: typing.Optional[str] = None
+    devices: typing.Tuple[str, ...] = ()
+    then_delete: bool = True        # False while another merge still needs the folder
+
+    def describe(self):
+        """Return what the step does, in words."""
+        if self.kind == "merge":
+            return "%s (merged into %s: %s)" % (self.name, self.into, ", ".join(self.devices))
+        return self.name
+
+
+def plan_chain_retention(points, doomed):
+    """Return the [ChainAction] that remove the folders `doomed` (retention's verdict) from
+    `points` [ChainPoint], oldest first: a doomed folder a kept point's chain runs through is
+    merged into the next point on that chain (never deleted while needed), any other is
+    deleted. Pure.
+    """
+    doomed = set(doomed)
+    by_name = {p.name: p for p in points}
+    needed = set()                  # (folder, device) a kept point's chain runs through
+    next_on_path = {}               # (folder, device) -> the child on that path
+    for point in points:
+        if point.name in doomed or not point.complete or not point.links:
+            continue
+        for device in point.links:
+            child, parent = point.name, point.links[device]
+            while parent in by_name and (parent, device) not in needed:
+                up = by_name[parent]
+                if not up.complete or not up.links or device not in up.links:
+                    break
+                needed.add((parent, device))
+                next_on_path[(parent, device)] = child
+                child, parent = parent, up.links[device]
+    actions = []
+    for point in sorted((by_name[n] for n in doomed), key=lambda p: (p.when, p.name)):
+        into = {}
+        for device in sorted(point.links or ()):
+            if (point.name, device) in needed:
+                into.setdefault(next_on_path[(point.name, device)], []).append(device)
+        if not into:
+            actions.append(ChainAction("delete", point.name))
+        for n, (child, devices) in enumerate(sorted(into.items())):
+            actions.append(ChainAction("merge", point.name, child, tuple(devices),
+                                       n == len(into) - 1))
+    return actions
+
+
+# -- merging ---------------------------------------------------------------------------------
+def _step(what):
+    """Announce one change of a merge to MERGE_HOOKS."""
+    for hook in MERGE_HOOKS:
+        hook(what)
+
+
+def read_journal(vm_dir):
+    """Return the merge journal of a VM folder as a dict, or None."""
+    try:
+        with open(os.path.join(vm_dir, MERGE_JOURNAL), encoding="utf-8") as handle:
+            return json.load(handle)
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        raise ChainBroken("%s: the merge journal does not parse: %s"
+                          % (os.path.join(vm_dir, MERGE_JOURNAL), exc))
+
+
+def _write_journal(vm_dir, journal):
+    """Write the journal atomically: from now on the merge is finished, never undone."""
+    path = os.path.join(vm_dir, MERGE_JOURNAL)
+    _step("journal")
+    with open(path + ".part", "w", encoding="utf-8") as handle:
+        json.dump(journal, handle, indent=2, sort_keys=True)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(path + ".part", path)
+    fsync_dir(vm_dir)
+
+
+def plan_merge(vm_dir, name, into, devices):
+    """Return the journal of merging the disks `devices` of point `name` into point `into`;
+    raise ChainBroken if they do not form a sound link (nothing is changed)."""
+    base, child = (read_backup_folder(inside(vm_dir, n)) for n in (name, into))
+    base_links, child_links = chain_links(base), chain_links(child)
+    disks = []
+    for device in devices:
+        low, high = base_links.get(device), child_links.get(device)
+        if low is None or high is None or not high.parent \
+                or high.parent.get("backup") != name or high.parent.get("file") != low.file:
+            raise ChainBroken("cannot merge disk %s of %s into %s: %s is not its parent"
+                              % (device, name, into, name))
+        full_path, delta_path = inside(base.path, low.file), inside(child.path, high.file)
+        try:
+            full, delta = read_vhd_layout(full_path), read_vhd_layout(delta_path)
+        except (BadFile, OSError) as exc:
+            raise ChainBroken("cannot merge disk %s of %s into %s: %s" % (device, name, into, exc))
+        kind = VHD_DYNAMIC if low.parent is None else VHD_DIFFERENCING
+        if full.disk_type != kind or delta.disk_type != VHD_DIFFERENCING \
+                or delta.parent_uuid != full.uuid or delta.size != full.size \
+                or delta.uuid != high.vhd_uuid:
+            raise ChainBroken("cannot merge disk %s of %s into %s: the VHD files do not link "
+                              "(%s is not the parent of %s)" % (device, name, into, full_path,
+                                                                  delta_path))
+        if sha256_file(delta_path) != high.sha256:
+            raise ChainBroken("cannot merge disk %s of %s into %s: %s changed since the backup "
+                              "(sha256 mismatch)" % (device, name, into, delta_path))
+        new_blocks = [i for i, at in enumerate(delta.bat)
+                      if at is not None and full.bat[i] is None]
+        absorbed = next((d.get("chain", {}).get("merged") for d in base.manifest["disks"]
+                         if d.get("device") == device), None) or []
+        disks.append({"device": device, "merged": sorted(set(absorbed) | {name}),
+                      "disk_type": kind, "parent": low.parent,
+                      "from_file": low.file, "into_file": high.file,
+                      "uuid": delta.uuid, "size": full.size, "data_end": full.footer_at,
+                      "timestamp": delta.timestamp, "new_blocks": new_blocks})
+    return {"format": 1, "from": name, "into": into, "disks": disks}
+
+
+def merge_points(store, vm_folder, name, into, devices, vlog=None, delete=True):
+    """Merge the disks `devices` of point `name` into point `into` (their next delta), which
+    takes their parent (a full: becomes the base), then (if `delete`) delete `name`;
+    crash-safe (see the module)."""
+    vm_dir = inside(store.root, vm_folder)
+    pending = read_journal(vm_dir)
+    if pending:
+        raise ChainBroken("cannot merge %s into %s: the merge of %s into %s is not finished"
+                          % (name, into, pending.get("from"), pending.get("into")))
+    journal = plan_merge(vm_dir, name, into, devices)
+    journal["delete"] = delete
+    _write_journal(vm_dir, journal)
+    _carry_out(store, vm_dir, journal)
+    (vlog or log).info("retention: merged %s into %s (%s)", name, into, ", ".join(devices))
+
+
+def finish_merges(store, vm_folder, vlog=None):
+    """Finish the merge a kill interrupted in a VM's folder (its journal says what is left);
+    return the names of the points merged ([] if none was pending)."""
+    vm_dir = inside(store.root, vm_folder)
+    if os.path.lexists(os.path.join(vm_dir, MERGE_JOURNAL + ".part")):
+        os.unlink(os.path.join(vm_dir, MERGE_JOURNAL + ".part"))     # never started
+    journal = read_journal(vm_dir) if os.path.isdir(vm_dir) else None
+    if not journal:
+        return []
+    _carry_out(store, vm_dir, journal)
+    (vlog or log).info("retention: finished merging %s into %s (an earlier merge was "
+                       "interrupted)", journal["from"], journal["into"])
+    return [journal["from"]]
+
+
+def _carry_out(store, vm_dir, journal):
+    """Do every step of a journaled merge that is not done yet; each can be done again."""
+    base_dir, into_dir = inside(vm_dir, journal["from"]), inside(vm_dir, journal["into"])
+    for disk in journal["disks"]:
+        full_path = os.path.join(base_dir, disk["from_file"])
+        delta_path = os.path.join(into_dir, disk["into_file"])
+        if os.path.exists(full_path):
+            _patch_full(full_path, delta_path, disk)
+            _step("rename")
+            os.replace(full_path, delta_path)
+            fsync_dir(into_dir)
+            fsync_dir(base_dir)
+        else:
+            try:
+                done = read_vhd_layout(delta_path)
+            except (BadFile, OSError) as exc:
+                raise ChainBroken("merge of %s into %s: %s" % (journal["from"], journal["into"], exc))
+            if done.disk_type != disk["disk_type"] or done.uuid != disk["uuid"]:
+                raise ChainBroken("merge of %s into %s: %s is gone and %s is not the merged full"
+                                  % (journal["from"], journal["into"], full_path, delta_path))
+    _rewrite_manifests(store, vm_dir, journal)
+    if journal.get("delete", True) and os.path.isdir(base_dir):
+        _step("delete")
+        store.delete(base_dir)
+    store.finish_deletes(os.path.basename(vm_dir))
+    _step("forget")
+    os.unlink(os.path.join(vm_dir, MERGE_JOURNAL))
+    fsync_dir(vm_dir)
+
+
+def _patch_full(full_path, delta_path, disk):
+    """Write the delta's sectors into the older file (the full, or a delta GFS dropped) in
+    place, new blocks where the journal says, then its BAT and both footers with the delta's
+    uid: the older file becomes the merged point. Every write can be done again."""
+    span = BITMAP_BYTES + VHD_BLOCK
+    new_at = {b: disk["data_end"] + k * span for k, b in enumerate(disk["new_blocks"])}
+    delta = read_vhd_layout(delta_path)
+    with open(full_path, "r+b") as full, open(delta_path, "rb") as source:
+        full.seek(512)                  # this tool's VHDs: the header follows the footer copy
+        header = full.read(1024)
+        table_offset, _, entries = struct.unpack_from(">QII", header, 16)
+        full.seek(table_offset)
+        bat = list(struct.unpack(">%dI" % entries, full.read(entries * 4)))
+        for index, at in enumerate(delta.bat):
+            if at is None:
+                continue
+            source.seek(at)
+            mask = bitmap_mask(source.read(BITMAP_BYTES))
+            if index in new_at:
+                # appended past the old end of the file: what is not written reads as zero
+                where, have = new_at[index], 0
+                bat[index] = where // SECTOR
+            elif bat[index] == 0xFFFFFFFF:
+                raise ChainBroken("merge into %s: block %d is neither in the full nor planned"
+                                  % (full_path, index))
+            else:
+                where = bat[index] * SECTOR
+                full.seek(where)
+                have = bitmap_mask(full.read(BITMAP_BYTES))
+            _step("block")
+            for first, end in sector_runs(mask):
+                source.seek(at + BITMAP_BYTES + first * SECTOR)
+                full.seek(where + BITMAP_BYTES + first * SECTOR)
+                full.write(source.read((end - first) * SECTOR))
+            full.seek(where)
+            full.write(mask_bitmap(have | mask))
+        _step("bat")
+        full.seek(table_offset)
+        full.write(struct.pack(">%dI" % entries, *bat))
+        footer = vhd_footer_bytes(disk["size"], disk["disk_type"],
+                                  uuidlib.UUID(disk["uuid"]).bytes, disk["timestamp"])
+        end = disk["data_end"] + len(new_at) * span
+        _step("footer")
+        full.seek(end)
+        full.write(footer)
+        full.truncate(end + SECTOR)
+        full.flush()
+        os.fsync(full.fileno())
+        full.seek(0)
+        full.write(footer)
+        full.flush()
+        os.fsync(full.fileno())
+
+
+def _rewrite_manifests(store, vm_dir, journal):
+    """Give `into`'s merged disks the parent of `from` in its manifest (None: it is the
+    chain's base), with the new sha256 and size of their files, and give its children
+    that sha256 for their parent."""
+    into = read_backup_folder(inside(vm_dir, journal["into"]))
+    manifest = into.manifest
+    merged = {d["into_file"]: d for d in journal["disks"]}
+    digests = {}
+    for entry in manifest["files"]:
+        if entry.get("name") in merged:
+            path = inside(into.path, entry["name"])
+            digests[entry["name"]] = entry["sha256"] = sha256_file(path)
+            entry["size"] = os.path.getsize(path)
+    for disk in manifest.get("disks", ()):
+        if disk.get("file") in merged:
+            chain = disk["chain"]
+            chain["parent"] = merged[disk["file"]]["parent"]
+            chain["merged"] = merged[disk["file"]]["merged"]
+    _step("manifest")
+    store.write_file(into.path, MANIFEST, manifest_text(manifest))
+    for name in sorted(os.listdir(vm_dir)):
+        if name in (journal["into"], journal["from"]) or not name.startswith("backup-"):
+            continue
+        try:
+            folder = read_backup_folder(inside(vm_dir, name))
+        except OSError:
+            continue
+        changed = False
+        for disk in (folder.manifest or {}).get("disks", ()):
+            parent = (disk.get("chain") or {}).get("parent") if isinstance(disk, dict) else None
+            if parent and parent.get("backup") == journal["into"] and parent.get("file") in digests \
+                    and parent.get("sha256") != digests[parent["file"]]:
+                parent["sha256"] = digests[parent["file"]]
+                changed = True
+        if changed:
+            _step("manifest")
+            store.write_file(folder.path, MANIFEST, manifest_text(folder.manifest))
+
+
+# === vmbackup/transport/choose.py ===========================================
+# Picking the transport a run uses (api or xe) from the settings.
+#
+# Owns: make_transport.
+# Imports: errors, transport.api, transport.xe.
+
+def make_transport(config, xapi, password):
+    """Return the transport for this run: xe on the pool host when xe exists, else api.
+
+    Only xe needs the password (in its -pwf file); the API transport uses the session.
+    `xe vm-export` cannot be throttled, so max_rate makes auto pick api.
+    """
+    name = config.transport
+    xe_path = find_xe(config) if name in ("auto", "xe") else None
+    if name == "auto":
+        name = "xe" if (xapi.endpoint.is_local and xe_path and not config.max_rate) else "api"
+    if name == "xe":
+        if not xe_path or not os.access(xe_path, os.X_OK):
+            raise ConfigError("transport=xe (%s): no xe binary found (xe_path=%s)"
+                              % (config.where("transport"), config.xe_path or "-"))
+        if config.max_rate:
+            log.warning("max_rate is ignored by transport=xe (xe vm-export has no limit); "
+                        "use transport=api to limit the exports")
+        return XeTransport(xapi, config, password, xe_path)
+    return ApiTransport(xapi, config)
+
+
+# === vmbackup/check.py ======================================================
+# Verifying backups without a server: each file, each folder, each dated file, as typed results.
+#
+# Owns: check_file; the typed results (Problem, FileCheck, CheckResult, each with to_json);
+# check_backup/verify_backup/verify_dated_file/verify_single_file, verify_targets,
+# verify_lines, verify_exit_code.
+# Imports: errors, util, store, metadata, chain, formats.
+
+# -- pool database dumps and host backups -----------------------------------------
+def check_pool_dump(path):
+    """Return the problems of a pool database dump: empty, not XML, or not a <database>."""
+    parser = xml.parsers.expat.ParserCreate()
+    roots = []
+    parser.StartElementHandler = lambda name, attrs: roots.append(name) if not roots else None
+    try:
+        with open(path, "rb") as handle:
+            empty = True
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                empty = False
+                parser.Parse(block, False)
+            if empty:
+                return ["empty: XAPI sent nothing"]
+            parser.Parse(b"", True)
+    except xml.parsers.expat.ExpatError as exc:
+        return ["pool database dump is not complete XML: %s" % exc]
+    if roots[:1] != ["database"]:
+        return ["root element is <%s>, not a XAPI <database>" % (roots[0] if roots else "")]
+    return []
+
+
+def check_host_backup(path):
+    """Return the problems of a host backup: a gzip-compressed tar, complete."""
+    if os.path.getsize(path) == 0:
+        return ["empty: XAPI sent nothing"]
+    try:
+        with gzip.open(path, "rb") as stream:
+            tar = TarStream(stream)
+            while tar.next() is not None:
+                pass
+            tar.skip_rest()
+    except BadFile as exc:
+        return [str(exc)]
+    except EOFError:
+        return ["gzip stream: truncated (ends before its end marker)"]
+    except (OSError, zlib.error) as exc:
+        return ["not a complete gzip-compressed tar: %s" % exc]
+    return []
+
+
+def check_file(path, kind, virtual_size=None, want_sha256=False):
+    """Check one backup file by its kind; return (problems, unchecked, sha256 or None).
+
+    xva: tar, ova.xml, every chunk against its checksum, disk sizes; vhd: footers,
+    header, BAT; raw: exactly `virtual_size` bytes (unchecked if unknown);
+    metadata: ova.xml parses. The SHA-256 is computed in the same pass where possible.
+    """
+    if kind == "xva":
+        problems, unchecked, info = check_xva_file(path, want_sha256)
+        return problems, unchecked, info.get("sha256")
+    problems, unchecked = [], []
+    if kind == "vhd":
+        problems = check_vhd(path, virtual_size)
+    elif kind == "raw":
+        size = os.path.getsize(path)
+        if virtual_size is None:
+            unchecked.append("the disk's virtual size is not recorded: raw size not checked")
+        elif size != virtual_size:
+            problems.append("raw image is %d bytes, the disk's virtual_size is %d%s"
+                            % (size, virtual_size, " (truncated?)" if size < virtual_size else ""))
+    elif kind == "metadata":
+        try:
+            with open(path, "rb") as handle:
+                parse_ova_xml(handle.read())
+        except ValueError as exc:
+            problems.append("vm-metadata.xml does not parse: %s" % exc)
+    return problems, unchecked, (sha256_file(path) if want_sha256 else None)
+
+
+# -- typed results ------------------------------------------------------------------
+class Problem(typing.NamedTuple):
+    """One thing wrong with a backup, or one thing not checkable here: which file
+    (relative to the backup folder; "" for the backup itself) and what, in words."""
+    file: str
+    message: str
+
+    def to_json(self):
+        """Return {"file": ..., "message": ...}."""
+        return self._asdict()
+
+    def __str__(self):
+        return "%s: %s" % (self.file, self.message) if self.file else self.message
+
+
+class FileCheck(typing.NamedTuple):
+    """One file of a backup as verify saw it."""
+    name: str
+    size: int
+    status: str                 # good, bad or unchecked
+
+    def to_json(self):
+        """Return {"name": ..., "size": ..., "status": ...}."""
+        return self._asdict()
+
+
+class CheckResult(typing.NamedTuple):
+    """The verdict on one backup folder, pool database dump, host backup or loose file."""
+    path: str
+    display: str                # last two path components, as verify prints it
+    vm: typing.Optional[str]
+    name: str
+    date: typing.Optional[str]  # ISO 8601, from the name
+    kind: str                   # vm, pool-db, host or file
+    mode: typing.Optional[str]
+    legacy: bool
+    complete: bool
+    status: str                 # good, bad, incomplete or unchecked (final_status)
+    problems: typing.Tuple[Problem, ...]
+    unchecked: typing.Tuple[Problem, ...]
+    notes: typing.Tuple[str, ...]
+    files: typing.Tuple[FileCheck, ...]
+
+    def to_json(self):
+        """Return the result as verify --json writes it (the same keys, in this order)."""
+        out = collections.OrderedDict((field, getattr(self, field)) for field in self._fields)
+        for field in ("problems", "unchecked", "files"):
+            out[field] = [item.to_json() for item in out[field]]
+        out["notes"] = list(self.notes)
+        return out
+
+
+def final_status(problems, complete, unchecked):
+    """Return a result's status: bad (any problem), incomplete, unchecked, or good."""
+    if problems:
+        return "bad"
+    if not complete:
+        return "incomplete"
+    if unchecked:
+        return "unchecked"
+    return "good"
+
+
+class Findings:
+    """What checking one backup finds, gathered file by file; result() makes the CheckResult."""
+
+    def __init__(self):
+        self.problems, self.unchecked, self.notes, self.files = [], [], [], []
+
+    def bad(self, rel, message):
+        """Record a problem of the file `rel` ("" for the backup itself)."""
+        self.problems.append(Problem(rel, message))
+
+    def checked(self, rel, size, problems=(), unchecked=(), listed_as=None):
+        """Record one file and what its check said (its problems filed under `rel`, the
+        file listed as `listed_as` or `rel`); return its status."""
+        for message in problems:
+            self.bad(rel, message)
+        self.unchecked += [Problem(rel, message) for message in unchecked]
+        status = "bad" if problems else "unchecked" if unchecked else "good"
+        self.files.append(FileCheck(rel if listed_as is None else listed_as, size, status))
+        return status
+
+    def result(self, path, vm, name, when, kind, mode=None, legacy=False, complete=True,
+               display=None):
+        """Return the CheckResult of what was found."""
+        return CheckResult(path, display or display_path(path), vm, name,
+                           when.isoformat() if when else None, kind, mode, legacy, complete,
+                           final_status(self.problems, complete, self.unchecked),
+                           tuple(self.problems), tuple(self.unchecked), tuple(self.notes),
+                           tuple(self.files))
+
+
+def display_path(path):
+    """Return how verify names a backup folder or a file: its last two path components."""
+    parts = os.path.normpath(os.path.abspath(path)).split(os.sep)
+    return "/".join(p for p in parts[-2:] if p)
+
+
+def unreadable_result(path, exc):
+    """Return the (bad) result of a backup that could not be read at all."""
+    found = Findings()
+    found.bad("", "cannot read: %s" % (exc.strerror or exc))
+    name = os.path.basename(path)
+    return found.result(path, os.path.basename(os.path.dirname(path)), name,
+                        parse_backup_name(name), "vm", complete=False)
+
+
+# -- backup folders -------------------------------------------------------------------
+def verify_backup(path, quick=False):
+    """Return the CheckResult of the backup folder at `path` (see check_backup); raise OSError."""
+    return check_backup(read_backup_folder(path), quick)
+
+
+def check_backup(backup, quick=False):
+    """Return the CheckResult of a BackupFolder (status good|bad|incomplete|unchecked).
+
+    Checks the manifest, the success marker, every listed file's size and
+    SHA-256 and its format. quick=True checks sizes only (no file is read).
+    A legacy NAUbackup folder (no manifest) has its files checked by format.
+    """
+    found = Findings()
+    if backup.manifest_error:
+        found.bad(MANIFEST, backup.manifest_error)
+    elif backup.manifest is not None:
+        _check_manifest_files(found, backup, quick)
+    elif not backup.legacy and backup.entries & set(LEGACY_SUCCESS_MARKERS):
+        found.bad(MANIFEST, "manifest missing: a vmbackup folder (only NAUbackup's are named "
+                            "backup-YYYY-MM-DD-(HH:MM:SS)) with a success marker and no %s" % MANIFEST)
+    elif not backup.legacy:
+        found.notes.append("no %s and no success marker: the backup did not finish" % MANIFEST)
+    else:
+        found.notes.append("legacy NAUbackup backup: no manifest")
+        _check_legacy_files(found, backup, quick)
+    return found.result(backup.path, backup.vm, backup.name, backup.when, "vm", backup.mode,
+                        backup.legacy, backup.complete)
+
+
+def _check_manifest_files(found, backup, quick):
+    """Check every file the manifest lists, then that the mode's files are there."""
+    manifest = backup.manifest
+    sizes = {d.get("file"): _int(d.get("virtual_size"), None)
+             for d in manifest.get("disks", ()) if d.get("file")}
+    for entry in manifest["files"]:
+        if not isinstance(entry, dict):
+            found.bad(MANIFEST, "a files entry is not an object")
+            continue
+        _check_listed_file(found, backup.path, entry, sizes, quick)
+    listed = [f.name for f in backup.files]
+    if backup.mode == "vm-export" and not backup.names_of("xva"):
+        found.bad(MANIFEST, "a vm-export backup without an .xva file")
+    if backup.mode == DELTA_MODE:
+        for rel, message in verify_chain(backup, quick):
+            found.bad(rel, message)
+    if backup.mode in ("vdi-export", DELTA_MODE):
+        for disk in manifest.get("disks", ()):
+            if disk.get("file") not in listed:
+                found.bad(MANIFEST, "disk %s: its file %r is not in the backup"
+                          % (disk.get("device"), disk.get("file")))
+    if METADATA_FILE not in listed:
+        found.bad(MANIFEST, "no %s in the backup" % METADATA_FILE)
+
+
+def _check_listed_file(found, folder, entry, sizes, quick=False):
+    """Check one manifest file entry: size, then (unless `quick`) SHA-256 and format."""
+    rel = str(entry.get("name", ""))
+    try:
+        path = inside(folder, rel)
+    except BackupDirError:
+        return found.bad(rel, "file name leaves the backup folder: refused")
+    if not os.path.isfile(path):
+        return found.bad(rel, "missing (listed in %s)" % MANIFEST)
+    size = os.path.getsize(path)
+    if size != entry.get("size"):
+        return found.checked(rel, size, ["size is %d bytes, the manifest says %s%s" % (
+            size, entry.get("size"), " (truncated?)" if size < _int(entry.get("size"), size) else "")])
+    if quick:
+        return found.checked(rel, size)
+    problems, unchecked, digest = check_file(path, file_kind(rel), sizes.get(rel), True)
+    if digest != entry.get("sha256"):
+        problems.insert(0, "sha256 mismatch: the file changed since the backup")
+    return found.checked(rel, size, problems, unchecked)
+
+
+def _check_legacy_files(found, backup, quick):
+    """Check a NAUbackup folder's files by their format (no manifest: no sizes or SHA-256 to compare)."""
+    for item in backup.files:
+        path = os.path.join(backup.path, item.name)
+        size = os.path.getsize(path)
+        if item.kind is None or quick:
+            found.checked(item.name, size)
+            continue
+        disk = backup.disk_files.get(item.name)   # each disk file against its own vdi.cfg
+        problems, unchecked, _ = check_file(path, item.kind, disk.virtual_size if disk else None)
+        found.checked(item.name, size, problems, unchecked)
+
+
+# -- dated files and loose files --------------------------------------------------------
+def verify_dated_file(path):
+    """Return the CheckResult of a pool_db_*.dump or host_*.xbk file."""
+    name = os.path.basename(path)
+    kind = "pool-db" if name.startswith("pool_db_") else "host"
+    found = Findings()
+    problems = (check_pool_dump if kind == "pool-db" else check_host_backup)(path)
+    found.checked("", os.path.getsize(path), problems, listed_as=name)
+    return found.result(path, None, name, parse_dated_file(name), kind)
+
+
+def verify_single_file(path):
+    """Return the CheckResult of one loose .xva/.vhd/.raw file (format checks only)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    name = os.path.basename(path)
+    found = Findings()
+    problems, unchecked, _ = check_file(path, file_kind(name))
+    found.checked("", os.path.getsize(path), problems, unchecked, listed_as=name)
+    return found.result(path, os.path.basename(os.path.dirname(folder)), name,
+                        parse_backup_name(os.path.basename(folder)), "file")
+
+
+def verify_targets(path):
+    """Return [(kind, path)] to verify for a backup, a VM folder, backup_dir or a file; raise UsageError."""
+    if os.path.isfile(path):
+        name = os.path.basename(path)
+        if parse_dated_file(name):
+            return [("dated", path)]
+        if name in (MANIFEST,) + LEGACY_SUCCESS_MARKERS:
+            return verify_targets(os.path.dirname(os.path.abspath(path)))
+        if file_kind(name) in ("xva", "vhd", "raw"):
+            return [("file", path)]
+        raise UsageError("%s: not a backup file (.xva, .xva.gz, .xva.zst, .vhd, .raw, "
+                         "pool_db_*.dump or host_*.xbk)" % path)
+    if not os.path.isdir(path):
+        raise UsageError("%s: no such file or folder" % path)
+    if parse_backup_name(os.path.basename(os.path.normpath(path))):
+        return [("backup", path)]
+    own = backup_folders(path)
+    if own:
+        return [("backup", p) for p in own]
+    targets = []
+    for name in sorted(os.listdir(path)):
+        sub = os.path.join(path, name)
+        if not os.path.isdir(sub) or os.path.islink(sub):
+            continue
+        targets += [("backup", p) for p in backup_folders(sub)]
+        targets += [("dated", p) for p in dated_files(sub)]
+    if not targets:
+        raise UsageError("%s: no backups found (expected a backup folder, a VM folder or "
+                         "backup_dir)" % path)
+    return targets
+
+
+VERIFIERS = {"backup": verify_backup, "dated": verify_dated_file, "file": verify_single_file}
+
+
+def verify_lines(result, verbosity=0):
+    """Return the report lines of one CheckResult: one per bad file, then the verdict.
+
+    verbosity < 0 gives only what is wrong (BAD, UNCHECKED, INCOMPLETE lines).
+    """
+    shown = result.display
+    lines = ["BAD %s: %s" % (_where(shown, p), p.message) for p in result.problems]
+    lines += ["UNCHECKED %s: %s" % (_where(shown, p), p.message) for p in result.unchecked]
+    detail = "; ".join(result.notes)
+    if result.status == "incomplete":
+        lines.append("INCOMPLETE %s: %s" % (shown, detail or "no success marker: the backup "
+                                            "did not finish"))
+    elif verbosity >= 0 and result.status in ("good", "unchecked") or verbosity > 0:
+        count = len(result.files)
+        what = ", ".join(x for x in (result.mode, "%d file%s" % (count, "" if count == 1 else "s"),
+                                     human_size(sum(f.size for f in result.files)), detail) if x)
+        lines.append("%s %s: %s" % (result.status, shown, what))
+    if verbosity > 0:
+        lines += ["  %-9s %s (%s)" % (f.status, f.name, human_size(f.size)) for f in result.files]
+    return lines
+
+
+def _where(shown, problem):
+    return shown + ("/" + problem.file if problem.file else "")
+
+
+def verify_exit_code(results):
+    """Return verify's exit code: 2 if any backup is bad or incomplete, 1 if any unchecked, else 0."""
+    states = {r.status for r in results}
+    if states & {"bad", "incomplete"}:
+        return EXIT_ERROR
+    return EXIT_WARNING if "unchecked" in states else EXIT_OK
+
+
+# === vmbackup/retention.py ==================================================
+# Which old backups to delete, as a pure decision, and deleting them through the Store.
+#
+# Owns: Keep and keep_for (how many backups a VM keeps: max_backups, and the GFS rules
+# keep_daily/weekly/monthly/yearly), gfs_kept and plan_retention (pure, table-tested),
+# retention_group and in_retention (which folders one VM's retention may count and delete),
+# plan_vm_retention (the one plan the run, pre_clean and --preview share), retention_steps
+# (delta-export chains: merge, never delete what a kept point needs), prune_vm_backups,
+# plan_dated_retention, prune_dated_files.
+# Imports: errors, store, chain.
+
+class Keep(typing.NamedTuple):
+    """How many complete backups one VM keeps, as borg prune's rules: the `last` newest
+    (max_backups), then the newest backup of each of `daily` more days, `weekly` more weeks,
+    `monthly` more months and `yearly` more years (0: the rule is off; -1: no limit)."""
+    last: int
+    daily: int = 0
+    weekly: int = 0
+    monthly: int = 0
+    yearly: int = 0
+
+    def __str__(self):
+        """'4', or '4+7d+4w+12m+2y' as a selector's MAX field writes it."""
+        gfs = "".join("+%d%s" % (n, unit) for n, unit in zip(self[1:], "dwmy") if n)
+        return "%d%s" % (self.last, gfs)
+
+
+#: The GFS rules in the order they apply, each with the period a backup's time falls in.
+#: The times are the folder names' wall-clock local times (store.stamp), never converted:
+#: a day is a calendar day of the host that made the backups, a DST change included;
+#: weeks are ISO weeks, Monday to Sunday (31 Dec 2026 and 1 Jan 2027 share week 2026-W53).
+GFS_PERIODS = (
+    ("daily", lambda when: when.date()),
+    ("weekly", lambda when: when.isocalendar()[:2]),
+    ("monthly", lambda when: (when.year, when.month)),
+    ("yearly", lambda when: when.year),
+)
+
+
+def keep_for(config, vm):
+    """Return the Keep of a selected VM (selection.Selected): its max_backups, and the GFS
+    rules its selector's MAX field gives ('web01:4+7d+4w'), else the keep_* settings."""
+    gfs = vm.selector.gfs
+    if gfs is None:
+        gfs = (config.keep_daily, config.keep_weekly, config.keep_monthly, config.keep_yearly)
+    return Keep(vm.max_backups, *gfs)
+
+
+def gfs_kept(backups, keep):
+    """Return {name: (rule, n)}: which of the complete `backups` [(name, datetime)] `keep`
+    keeps, and the rule that keeps each (pure).
+
+    borg prune's semantics: the rules apply in the order last, daily, weekly, monthly,
+    yearly; each walks the backups newest first and, for each new period, keeps its newest
+    backup unless an earlier rule already kept it, in which case the period is used up and
+    does not count (keep_weekly=4 beside keep_daily=7 keeps 4 more weeks); a rule that runs
+    out of backups before its count also keeps the oldest backup, so the first backup ages
+    on until newer ones replace it. The newest backup is always kept.
+    """
+    newest_first = sorted(backups, key=lambda b: (b[1], b[0] is None, b[0] or ""), reverse=True)
+    kept = {}
+    rules = (("last", lambda when: object()),) + GFS_PERIODS
+    for (rule, period_of), count in zip(rules, (max(1, keep.last),) + tuple(keep[1:])):
+        if count == 0 or not newest_first:
+            continue
+        found, last_period = 0, None
+        for name, when in newest_first:
+            period = period_of(when)
+            if period == last_period:
+                continue
+            last_period = period
+            if name not in kept:
+                found += 1
+                kept[name] = (rule, found)
+                if found == count:
+                    break
+        oldest = newest_first[-1][0]
+        if 0 < count and found < count and oldest not in kept:
+            kept[oldest] = (rule + " (oldest)", found + 1)
+    return kept
+
+
+def plan_retention(entries, keep, drop_incomplete=True):
+    """Return the names to delete from `entries` [(name, datetime, complete)], newest kept.
+
+    `keep` is a Keep, or a number (the newest backups kept: Keep(keep)). Complete
+    backups that no rule keeps (gfs_kept) go; incomplete ones go when `drop_incomplete`.
+    An entry named None stands for the backup a run is about to make (--preview,
+    pre_clean): it is planned as complete, and never returned. Never returns the newest
+    complete backup (with an entry named None, that is the run's own). Pure: works from
+    names and markers (store.is_complete), never from mtimes.
+    """
+    keep = keep if isinstance(keep, Keep) else Keep(keep)
+    kept = gfs_kept([(name, when) for name, when, done in entries if done], keep)
+    doomed = [name for name, _, done in entries
+              if name is not None and (not done and drop_incomplete or done and name not in kept)]
+    return sorted(doomed)
+
+
+def retention_group(mode):
+    """Return which backups count together: "metadata" for meta-export, "data" for every mode
+    with disk data (vm-export and vdi-export count together, as NAUbackup's did), None if unknown."""
+    if mode is None:
+        return None
+    return "metadata" if mode == "meta-export" else "data"
+
+
+def in_retention(folder, mode, uuid):
+    """Return True if `folder` (a BackupFolder) is among the backups the retention of VM
+    `uuid` in `mode` may count and delete (pure).
+
+    Never a folder whose manifest names another VM (two VMs whose names map to one
+    folder), nor one of the other group (metadata-only vs data); a legacy folder counts
+    for its mode; an unfinished folder (no manifest, no success) may go; a vmbackup
+    folder with `success` but no manifest (damaged) is never counted nor deleted.
+    """
+    same = mode is None or retention_group(folder.mode) == retention_group(mode)
+    if folder.manifest is not None:
+        owner = backup_vm_uuid(folder)
+        return same and (uuid is None or owner in (None, uuid))
+    if folder.legacy:
+        return same
+    return not folder.complete and SUCCESS_MARKER not in folder.entries and not folder.manifest_error
+
+
+def plan_vm_retention(folders, keep, mode=None, uuid=None, drop_incomplete=True, incoming=None):
+    """Return the names plan_retention deletes among the BackupFolders `folders` that the
+    retention of VM `uuid` in `mode` may count (in_retention) (pure): what a run deletes
+    after its backup, pre_clean before it, and --preview lists."""
+    entries = [(f.name, f.when, f.complete) for f in folders if in_retention(f, mode, uuid)]
+    if incoming is not None:     # the backup the run makes: planned as done at `incoming`
+        entries.append((None, incoming, True))
+    return plan_retention(entries, keep, drop_incomplete)
+
+
+def retention_steps(folders, doomed, mode=None, uuid=None, incoming=None):
+    """Return the chain.ChainAction steps that delete `doomed` among the BackupFolders
+    `folders` of VM `uuid` in `mode` (in_retention): a delta-export point that a kept point's
+    chain (or the `incoming` ChainPoint's, the run's own) runs through is merged into the next
+    point of that chain instead of deleted (pure)."""
+    points = [chain_point(f) for f in folders if in_retention(f, mode, uuid)]
+    return plan_chain_retention(points + ([incoming] if incoming else []), doomed)
+
+
+def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None,
+                     incoming=None):
+    """Delete what plan_vm_retention says among the backups of VM `uuid` in `mode` filed
+    under the folder `vm` of `store`; return the names deleted. `keep`: a Keep or a number.
+
+    With `incoming` (pre_clean, before the export) it deletes what retention will delete
+    once the backup of that time is made, except the newest complete backup: the export
+    may yet fail, and the last good backup always stays.
+    """
+    vlog = vlog or log
+    for name in store.finish_deletes(vm):
+        vlog.info("retention: finished deleting %s (an earlier delete was interrupted)", name)
+    finish_merges(store, vm, vlog)
+    folders = {f.name: f for f in store.backups(vm)}
+    doomed = plan_vm_retention(folders.values(), keep, mode, uuid, drop_incomplete, incoming)
+    if incoming is not None:
+        good = [f for f in folders.values() if f.complete and in_retention(f, mode, uuid)]
+        last_good = max(good, key=lambda f: f.when).name if good else None
+        doomed = [name for name in doomed if name != last_good]
+    deleted = []
+    for step in retention_steps(folders.values(), doomed, mode, uuid):
+        name = step.name
+        if step.kind == "merge":
+            try:
+                merge_points(store, vm, name, step.into, step.devices, vlog, step.then_delete)
+            except ChainBroken as exc:
+                vlog.warning("retention: %s is kept: %s", name, exc)
+                continue
+            except OSError as exc:      # a full disk, say: the journal lets the next run finish
+                vlog.warning("retention: merging %s into %s stopped (%s); the next run "
+                             "finishes it", name, step.into, exc)
+                break
+            if step.then_delete:
+                deleted.append(name)
+            continue
+        deleted.append(name)
+        if folders[name].complete:
+            vlog.info("retention: deleting %s", name)
+        else:
+            # housekeeping: the run that left it already reported its failure
+            vlog.info("deleting incomplete backup %s (no success marker)", name)
+        store.delete(folders[name].path)
+    return deleted
+
+
+def plan_dated_retention(names, keep, incoming=None):
+    """Return the pool_db_/host_ file names to delete among `names`, the `keep` newest kept
+    (pure); with `incoming`, a datetime, as if the file a run is about to write stood beside
+    them (--preview)."""
+    entries = [(name, parse_dated_file(name), True) for name in names]
+    if incoming is not None:
+        entries.append((None, incoming, True))
+    return plan_retention(entries, keep)
+
+
+def prune_dated_files(store, folder, keep):
+    """Delete the oldest pool_db_/host_ files in `store`'s `folder` beyond `keep`; return their names."""
+    paths = {os.path.basename(p): p for p in store.dated_files(folder)}
+    doomed = plan_dated_retention(paths, keep)
+    for name in doomed:
+        log.info("retention: deleting %s", os.path.join(folder, name))
+        store.delete(paths[name])
+    return doomed
+
+
+# === vmbackup/report.py =====================================================
+# The run's outcome and everything that prints it: results, tallies, exit code, summary, preview, JSON.
+#
+# Owns: RunProblem, VmResult, Outcome (the one record of a run: every warning and error once,
+# attributed to its VM or to the run), UnitLog and RunRecord (what builds it), the pure
+# readers of an Outcome (tally, exit_code_for, status_word, recap, run_summary,
+# status_end_fields), StatusLog, settings_summary, preview_data/format_preview,
+# write_json, setup_logging. Nothing here infers anything from which logger a line
+# went through: the exit code, the tally, the status log and the JSON all read the
+# Outcome.
+# Imports: errors, util, config, retention.
+
+def settings_summary(config):
+    """Return [(key, shown value, origin)] of the effective settings (no secrets)."""
+    rows = []
+    for key in SETTINGS:
+        value = getattr(config, key)
+        if key == "umask":
+            value = "%03o" % value
+        elif key == "server" and value:
+            value = mask_credentials(value)
+        rows.append((key, value, config.where(key)))
+    return rows
+
+
+# -- the outcome record ---------------------------------------------------------
+
+class RunProblem(typing.NamedTuple):
+    """One warning or error, attributed to a unit (a VM, 'pool database', ...) or to the run ('')."""
+    severity: str               # warning or error
+    unit: str                   # '' for the run itself
+    message: str
+
+    def __str__(self):
+        return "%s: %s" % (printable(self.unit), self.message) if self.unit else self.message
+
+
+class VmResult(typing.NamedTuple):
+    """The outcome of one unit of work (a VM, the pool database, a host)."""
+    name: str
+    uuid: str
+    mode: str
+    status: str                 # success, warning or error
+    path: typing.Optional[str] = None
+    bytes: int = 0
+    seconds: float = 0.0
+    message: str = ""           # the error (error); the warnings joined (warning)
+    warnings: typing.Tuple[str, ...] = ()
+
+    def problems(self):
+        """Return this unit's Problems: each warning, then its failure."""
+        found = [RunProblem("warning", self.name, w) for w in self.warnings]
+        if self.status == "error":
+            found.append(RunProblem("error", self.name, self.message))
+        return found
+
+
+class Outcome(typing.NamedTuple):
+    """The one record of a run (or of a preview): what every printer of it reads."""
+    started: datetime.datetime
+    finished: datetime.datetime
+    results: typing.Tuple[VmResult, ...] = ()
+    problems: typing.Tuple[RunProblem, ...] = ()       # the run's own, in the order met
+    excluded: typing.Tuple[typing.Tuple[str, str], ...] = ()
+    not_selected: typing.Tuple[typing.Tuple[str, str], ...] = ()
+    cannot_start: typing.Optional[str] = None        # why the run never got going
+    terminated: typing.Optional[str] = None          # the signal that stopped it
+
+    def all_problems(self):
+        """Return every RunProblem of the run: the units' in their order, then the run's."""
+        found = [p for r in self.results for p in r.problems()] + list(self.problems)
+        if self.cannot_start:
+            found.append(RunProblem("error", "", self.cannot_start))
+        if self.terminated:
+            found.append(RunProblem("error", "", "terminated by %s" % self.terminated))
+        return found
+
+
+class Tally(typing.NamedTuple):
+    """S: units that succeeded (with or without warnings); W: warnings; E: failures.
+
+    The run's own problems count too: its warnings in W, its errors (a leftover that
+    cannot be destroyed, a duplicate VM name, a run that cannot start or is
+    terminated) in E.
+    """
+    succeeded: int
+    warnings: int
+    errors: int
+
+    def __str__(self):
+        return "S:%d W:%d E:%d" % self
+
+
+def tally(outcome):
+    """Return the Tally of an Outcome."""
+    problems = outcome.all_problems()
+    return Tally(sum(1 for r in outcome.results if r.status != "error"),
+                 sum(1 for p in problems if p.severity == "warning"),
+                 sum(1 for p in problems if p.severity == "error"))
+
+
+def exit_code_for(outcome):
+    """Return the exit code: 2 if anything failed, 1 if anything warned, else 0 (borg's max_ec);
+    130 for a run interrupted by Ctrl-C (SIGINT), as the shell expects."""
+    if outcome.terminated == "SIGINT":
+        return EXIT_INTERRUPTED
+    counts = tally(outcome)
+    if counts.errors:
+        return EXIT_ERROR
+    return EXIT_WARNING if counts.warnings else EXIT_OK
+
+
+def status_word(code):
+    """Return the status log's word for an exit code: SUCCESS, WARNING or ERROR."""
+    return {EXIT_OK: "SUCCESS", EXIT_WARNING: "WARNING"}.get(code, "ERROR")
+
+
+def status_end_fields(outcome):
+    """Return the fields of the run's `end` status-log line: ['end', 'SUCCESS', 'S:1 W:0 E:0']."""
+    return ["end", status_word(exit_code_for(outcome)), str(tally(outcome))]
+
+
+def recap(outcome):
+    """Return one line per failed or warned unit (and run problem), with its reason."""
+    lines = []
+    for problem in outcome.all_problems():
+        word = "FAILED" if problem.severity == "error" else "WARNING"
+        lines.append("%s %s: %s" % (word, printable(problem.unit) if problem.unit else "(run)",
+                                    problem.message))
+    return lines
+
+
+class UnitLog(logging.LoggerAdapter):
+    """The log of one unit (lines prefixed `vm=<name>: `) or of the run (no prefix).
+
+    Its `warning()` and `error()` are how a problem enters the run's Outcome: each is
+    recorded here, once, in the order met. Lines logged any other way are only lines.
+    """
+
+    def __init__(self, name=""):
+        logging.LoggerAdapter.__init__(self, log, {})
+        self.unit = name
+        self.prefix = "vm=%s: " % printable(name) if name else ""
+        self.met = []
+
+    def process(self, msg, kwargs):
+        return self.prefix + msg, kwargs
+
+    def _record(self, severity, msg, args):
+        self.met.append(RunProblem(severity, self.unit, msg % args if args else msg))
+
+    def warning(self, msg, *args, **kwargs):
+        self._record("warning", msg, args)
+        logging.LoggerAdapter.warning(self, msg, *args, **kwargs)
+
+    def error(self, msg, *args, **kwargs):
+        self._record("error", msg, args)
+        logging.LoggerAdapter.error(self, msg, *args, **kwargs)
+
+    def failed(self, message):
+        """Log a unit's failure without recording it: its VmResult carries it."""
+        logging.LoggerAdapter.error(self, "FAILED: %s", message)
+
+    @property
+    def warnings(self):
+        return [p.message for p in self.met if p.severity == "warning"]
+
+    @property
+    def errors(self):
+        return [p.message for p in self.met if p.severity == "error"]
+
+
+class RunRecord:
+    """What a run (or a preview) has met so far; outcome() freezes it into the Outcome."""
+
+    def __init__(self, started=None):
+        self.started = started or datetime.datetime.now().replace(microsecond=0)
+        self.log = UnitLog()
+        self.results = []
+        self.selection = None
+        self.cannot_start = None
+        self.terminated = None
+        self.begun = False              # the status log has its `begin` line
+        self.open_snapshots = {}        # uuid -> unit: taken and not yet destroyed
+        self.pool = None                # the pool's name_label, once read (the mail's subject)
+
+    def outcome(self):
+        sel = self.selection
+        return Outcome(self.started, datetime.datetime.now().replace(microsecond=0),
+                       tuple(self.results), tuple(self.log.met),
+                       tuple(sel.excluded) if sel else (), tuple(sel.not_selected) if sel else (),
+                       self.cannot_start, self.terminated)
+
+    def terminated_note(self):
+        """Return what to say about the snapshots after a signal: only the truth."""
+        if not self.open_snapshots:
+            return "snapshots cleaned up"
+        return "snapshot %s left (the next run destroys it)" % ", ".join(sorted(self.open_snapshots))
+
+
+# -- what prints it -------------------------------------------------------------
+
+class StatusLog:
+    """NAUbackup's status log: `YYYY/MM/DD HH:MM:SS,<what>,<host>,<fields...>` lines, appended."""
+
+    def __init__(self, path, origin="default", runlog=None):
+        self.path = path
+        self.host = socket.gethostname()
+        self.runlog = runlog or log
+        if path and not self.folder_exists():
+            if origin.startswith("default"):
+                log.info("status log %s not written: its folder does not exist", path)
+                self.path = None
+
+    def folder_exists(self):
+        return bool(self.path) and os.path.isdir(os.path.dirname(self.path) or ".")
+
+    def line(self, what, *fields):
+        if not self.path:
+            return
+        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
+                        + [str(f) for f in fields])
+        try:
+            with open(self.path, "a", encoding="utf-8") as handle:
+                handle.write(text + "\n")
+        except OSError as exc:
+            self.runlog.warning("cannot append to status log %s: %s", self.path, exc.strerror)
+            self.path = None
+
+
+def status_size(nbytes):
+    """Return the status log's size field as NAUbackup 3.25 writes it: whole GiB, '3G'."""
+    return "%dG" % (nbytes // 2 ** 30)
+
+
+def unit_json(result):
+    return {"name": result.name, "uuid": result.uuid, "mode": result.mode,
+            "status": result.status, "path": result.path, "bytes": result.bytes,
+            "seconds": round(result.seconds, 3), "message": result.message,
+            "warnings": list(result.warnings)}
+
+
+def problems_json(outcome):
+    """Return the JSON keys every summary shares: warnings, errors, problems, summary, status."""
+    problems = outcome.all_problems()
+    code = exit_code_for(outcome)
+    return {
+        "status": {EXIT_OK: "ok", EXIT_WARNING: "warning"}.get(code, "error"),
+        "exit_code": code,
+        "warnings": [str(p) for p in problems if p.severity == "warning"],
+        "errors": [str(p) for p in problems if p.severity == "error"],
+        "problems": [p._asdict() for p in problems],
+        "summary": str(tally(outcome)),
+        "reason": outcome.cannot_start,
+        "terminated": outcome.terminated,
+    }
+
+
+def run_summary(config, outcome):
+    """Return the JSON summary of a run (config None: it failed before its settings were read)."""
+    data = {
+        "preview": False, "version": __version__,
+        "started": outcome.started.isoformat(), "finished": outcome.finished.isoformat(),
+        "settings": ({key: value for key, value, _ in settings_summary(config)}
+                     if config else {}),
+        "vms": [unit_json(r) for r in outcome.results],
+        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
+        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
+    }
+    data.update(problems_json(outcome))
+    return data
+
+
+class PreviewPlan(typing.NamedTuple):
+    """What a preview found the run would do, beside its Outcome."""
+    plans: typing.Tuple = ()                        # selection.Plan of each selected VM
+    deletions: typing.Tuple[typing.Tuple[str, str], ...] = ()   # (VM folder, backup name)
+    destroys: typing.Tuple[typing.Tuple[str, str, str], ...] = ()   # (VM|VDI, name, uuid)
+
+
+def preview_data(config, outcome, found):
+    """Return the preview as a JSON-ready dict: the Outcome the run would have, and its plan."""
+    data = {
+        "preview": True,
+        "version": __version__,
+        "would_start": outcome.cannot_start is None,
+        "settings": {key: value for key, value, _ in settings_summary(config)},
+        "vms": [{"name": p.vm.name, "uuid": p.vm.uuid, "mode": p.vm.mode,
+                 "max_backups": p.vm.max_backups, "retention": str(keep_for(config, p.vm)),
+                 "disks": [d.device for d in p.disks],
+                 "skipped_disks": [d.device for d in p.skipped],
+                 "problems": list(p.problems),
+                 "selector": p.vm.selector.text, "origin": p.vm.selector.origin}
+                for p in found.plans],
+        "excluded": [{"name": n, "uuid": u} for n, u in outcome.excluded],
+        "not_selected": [{"name": n, "uuid": u} for n, u in outcome.not_selected],
+        "delete": [{"vm": vm, "backup": name} for vm, name in found.deletions],
+        "destroy": [{"class": cls, "name": name, "uuid": uuid}
+                    for cls, name, uuid in found.destroys],
+    }
+    data.update(problems_json(outcome))
+    return data
+
+
+def preview_verdict(data):
+    """Return the preview's last line: what the run would do and how it would exit."""
+    if not data["would_start"]:
+        return "Preview: the run would not start (exit 2): %s" % data["reason"]
+    word = {0: "succeed", 1: "end with warnings", 2: "start, but end with errors"}[data["exit_code"]]
+    return "Preview: the run would %s (exit %d, %s): %d VMs selected." % (
+        word, data["exit_code"], data["summary"], len(data["vms"]))
+
+
+def format_preview(data, config):
+    """Return the human preview text for `data` (from preview_data)."""
+    out = ["vmbackup %s preview: nothing is snapshotted, exported or deleted." % __version__, "",
+           "Settings:"]
+    for key, value, origin in settings_summary(config):
+        out.append("  %-18s %-28s (%s)" % (key, "-" if value is None else value, origin))
+    out.append("")
+    out.append("Selected VMs (%d):" % len(data["vms"]))
+    for vm in data["vms"]:
+        disks = ", ".join(vm["disks"]) or "-"
+        if vm["skipped_disks"]:
+            disks += "  (left out, [NOBAK]: %s)" % ", ".join(vm["skipped_disks"])
+        gfs = "retention %s  " % vm["retention"] if "+" in vm["retention"] else ""
+        out.append("  %-24s %-11s max_backups=%-3d %sdisks: %s  [%s]"
+                   % (printable(vm["name"]), vm["mode"], vm["max_backups"], gfs, disks, vm["uuid"]))
+    for title, key in (("Excluded", "excluded"), ("Not selected", "not_selected")):
+        out.append("%s (%d):" % (title, len(data[key])))
+        out.extend("  %-24s [%s]" % (printable(v["name"]), v["uuid"]) for v in data[key])
+    out.append("Retention would delete (%d):" % len(data["delete"]))
+    out.extend("  %s/%s" % (printable(d["vm"]), d["backup"]) for d in data["delete"])
+    out.append("Leftover snapshots the run would destroy (%d):" % len(data["destroy"]))
+    out.extend("  %s %-24s [%s]" % (d["class"], printable(d["name"]), d["uuid"])
+               for d in data["destroy"])
+    out.extend("***WARNING - " + w for w in data["warnings"])
+    out.extend("***ERROR - " + e for e in data["errors"])
+    out.append(preview_verdict(data))
+    return "\n".join(out) + "\n"
+
+
+def write_json(target, data):
+    """Write `data` as JSON to the file `target` ('-': stdout)."""
+    text = json.dumps(data, indent=2, sort_keys=True, default=str) + "\n"
+    if target == "-":
+        sys.stdout.write(text)
+        sys.stdout.flush()
+        return
+    try:
+        with open(target, "w", encoding="utf-8") as handle:
+            handle.write(text)
+    except OSError as exc:
+        raise BackupDirError("cannot write --json file %s: %s" % (target, exc.strerror))
+
+
+def setup_logging(verbosity):
+    """Send log lines to stderr: warnings and up with -q, debug with -vv."""
+    level = {-2: logging.ERROR, -1: logging.WARNING, 0: logging.INFO}.get(
+        max(-2, min(verbosity, 0)), logging.INFO)
+    if verbosity >= 2:
+        level = logging.DEBUG
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s",
+                                           "%Y-%m-%d %H:%M:%S"))
+    for old in [h for h in log.handlers if getattr(h, "_vmbackup_console", False)]:
+        log.removeHandler(old)
+    handler._vmbackup_console = True
+    log.addHandler(handler)
+    log.setLevel(logging.DEBUG)
+    handler.setLevel(level)
+    log.propagate = False
+
+
 # === vmbackup/backup.py =====================================================
 # Backing up one VM: snapshot, export, metadata, manifest, success, retention; and the dated files.
 #
@@ -5603,10 +6785,20 @@ def backup_dated_file(ctx, folder_name, file_name, what, fetch):
         return VmResult(what, "", "pool", "error", None, 0, time.monotonic() - began, str(exc))
 
 
+def pool_db_folder(view):
+    """Return the folder name of the pool database dumps: METADATA_<master's hostname>."""
+    return "METADATA_" + (view.master.get("hostname") or view.master.get("name_label", "master"))
+
+
+def host_folder(ref, host):
+    """Return (folder name, host name) of a host's dom0 backups: HOST_<hostname>."""
+    name = host.get("hostname") or host.get("name_label", ref)
+    return "HOST_" + name, name
+
+
 def backup_pool_db(ctx, moment):
     """Dump the pool database to METADATA_<master>/pool_db_<stamp>.dump."""
-    master = ctx.view.master.get("hostname") or ctx.view.master.get("name_label", "master")
-    return backup_dated_file(ctx, "METADATA_" + master,
+    return backup_dated_file(ctx, pool_db_folder(ctx.view),
                              "pool_db_%s.dump" % moment.strftime("%Y%m%d-%H%M%S"),
                              "pool database", ctx.transport.dump_pool_db)
 
@@ -5615,9 +6807,9 @@ def backup_hosts(ctx, moment):
     """Back up every host's dom0 to HOST_<hostname>/host_<stamp>.xbk (one request per host)."""
     results = []
     for ref, host in sorted(ctx.view.hosts.items(), key=lambda item: item[1].get("name_label", "")):
-        name = host.get("hostname") or host.get("name_label", ref)
+        folder, name = host_folder(ref, host)
         results.append(backup_dated_file(
-            ctx, "HOST_" + name, "host_%s.xbk" % moment.strftime("%Y%m%d-%H%M%S"),
+            ctx, folder, "host_%s.xbk" % moment.strftime("%Y%m%d-%H%M%S"),
             "host backup of %s" % name, lambda tmp, h=host: ctx.transport.backup_host(h, tmp)))
     return results
 
@@ -5824,7 +7016,9 @@ def diff_inputs(paths):
         raise UsageError("%s: no such folder" % folder)
     vm_dir = os.path.abspath(folder)
     store = LocalStore(os.path.dirname(vm_dir))
-    found = [b.path for b in store.backups(os.path.basename(vm_dir)) if METADATA_FILE in b.entries]
+    backups = [b for b in store.backups(os.path.basename(vm_dir)) if METADATA_FILE in b.entries]
+    # the newest backup's VM only: a folder may hold two VMs' backups (store.group_by_vm)
+    found = [b.path for b in next((g for g in group_by_vm(backups) if g[-1] is backups[-1]), [])]
     if len(found) < 2:
         raise UsageError("%s: %d backup%s with %s; diff needs two"
                          % (folder, len(found), "" if len(found) == 1 else "s", METADATA_FILE))
@@ -5864,7 +7058,7 @@ def cmd_diff(argv):
 # === vmbackup/commands/list.py ==============================================
 # `vmbackup.py list`: what backups exist, newest first, as typed results (Listing).
 #
-# Imports: errors, util, config, store, report, check.
+# Imports: errors, util, config, store, chain, report, check.
 
 class BackupSummary(typing.NamedTuple):
     """What `list` shows of one backup folder."""
@@ -5878,17 +7072,35 @@ class BackupSummary(typing.NamedTuple):
     legacy: bool
     check: str                  # sizes ok, BAD: ..., not verified (...)
     vm_name: typing.Optional[str]
+    chain: typing.Tuple[dict, ...] = ()   # delta-export: one chain_point_summary per disk
 
     def to_json(self):
         """Return the summary as list --json writes it."""
         return self._asdict()
 
 
+def chain_point_summary(link):
+    """Return what `list` shows of one disk of a delta-export point (a chain.ChainLink)."""
+    chain = {"device": link.device, "chain": link.chain_id, "position": link.position,
+             "parent": (link.parent or {}).get("backup"), "base": link.parent is None,
+             "vhd_uuid": link.vhd_uuid, "size": link.size}
+    return chain
+
+
+def chain_line(disk):
+    """Return one line of `list` for one disk of a delta-export point."""
+    what = "base of the chain (full)" if disk["base"] else "delta of %s" % disk["parent"]
+    return "      %-6s chain %-8s point %-3s %s, %s" % (
+        disk["device"], str(disk["chain"])[:8], disk["position"], what,
+        human_size(disk["size"] or 0))
+
+
 class VmListing(typing.NamedTuple):
-    """One VM folder's backups, newest first."""
+    """One VM's backups in its folder, newest first (a folder may hold two VMs': store.group_by_vm)."""
     name: str
     folder: str
     backups: typing.Tuple[BackupSummary, ...]
+    uuid: typing.Optional[str] = None       # the VM's, from the manifests; None: not recorded
 
     def counts(self):
         """Return (complete, incomplete): the backups that can be restored, and the others."""
@@ -5896,9 +7108,10 @@ class VmListing(typing.NamedTuple):
         return complete, len(self.backups) - complete
 
     def to_json(self):
-        """Return {"name", "folder", "complete", "incomplete", "backups": [...]}."""
+        """Return {"name", "folder", "uuid", "complete", "incomplete", "backups": [...]}."""
         complete, incomplete = self.counts()
         return collections.OrderedDict([("name", self.name), ("folder", self.folder),
+                                        ("uuid", self.uuid),
                                         ("complete", complete), ("incomplete", incomplete),
                                         ("backups", [b.to_json() for b in self.backups])])
 
@@ -5950,7 +7163,9 @@ def backup_summary(store, backup):
         check = "sizes ok"
     return BackupSummary(result.name, backup.path, result.date, result.mode, count, total,
                          result.complete, result.legacy, check,
-                         result.vm if result.mode and not result.legacy else None)
+                         result.vm if result.mode and not result.legacy else None,
+                         tuple(chain_point_summary(link) for _, link in
+                               sorted(chain_links(backup).items())))
 
 
 def scan_backup_dir(root, pattern=None):
@@ -5963,11 +7178,14 @@ def scan_backup_dir(root, pattern=None):
     store = LocalStore(root)
     vms, dated = [], {"pool_db": [], "hosts": []}
     for name in store.vm_folders():
-        backups = tuple(backup_summary(store, b) for b in reversed(store.backups(name)))
-        if backups:
+        folders = list(reversed(store.backups(name)))
+        for group in group_by_vm(folders):   # one listing per VM, whatever folder they share
+            backups = tuple(backup_summary(store, b) for b in group)
             vm_name = next((b.vm_name for b in backups if b.vm_name), name)
             if not selector or selector.matches(vm_name) or selector.matches(name):
-                vms.append(VmListing(vm_name, name, backups))
+                uuid = next((backup_vm_uuid(b) for b in group if backup_vm_uuid(b)), None)
+                vms.append(VmListing(vm_name, name, backups, uuid))
+        if folders:
             continue
         for path in reversed(store.dated_files(name)):
             file = os.path.basename(path)
@@ -5981,10 +7199,14 @@ def scan_backup_dir(root, pattern=None):
 def format_list(data):
     """Return the human table of a Listing."""
     out = ["backup_dir %s" % data.backup_dir]
-    row = "  %-19s  %-11s %5s  %8s  %-10s  %s"
+    row = "  %-19s  %-12s %5s  %8s  %-10s  %s"
+    shared = collections.Counter(vm.folder for vm in data.vms)
     for vm in data.vms:
         shown = printable(vm.name)
-        if vm.folder != vm.name:
+        if shared[vm.folder] > 1:
+            shown += "  (folder %s, shared with another VM; uuid %s)" % (printable(vm.folder),
+                                                                       vm.uuid or "not recorded")
+        elif vm.folder != vm.name:
             shown += "  (folder %s)" % printable(vm.folder)
         complete, incomplete = vm.counts()
         out += ["", "%s: %d complete backup%s%s" % (shown, complete, "" if complete == 1 else "s",
@@ -5995,6 +7217,7 @@ def format_list(data):
             out.append(row % ((b.date or "?").replace("T", " "), b.mode or "?", b.files,
                               human_size(b.size),
                               "complete" if b.complete else "INCOMPLETE", b.check))
+            out += [chain_line(disk) for disk in b.chain]
     for key, title in (("pool_db", "pool database"), ("hosts", "host backup")):
         folders = collections.OrderedDict()
         for entry in getattr(data, key):
@@ -6048,299 +7271,27 @@ def cmd_list(argv):
     return EXIT_OK
 
 
-# === vmbackup/commands/verify.py ============================================
-# `vmbackup.py verify`: check backups without a server.
-#
-# Imports: errors, util, report, check.
-
-def build_verify_parser():
-    """Return the parser of `vmbackup.py verify`."""
-    parser = argparse.ArgumentParser(
-        prog=PROG + " verify", formatter_class=argparse.RawDescriptionHelpFormatter,
-        description="Check backups without a server: manifest, success marker, every file's "
-                    "size and SHA-256, XVA chunk checksums, VHD footers/header/BAT, raw sizes.",
-        epilog="exit status: 0 all good, 1 some file could not be checked here (e.g. no zstd), "
-               "2 any backup bad or incomplete")
-    opt = parser.add_argument
-    opt("paths", nargs="+", metavar="PATH", help="a backup folder, a VM folder, or backup_dir")
-    opt("--json", metavar="FILE", help="write per-backup results as JSON ('-': stdout)")
-    opt("-q", "--quiet", action="count", default=0, help="print only what is wrong")
-    opt("-v", "--verbose", action="count", default=0, help="also list every file")
-    return parser
-
-
-def cmd_verify(argv):
-    """Run `vmbackup.py verify PATH... [--json FILE|-] [-q|-v]`; return the exit code."""
-    args = build_verify_parser().parse_args(argv)
-    verbosity = args.verbose - args.quiet
-    targets = []
-    for path in args.paths:
-        targets += verify_targets(path)
-    results = []
-    out = sys.stderr if args.json == "-" else sys.stdout
-    for kind, path in targets:
-        try:
-            result = VERIFIERS[kind](path)
-        except OSError as exc:
-            result = unreadable_result(path, exc)
-        results.append(result)
-        for line in verify_lines(result, verbosity):
-            out.write(printable(line) + "\n")
-        out.flush()
-    code = verify_exit_code(results)
-    counts = collections.Counter(r.status for r in results)
-    summary = ", ".join("%d %s" % (counts[s], s) for s in ("good", "bad", "incomplete", "unchecked")
-                        if counts[s])
-    if verbosity >= 0:
-        out.write("verified %d backup%s: %s\n" % (len(results), "" if len(results) == 1 else "s",
-                                                  summary))
-    if args.json:
-        write_json(args.json, {"paths": args.paths, "exit_code": code, "summary": dict(counts),
-                               "backups": [r.to_json() for r in results]})
-    return code
-
-
-# === vmbackup/metrics.py ====================================================
-# The run as Prometheus metrics: a textfile for node_exporter's textfile collector.
-#
-# Owns: escape_label, History and backup_history (what backup_dir says of a unit's last
-# good backup), metrics_text (pure: an Outcome and histories -> the exposition text),
-# write_metrics (temp + rename).
-#
-# The run's figures (start, end, exit code, S/W/E, each unit's status, size and time) are
-# read from the run's Outcome; "last successful backup" and "backups kept" are read from
-# the backup folders themselves (complete folders, their manifests), so they survive a
-# run in which the VM failed, a lost metrics file, and runs of other config files.
-# Imports: errors, util, store, report.
-
-STATUS_CODES = {"success": 0, "warning": 1, "error": 2}
-
-
-def escape_label(value):
-    r"""Return a label value escaped for the text format: backslash, double quote, newline.
-
-    >>> escape_label('quote\'s "double"\nback\\slash')
-    'quote\'s \\"double\\"\\nback\\\\slash'
-    """
-    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
-
-
-def labels(**pairs):
-    """Return '{a="x",b="y"}' (sorted by name) for the non-None pairs."""
-    return "{%s}" % ",".join('%s="%s"' % (k, escape_label(v))
-                             for k, v in sorted(pairs.items()) if v is not None)
-
-
-def epoch(moment):
-    """Return the Unix time of a naive local datetime."""
-    return time.mktime(moment.timetuple()) + moment.microsecond / 1e6
-
-
-def local_time(text):
-    """Return the naive datetime of a manifest's ISO time ('2026-12-06T13:05:01.123'), or None."""
-    text = str(text)
-    try:
-        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f" if "." in text
-                                          else "%Y-%m-%dT%H:%M:%S")
-    except ValueError:
-        return None
-
-
-class History(typing.NamedTuple):
-    """What backup_dir says of one unit: its last complete backup, and how many are kept."""
-    last_success: typing.Optional[float] = None    # Unix time it finished
-    size: int = 0                                   # its bytes
-    seconds: typing.Optional[float] = None          # how long it took (vmbackup's manifest)
-    kept: int = 0                                   # complete backups of this mode
-
-
-def vm_history(store, result):
-    """Return the History of a VM result's folder: complete backups of its mode (and uuid)."""
-    mine = [f for f in store.backups(safe_dirname(result.name))
-            if f.complete and f.mode == result.mode
-            and ((f.manifest or {}).get("vm") or {}).get("uuid", result.uuid) == result.uuid]
-    if not mine:
-        return History()
-    last = mine[-1]
-    manifest = last.manifest or {}
-    started, finished = local_time(manifest.get("started")), local_time(manifest.get("finished"))
-    when = finished or last.when
-    return History(epoch(when) if when else None, store.usage(last.path)[1],
-                   (finished - started).total_seconds() if started and finished else None,
-                   len(mine))
-
-
-def dated_history(store, prefix):
-    """Return the History of the pool_db_/host_ files in the folders starting `prefix`."""
-    found = [(parse_dated_file(os.path.basename(p)), p) for folder in store.vm_folders()
-             if folder.startswith(prefix) for p in store.dated_files(folder)]
-    if not found:
-        return History()
-    when, path = max(found)
-    kept = len([p for p in found if os.path.dirname(p[1]) == os.path.dirname(path)])
-    return History(epoch(when), os.path.getsize(path), None, kept)
-
-
-def backup_history(config, outcome):
-    """Return {unit name: History} for every unit of the Outcome, read from backup_dir."""
-    store, found = LocalStore(config.backup_dir), {}
-    if not os.path.isdir(config.backup_dir):
-        return found
-    for result in outcome.results:
-        try:
-            if result.mode != "pool":
-                found[result.name] = vm_history(store, result)
-            elif result.name == "pool database":
-                found[result.name] = dated_history(store, "METADATA_")
-            else:
-                host = result.name[len("host backup of "):]
-                found[result.name] = dated_history(store, safe_dirname("HOST_" + host))
-        except (OSError, VmBackupError) as exc:  # unreadable folder: no history
-            log.debug("metrics: cannot read the backups of %s: %s", printable(result.name), exc)
-    return found
-
-
-class Family:
-    """One metric family: HELP, TYPE gauge and its samples."""
-
-    def __init__(self, name, text):
-        self.name, self.text, self.samples = name, text, []
-
-    def add(self, value, **pairs):
-        if value is not None:
-            self.samples.append("%s%s %s" % (self.name, labels(**pairs) if pairs else "",
-                                              format_value(value)))
-
-    def lines(self):
-        if not self.samples:
-            return []
-        return (["# HELP %s %s" % (self.name, self.text), "# TYPE %s gauge" % self.name]
-                + self.samples)
-
-
-def format_value(value):
-    """Return a sample value: integers as integers, else repr of the float."""
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    if isinstance(value, int) or float(value).is_integer():
-        return "%d" % value
-    return repr(float(value))
-
-
-def metrics_text(outcome, history, job=""):
-    """Return the textfile of a run: the run's figures, then each unit's, grouped by family.
-
-    `history` is backup_history's {unit name: History}; `job` (the config file's name) is
-    the `config` label of every sample, so the runs of several config files can share a
-    collector (`job` itself is Prometheus's own target label).
-    """
-    code, counts = exit_code_for(outcome), tally(outcome)
-    run = [
-        Family("vmbackup_last_run_start_timestamp_seconds", "When the last run started."),
-        Family("vmbackup_last_run_end_timestamp_seconds", "When the last run ended."),
-        Family("vmbackup_last_run_exit_code",
-               "Exit code of the last run: 0 ok, 1 warnings, 2 failures."),
-        Family("vmbackup_last_run_succeeded", "Units (VMs, pool database, hosts) that succeeded "
-                                              "in the last run (S)."),
-        Family("vmbackup_last_run_warnings", "Warnings of the last run (W)."),
-        Family("vmbackup_last_run_errors", "Failures of the last run (E)."),
-    ]
-    for family, value in zip(run, (epoch(outcome.started), epoch(outcome.finished), code)
-                             + tuple(counts)):
-        family.add(value, config=job)
-    vm = [
-        Family("vmbackup_vm_last_run_status",
-               "Status of the VM in the last run: 0 success, 1 warning, 2 error."),
-        Family("vmbackup_vm_last_run_size_bytes", "Bytes exported for the VM in the last run."),
-        Family("vmbackup_vm_last_run_duration_seconds", "Seconds the VM took in the last run."),
-        Family("vmbackup_vm_last_success_timestamp_seconds",
-               "When the VM's last complete backup of this mode finished (0: none in backup_dir)."),
-        Family("vmbackup_vm_last_success_size_bytes", "Bytes of the VM's last complete backup."),
-        Family("vmbackup_vm_last_success_duration_seconds",
-               "Seconds the VM's last complete backup took."),
-        Family("vmbackup_vm_backups_kept", "Complete backups of the VM (this mode) in backup_dir."),
-    ]
-    pool = [
-        Family("vmbackup_pool_backup_last_run_status",
-               "Status of the pool database or host backup in the last run: 0 success, 2 error."),
-        Family("vmbackup_pool_backup_last_run_size_bytes",
-               "Bytes of the pool database or host backup in the last run."),
-        Family("vmbackup_pool_backup_last_run_duration_seconds",
-               "Seconds the pool database or host backup took in the last run."),
-        Family("vmbackup_pool_backup_last_success_timestamp_seconds",
-               "When the last pool database or host backup in backup_dir was taken (0: none)."),
-        Family("vmbackup_pool_backup_last_success_size_bytes",
-               "Bytes of the last pool database or host backup in backup_dir."),
-        Family("vmbackup_pool_backup_kept", "Pool database or host backups in backup_dir."),
-    ]
-    for result in outcome.results:
-        past = history.get(result.name, History())
-        if result.mode != "pool":
-            key = dict(config=job, vm=result.name, uuid=result.uuid, mode=result.mode)
-            values = (STATUS_CODES[result.status], result.bytes, result.seconds,
-                      past.last_success or 0, past.size if past.kept else None, past.seconds,
-                      past.kept)
-            families = vm
-        else:
-            key = dict(config=job, unit=result.name)
-            values = (STATUS_CODES[result.status], result.bytes, result.seconds,
-                      past.last_success or 0, past.size if past.kept else None, past.kept)
-            families = pool
-        for family, value in zip(families, values):
-            family.add(value, **key)
-    out = []
-    for family in run + vm + pool:
-        out.extend(family.lines())
-    return "\n".join(out) + "\n"
-
-
-def write_metrics(path, text):
-    """Write the textfile at `path` atomically (NAME.part, then rename), mode 0644."""
-    with partial_file(path) as tmp:
-        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as handle:
-            handle.write(text)
-        os.chmod(tmp, 0o644)
-
-
-# === vmbackup/transport/choose.py ===========================================
-# Picking the transport a run uses (api or xe) from the settings.
-#
-# Owns: make_transport.
-# Imports: errors, transport.api, transport.xe.
-
-def make_transport(config, xapi, password):
-    """Return the transport for this run: xe on the pool host when xe exists, else api.
-
-    Only xe needs the password (in its -pwf file); the API transport uses the session.
-    `xe vm-export` cannot be throttled, so max_rate makes auto pick api.
-    """
-    name = config.transport
-    xe_path = find_xe(config) if name in ("auto", "xe") else None
-    if name == "auto":
-        name = "xe" if (xapi.endpoint.is_local and xe_path and not config.max_rate) else "api"
-    if name == "xe":
-        if not xe_path or not os.access(xe_path, os.X_OK):
-            raise ConfigError("transport=xe (%s): no xe binary found (xe_path=%s)"
-                              % (config.where("transport"), config.xe_path or "-"))
-        if config.max_rate:
-            log.warning("max_rate is ignored by transport=xe (xe vm-export has no limit); "
-                        "use transport=api to limit the exports")
-        return XeTransport(xapi, config, password, xe_path)
-    return ApiTransport(xapi, config)
-
-
 # === vmbackup/commands/restore.py ===========================================
 # `vmbackup.py restore`: import a backup as a new VM (or in place with --preserve).
 #
 # Imports: everything below commands, and commands.options.
 
 def newest_complete(vm_dir):
-    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none."""
+    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none, or
+    if the folder holds more than one VM's backups (their names made one folder): then the
+    message names the newest backup of each, to restore by its path."""
     store = LocalStore(os.path.dirname(vm_dir))
-    for backup in reversed(store.backups(os.path.basename(vm_dir))):
-        if backup.complete:
-            return backup
-    raise RestoreError("%s holds no complete backup" % vm_dir)
+    complete = [b for b in reversed(store.backups(os.path.basename(vm_dir))) if b.complete]
+    if not complete:
+        raise RestoreError("%s holds no complete backup" % vm_dir)
+    groups = group_by_vm(complete)
+    if len(groups) > 1:
+        raise RestoreError("%s holds the backups of %d VMs (their names make one folder); "
+                           "restore one by its backup folder: %s" % (
+                               vm_dir, len(groups), "; ".join(
+                                   "%s [%s]: %s" % (printable(g[0].vm), backup_vm_uuid(g[0]) or
+                                                    "uuid not recorded", g[0].path) for g in groups)))
+    return complete[0]
 
 
 def resolve_backup(path):
@@ -6698,6 +7649,260 @@ def cmd_restore(argv):
     if args.json:
         write_json(args.json, {"restored": done, "backup": folder})
     return EXIT_OK
+
+
+# === vmbackup/commands/verify.py ============================================
+# `vmbackup.py verify`: check backups without a server.
+#
+# Imports: errors, util, report, check.
+
+def build_verify_parser():
+    """Return the parser of `vmbackup.py verify`."""
+    parser = argparse.ArgumentParser(
+        prog=PROG + " verify", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Check backups without a server: manifest, success marker, every file's "
+                    "size and SHA-256, XVA chunk checksums, VHD footers/header/BAT, raw sizes.",
+        epilog="exit status: 0 all good, 1 some file could not be checked here (e.g. no zstd), "
+               "2 any backup bad or incomplete")
+    opt = parser.add_argument
+    opt("paths", nargs="+", metavar="PATH", help="a backup folder, a VM folder, or backup_dir")
+    opt("--json", metavar="FILE", help="write per-backup results as JSON ('-': stdout)")
+    opt("-q", "--quiet", action="count", default=0, help="print only what is wrong")
+    opt("-v", "--verbose", action="count", default=0, help="also list every file")
+    return parser
+
+
+def cmd_verify(argv):
+    """Run `vmbackup.py verify PATH... [--json FILE|-] [-q|-v]`; return the exit code."""
+    args = build_verify_parser().parse_args(argv)
+    verbosity = args.verbose - args.quiet
+    targets = []
+    for path in args.paths:
+        targets += verify_targets(path)
+    results = []
+    out = sys.stderr if args.json == "-" else sys.stdout
+    for kind, path in targets:
+        try:
+            result = VERIFIERS[kind](path)
+        except OSError as exc:
+            result = unreadable_result(path, exc)
+        results.append(result)
+        for line in verify_lines(result, verbosity):
+            out.write(printable(line) + "\n")
+        out.flush()
+    code = verify_exit_code(results)
+    counts = collections.Counter(r.status for r in results)
+    summary = ", ".join("%d %s" % (counts[s], s) for s in ("good", "bad", "incomplete", "unchecked")
+                        if counts[s])
+    if verbosity >= 0:
+        out.write("verified %d backup%s: %s\n" % (len(results), "" if len(results) == 1 else "s",
+                                                  summary))
+    if args.json:
+        write_json(args.json, {"paths": args.paths, "exit_code": code, "summary": dict(counts),
+                               "backups": [r.to_json() for r in results]})
+    return code
+
+
+# === vmbackup/metrics.py ====================================================
+# The run as Prometheus metrics: a textfile for node_exporter's textfile collector.
+#
+# Owns: escape_label, History and backup_history (what backup_dir says of a unit's last
+# good backup), metrics_text (pure: an Outcome and histories -> the exposition text),
+# write_metrics (temp + rename).
+#
+# The run's figures (start, end, exit code, S/W/E, each unit's status, size and time) are
+# read from the run's Outcome; "last successful backup" and "backups kept" are read from
+# the backup folders themselves (complete folders, their manifests), so they survive a
+# run in which the VM failed, a lost metrics file, and runs of other config files.
+# Imports: errors, util, store, report.
+
+STATUS_CODES = {"success": 0, "warning": 1, "error": 2}
+
+
+def escape_label(value):
+    r"""Return a label value escaped for the text format: backslash, double quote, newline.
+
+    >>> escape_label('quote\'s "double"\nback\\slash')
+    'quote\'s \\"double\\"\\nback\\\\slash'
+    """
+    return str(value).replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n")
+
+
+def labels(**pairs):
+    """Return '{a="x",b="y"}' (sorted by name) for the non-None pairs."""
+    return "{%s}" % ",".join('%s="%s"' % (k, escape_label(v))
+                             for k, v in sorted(pairs.items()) if v is not None)
+
+
+def epoch(moment):
+    """Return the Unix time of a naive local datetime."""
+    return time.mktime(moment.timetuple()) + moment.microsecond / 1e6
+
+
+def local_time(text):
+    """Return the naive datetime of a manifest's ISO time ('2026-12-06T13:05:01.123'), or None."""
+    text = str(text)
+    try:
+        return datetime.datetime.strptime(text, "%Y-%m-%dT%H:%M:%S.%f" if "." in text
+                                          else "%Y-%m-%dT%H:%M:%S")
+    except ValueError:
+        return None
+
+
+class History(typing.NamedTuple):
+    """What backup_dir says of one unit: its last complete backup, and how many are kept."""
+    last_success: typing.Optional[float] = None    # Unix time it finished
+    size: int = 0                                   # its bytes
+    seconds: typing.Optional[float] = None          # how long it took (vmbackup's manifest)
+    kept: int = 0                                   # complete backups of this mode
+
+
+def vm_history(store, result):
+    """Return the History of a VM result's folder: complete backups of its mode (and uuid)."""
+    mine = [f for f in store.backups(safe_dirname(result.name))
+            if f.complete and f.mode == result.mode
+            and ((f.manifest or {}).get("vm") or {}).get("uuid", result.uuid) == result.uuid]
+    if not mine:
+        return History()
+    last = mine[-1]
+    manifest = last.manifest or {}
+    started, finished = local_time(manifest.get("started")), local_time(manifest.get("finished"))
+    when = finished or last.when
+    return History(epoch(when) if when else None, store.usage(last.path)[1],
+                   (finished - started).total_seconds() if started and finished else None,
+                   len(mine))
+
+
+def dated_history(store, prefix):
+    """Return the History of the pool_db_/host_ files in the folders starting `prefix`."""
+    found = [(parse_dated_file(os.path.basename(p)), p) for folder in store.vm_folders()
+             if folder.startswith(prefix) for p in store.dated_files(folder)]
+    if not found:
+        return History()
+    when, path = max(found)
+    kept = len([p for p in found if os.path.dirname(p[1]) == os.path.dirname(path)])
+    return History(epoch(when), os.path.getsize(path), None, kept)
+
+
+def backup_history(config, outcome):
+    """Return {unit name: History} for every unit of the Outcome, read from backup_dir."""
+    store, found = LocalStore(config.backup_dir), {}
+    if not os.path.isdir(config.backup_dir):
+        return found
+    for result in outcome.results:
+        try:
+            if result.mode != "pool":
+                found[result.name] = vm_history(store, result)
+            elif result.name == "pool database":
+                found[result.name] = dated_history(store, "METADATA_")
+            else:
+                host = result.name[len("host backup of "):]
+                found[result.name] = dated_history(store, safe_dirname("HOST_" + host))
+        except (OSError, VmBackupError) as exc:  # unreadable folder: no history
+            log.debug("metrics: cannot read the backups of %s: %s", printable(result.name), exc)
+    return found
+
+
+class Family:
+    """One metric family: HELP, TYPE gauge and its samples."""
+
+    def __init__(self, name, text):
+        self.name, self.text, self.samples = name, text, []
+
+    def add(self, value, **pairs):
+        if value is not None:
+            self.samples.append("%s%s %s" % (self.name, labels(**pairs) if pairs else "",
+                                              format_value(value)))
+
+    def lines(self):
+        if not self.samples:
+            return []
+        return (["# HELP %s %s" % (self.name, self.text), "# TYPE %s gauge" % self.name]
+                + self.samples)
+
+
+def format_value(value):
+    """Return a sample value: integers as integers, else repr of the float."""
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    if isinstance(value, int) or float(value).is_integer():
+        return "%d" % value
+    return repr(float(value))
+
+
+def metrics_text(outcome, history, job=""):
+    """Return the textfile of a run: the run's figures, then each unit's, grouped by family.
+
+    `history` is backup_history's {unit name: History}; `job` (the config file's name) is
+    the `config` label of every sample, so the runs of several config files can share a
+    collector (`job` itself is Prometheus's own target label).
+    """
+    code, counts = exit_code_for(outcome), tally(outcome)
+    run = [
+        Family("vmbackup_last_run_start_timestamp_seconds", "When the last run started."),
+        Family("vmbackup_last_run_end_timestamp_seconds", "When the last run ended."),
+        Family("vmbackup_last_run_exit_code",
+               "Exit code of the last run: 0 ok, 1 warnings, 2 failures."),
+        Family("vmbackup_last_run_succeeded", "Units (VMs, pool database, hosts) that succeeded "
+                                              "in the last run (S)."),
+        Family("vmbackup_last_run_warnings", "Warnings of the last run (W)."),
+        Family("vmbackup_last_run_errors", "Failures of the last run (E)."),
+    ]
+    for family, value in zip(run, (epoch(outcome.started), epoch(outcome.finished), code)
+                             + tuple(counts)):
+        family.add(value, config=job)
+    vm = [
+        Family("vmbackup_vm_last_run_status",
+               "Status of the VM in the last run: 0 success, 1 warning, 2 error."),
+        Family("vmbackup_vm_last_run_size_bytes", "Bytes exported for the VM in the last run."),
+        Family("vmbackup_vm_last_run_duration_seconds", "Seconds the VM took in the last run."),
+        Family("vmbackup_vm_last_success_timestamp_seconds",
+               "When the VM's last complete backup of this mode finished (0: none in backup_dir)."),
+        Family("vmbackup_vm_last_success_size_bytes", "Bytes of the VM's last complete backup."),
+        Family("vmbackup_vm_last_success_duration_seconds",
+               "Seconds the VM's last complete backup took."),
+        Family("vmbackup_vm_backups_kept", "Complete backups of the VM (this mode) in backup_dir."),
+    ]
+    pool = [
+        Family("vmbackup_pool_backup_last_run_status",
+               "Status of the pool database or host backup in the last run: 0 success, 2 error."),
+        Family("vmbackup_pool_backup_last_run_size_bytes",
+               "Bytes of the pool database or host backup in the last run."),
+        Family("vmbackup_pool_backup_last_run_duration_seconds",
+               "Seconds the pool database or host backup took in the last run."),
+        Family("vmbackup_pool_backup_last_success_timestamp_seconds",
+               "When the last pool database or host backup in backup_dir was taken (0: none)."),
+        Family("vmbackup_pool_backup_last_success_size_bytes",
+               "Bytes of the last pool database or host backup in backup_dir."),
+        Family("vmbackup_pool_backup_kept", "Pool database or host backups in backup_dir."),
+    ]
+    for result in outcome.results:
+        past = history.get(result.name, History())
+        if result.mode != "pool":
+            key = dict(config=job, vm=result.name, uuid=result.uuid, mode=result.mode)
+            values = (STATUS_CODES[result.status], result.bytes, result.seconds,
+                      past.last_success or 0, past.size if past.kept else None, past.seconds,
+                      past.kept)
+            families = vm
+        else:
+            key = dict(config=job, unit=result.name)
+            values = (STATUS_CODES[result.status], result.bytes, result.seconds,
+                      past.last_success or 0, past.size if past.kept else None, past.kept)
+            families = pool
+        for family, value in zip(families, values):
+            family.add(value, **key)
+    out = []
+    for family in run + vm + pool:
+        out.extend(family.lines())
+    return "\n".join(out) + "\n"
+
+
+def write_metrics(path, text):
+    """Write the textfile at `path` atomically (NAME.part, then rename), mode 0644."""
+    with partial_file(path) as tmp:
+        with open(tmp, "w", encoding="utf-8", errors="backslashreplace") as handle:
+            handle.write(text)
+        os.chmod(tmp, 0o644)
 
 
 # === vmbackup/leftovers.py ==================================================
@@ -7330,7 +8535,7 @@ def test_mail(config):
 # The whole backup run, as a list of named steps; and the preview, the same run without side effects.
 #
 # Owns: run_backup, back_up_everything, select_for_run, report_run, report_cannot_start,
-# preview (and what it plans: planned_deletions, planned_destroys).
+# preview (and what it plans: planned_deletions, planned_dated_deletions, planned_destroys).
 # Imports: everything below it.
 
 def run_backup(config, endpoint, password, inv):
@@ -7493,21 +8698,39 @@ def preview_pool(config, endpoint, password, record):
     if config.host_backup:
         record.results.extend(VmResult("host backup of %s" % (h.get("hostname") or ref), "",
                                        "pool", "success") for ref, h in view.hosts.items())
-    deletions = planned_deletions(config, plans) if not record.cannot_start else ()
+    deletions = () if record.cannot_start else \
+        planned_deletions(config, plans) + planned_dated_deletions(config, view)
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
 
 
 def planned_deletions(config, plans, now=None):
-    """Return [(VM folder, backup name)] retention would delete after each plan's new backup
-    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only."""
+    """Return [(VM folder, backup)] retention would delete after each plan's new backup
+    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only;
+    a delta-export point a kept point needs reads "NAME (merged into NEXT: DEVICES)"."""
     store, found = LocalStore(config.backup_dir), []
     now = now or datetime.datetime.now().replace(microsecond=0)
     for plan in plans:
         if plan.problems:
             continue
         vm, folder = plan.vm, safe_dirname(plan.vm.name)
-        found.extend((folder, name) for name in plan_vm_retention(
-            store.backups(folder), keep_for(config, vm), vm.mode, vm.uuid, incoming=now))
+        folders = store.backups(folder)
+        doomed = plan_vm_retention(folders, keep_for(config, vm), vm.mode, vm.uuid, incoming=now)
+        found.extend((folder, step.describe()) for step in retention_steps(
+            folders, doomed, vm.mode, vm.uuid, incoming_point(folders, vm.mode, now)))
+    return tuple(found)
+
+
+def planned_dated_deletions(config, view, now=None):
+    """Return [(folder, file name)] of the pool database dumps and host backups retention
+    would delete after the run writes its own (retention.plan_dated_retention)."""
+    store, found = LocalStore(config.backup_dir), []
+    now = now or datetime.datetime.now().replace(microsecond=0)
+    folders = [pool_db_folder(view)] if config.pool_db_backup else []
+    if config.host_backup:
+        folders += [host_folder(ref, host)[0] for ref, host in sorted(view.hosts.items())]
+    for folder in map(safe_dirname, folders):
+        names = [os.path.basename(p) for p in store.dated_files(folder)]
+        found.extend((folder, name) for name in plan_dated_retention(names, config.max_backups, now))
     return tuple(found)
 
 

@@ -91,13 +91,19 @@ GFS_TABLE = [
 
 
 @pytest.fixture(params=["UTC", "Europe/Berlin", "America/New_York"])
-def local_tz(request, monkeypatch):
+def local_tz(request):
     """The host's time zone must not matter: folder names already hold local time."""
-    monkeypatch.setenv("TZ", request.param)
+    old = os.environ.get("TZ")
+    os.environ["TZ"] = request.param
     time.tzset()
-    yield request.param
-    monkeypatch.undo()
-    time.tzset()
+    try:
+        yield request.param
+    finally:
+        if old is None:
+            del os.environ["TZ"]
+        else:
+            os.environ["TZ"] = old
+        time.tzset()
 
 
 @pytest.mark.parametrize("specs, keep, kept", [row[1:] for row in GFS_TABLE],
@@ -108,6 +114,17 @@ def test_gfs_plan(specs, keep, kept, local_tz):
     assert kept_names <= {name for name, _, _ in entries}, "the row names a backup it does not have"
     doomed = plan_retention(entries, keep)
     assert sorted(doomed) == sorted(name for name, _, _ in entries if name not in kept_names)
+
+
+def test_the_run_s_own_backup_counts_but_is_never_listed():
+    """An entry named None is the backup a run is about to make (--preview, pre_clean): it
+    takes the newest place and its day, and is never among the names to delete."""
+    entries = spec_entries(["2026-11-01 00:10", "2026-11-02 00:10", "2026-11-03 00:10"])
+    now = [(None, D(2026, 11, 3, 23, 0), True)]
+    assert plan_retention(entries + now, Keep(1)) == [n for n, _, _ in entries]
+    # the run's backup is 3 Nov's newest: the daily rule keeps 2 Nov's
+    assert plan_retention(entries + now, Keep(1, daily=1)) == [entries[0][0], entries[2][0]]
+    assert plan_retention(entries, Keep(1, daily=1)) == [entries[0][0]]
 
 
 def test_a_full_gfs_year_row_is_what_borg_documents():
@@ -261,3 +278,28 @@ def test_pre_clean_deletes_the_plan_before_the_export_but_never_the_last_good(
     run_vmbackup(*args)
     assert set(backups_of(backup_dir, "PRD-print7")) & data == set()
     assert set(history["other"] + history["meta"]) <= set(backups_of(backup_dir, "PRD-print7"))
+
+
+def test_the_preview_lists_the_pool_and_host_files_the_run_deletes(sim_pool, api, backup_dir):
+    from conftest import session
+    s = session(sim_pool)
+    try:
+        master = s.xenapi.pool.get_master(s.xenapi.pool.get_all()[0])
+        hosts = {ref: rec["hostname"] for ref, rec in s.xenapi.host.get_all_records().items()}
+    finally:
+        s.xenapi.session.logout()
+    folders = ["METADATA_" + hosts[master]] + ["HOST_" + name for name in hosts.values()]
+    for folder in folders:                        # three older files in each
+        kind = "pool_db_%s.dump" if folder.startswith("METADATA_") else "host_%s.xbk"
+        (backup_dir / folder).mkdir()
+        for day in (1, 2, 3):
+            (backup_dir / folder / (kind % ("202611%02d-000000" % day))).write_bytes(b"old")
+    args = api(sim_pool) + ["-d", backup_dir, "--pool-db-backup", "--host-backup",
+                            "--max-backups", "2", "-x", ".*"]
+    before = {(f, n) for f in folders for n in os.listdir(str(backup_dir / f))}
+    out = run_vmbackup(*args, "--preview", "--json", "-")
+    planned = {(d["vm"], d["backup"]) for d in json.loads(out[out.index("{"):])["delete"]}
+    run_vmbackup(*args)
+    after = {(f, n) for f in folders for n in os.listdir(str(backup_dir / f))}
+    assert before - after == planned and len(planned) == 2 * len(folders)
+    assert sorted(os.listdir(str(backup_dir))) == sorted(folders)

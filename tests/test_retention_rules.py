@@ -104,6 +104,7 @@ def test_a_vmbackup_folder_without_its_manifest_is_bad_not_legacy(tmp_path):
     assert not backup.legacy and not backup.complete
     result = vmbackup.check_backup(backup)
     assert result.status == "bad" and "manifest missing" in str(result.to_json())
+    assert "BAD: backup.json: manifest missing" in run_vmbackup("list", "-d", tmp_path)
     # and retention neither counts nor deletes it
     assert vmbackup.prune_vm_backups(vmbackup.LocalStore(str(tmp_path)), "web01", 1,
                                      mode="vm-export", uuid="me") == []
@@ -138,3 +139,36 @@ def test_a_legacy_multi_disk_folder_checks_each_disk_against_its_own_vdi_cfg(tmp
     (folder / "web01-xvdb.raw").write_bytes(bytes(4096))     # cut short: xvdb's size, not xvda's
     out = run_vmbackup("verify", folder, exit_code=2)
     assert "web01-xvdb.raw: raw image is 4096 bytes, the disk's virtual_size is 8192" in out
+
+
+def test_list_diff_and_restore_tell_apart_two_vms_in_one_folder(sim_pool, api, backup_dir):
+    """Backed up in different runs, 'a/b' and 'a:b' share the folder a_b: list shows each VM
+    with its own backups, diff compares the newest backup's VM with itself, and restore
+    refuses the folder, naming each VM's newest backup, and takes a backup folder."""
+    from conftest import session
+    s = session(sim_pool)
+    try:
+        uuids = {}
+        for old, name in (("web01", "a/b"), ("RESTORE_jira", "a:b")):
+            ref = sim_pool.vm(old)[0]
+            s.xenapi.VM.set_name_label(ref, name)
+            uuids[name] = s.xenapi.VM.get_uuid(ref)
+    finally:
+        s.xenapi.session.logout()
+    args = api(sim_pool) + ["-d", backup_dir]
+    for selector in ("a/b", "a[:]b", "a/b"):
+        run_vmbackup(*args, "-e", selector)
+    folders = backups_of(backup_dir, "a_b")
+    assert len(folders) == 3
+    listing = json.loads(run_vmbackup("list", "-d", backup_dir, "--json", "-"))
+    shared = {vm["uuid"]: [b["name"] for b in vm["backups"]] for vm in listing["vms"]
+              if vm["folder"] == "a_b"}
+    assert shared == {uuids["a/b"]: [folders[2], folders[0]], uuids["a:b"]: [folders[1]]}
+    assert "shared with another VM; uuid %s" % uuids["a:b"] in run_vmbackup("list", "-d", backup_dir)
+    changes = json.loads(run_vmbackup("diff", backup_dir / "a_b", "--json", "-"))
+    assert changes["a"]["uuid"] == changes["b"]["uuid"] == uuids["a/b"]
+    out = run_vmbackup("restore", *api(sim_pool), backup_dir / "a_b", "--preview", exit_code=2)
+    assert "holds the backups of 2 VMs" in out
+    assert str(backup_dir / "a_b" / folders[1]) in out and uuids["a:b"] in out
+    out = run_vmbackup("restore", *api(sim_pool), backup_dir / "a_b" / folders[1], "--preview")
+    assert "would restore %s" % (backup_dir / "a_b" / folders[1]) in out

@@ -44,7 +44,7 @@ import time
 import pytest
 
 import vmbackup
-from conftest import invoke, run_vmbackup, spawn
+from conftest import Connect, invoke, run_vmbackup, spawn
 from xapisim import pools, start_pool
 
 SEED = int(os.environ.get("SOAK_SEED", "20260505"))
@@ -906,15 +906,7 @@ def test_soak_mixed_modes_and_shared_folders(kind, runs, tmp_path, scratch, monk
     backup_dir.mkdir()
     problems, made, pruned, shared, mixed = [], set(), set(), False, False
     with start_pool(mixed_pool(), keepalive=0.5) as pool:
-        for key, value in pool.env().items():
-            monkeypatch.setenv(key, value)
-        if kind == "xe":
-            connect = ["--transport", "xe", "--xe", pool.xe_path, "--server", "unix:" + pool.socket_path]
-        else:
-            pw = tmp_path / "xapi.pw"
-            pw.write_text(pool.password + "\n")
-            pw.chmod(0o600)
-            connect = ["--transport", "api", "--server", pool.url, "--password-file", pw]
+        connect = Connect(kind, tmp_path, monkeypatch)(pool)
         for entry in plan:
             before = inventory(backup_dir)
             if entry["drop"] is not None:

@@ -188,3 +188,23 @@ def test_restore_warns_in_words_about_what_it_could_not_check(tmp_path, monkeypa
     out = run_vmbackup("restore", folder, "-s", "https://127.0.0.1:9", exit_code=None)
     assert "could not be fully checked here (web01.xva.zst: zstd is not installed" in out, out
     assert "{" not in out, out
+
+
+def folder_of(name, uuid):
+    """A BackupFolder whose manifest names VM `uuid` (None: no manifest, as NAUbackup's)."""
+    manifest = None if uuid is None else {"vm": {"name": "a_b", "uuid": uuid}}
+    return vmbackup.BackupFolder("/b/a_b/" + name, name, "a_b", None, True, uuid is None,
+                                 "vm-export", manifest, None, (), frozenset(), None)
+
+
+@pytest.mark.parametrize("owners, groups", [
+    (["u1", "u1", None], [[0, 1, 2]]),              # one VM and its NAUbackup past: one VM
+    (["u1", "u2", "u1"], [[0, 2], [1]]),            # two VMs whose names made one folder
+    (["u1", None, "u2"], [[0], [1], [2]]),         # ... and a legacy one is no one's
+    ([None, None], [[0, 1]]),
+    ([], []),
+], ids=["one-vm-and-legacy", "two-vms", "two-vms-and-legacy", "legacy-only", "empty"])
+def test_group_by_vm(owners, groups):
+    folders = [folder_of("backup-%d" % i, uuid) for i, uuid in enumerate(owners)]
+    got = vmbackup.group_by_vm(folders)
+    assert [[folders.index(f) for f in g] for g in got] == groups

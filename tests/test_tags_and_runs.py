@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -243,3 +244,35 @@ def test_lock_is_kept_fresh_while_the_run_lives(backup_dir, monkeypatch):
         pid, host, started = open(lock.path).read().split()
         assert int(pid) == os.getpid() and started[:2] == "20"
     assert not os.path.exists(lock.path)
+
+
+def test_a_leftover_still_being_exported_has_its_task_cancelled_first(sim_pool, transport, tmp_path):
+    """A killed run's export may live on (an older version's xe child, a hung connection):
+    the next run cancels that export's task, says what the destroy waits for, then destroys
+    the leftover."""
+    first, second = tmp_path / "a", tmp_path / "b"
+    first.mkdir()
+    second.mkdir()
+    args = transport(sim_pool)
+    sim_pool.faults.throttle(128 * 1024, path="/export")
+    proc = on_host("otherhost", args + ["-e", "db01", "-d", first])
+    wait_for(exporting_xva(sim_pool), what="the other host's export")
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=30)
+    (snap,) = sim_pool.leftovers()["snapshots"]
+    s = session(sim_pool)
+    stream = None
+    try:   # the export that lives on: the snapshot still streamed, slowly
+        stream = urllib.request.urlopen("%s/export?session_id=%s&uuid=%s"
+                                        % (sim_pool.url, s._session, snap["uuid"]))
+        stream.read(1024)
+        assert s.xenapi.VM.get_current_operations(snap["ref"])
+        age_heartbeats(sim_pool, 11)
+        out = run_vmbackup(*args, "-m", "PRD-print7", "-d", second, exit_code=None)
+    finally:
+        if stream is not None:
+            stream.close()
+        s.xenapi.session.logout()
+    assert "leftover %s is still busy (export, task" % snap["uuid"] in out
+    assert "cancelling that task" in out and "destroying leftover snapshot" in out and " E:0" in out
+    assert_pool_clean(sim_pool)

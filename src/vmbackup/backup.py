@@ -353,10 +353,20 @@ def backup_dated_file(ctx, folder_name, file_name, what, fetch):
         return VmResult(what, "", "pool", "error", None, 0, time.monotonic() - began, str(exc))
 
 
+def pool_db_folder(view):
+    """Return the folder name of the pool database dumps: METADATA_<master's hostname>."""
+    return "METADATA_" + (view.master.get("hostname") or view.master.get("name_label", "master"))
+
+
+def host_folder(ref, host):
+    """Return (folder name, host name) of a host's dom0 backups: HOST_<hostname>."""
+    name = host.get("hostname") or host.get("name_label", ref)
+    return "HOST_" + name, name
+
+
 def backup_pool_db(ctx, moment):
     """Dump the pool database to METADATA_<master>/pool_db_<stamp>.dump."""
-    master = ctx.view.master.get("hostname") or ctx.view.master.get("name_label", "master")
-    return backup_dated_file(ctx, "METADATA_" + master,
+    return backup_dated_file(ctx, pool_db_folder(ctx.view),
                              "pool_db_%s.dump" % moment.strftime("%Y%m%d-%H%M%S"),
                              "pool database", ctx.transport.dump_pool_db)
 
@@ -365,9 +375,9 @@ def backup_hosts(ctx, moment):
     """Back up every host's dom0 to HOST_<hostname>/host_<stamp>.xbk (one request per host)."""
     results = []
     for ref, host in sorted(ctx.view.hosts.items(), key=lambda item: item[1].get("name_label", "")):
-        name = host.get("hostname") or host.get("name_label", ref)
+        folder, name = host_folder(ref, host)
         results.append(backup_dated_file(
-            ctx, "HOST_" + name, "host_%s.xbk" % moment.strftime("%Y%m%d-%H%M%S"),
+            ctx, folder, "host_%s.xbk" % moment.strftime("%Y%m%d-%H%M%S"),
             "host backup of %s" % name, lambda tmp, h=host: ctx.transport.backup_host(h, tmp)))
     return results
 

@@ -3,7 +3,7 @@
 Owns: check_file; the typed results (Problem, FileCheck, CheckResult, each with to_json);
 check_backup/verify_backup/verify_dated_file/verify_single_file, verify_targets,
 verify_lines, verify_exit_code.
-Imports: errors, util, store, metadata, formats.
+Imports: errors, util, store, metadata, chain, formats.
 """
 
 import collections
@@ -13,6 +13,7 @@ import typing
 import xml.parsers.expat
 import zlib
 
+from vmbackup.chain import DELTA_MODE, verify_chain
 from vmbackup.errors import BackupDirError, BadFile, EXIT_ERROR, EXIT_OK, EXIT_WARNING, UsageError
 from vmbackup.formats.tar import TarStream
 from vmbackup.formats.vhd import check_vhd
@@ -244,7 +245,10 @@ def _check_manifest_files(found, backup, quick):
     listed = [f.name for f in backup.files]
     if backup.mode == "vm-export" and not backup.names_of("xva"):
         found.bad(MANIFEST, "a vm-export backup without an .xva file")
-    if backup.mode == "vdi-export":
+    if backup.mode == DELTA_MODE:
+        for rel, message in verify_chain(backup, quick):
+            found.bad(rel, message)
+    if backup.mode in ("vdi-export", DELTA_MODE):
         for disk in manifest.get("disks", ()):
             if disk.get("file") not in listed:
                 found.bad(MANIFEST, "disk %s: its file %r is not in the backup"

@@ -1,7 +1,7 @@
 """The errors vmbackup raises, each carrying its message and exit code, and the exit codes.
 
 Owns: EXIT_* codes, the `log` logger, VmBackupError and its kinds (usage, config,
-login, backup_dir, lock, XAPI calls, exports, restore), Terminated, BadFile.
+login, backup_dir, lock, XAPI calls, exports, restore, broken VHD chains), Terminated, BadFile.
 Imports: the standard library only. Every other module may import it.
 """
 
@@ -86,4 +86,8 @@ class BadFile(Exception):
 
 
 class RestoreError(VmBackupError):
+    """{}"""
+
+
+class ChainBroken(VmBackupError):
     """{}"""

@@ -3,16 +3,18 @@
 Owns: Keep and keep_for (how many backups a VM keeps: max_backups, and the GFS rules
 keep_daily/weekly/monthly/yearly), gfs_kept and plan_retention (pure, table-tested),
 retention_group and in_retention (which folders one VM's retention may count and delete),
-plan_vm_retention (the one plan the run, pre_clean and --preview share), prune_vm_backups,
-prune_dated_files.
-Imports: errors, store.
+plan_vm_retention (the one plan the run, pre_clean and --preview share), retention_steps
+(delta-export chains: merge, never delete what a kept point needs), prune_vm_backups,
+plan_dated_retention, prune_dated_files.
+Imports: errors, store, chain.
 """
 
 import os
 import typing
 
-from vmbackup.errors import log
-from vmbackup.store import SUCCESS_MARKER, parse_dated_file
+from vmbackup.chain import chain_point, finish_merges, merge_points, plan_chain_retention
+from vmbackup.errors import ChainBroken, log
+from vmbackup.store import SUCCESS_MARKER, backup_vm_uuid, parse_dated_file
 
 
 class Keep(typing.NamedTuple):
@@ -122,7 +124,7 @@ def in_retention(folder, mode, uuid):
     """
     same = mode is None or retention_group(folder.mode) == retention_group(mode)
     if folder.manifest is not None:
-        owner = (folder.manifest.get("vm") or {}).get("uuid")
+        owner = backup_vm_uuid(folder)
         return same and (uuid is None or owner in (None, uuid))
     if folder.legacy:
         return same
@@ -139,6 +141,15 @@ def plan_vm_retention(folders, keep, mode=None, uuid=None, drop_incomplete=True,
     return plan_retention(entries, keep, drop_incomplete)
 
 
+def retention_steps(folders, doomed, mode=None, uuid=None, incoming=None):
+    """Return the chain.ChainAction steps that delete `doomed` among the BackupFolders
+    `folders` of VM `uuid` in `mode` (in_retention): a delta-export point that a kept point's
+    chain (or the `incoming` ChainPoint's, the run's own) runs through is merged into the next
+    point of that chain instead of deleted (pure)."""
+    points = [chain_point(f) for f in folders if in_retention(f, mode, uuid)]
+    return plan_chain_retention(points + ([incoming] if incoming else []), doomed)
+
+
 def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None, uuid=None,
                      incoming=None):
     """Delete what plan_vm_retention says among the backups of VM `uuid` in `mode` filed
@@ -151,26 +162,53 @@ def prune_vm_backups(store, vm, keep, drop_incomplete=True, vlog=None, mode=None
     vlog = vlog or log
     for name in store.finish_deletes(vm):
         vlog.info("retention: finished deleting %s (an earlier delete was interrupted)", name)
+    finish_merges(store, vm, vlog)
     folders = {f.name: f for f in store.backups(vm)}
     doomed = plan_vm_retention(folders.values(), keep, mode, uuid, drop_incomplete, incoming)
     if incoming is not None:
         good = [f for f in folders.values() if f.complete and in_retention(f, mode, uuid)]
         last_good = max(good, key=lambda f: f.when).name if good else None
         doomed = [name for name in doomed if name != last_good]
-    for name in doomed:
+    deleted = []
+    for step in retention_steps(folders.values(), doomed, mode, uuid):
+        name = step.name
+        if step.kind == "merge":
+            try:
+                merge_points(store, vm, name, step.into, step.devices, vlog, step.then_delete)
+            except ChainBroken as exc:
+                vlog.warning("retention: %s is kept: %s", name, exc)
+                continue
+            except OSError as exc:      # a full disk, say: the journal lets the next run finish
+                vlog.warning("retention: merging %s into %s stopped (%s); the next run "
+                             "finishes it", name, step.into, exc)
+                break
+            if step.then_delete:
+                deleted.append(name)
+            continue
+        deleted.append(name)
         if folders[name].complete:
             vlog.info("retention: deleting %s", name)
         else:
             # housekeeping: the run that left it already reported its failure
             vlog.info("deleting incomplete backup %s (no success marker)", name)
         store.delete(folders[name].path)
-    return doomed
+    return deleted
+
+
+def plan_dated_retention(names, keep, incoming=None):
+    """Return the pool_db_/host_ file names to delete among `names`, the `keep` newest kept
+    (pure); with `incoming`, a datetime, as if the file a run is about to write stood beside
+    them (--preview)."""
+    entries = [(name, parse_dated_file(name), True) for name in names]
+    if incoming is not None:
+        entries.append((None, incoming, True))
+    return plan_retention(entries, keep)
 
 
 def prune_dated_files(store, folder, keep):
     """Delete the oldest pool_db_/host_ files in `store`'s `folder` beyond `keep`; return their names."""
     paths = {os.path.basename(p): p for p in store.dated_files(folder)}
-    doomed = plan_retention([(n, parse_dated_file(n), True) for n in paths], keep)
+    doomed = plan_dated_retention(paths, keep)
     for name in doomed:
         log.info("retention: deleting %s", os.path.join(folder, name))
         store.delete(paths[name])

@@ -1,7 +1,7 @@
 """The whole backup run, as a list of named steps; and the preview, the same run without side effects.
 
 Owns: run_backup, back_up_everything, select_for_run, report_run, report_cannot_start,
-preview (and what it plans: planned_deletions, planned_destroys).
+preview (and what it plans: planned_deletions, planned_dated_deletions, planned_destroys).
 Imports: everything below it.
 """
 
@@ -10,7 +10,8 @@ import datetime
 import os
 import sys
 
-from vmbackup.backup import Context, backup_hosts, backup_pool_db, run_note
+from vmbackup.backup import (
+    Context, backup_hosts, backup_pool_db, host_folder, pool_db_folder, run_note)
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
 from vmbackup.jobs import back_up_vms
 from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
@@ -18,7 +19,8 @@ from vmbackup.notify import send_reports
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
-from vmbackup.retention import keep_for, plan_vm_retention
+from vmbackup.chain import incoming_point
+from vmbackup.retention import keep_for, plan_dated_retention, plan_vm_retention, retention_steps
 from vmbackup.selection import plan_vm, read_pool, select_vms, wanted_by
 from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
@@ -187,21 +189,39 @@ def preview_pool(config, endpoint, password, record):
     if config.host_backup:
         record.results.extend(VmResult("host backup of %s" % (h.get("hostname") or ref), "",
                                        "pool", "success") for ref, h in view.hosts.items())
-    deletions = planned_deletions(config, plans) if not record.cannot_start else ()
+    deletions = () if record.cannot_start else \
+        planned_deletions(config, plans) + planned_dated_deletions(config, view)
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
 
 
 def planned_deletions(config, plans, now=None):
-    """Return [(VM folder, backup name)] retention would delete after each plan's new backup
-    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only."""
+    """Return [(VM folder, backup)] retention would delete after each plan's new backup
+    (made `now`): the run's own plan (retention.plan_vm_retention), this VM's and mode's only;
+    a delta-export point a kept point needs reads "NAME (merged into NEXT: DEVICES)"."""
     store, found = LocalStore(config.backup_dir), []
     now = now or datetime.datetime.now().replace(microsecond=0)
     for plan in plans:
         if plan.problems:
             continue
         vm, folder = plan.vm, safe_dirname(plan.vm.name)
-        found.extend((folder, name) for name in plan_vm_retention(
-            store.backups(folder), keep_for(config, vm), vm.mode, vm.uuid, incoming=now))
+        folders = store.backups(folder)
+        doomed = plan_vm_retention(folders, keep_for(config, vm), vm.mode, vm.uuid, incoming=now)
+        found.extend((folder, step.describe()) for step in retention_steps(
+            folders, doomed, vm.mode, vm.uuid, incoming_point(folders, vm.mode, now)))
+    return tuple(found)
+
+
+def planned_dated_deletions(config, view, now=None):
+    """Return [(folder, file name)] of the pool database dumps and host backups retention
+    would delete after the run writes its own (retention.plan_dated_retention)."""
+    store, found = LocalStore(config.backup_dir), []
+    now = now or datetime.datetime.now().replace(microsecond=0)
+    folders = [pool_db_folder(view)] if config.pool_db_backup else []
+    if config.host_backup:
+        folders += [host_folder(ref, host)[0] for ref, host in sorted(view.hosts.items())]
+    for folder in map(safe_dirname, folders):
+        names = [os.path.basename(p) for p in store.dated_files(folder)]
+        found.extend((folder, name) for name in plan_dated_retention(names, config.max_backups, now))
     return tuple(found)
 
 

@@ -3,12 +3,14 @@
 Owns: safe_dirname, inside, stamp and the backup-folder/dated-file names; the backup
 folder model (BackupFolder, read_backup_folder) and its rules, each written once:
 is_complete (is this folder a finished backup?), file_kind (is this file an XVA?),
-legacy_root_disk and legacy_disk_files (which DISK-* does a NAUbackup disk file hold?); MANIFEST and the success
-markers, read_manifest/read_cfg; the Store interface and LocalStore; RunLock;
+legacy_root_disk and legacy_disk_files (which DISK-* does a NAUbackup disk file hold?),
+backup_vm_uuid and group_by_vm (whose backups does a VM folder hold?); MANIFEST and the
+success markers, read_manifest/read_cfg/manifest_text; the Store interface and LocalStore; RunLock;
 check_backup_dir/check_space/log_df, folder_size.
 Imports: errors, util.
 """
 
+import collections
 import datetime
 import json
 import os
@@ -259,6 +261,25 @@ class BackupFolder(typing.NamedTuple):
         return [f.name for f in self.files if f.kind == kind]
 
 
+def backup_vm_uuid(backup):
+    """Return the uuid of the VM a BackupFolder's manifest names, or None (legacy, damaged)."""
+    return ((backup.manifest or {}).get("vm") or {}).get("uuid")
+
+
+def group_by_vm(backups):
+    """Return the BackupFolders `backups` split by the VM their manifests name, in the order
+    each VM first appears (pure): one VM folder may hold two VMs' backups (their names made
+    one folder). Backups that name no VM (legacy, damaged, unfinished) join the one VM when
+    there is one, else form a group of their own."""
+    groups = collections.OrderedDict()    # Python 3.6: a dict's order is not promised
+    for backup in backups:
+        groups.setdefault(backup_vm_uuid(backup), []).append(backup)
+    named = [g for uuid, g in groups.items() if uuid is not None]
+    if len(named) == 1 and None in groups:
+        return [list(backups)]
+    return list(groups.values())
+
+
 def read_cfg(path):
     """Return the key=value pairs of a NAUbackup .cfg file as a dict ({} if unreadable)."""
     try:
@@ -285,6 +306,11 @@ def read_manifest(folder):
         raise BadFile("%s has format %r; this vmbackup reads format 1"
                       % (MANIFEST, manifest.get("format")))
     return manifest
+
+
+def manifest_text(manifest):
+    """Return the text of a backup.json (the one way it is written)."""
+    return json.dumps(manifest, indent=2, sort_keys=True) + "\n"
 
 
 def read_legacy_disks(folder, entries):
@@ -640,7 +666,7 @@ class LocalStore(Store):
         return dest
 
     def commit(self, path, manifest):
-        self.write_file(path, MANIFEST, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+        self.write_file(path, MANIFEST, manifest_text(manifest))
         write_text(os.path.join(path, SUCCESS_MARKER), "")
         fsync_dir(path)
 

@@ -15,7 +15,7 @@ from vmbackup.errors import BackupDirError, BadFile, EXIT_OK, PROG, UsageError
 from vmbackup.formats.xva import MAX_OVA_XML, _int, ova_objects, parse_ova_xml, read_ova_xml
 from vmbackup.report import write_json
 from vmbackup.selection import device_name
-from vmbackup.store import METADATA_FILE, LocalStore, file_kind, read_backup_folder
+from vmbackup.store import METADATA_FILE, LocalStore, file_kind, group_by_vm, read_backup_folder
 from vmbackup.util import UNNUMBERED, human_size, one_line, printable
 
 
@@ -209,7 +209,9 @@ def diff_inputs(paths):
         raise UsageError("%s: no such folder" % folder)
     vm_dir = os.path.abspath(folder)
     store = LocalStore(os.path.dirname(vm_dir))
-    found = [b.path for b in store.backups(os.path.basename(vm_dir)) if METADATA_FILE in b.entries]
+    backups = [b for b in store.backups(os.path.basename(vm_dir)) if METADATA_FILE in b.entries]
+    # the newest backup's VM only: a folder may hold two VMs' backups (store.group_by_vm)
+    found = [b.path for b in next((g for g in group_by_vm(backups) if g[-1] is backups[-1]), [])]
     if len(found) < 2:
         raise UsageError("%s: %d backup%s with %s; diff needs two"
                          % (folder, len(found), "" if len(found) == 1 else "s", METADATA_FILE))

@@ -1,6 +1,6 @@
 """`vmbackup.py list`: what backups exist, newest first, as typed results (Listing).
 
-Imports: errors, util, config, store, report, check.
+Imports: errors, util, config, store, chain, report, check.
 """
 
 import argparse
@@ -10,11 +10,12 @@ import re
 import sys
 import typing
 
+from vmbackup.chain import chain_links
 from vmbackup.check import check_backup
 from vmbackup.config import DEFAULT_BACKUP_DIR, PLAIN_NAME_RE, Selector, read_config_file
 from vmbackup.errors import BackupDirError, EXIT_OK, PROG, UsageError
 from vmbackup.report import write_json
-from vmbackup.store import LocalStore, parse_dated_file
+from vmbackup.store import LocalStore, backup_vm_uuid, group_by_vm, parse_dated_file
 from vmbackup.util import human_size, printable
 
 
@@ -30,17 +31,35 @@ class BackupSummary(typing.NamedTuple):
     legacy: bool
     check: str                  # sizes ok, BAD: ..., not verified (...)
     vm_name: typing.Optional[str]
+    chain: typing.Tuple[dict, ...] = ()   # delta-export: one chain_point_summary per disk
 
     def to_json(self):
         """Return the summary as list --json writes it."""
         return self._asdict()
 
 
+def chain_point_summary(link):
+    """Return what `list` shows of one disk of a delta-export point (a chain.ChainLink)."""
+    chain = {"device": link.device, "chain": link.chain_id, "position": link.position,
+             "parent": (link.parent or {}).get("backup"), "base": link.parent is None,
+             "vhd_uuid": link.vhd_uuid, "size": link.size}
+    return chain
+
+
+def chain_line(disk):
+    """Return one line of `list` for one disk of a delta-export point."""
+    what = "base of the chain (full)" if disk["base"] else "delta of %s" % disk["parent"]
+    return "      %-6s chain %-8s point %-3s %s, %s" % (
+        disk["device"], str(disk["chain"])[:8], disk["position"], what,
+        human_size(disk["size"] or 0))
+
+
 class VmListing(typing.NamedTuple):
-    """One VM folder's backups, newest first."""
+    """One VM's backups in its folder, newest first (a folder may hold two VMs': store.group_by_vm)."""
     name: str
     folder: str
     backups: typing.Tuple[BackupSummary, ...]
+    uuid: typing.Optional[str] = None       # the VM's, from the manifests; None: not recorded
 
     def counts(self):
         """Return (complete, incomplete): the backups that can be restored, and the others."""
@@ -48,9 +67,10 @@ class VmListing(typing.NamedTuple):
         return complete, len(self.backups) - complete
 
     def to_json(self):
-        """Return {"name", "folder", "complete", "incomplete", "backups": [...]}."""
+        """Return {"name", "folder", "uuid", "complete", "incomplete", "backups": [...]}."""
         complete, incomplete = self.counts()
         return collections.OrderedDict([("name", self.name), ("folder", self.folder),
+                                        ("uuid", self.uuid),
                                         ("complete", complete), ("incomplete", incomplete),
                                         ("backups", [b.to_json() for b in self.backups])])
 
@@ -102,7 +122,9 @@ def backup_summary(store, backup):
         check = "sizes ok"
     return BackupSummary(result.name, backup.path, result.date, result.mode, count, total,
                          result.complete, result.legacy, check,
-                         result.vm if result.mode and not result.legacy else None)
+                         result.vm if result.mode and not result.legacy else None,
+                         tuple(chain_point_summary(link) for _, link in
+                               sorted(chain_links(backup).items())))
 
 
 def scan_backup_dir(root, pattern=None):
@@ -115,11 +137,14 @@ def scan_backup_dir(root, pattern=None):
     store = LocalStore(root)
     vms, dated = [], {"pool_db": [], "hosts": []}
     for name in store.vm_folders():
-        backups = tuple(backup_summary(store, b) for b in reversed(store.backups(name)))
-        if backups:
+        folders = list(reversed(store.backups(name)))
+        for group in group_by_vm(folders):   # one listing per VM, whatever folder they share
+            backups = tuple(backup_summary(store, b) for b in group)
             vm_name = next((b.vm_name for b in backups if b.vm_name), name)
             if not selector or selector.matches(vm_name) or selector.matches(name):
-                vms.append(VmListing(vm_name, name, backups))
+                uuid = next((backup_vm_uuid(b) for b in group if backup_vm_uuid(b)), None)
+                vms.append(VmListing(vm_name, name, backups, uuid))
+        if folders:
             continue
         for path in reversed(store.dated_files(name)):
             file = os.path.basename(path)
@@ -133,10 +158,14 @@ def scan_backup_dir(root, pattern=None):
 def format_list(data):
     """Return the human table of a Listing."""
     out = ["backup_dir %s" % data.backup_dir]
-    row = "  %-19s  %-11s %5s  %8s  %-10s  %s"
+    row = "  %-19s  %-12s %5s  %8s  %-10s  %s"
+    shared = collections.Counter(vm.folder for vm in data.vms)
     for vm in data.vms:
         shown = printable(vm.name)
-        if vm.folder != vm.name:
+        if shared[vm.folder] > 1:
+            shown += "  (folder %s, shared with another VM; uuid %s)" % (printable(vm.folder),
+                                                                       vm.uuid or "not recorded")
+        elif vm.folder != vm.name:
             shown += "  (folder %s)" % printable(vm.folder)
         complete, incomplete = vm.counts()
         out += ["", "%s: %d complete backup%s%s" % (shown, complete, "" if complete == 1 else "s",
@@ -147,6 +176,7 @@ def format_list(data):
             out.append(row % ((b.date or "?").replace("T", " "), b.mode or "?", b.files,
                               human_size(b.size),
                               "complete" if b.complete else "INCOMPLETE", b.check))
+            out += [chain_line(disk) for disk in b.chain]
     for key, title in (("pool_db", "pool database"), ("hosts", "host backup")):
         folders = collections.OrderedDict()
         for entry in getattr(data, key):

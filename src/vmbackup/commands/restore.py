@@ -18,7 +18,8 @@ from vmbackup.errors import EXIT_OK, PROG, RestoreError, UsageError, VmBackupErr
 from vmbackup.report import write_json
 from vmbackup.selection import is_candidate
 from vmbackup.store import (
-    LocalStore, file_kind, parse_backup_name, read_backup_folder, read_cfg)
+    LocalStore, backup_vm_uuid, file_kind, group_by_vm, parse_backup_name, read_backup_folder,
+    read_cfg)
 from vmbackup.transport.base import Obj
 from vmbackup.transport.choose import make_transport
 from vmbackup.util import human_size, printable
@@ -26,12 +27,21 @@ from vmbackup.xapi import login, parse_endpoint
 
 
 def newest_complete(vm_dir):
-    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none."""
+    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none, or
+    if the folder holds more than one VM's backups (their names made one folder): then the
+    message names the newest backup of each, to restore by its path."""
     store = LocalStore(os.path.dirname(vm_dir))
-    for backup in reversed(store.backups(os.path.basename(vm_dir))):
-        if backup.complete:
-            return backup
-    raise RestoreError("%s holds no complete backup" % vm_dir)
+    complete = [b for b in reversed(store.backups(os.path.basename(vm_dir))) if b.complete]
+    if not complete:
+        raise RestoreError("%s holds no complete backup" % vm_dir)
+    groups = group_by_vm(complete)
+    if len(groups) > 1:
+        raise RestoreError("%s holds the backups of %d VMs (their names make one folder); "
+                           "restore one by its backup folder: %s" % (
+                               vm_dir, len(groups), "; ".join(
+                                   "%s [%s]: %s" % (printable(g[0].vm), backup_vm_uuid(g[0]) or
+                                                    "uuid not recorded", g[0].path) for g in groups)))
+    return complete[0]
 
 
 def resolve_backup(path):
