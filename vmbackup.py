@@ -521,8 +521,13 @@ PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9 _-]+$")
 
 
 #: Selection modes, strongest first: a VM chosen for vdi-export is not also
-#: vm-exported, and a full export already carries the metadata.
-MODES = ("vdi-export", "vm-export", "meta-export")
+#: vm-exported, and a full export already carries the metadata. delta-export (disk
+#: chains: a full, then the changed blocks) stands between vdi-export and vm-export.
+MODES = ("vdi-export", "delta-export", "vm-export", "meta-export")
+
+
+#: Modes whose selectors name disks: NAME_OR_REGEX[:MAX[:DEV;DEV]].
+DISK_MODES = ("vdi-export", "delta-export")
 
 
 Setting = collections.namedtuple("Setting", "default parse help")
@@ -605,12 +610,15 @@ SETTINGS = collections.OrderedDict([
                                                      "(mode 0600)")),
     ("smtp_timeout", Setting(30, lambda v: parse_int(v, 1),
                              "seconds an SMTP connection may wait; 3 tries in all")),
+    ("full_interval", Setting(7, lambda v: parse_int(v, 0),
+                              "delta-export: a new full every N points of a chain (0: never)")),
 ])
 
 
 #: Repeatable selector keys; underscore and hyphen spellings are the same key.
 SELECTOR_KEYS = {"vm_export": "vm-export", "vdi_export": "vdi-export",
-                 "meta_export": "meta-export", "exclude": "exclude"}
+                 "meta_export": "meta-export", "exclude": "exclude",
+                 "delta_export": "delta-export"}
 
 
 #: Keys accepted on a NAUbackup command line as `key=value` words.
@@ -619,10 +627,10 @@ LEGACY_WORD_KEYS = ("compress", "ignore_extra_keys", "pre_clean")
 
 class Selector(typing.NamedTuple):
     """One vm-export/vdi-export/meta-export/exclude line, parsed."""
-    mode: str                   # vm-export, vdi-export, meta-export or exclude
+    mode: str                   # vm-export, vdi-export, delta-export, meta-export or exclude
     pattern: str                # the name or regex as written
     max_backups: typing.Optional[int] = None   # None: the global max_backups
-    devices: typing.Tuple[str, ...] = ()       # vdi-export disks; () = root disk
+    devices: typing.Tuple[str, ...] = ()       # vdi-export disks, () = root disk; delta-export, () = all
     origin: str = "command line"               # "file:line" or "command line"
     gfs: typing.Optional[typing.Tuple[int, int, int, int]] = None   # its own keep_daily,
     # keep_weekly, keep_monthly, keep_yearly ('web01:4+7d+4w'); None: the global keep_* settings
@@ -707,14 +715,15 @@ def parse_selector(text, mode, origin="command line"):
     raw = text.strip()
     if not raw:
         raise ValueError("empty selector")
-    match = _SELECTOR_TAIL["vdi-export" if mode == "vdi-export" else "other"].match(raw)
+    form = "vdi-export" if mode in DISK_MODES else "other"
+    match = _SELECTOR_TAIL[form].match(raw)
     name, max_text = match.group("name"), match.group("max")
     devs = match.groupdict().get("devs") or ""
-    bad = _BAD_MAX["vdi-export" if mode == "vdi-export" else "other"].match(name)
+    bad = _BAD_MAX[form].match(name)
     if bad and not PLAIN_NAME_RE.match(name):
         raise ValueError("MAX_BACKUPS %r in %r is not a whole number (NAME_OR_REGEX[:MAX%s], "
                          "MAX = N or N+7d+4w+12m+2y)"
-                         % (bad.group("max"), raw, "[:DEV;DEV]" if mode == "vdi-export" else ""))
+                         % (bad.group("max"), raw, "[:DEV;DEV]" if mode in DISK_MODES else ""))
     max_backups, gfs = parse_keep_field(max_text, raw)
     devices = tuple(d.strip() for d in re.split(r"[;,]", devs) if d.strip())
     if not PLAIN_NAME_RE.match(name):
@@ -772,6 +781,7 @@ class Config(typing.NamedTuple):
     smtp_username: typing.Optional[str] = None
     smtp_password_file: typing.Optional[str] = None
     smtp_timeout: int = 30
+    full_interval: int = 7
     selectors: typing.Tuple[Selector, ...] = ()
     config_file: typing.Optional[str] = None
     origins: typing.Dict[str, str] = {}   # key -> "file:line" or "command line"
@@ -874,7 +884,8 @@ def example_config():
         "# A plain name (letters, digits, spaces, - and _) matches exactly that VM; anything else",
         "# is a Python regex matched at the start of the name (re.match): end it with $ to anchor.",
         "# Plain names win over regexes, excludes win over everything, vdi-export wins over",
-        "# vm-export, and the last line for the same VM sets its MAX_BACKUPS. Order does not matter.",
+        "# delta-export, which wins over vm-export, and the last line for the same VM sets its",
+        "# MAX_BACKUPS. Order does not matter.",
         "# MAX_BACKUPS may carry GFS terms, that VM's own keep_daily/weekly/monthly/yearly:",
         "# PRD-db.*:4+7d+4w+12m keeps the 4 newest backups, then the newest of each of 7 more",
         "# days, 4 more weeks and 12 more months ('+2y': 2 more years; a term left out is 0).",
@@ -890,6 +901,9 @@ def example_config():
         "#vm-export=.*SAVE$:5",
         "#vm-export=my-third-vm:3",
         "#vm-export=PRD-db.*:4+7d+4w+12m",
+        "# incremental: a full image, then only the changed blocks (CBT, NBD), disk chains;",
+        "# NAME_OR_REGEX[:MAX_BACKUPS[:DEV;DEV...]] (default: every disk but [NOBAK] ones)",
+        "#delta-export=PRD-db.*:14",
         "# metadata only (no snapshot, no disk export): cheap enough to run hourly; its",
         "# backups are counted apart from the data backups (max_meta_backups)",
         "#meta-export=DEV-.*",
@@ -2737,6 +2751,7 @@ CLI_SETTINGS = {
     "log_file": ("log_file", parse_text),
     "syslog": ("syslog", bool),
     "metrics_file": ("metrics_file", parse_text),
+    "full_interval": ("full_interval", lambda v: parse_int(v, 0)),
 }
 
 
@@ -3346,7 +3361,7 @@ def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS, max_meta_
 
     The contract: candidates are real VMs (is_candidate); plain names are matched
     exactly and win over regexes; excludes win over everything; vdi-export wins over
-    vm-export, which wins over meta-export; within the winning mode the last
+    delta-export, which wins over vm-export, which wins over meta-export; within the winning mode the last
     definition sets max_backups and devices (a meta-export's default is
     max_meta_backups, else max_backups); two candidates with one name are an error for
     that name, and so are two chosen VMs whose names make one folder (safe_dirname);
@@ -3576,7 +3591,7 @@ def plan_vm(selected, view):
     problems = []
     if selected.mode == "meta-export":
         return VmPlan(selected, [], [], problems)
-    if selected.mode == "vdi-export":
+    if selected.mode == "vdi-export" or (selected.mode == "delta-export" and selected.devices):
         chosen, missing = pick_disks(disks, selected.devices)
         for device in missing:
             problems.append("no disk %s on VM %s" % (device, printable(selected.name)))
@@ -3766,6 +3781,61 @@ class Transport:
 
     def close(self):
         """Release what the transport holds (temporary files)."""
+
+    # -- incremental backups (delta-export): what xe cannot do goes through XenAPI on
+    # both transports: reading a VDI record, NBD connection details, unplugging a disk.
+    def vdi_record(self, vdi):
+        """Return a VDI's record now, or None if it is gone."""
+        try:
+            return self.xapi.call("VDI.get_record", vdi.ref)
+        except XapiFailure as exc:
+            if exc.code in GONE_CODES:
+                return None
+            raise
+
+    def vdi_by_uuid(self, uuid):
+        """Return (Obj, record) of the VDI `uuid`, or None if it is gone."""
+        try:
+            ref = self.xapi.call("VDI.get_by_uuid", uuid)
+        except XapiFailure as exc:
+            if exc.code in GONE_CODES:
+                return None
+            raise
+        record = self.vdi_record(Obj(ref, uuid))
+        return None if record is None else (Obj(ref, uuid), record)
+
+    def nbd_info(self, vdi):
+        """Return VDI.get_nbd_info's records of `vdi` ([] when no network has an NBD purpose)."""
+        return list(self.xapi.call("VDI.get_nbd_info", vdi.ref) or [])
+
+    def network_purposes(self):
+        """Return the purposes of the pool's networks (nbd, insecure_nbd) as one set."""
+        return {p for rec in self.xapi.call("network.get_all_records").values()
+                for p in rec.get("purpose") or ()}
+
+    def keep_disk(self, vbd):
+        """Unplug a disk from a snapshot VM so that destroying the snapshot keeps the disk."""
+        self.retry_busy("destroy VBD", lambda: self.xapi.call("VBD.destroy", vbd.ref))
+
+    def enable_cbt(self, vdi):
+        """Turn Changed Block Tracking on for `vdi` (idempotent)."""
+        raise NotImplementedError
+
+    def list_changed_blocks(self, older, newer):
+        """Return the base64 bitmap of the 64 KiB blocks that differ between two snapshots."""
+        raise NotImplementedError
+
+    def data_destroy(self, vdi):
+        """Drop a CBT-enabled snapshot's data, keeping its CBT log (type cbt_metadata)."""
+        raise NotImplementedError
+
+    def export_vdi_delta(self, vdi, base, dest):
+        """Write the differencing VHD of `vdi` against `base` to a new file `dest`."""
+        raise NotImplementedError
+
+    def import_vdi_stream(self, vdi, chunks, size):
+        """Write `size` raw bytes, given as an iterable of bytes, into the VDI `vdi`."""
+        raise NotImplementedError
 
 
 # === vmbackup/formats/vhdfile.py ============================================
@@ -4532,6 +4602,38 @@ class ApiTransport(Transport):
         return self.download("/host_backup", {}, dest, "backup of host %s" % host["name_label"],
                              endpoint=self.endpoint.with_host(host["address"]))
 
+    # -- incremental backups
+    def enable_cbt(self, vdi):
+        self.xapi.call("VDI.enable_cbt", vdi.ref)
+
+    def list_changed_blocks(self, older, newer):
+        return self.xapi.call("VDI.list_changed_blocks", older.ref, newer.ref)
+
+    def data_destroy(self, vdi):
+        self.xapi.call("VDI.data_destroy", vdi.ref)
+
+    def export_vdi_delta(self, vdi, base, dest):
+        return self.download("/export_raw_vdi", {"vdi": vdi.ref, "format": "vhd", "base": base.ref},
+                             dest, "differencing export of VDI %s" % vdi.uuid)
+
+    def import_vdi_stream(self, vdi, chunks, size):
+        """PUT `size` raw bytes from `chunks` to /import_raw_vdi, under a task."""
+        what = "import into VDI %s" % vdi.uuid
+        with XapiTask(self.xapi, what, self.config.stall_timeout) as task:
+            response, conn = task.http(self.endpoint, "PUT", "/import_raw_vdi",
+                                       {"vdi": vdi.ref, "format": "raw"}, content_length=size)
+            try:
+                sent = 0
+                for chunk in chunks:
+                    try:
+                        conn.sock.sendall(chunk)
+                    except TLS_ERRORS + CONNECTION_ERRORS as exc:
+                        raise transfer_error(what, exc, sent, self.config.stall_timeout)
+                    sent += len(chunk)
+                task.finish()
+            finally:
+                close_http(response, conn)
+
     def download(self, path, params, dest, what, endpoint=None, sparse=False):
         """Stream GET `path` into a new file `dest` under a task; return (bytes, sha256).
 
@@ -4936,6 +5038,34 @@ class XeTransport(Transport):
     def backup_host(self, host, dest):
         return self.xe_long(dest, "backup of host %s" % host["name_label"], "host-backup",
                             host=host["uuid"], file_name=dest)
+
+    # -- incremental backups: xe has every CBT command; NBD details and unplugging a
+    # disk from a snapshot go through XenAPI (Transport).
+    def enable_cbt(self, vdi):
+        self.xe("vdi-enable-cbt", uuid=vdi.uuid)
+
+    def list_changed_blocks(self, older, newer):
+        return self.xe("vdi-list-changed-blocks", vdi_from_uuid=older.uuid,
+                       vdi_to_uuid=newer.uuid).strip()
+
+    def data_destroy(self, vdi):
+        self.xe("vdi-data-destroy", uuid=vdi.uuid)
+
+    def export_vdi_delta(self, vdi, base, dest):
+        return self.xe_long(dest, "differencing export of VDI %s" % vdi.uuid, "vdi-export",
+                            uuid=vdi.uuid, filename=dest, format="vhd", base=base.uuid)
+
+    def import_vdi_stream(self, vdi, chunks, size):
+        """xe vdi-import reads a file: write the bytes to a sparse temporary file first."""
+        with tempfile.NamedTemporaryFile(prefix="vmbackup-restore-", suffix=".raw") as tmp:
+            for chunk in chunks:
+                if chunk.count(0) == len(chunk):
+                    tmp.seek(len(chunk), os.SEEK_CUR)
+                else:
+                    tmp.write(chunk)
+            tmp.truncate(size)
+            tmp.flush()
+            self.xe("vdi-import", uuid=vdi.uuid, filename=tmp.name, format="raw")
 
     def close(self):
         self.secret = None
@@ -5878,6 +6008,686 @@ def verify_exit_code(results):
     return EXIT_WARNING if "unchecked" in states else EXIT_OK
 
 
+# === vmbackup/delta.py ======================================================
+# Incremental backups, the pool's side (delta-export): whether a disk's point is a full or a
+# delta and why, finding and reading the changed blocks, and the reference snapshots kept
+# on the pool between runs.
+#
+# A chain (formats.vhdfile, chain) is a dynamic VHD full plus one differencing VHD per later
+# point. Between runs the pool keeps, per disk, the snapshot VDI of the last point: the
+# *reference* the next run compares with. In order of preference:
+#
+# * CBT + NBD: VDI.list_changed_blocks(reference, new snapshot) names the changed 64 KiB
+#   blocks, read over NBD (TLS, the certificate of get_nbd_info checked); the reference's
+#   data is then destroyed (VDI.data_destroy): only a cbt_metadata VDI stays on the SR.
+# * CBT without NBD, or no CBT: /export_raw_vdi?format=vhd&base=<reference> (whole 2 MiB
+#   blocks), so the reference keeps its data.
+#
+# A reference is a snapshot VDI tagged like every snapshot the tool makes (TAG_KEY): once
+# its run is over it is a leftover (leftovers.is_leftover) unless kept_reference says it
+# stays: the newest complete point of its VM records it, or it belongs to a chain of another
+# backup_dir (CHAIN_KEY, set once its point is committed). A killed run's references go,
+# the current chain's stay.
+#
+# Owns: CHAIN_KEY, ChainReferences and kept_reference (pure), PreviousDisk, ReferenceState, DiskFacts, DiskPlan, plan_delta and changed_ranges (pure);
+# previous_point, recorded_references, enable_cbt_once, read_ranges_nbd, delta_point (one VM's
+# point), chain_entries (manifest disks), finish_point, drop_old_references, point_note.
+# Imports: errors, util, store, metadata, chain, nbd, formats.vhdfile, transport.base.
+
+#: NBD connections per disk: xapi-nbd accepts 16 per host and has a listen backlog of 5,
+#: so a few, opened one after another (as Xen Orchestra's @vates/nbd-client does).
+NBD_CONNECTIONS = 4
+
+
+#: Attempts at one range over NBD (a new connection each time) before the point fails.
+NBD_ATTEMPTS = 3
+
+
+#: Seconds VDI.data_destroy is retried while it answers VDI_IN_USE: XAPI unplugs the
+#: snapshot's disks a few seconds after the snapshot is gone (Xen Orchestra #7826).
+DATA_DESTROY_WAIT = 30.0
+
+
+#: How the changed blocks of a delta point were found (the manifest's chain.method).
+METHODS = ("full", "cbt-nbd", "cbt-export", "export")
+
+
+class PreviousDisk(typing.NamedTuple):
+    """A disk of the newest complete delta-export point: the parent of the next point."""
+    backup: str                 # the point's folder name
+    file: str                   # xvda.vhd
+    sha256: str
+    vdi_uuid: str               # the disk backed up then
+    virtual_size: int
+    chain_id: str
+    position: int
+    vhd_uuid: str
+    reference_uuid: typing.Optional[str]
+    reference_kind: typing.Optional[str]
+    complete: bool = True       # the point is complete and its file is there
+
+
+class ReferenceState(typing.NamedTuple):
+    """The recorded reference VDI as the pool has it now."""
+    uuid: str
+    snapshot_of: str            # ref of the disk it is a snapshot of
+    cbt_enabled: bool
+    has_data: bool              # False once data_destroy made it cbt_metadata
+
+
+class DiskFacts(typing.NamedTuple):
+    """What plan_delta decides from, for one disk."""
+    vdi_ref: str
+    vdi_uuid: str
+    virtual_size: int
+    cbt: bool                                   # CBT is on for the disk now
+    cbt_problem: typing.Optional[str]           # why not
+    nbd: bool                                   # get_nbd_info offers a server
+    previous: typing.Optional[PreviousDisk]
+    reference: typing.Optional[ReferenceState]  # None: gone (or none recorded)
+
+
+class DiskPlan(typing.NamedTuple):
+    """What one disk's point will be."""
+    method: str                 # full, cbt-nbd, cbt-export, export
+    reason: typing.Optional[str]    # why a full (None for a delta)
+    reference_kind: str         # what the new reference becomes: cbt_metadata or snapshot
+
+    @property
+    def full(self):
+        return self.method == "full"
+
+
+def plan_delta(facts, full_interval):
+    """Return the DiskPlan of one disk (pure): a delta when the chain can go on, else a full
+    with the reason. Never a delta whose reference is not provably this chain's.
+
+    The new reference is data-destroyed (cbt_metadata) only where the next run can read
+    over NBD; a reference with data is what a differencing export needs as its base.
+    """
+    kind = "cbt_metadata" if facts.cbt and facts.nbd else "snapshot"
+    prev, ref = facts.previous, facts.reference
+
+    def full(reason):
+        return DiskPlan("full", reason, kind)
+    if prev is None:
+        return full("first run: no earlier point of this disk")
+    if not prev.complete:
+        return full("the previous point %s is incomplete" % prev.backup)
+    if full_interval and prev.position + 1 >= full_interval:
+        return full("full_interval reached (%d points since the full)" % (prev.position + 1))
+    if not prev.reference_uuid:
+        return full("the previous point kept no reference snapshot")
+    if prev.vdi_uuid != facts.vdi_uuid:
+        return full("the disk is another VDI than the chain's (%s, was %s): storage migration "
+                    "or a replaced disk" % (facts.vdi_uuid, prev.vdi_uuid))
+    if ref is None:
+        return full("reference snapshot %s is gone" % prev.reference_uuid)
+    if ref.uuid != prev.reference_uuid or ref.snapshot_of != facts.vdi_ref:
+        return full("reference %s is not the chain's recorded snapshot of this disk" % ref.uuid)
+    if prev.virtual_size != facts.virtual_size:
+        return full("disk size changed from %d to %d bytes (resize)"
+                    % (prev.virtual_size, facts.virtual_size))
+    if facts.cbt and facts.nbd and ref.cbt_enabled:
+        return DiskPlan("cbt-nbd", None, kind)
+    if not ref.has_data:
+        why = ("no network offers NBD" if facts.cbt
+               else facts.cbt_problem or "CBT is off on the disk")
+        return full("the reference holds only CBT metadata and %s" % why)
+    return DiskPlan("cbt-export" if facts.cbt else "export", None, kind)
+
+
+def changed_ranges(bitmap, size, block=CBT_BLOCK, limit=VHD_BLOCK):
+    """Return [(offset, length)] of the changed blocks a CBT bitmap names (pure).
+
+    Bit i (most significant first) is block i; adjacent blocks are merged up to `limit`
+    bytes without crossing a multiple of `limit` (a VHD block); the last is cut at `size`.
+    >>> changed_ranges(bytes([0b01100000]), 8 << 16)
+    [(65536, 131072)]
+    """
+    found = []
+    for index in range(min(len(bitmap) * 8, (size + block - 1) // block)):
+        if not bitmap[index >> 3] & (0x80 >> (index & 7)):
+            continue
+        offset = index * block
+        length = min(block, size - offset)
+        if found:
+            last_offset, last_length = found[-1]
+            if last_offset + last_length == offset and last_length + length <= limit \
+                    and last_offset // limit == offset // limit:
+                found[-1] = (last_offset, last_length + length)
+                continue
+        found.append((offset, length))
+    return found
+
+
+def decode_bitmap(text):
+    """Return the bytes of list_changed_blocks' base64 answer; raise ExportFailed if garbled."""
+    try:
+        return base64.b64decode(text.strip(), validate=True)
+    except (ValueError, TypeError) as exc:
+        raise ExportFailed("list_changed_blocks answered no base64 bitmap: %s" % exc)
+
+
+# -- the store's side: the previous point, the recorded references -------------------
+
+def delta_points(store, vm_folder, vm_uuid=None):
+    """Return the complete delta-export BackupFolders of a VM folder (of VM `vm_uuid`), oldest first."""
+    return [b for b in store.backups(vm_folder)
+            if b.complete and b.mode == "delta-export" and b.manifest is not None
+            and (vm_uuid is None or (b.manifest.get("vm") or {}).get("uuid") in (None, vm_uuid))]
+
+
+def previous_disks(backup):
+    """Return {device: PreviousDisk} of a delta-export BackupFolder (chain.chain_links, plus
+    the disk and its reference)."""
+    links = chain_links(backup)
+    found = {}
+    for disk in backup.manifest.get("disks", ()):
+        link = links.get(str(disk.get("device")))
+        if link is None:
+            continue
+        reference = disk["chain"].get("reference") or {}
+        found[link.device] = PreviousDisk(
+            link.backup, link.file, link.sha256 or "", disk.get("vdi_uuid", ""),
+            int(disk.get("virtual_size") or 0), link.chain_id, int(link.position or 0),
+            link.vhd_uuid, reference.get("vdi_uuid"), reference.get("kind"),
+            link.file in backup.entries and bool(link.sha256))
+    return found
+
+
+def previous_point(store, vm_folder, vm_uuid):
+    """Return (BackupFolder or None, {device: PreviousDisk}) of the VM's newest complete point."""
+    points = delta_points(store, vm_folder, vm_uuid)
+    if not points:
+        return None, {}
+    return points[-1], previous_disks(points[-1])
+
+
+#: other_config key a reference gets once its point is committed: the chain's id, so that
+#: a run backing up into another backup_dir (which does not know that chain) leaves it be.
+CHAIN_KEY = "vmbackup_chain"
+
+
+class ChainReferences(typing.NamedTuple):
+    """What a store says about the reference VDIs on the pool."""
+    recorded: typing.FrozenSet[str]     # the references the chains go on from
+    chains: typing.FrozenSet[str]       # every chain id this store holds a point of
+
+
+def recorded_references(store):
+    """Return the ChainReferences of `store`: the reference VDIs the newest complete
+    delta-export point of every VM folder records, and the ids of its chains."""
+    recorded, chains = set(), set()
+    for vm_folder in store.vm_folders():
+        try:
+            points = delta_points(store, vm_folder)
+        except OSError as exc:
+            log.debug("reading %s: %s", vm_folder, exc)
+            continue
+        for point in points:
+            chains.update(link.chain_id for link in chain_links(point).values())
+        if points:
+            recorded.update(p.reference_uuid for p in previous_disks(points[-1]).values()
+                            if p.reference_uuid)
+    return ChainReferences(frozenset(recorded), frozenset(chains))
+
+
+def kept_reference(record, references):
+    """Return True if the VDI `record`, a leftover by the tags, must stay (pure): a reference
+    the store's chains go on from, or a committed reference (CHAIN_KEY) of a chain the store
+    does not hold -- another backup_dir's. A reference of a point never committed (a killed
+    run) or one its chain has moved past is not kept."""
+    if record.get("uuid") in references.recorded:
+        return True
+    chain = (record.get("other_config") or {}).get(CHAIN_KEY)
+    return bool(chain) and chain not in references.chains
+
+
+# -- the pool's side -------------------------------------------------------------
+
+def enable_cbt_once(transport, disk, vlog):
+    """Return (True, None) if CBT is on for `disk` (turning it on the first time, logged
+    once), else (False, why): unlicensed, an SR without CBT, a pool before XenServer 7.3."""
+    if disk.vdi.get("cbt_enabled"):
+        return True, None
+    try:
+        transport.enable_cbt(Obj(disk.vdi_ref, disk.vdi["uuid"]))
+    except CallFailed as exc:
+        why = "CBT unavailable (%s)" % (error_code(exc) or exc)
+        vlog.info("disk %s: %s: its deltas come from differencing exports, against a reference "
+                  "snapshot that keeps its data on the SR", disk.device, why)
+        return False, why
+    vlog.info("disk %s: Changed Block Tracking enabled (VDI %s): XAPI now records the blocks "
+              "written to it", disk.device, disk.vdi["uuid"])
+    return True, None
+
+
+def reference_state(transport, uuid):
+    """Return (Obj, ReferenceState) of the reference VDI `uuid`, or (None, None) if it is gone."""
+    if not uuid:
+        return None, None
+    found = transport.vdi_by_uuid(uuid)
+    if found is None:
+        return None, None
+    obj, rec = found
+    return obj, ReferenceState(uuid, rec.get("snapshot_of", ""), bool(rec.get("cbt_enabled")),
+                               rec.get("type") != "cbt_metadata")
+
+
+def pick_nbd_infos(infos, purposes):
+    """Return the get_nbd_info records to connect to, each with the certificate to check,
+    or none ("cert": "") for plain NBD: only where the pool's networks offer only the
+    purpose insecure_nbd (delta_point warns when it reads so). XAPI's answer carries a certificate either
+    way, so the networks' purposes (read through XAPI, not from the NBD server, which an
+    attacker could make refuse STARTTLS) decide."""
+    if not infos or "nbd" in purposes:
+        return list(infos)
+    if "insecure_nbd" not in purposes:
+        return []
+    return [dict(info, cert="") for info in infos]
+
+
+def open_nbd(infos, timeout):
+    """Return an NbdClient on the first of `infos` that answers; raise NbdError if none does."""
+    errors = []
+    for info in infos:
+        try:
+            return connect_info(info, allow_insecure=True, timeout=timeout)
+        except NbdError as exc:
+            errors.append(str(exc))
+    raise NbdError("no NBD server of the pool answered: %s" % "; ".join(errors or ["none offered"]))
+
+
+class NbdStats:
+    """What an NBD read moved (for the log and the tests' ratios)."""
+
+    def __init__(self):
+        self.bytes, self.ranges, self.connections, self.reconnects = 0, 0, 0, 0
+        self.lock = threading.Lock()
+
+
+def read_ranges_nbd(infos, ranges, timeout, connections=NBD_CONNECTIONS, stats=None):
+    """Yield (offset, data) for every range, read over NBD with at most `connections`
+    connections, opened one after another. A dropped connection is replaced and the range
+    read again (NBD_ATTEMPTS); then NbdError."""
+    if not ranges:
+        return
+    stats = stats or NbdStats()
+    work = queue.Queue()
+    for item in ranges:
+        work.put(item)
+    done = queue.Queue(maxsize=4 * connections)
+    stop = threading.Event()
+    clients = []
+    try:
+        for _ in range(min(connections, len(ranges))):
+            clients.append(open_nbd(infos, timeout))
+            stats.connections += 1
+    except BaseException:
+        for client in clients:
+            client.close()
+        raise
+
+    live = set(clients)        # the open connections, shut down at once when the read stops
+
+    def connect():
+        client = open_nbd(infos, timeout)
+        with stats.lock:
+            stats.connections += 1
+            stats.reconnects += 1
+            live.add(client)
+        if stop.is_set():
+            drop(client)
+            raise NbdError("stopped")
+        return client
+
+    def drop(client):
+        with stats.lock:
+            live.discard(client)
+        client.close()
+
+    def worker(client):
+        try:
+            while not stop.is_set():
+                try:
+                    offset, length = work.get_nowait()
+                except queue.Empty:
+                    return
+                for attempt in range(1, NBD_ATTEMPTS + 1):
+                    try:
+                        if client is None:
+                            client = connect()
+                        data = client.read(offset, length)
+                        break
+                    except NbdError as exc:
+                        if client is not None:
+                            drop(client)
+                            client = None
+                        if attempt == NBD_ATTEMPTS:
+                            raise NbdError("%s (range %d+%d, %d attempts)"
+                                           % (exc, offset, length, attempt))
+                        log.debug("NBD read of %d+%d failed (%s): reconnecting", offset, length, exc)
+                put(("data", offset, data))
+        except BaseException as exc:  # noqa: BLE001 - handed to the reading thread
+            put(("error", exc, None))
+        finally:
+            if client is not None:
+                drop(client)
+
+    def put(item):
+        while not stop.is_set():
+            try:
+                done.put(item, timeout=0.2)
+                return
+            except queue.Full:
+                continue
+
+    threads = [threading.Thread(target=worker, args=(c,), name="nbd-%d" % i, daemon=True)
+               for i, c in enumerate(clients)]
+    for thread in threads:
+        thread.start()
+    try:
+        for _ in range(len(ranges)):
+            kind, first, data = done.get()
+            if kind == "error":
+                raise first
+            stats.bytes += len(data)
+            stats.ranges += 1
+            yield first, data
+    finally:
+        stop.set()
+        with stats.lock:
+            for client in live:     # wake the threads blocked in a read (error, signal)
+                try:
+                    client.sock.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+        for thread in threads:
+            thread.join()
+
+
+def destroy_data(transport, vdi, vlog):
+    """data_destroy the new reference, retrying VDI_IN_USE for DATA_DESTROY_WAIT seconds;
+    return True, or False (with a warning: the reference then keeps its data)."""
+    delay, deadline = 0.5, time.monotonic() + DATA_DESTROY_WAIT
+    while True:
+        try:
+            transport.data_destroy(vdi)
+            return True
+        except CallFailed as exc:
+            if error_code(exc) in BUSY_CODES and time.monotonic() < deadline:
+                log.debug("data_destroy of %s: %s, retrying in %.1fs", vdi.uuid, error_code(exc), delay)
+                time.sleep(delay)
+                delay = min(delay * 2, 4.0)
+                continue
+            vlog.warning("the reference snapshot %s keeps its data on the SR: data_destroy "
+                         "failed (%s)", vdi.uuid, exc)
+            return False
+
+
+def destroy_reference(transport, vdi, vlog, why):
+    """Destroy a reference VDI, best effort (a failure leaves a leftover the next run removes)."""
+    try:
+        transport.destroy_vdi(vdi)
+        log.debug("reference %s destroyed (%s)", vdi.uuid, why)
+    except VmBackupError as exc:
+        if error_code(exc) not in GONE_CODES:
+            vlog.warning("could not destroy the reference snapshot %s (%s): %s (the next run "
+                         "retries)", vdi.uuid, why, exc)
+
+
+class DiskPoint(typing.NamedTuple):
+    """One disk's part of a point: its file entry and the manifest's chain record."""
+    device: str
+    entry: dict
+    chain: dict
+
+
+def export_then_convert(what, export, convert, dest):
+    """`export(path)` into a hidden file beside `dest`, then `convert(src, out)` it into
+    `dest` (written whole or not at all); return what convert returns. A damaged stream
+    (BadFile) is an ExportFailed naming `what`; the hidden file goes either way."""
+    tmp_in = os.path.join(os.path.dirname(dest), "." + os.path.basename(dest) + ".export.part")
+    try:
+        export(tmp_in)
+        with partial_file(dest) as tmp, open(tmp_in, "rb") as src, open(tmp, "wb") as out:
+            return convert(src, out)
+    except BadFile as exc:
+        raise ExportFailed("%s: %s" % (what, exc))
+    finally:
+        if os.path.lexists(tmp_in):
+            os.unlink(tmp_in)
+
+
+def write_full(ctx, new, size, dest):
+    """Export the snapshot raw and write it as a dynamic VHD; return its VhdInfo."""
+    def export(path):
+        nbytes, _ = ctx.transport.export_vdi(new, path, "raw")
+        if nbytes != size:
+            raise ExportFailed("raw export of VDI %s is %d bytes, the disk is %d"
+                               % (new.uuid, nbytes, size))
+    return export_then_convert("raw export of VDI %s" % new.uuid, export,
+                               lambda src, out: write_vhd_from_raw(src, out, size), dest)
+
+
+def write_differencing_export(ctx, new, reference, parent, dest):
+    """Export the snapshot's differencing VHD against `reference` and re-parent it onto the
+    previous point's file; return its VhdInfo."""
+    return export_then_convert(
+        "differencing export of VDI %s" % new.uuid,
+        lambda path: ctx.transport.export_vdi_delta(new, reference, path),
+        lambda src, out: reparent_vhd(src, out, parent), dest)
+
+
+def write_nbd_delta(ctx, infos, ranges, size, parent, dest, stats):
+    """Read `ranges` of the snapshot over NBD into a differencing VHD; return its VhdInfo."""
+    blocks = read_ranges_nbd(infos, ranges, ctx.config.stall_timeout, stats=stats)
+    try:   # closed at once on error: its connections hold the snapshot's disk
+        with partial_file(dest) as tmp, open(tmp, "wb") as out:
+            writer = VhdWriter(out, size, parent=parent)
+            for offset, data in blocks:
+                writer.write(offset, data)
+            return writer.close()
+    finally:
+        blocks.close()
+
+
+def nbd_unreachable(facts, exc):
+    """Return the DiskPlan that replaces cbt-nbd when no NBD connection opens (pure): the
+    differencing export where the reference has data, else a full; either way the new
+    reference keeps its data, so the next run has a base without NBD."""
+    if facts.reference is not None and facts.reference.has_data:
+        return DiskPlan("cbt-export", None, "snapshot")
+    return DiskPlan("full", "NBD unreachable: %s" % exc, "snapshot")
+
+
+def disk_point(ctx, disk, new, facts, plan, ref_obj, infos, folder, vlog):
+    """Write one disk's file of the point; return (DiskPoint, DiskPlan actually followed)."""
+    prev = facts.previous
+    size = facts.virtual_size
+    name = safe_dirname(disk.device) + ".vhd"
+    dest = os.path.join(folder, name)
+    began = time.monotonic()
+    ranges = None
+    if plan.method == "cbt-nbd":
+        try:
+            bitmap = decode_bitmap(ctx.transport.list_changed_blocks(ref_obj, new))
+            ranges = changed_ranges(bitmap, size)
+        except CallFailed as exc:
+            plan = DiskPlan("full", "CBT cannot tell the blocks changed since the reference "
+                            "(%s): its log was reset" % (error_code(exc) or exc),
+                            plan.reference_kind)
+    parent = None if plan.full else ParentRef(prev.vhd_uuid, "../%s/%s" % (prev.backup, prev.file))
+    stats = NbdStats()
+    if plan.full:
+        vlog.info("disk %s: full (%s)", disk.device, plan.reason)
+        info = write_full(ctx, new, size, dest)
+    elif plan.method == "cbt-nbd":
+        try:
+            info = write_nbd_delta(ctx, infos, ranges, size, parent, dest, stats)
+        except NbdError as exc:
+            if stats.connections:    # it read, then failed even on new connections: fail
+                raise
+            plan = nbd_unreachable(facts, exc)
+            vlog.warning("disk %s: NBD unreachable (%s): %s instead, and the new reference "
+                         "keeps its data", disk.device, exc,
+                         "a full" if plan.full else "a differencing export")
+            info = (write_full(ctx, new, size, dest) if plan.full else
+                    write_differencing_export(ctx, new, ref_obj, parent, dest))
+    else:
+        info = write_differencing_export(ctx, new, ref_obj, parent, dest)
+    if plan.method == "cbt-nbd":
+        vlog.info("disk %s: delta over NBD (%s): %d changed ranges, %s read on %d connection(s)"
+                  "%s in %.1fs", disk.device, "TLS" if any(i.get("cert") for i in infos) else
+                  "plain", stats.ranges, human_size(stats.bytes), stats.connections,
+                  " (%d reconnects)" % stats.reconnects if stats.reconnects else "",
+                  time.monotonic() - began)
+    elif not plan.full:
+        vlog.info("disk %s: delta from a differencing export (%s): %s in %.1fs", disk.device,
+                  plan.method, human_size(info.data_bytes), time.monotonic() - began)
+    chain = chain_entry(
+        str(uuidlib.uuid4()) if plan.full else prev.chain_id,
+        0 if plan.full else prev.position + 1, info.uuid,
+        None if plan.full else chain_parent(prev.backup, prev.file, prev.vhd_uuid, prev.sha256),
+        {"vdi_uuid": new.uuid, "kind": plan.reference_kind}, plan.method, plan.reason,
+        stats.bytes if plan.method == "cbt-nbd" else info.data_bytes)
+    return DiskPoint(disk.device, file_entry(folder, name), chain), plan
+
+
+def delta_point(ctx, plan, folder, vlog, snapshot):
+    """delta-export of one VM: `snapshot` (the VM's tool_snapshot) and, per disk, a full or
+    a delta file; the disks' snapshot VDIs are kept as the next run's references. Return
+    the file entries, each disk's carrying `device` and `chain` (see chain_entries).
+
+    On any failure the references this attempt kept are destroyed again.
+    """
+    store = LocalStore(ctx.config.backup_dir)
+    vm_folder = os.path.basename(os.path.dirname(folder))
+    finish_merges(store, vm_folder, vlog)     # a merge a kill interrupted: the chain as it is meant
+    _, previous = previous_point(store, vm_folder, plan.vm.uuid)
+    cbt = {d.device: enable_cbt_once(ctx.transport, d, vlog) for d in plan.disks}
+    purposes = ctx.transport.network_purposes() if any(on for on, _ in cbt.values()) else set()
+    kept, points, plain = [], [], []
+    try:
+        with snapshot as snap:
+            snap_disks = {userdevice: (vbd, vdi) for vbd, vdi, userdevice
+                          in ctx.transport.snapshot_disks(snap)}
+            for disk in plan.disks:
+                if disk.userdevice not in snap_disks:
+                    raise ExportFailed("the snapshot has no disk %s" % disk.device)
+                vbd, new = snap_disks[disk.userdevice]
+                record = ctx.transport.vdi_record(new) or {}
+                on, problem = cbt[disk.device]
+                infos = pick_nbd_infos(ctx.transport.nbd_info(new), purposes) if on else []
+                prev = previous.get(disk.device)
+                ref_obj, ref_state = reference_state(ctx.transport, prev and prev.reference_uuid)
+                facts = DiskFacts(disk.vdi_ref, disk.vdi["uuid"],
+                                  int(record.get("virtual_size") or disk.vdi.get("virtual_size", 0)),
+                                  on, problem, bool(infos), prev, ref_state)
+                disk_plan = plan_delta(facts, ctx.config.full_interval)
+                if disk_plan.method == "cbt-nbd" and not infos[0].get("cert") and not plain:
+                    plain.append(disk.device)
+                    vlog.warning("the pool offers only insecure NBD (network purpose "
+                                 "insecure_nbd): disk blocks travel unencrypted; give the "
+                                 "network the purpose nbd for TLS")
+                point, disk_plan = disk_point(ctx, disk, new, facts, disk_plan, ref_obj, infos,
+                                              folder, vlog)
+                points.append((point, vbd, new, disk_plan))
+            for point, vbd, new, _ in points:
+                ctx.transport.keep_disk(vbd)
+                kept.append(new)
+                ctx.transport.xapi.call("VDI.set_name_label", new.ref, "vmbackup reference: %s %s"
+                                        % (printable(plan.vm.name), point.device))
+        for point, _, new, disk_plan in points:
+            if disk_plan.reference_kind == "cbt_metadata" \
+                    and not destroy_data(ctx.transport, new, vlog):
+                point.chain["reference"]["kind"] = "snapshot"
+            elif disk_plan.reference_kind == "snapshot":
+                vlog.info("disk %s: the reference snapshot %s keeps its data on the SR (no "
+                          "CBT with NBD): it costs about the disk's used space", point.device,
+                          new.uuid)
+    except BaseException:
+        for vdi in kept:
+            destroy_reference(ctx.transport, vdi, vlog, "this attempt failed")
+        raise
+    if plan.skipped:
+        vlog.info("left out ([NOBAK]): %s", ", ".join(d.device for d in plan.skipped))
+    return [dict(point.entry, device=point.device, chain=point.chain) for point, _, _, _ in points]
+
+
+def chain_entries(files, disks):
+    """Return (files, disks) of a delta-export manifest: the `device`/`chain` that
+    delta_point put on its file entries move to the disks (with their file name)."""
+    chains = {}
+    clean = []
+    for entry in files:
+        if "chain" in entry:
+            entry = dict(entry)
+            chains[entry.pop("device")] = (entry["name"], entry.pop("chain"))
+        clean.append(entry)
+    out = []
+    for disk in disks:
+        disk = dict(disk)
+        if disk.get("device") in chains:
+            disk["file"], disk["chain"] = chains[disk["device"]]
+        out.append(disk)
+    return clean, out
+
+
+def finish_point(ctx, folder, manifest, vlog):
+    """After the point at `folder` is committed: log what it holds, destroy the references
+    it replaced; return its note for the run's summary (point_note)."""
+    note = point_note(manifest)
+    vlog.info("point %s: %s", os.path.basename(folder), note)
+    try:       # the point is complete: what follows is housekeeping, its failure a warning
+        for disk in manifest.get("disks", ()):
+            chain = disk.get("chain") or {}
+            found = ctx.transport.vdi_by_uuid((chain.get("reference") or {}).get("vdi_uuid"))
+            if found is not None:
+                ctx.transport.remove_key("VDI", found[0], CHAIN_KEY)
+                ctx.transport.xapi.call("VDI.add_to_other_config", found[0].ref, CHAIN_KEY,
+                                        chain.get("id", ""))
+        drop_old_references(ctx, folder, vlog)
+    except VmBackupError as exc:
+        vlog.warning("point %s is complete, but its references could not be marked or the "
+                     "old ones destroyed: %s (the next run retries)", os.path.basename(folder), exc)
+    return note
+
+
+def drop_old_references(ctx, folder, vlog):
+    """Destroy the references the complete point before `folder` recorded and the point at
+    `folder` does not (the chain moved on)."""
+    store = LocalStore(ctx.config.backup_dir)
+    vm_folder = os.path.basename(os.path.dirname(folder))
+    points = delta_points(store, vm_folder)
+    names = [p.name for p in points]
+    if os.path.basename(folder) not in names:
+        return
+    at = names.index(os.path.basename(folder))
+    if at == 0:
+        return
+    now = {p.reference_uuid for p in previous_disks(points[at]).values()}
+    for prev in previous_disks(points[at - 1]).values():
+        if prev.reference_uuid and prev.reference_uuid not in now:
+            found = ctx.transport.vdi_by_uuid(prev.reference_uuid)
+            if found is not None:
+                destroy_reference(ctx.transport, found[0], vlog, "replaced by the new point's")
+
+
+def point_note(manifest):
+    """Return the summary's word on a delta-export point: each disk's method, and why a full."""
+    parts = []
+    for disk in manifest.get("disks", ()):
+        chain = disk.get("chain") or {}
+        if chain.get("method") == "full":
+            parts.append("%s full (%s)" % (disk.get("device"), chain.get("reason")))
+        elif chain:
+            parts.append("%s delta %s, %s" % (disk.get("device"), chain.get("method"),
+                                              human_size(chain.get("changed_bytes") or 0)))
+    return "; ".join(parts)
+
+
 # === vmbackup/retention.py ==================================================
 # Which old backups to delete, as a pure decision, and deleting them through the Store.
 #
@@ -6630,8 +7440,14 @@ def export_vdi_mode(ctx, plan, folder, moment, vlog):
     return entries
 
 
+def export_delta_mode(ctx, plan, folder, moment, vlog):
+    """delta-export: one point of each disk's chain, from one VM snapshot (delta.delta_point)."""
+    return delta_point(ctx, plan, folder, vlog, vm_snapshot(ctx, plan.vm, vlog, moment))
+
+
 EXPORTERS = {"vm-export": export_vm_mode, "vdi-export": export_vdi_mode,
-             "meta-export": lambda ctx, plan, folder, moment, vlog: []}
+             "meta-export": lambda ctx, plan, folder, moment, vlog: [],
+             "delta-export": export_delta_mode}
 
 
 def export_with_retries(ctx, plan, folder, moment, vlog):
@@ -6699,6 +7515,8 @@ def build_manifest(ctx, plan, started, files):
               "virtual_size": int(d.vdi.get("virtual_size", 0)),
               "file": (disk_file_name(vm.name, d, config.vdi_export_format)
                        if vm.mode == "vdi-export" else None)} for d in plan.disks]
+    if vm.mode == "delta-export":
+        files, disks = chain_entries(files, disks)
     return manifest_record(
         {"name": vm.name, "uuid": vm.uuid, "power_state": record.get("power_state")},
         vm.mode, ctx.transport.name, started.isoformat(), datetime.datetime.now().isoformat(),
@@ -6723,14 +7541,17 @@ def backup_vm(ctx, plan, vlog):
     vlog.info("%s to %s", vm.mode, folder)
     started = datetime.datetime.now()
     files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
-    store.commit(folder, build_manifest(ctx, plan, started, files + exported))
+    manifest = build_manifest(ctx, plan, started, files + exported)
+    store.commit(folder, manifest)
+    note = finish_point(ctx, folder, manifest, vlog) if vm.mode == "delta-export" else ""
     prune_vm_backups(store, vm_folder, keep_for(config, vm), vlog=vlog, mode=vm.mode, uuid=vm.uuid)
     total = sum(f["size"] for f in exported)
     if vlog.errors:
         return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,
                         time.monotonic() - began, "; ".join(vlog.errors), tuple(vlog.warnings))
     return VmResult(vm.name, vm.uuid, vm.mode, "warning" if vlog.warnings else "success", folder,
-                    total, time.monotonic() - began, "; ".join(vlog.warnings), tuple(vlog.warnings))
+                    total, time.monotonic() - began, "; ".join(vlog.warnings) or note,
+                    tuple(vlog.warnings))
 
 
 def backup_vm_safely(ctx, plan, status_log):
@@ -7309,7 +8130,7 @@ class RestoreItem(typing.NamedTuple):
     kind: str                   # vm or disk
     file: str                   # path in the backup
     name: str                   # name_label to give it
-    fmt: str                    # xva, raw or vhd
+    fmt: str                    # xva, raw, vhd, or chain (a delta-export point's VHD chain)
     virtual_size: int = 0
     userdevice: str = ""
     device: str = ""
@@ -7339,6 +8160,15 @@ def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
                                      "%s %s" % (name, disk.get("device", "")),
                                      fmt, int(disk["virtual_size"]), str(disk.get("userdevice", "")),
                                      disk.get("device", "")))
+        if not items:
+            raise RestoreError("%s: the manifest lists no disks" % folder)
+        return items
+    if mode == "delta-export":
+        items = [RestoreItem("disk", os.path.join(folder, disk["file"]),
+                             "%s %s" % (name, disk.get("device", "")), "chain",
+                             int(disk["virtual_size"]), str(disk.get("userdevice", "")),
+                             disk.get("device", ""))
+                 for disk in manifest.get("disks", ()) if disk.get("file")]
         if not items:
             raise RestoreError("%s: the manifest lists no disks" % folder)
         return items
@@ -7538,7 +8368,10 @@ def restore_disk(transport, item, sr, attach_to=None):
     """Create a VDI of the recorded size on `sr`, import the disk into it; return (ref, uuid)."""
     vdi = transport.create_vdi(sr, item.name, item.virtual_size)
     try:
-        transport.import_vdi(vdi, item.file, item.fmt)
+        if item.fmt == "chain":
+            import_chain(transport, vdi, item)
+        else:
+            transport.import_vdi(vdi, item.file, item.fmt)
         if attach_to is not None:
             transport.xapi.call("VBD.create", {
                 "VM": attach_to, "VDI": vdi.ref, "userdevice": item.userdevice or "autodetect",
@@ -7554,13 +8387,30 @@ def restore_disk(transport, item, sr, attach_to=None):
     return vdi.ref, vdi.uuid
 
 
+def import_chain(transport, vdi, item):
+    """Stream the disk of a delta-export point (its VHD chain, the full first, read as raw)
+    into `vdi`; raise ChainBroken if a link is missing or wrong."""
+    folder = os.path.dirname(item.file)
+    vm_dir = os.path.dirname(folder)
+    paths = chain_paths(LocalStore(os.path.dirname(vm_dir)), os.path.basename(vm_dir),
+                        os.path.basename(folder), item.device)
+    with ChainReader(paths) as reader:
+        if reader.size != item.virtual_size:
+            raise RestoreError("%s: the chain's disk is %d bytes, the manifest says %d"
+                               % (item.file, reader.size, item.virtual_size))
+        log.info("disk %s: a chain of %d file(s), %s", item.device, len(paths),
+                 human_size(reader.size))
+        transport.import_vdi_stream(vdi, reader.iter_raw(), reader.size)
+
+
 def build_restore_parser():
     """Return the parser of `vmbackup.py restore`."""
     parser = argparse.ArgumentParser(
         prog=PROG + " restore", formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[connection_options(), output_options("write what was restored as JSON")],
         description="Restore a backup into the pool: a vm-export backup becomes a new VM, a "
-                    "vdi-export backup becomes new disks. The backup is verified first.",
+                    "vdi-export backup or a delta-export point becomes new disks (a point's "
+                    "chain is read back to its full). The backup is verified first.",
         epilog="examples:\n"
                "  vmbackup.py restore /backups/web01              newest backup, as 'web01 (restored DATE)'\n"
                "  vmbackup.py restore /backups/web01/backup-2026-11-20-001001 --sr 'NFS storage' --start\n"
@@ -7576,7 +8426,8 @@ def build_restore_parser():
     opt("--start", action="store_true", help="start the restored VM")
     opt("--force", action="store_true",
         help="restore even when a VM of the same name, uuid or MAC is in the pool")
-    opt("--attach-to", metavar="VM", help="vdi-export: attach the restored disks to this VM")
+    opt("--attach-to", metavar="VM",
+        help="vdi-export, delta-export: attach the restored disks to this VM")
     opt("--preview", "--dry-run", action="store_true", help="show what would be created; change nothing")
     return parser
 
@@ -7602,7 +8453,8 @@ def cmd_restore(argv):
     manifest = legacy_manifest(backup) if backup.legacy else backup.manifest
     items = plan_restore(folder, manifest, args.name, args.preserve)
     if args.attach_to and items[0].kind != "disk":
-        raise UsageError("--attach-to is for vdi-export backups; %s holds a whole VM" % folder)
+        raise UsageError("--attach-to is for vdi-export and delta-export backups; %s holds a "
+                         "whole VM" % folder)
     endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                               config.tls_insecure)
     xapi = login(endpoint, config.username, password)
@@ -7910,7 +8762,7 @@ def write_metrics(path, text):
 #
 # Owns: is_leftover, run_is_dead, clean_leftovers, forget_pending; the run's heartbeat in
 # the pool (PoolBeat, read_beats), which tells another host's live run from a dead one.
-# Imports: errors, util, store, xapi, transport.base, backup.
+# Imports: errors, util, store, xapi, transport.base, backup, delta (the chains' references).
 
 #: A tool snapshot older than this is a leftover whoever made it (XAPI caps an export at 24 h).
 LEFTOVER_AGE = datetime.timedelta(hours=25)
@@ -8153,8 +9005,14 @@ def clean_leftovers(ctx):
                 count += 1
             except VmBackupError as exc:
                 run_log(ctx).error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
+    references = []      # read from backup_dir once, when a leftover disk is met
+
+    def kept(rec):
+        if not references:
+            references.append(chain_references(ctx))
+        return kept_reference(rec, references[0])
     for ref, rec in ctx.view.vdis.items():
-        if is_leftover(rec, now, beats) and not rec.get("VBDs"):
+        if is_leftover(rec, now, beats) and not rec.get("VBDs") and not kept(rec):
             log.info("destroying leftover disk snapshot %r (%s) of an interrupted run",
                         printable(rec.get("name_label", "")), rec["uuid"])
             try:
@@ -8167,6 +9025,16 @@ def clean_leftovers(ctx):
     forget_pending(ctx, beats)
     forget_beats(ctx, pool, other_config, beats, now)
     return count
+
+
+def chain_references(ctx):
+    """Return the ChainReferences of backup_dir's delta-export chains (snapshots the tool
+    keeps on purpose; none when backup_dir is unreadable)."""
+    try:
+        return recorded_references(LocalStore(ctx.config.backup_dir))
+    except OSError as exc:
+        log.debug("reading the chains' references: %s", exc)
+        return ChainReferences(frozenset(), frozenset())
 
 
 # === vmbackup/notify.py =====================================================
@@ -8700,7 +9568,8 @@ def preview_pool(config, endpoint, password, record):
                                        "pool", "success") for ref, h in view.hosts.items())
     deletions = () if record.cannot_start else \
         planned_deletions(config, plans) + planned_dated_deletions(config, view)
-    return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
+    keep = chain_references(Context(config, None, view, ""))
+    return PreviewPlan(tuple(plans), deletions, planned_destroys(view, keep))
 
 
 def planned_deletions(config, plans, now=None):
@@ -8734,12 +9603,14 @@ def planned_dated_deletions(config, view, now=None):
     return tuple(found)
 
 
-def planned_destroys(view):
-    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy."""
+def planned_destroys(view, keep=None):
+    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy (never
+    the references the delta-export chains keep: `keep`, a ChainReferences)."""
     found = [("VM", rec.get("name_label", ""), rec.get("uuid", ""))
              for rec in view.vms.values() if is_leftover(rec)]
     found += [("VDI", rec.get("name_label", ""), rec.get("uuid", ""))
-              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")]
+              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")
+              and not (keep and kept_reference(rec, keep))]
     return tuple(sorted(found))
 
 
@@ -8824,6 +9695,9 @@ def build_parser():
         help="NAME_OR_REGEX[:MAX] to back up as .xva (repeatable)")
     opt("-E", "--vdi-export", action="append", default=[], metavar="SEL",
         help="NAME_OR_REGEX[:MAX[:DEV;DEV]] to back up disk by disk (repeatable)")
+    opt("-D", "--delta-export", action="append", default=[], metavar="SEL",
+        help="NAME_OR_REGEX[:MAX[:DEV;DEV]] to back up as disk chains: a full, then only "
+             "the changed blocks (repeatable)")
     opt("-m", "--meta-export", action="append", default=[], metavar="SEL",
         help="NAME_OR_REGEX[:MAX] to back up metadata only (repeatable)")
     opt("-x", "--exclude", action="append", default=[], metavar="SEL",
@@ -8863,6 +9737,8 @@ def build_parser():
     opt("--metrics-file", metavar="FILE", help="write a Prometheus textfile after the run")
     opt("--test-mail", action="store_true",
         help="send a test mail with the config's mail settings, back up nothing")
+    opt("--full-interval", metavar="N",
+        help="delta-export: a new full every N points of a chain (default 7; 0: never)")
     opt("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -8873,7 +9749,8 @@ def parse_modern(argv):
     values = settings_from_args(args)
     selectors = []
     for option, mode in (("vdi_export", "vdi-export"), ("vm_export", "vm-export"),
-                         ("meta_export", "meta-export"), ("exclude", "exclude")):
+                         ("meta_export", "meta-export"), ("exclude", "exclude"),
+                         ("delta_export", "delta-export")):
         for text in getattr(args, option):
             try:
                 selectors.append(parse_selector(text, mode, "--%s" % mode))

@@ -16,6 +16,7 @@ import time
 import typing
 
 from vmbackup.config import Config
+from vmbackup.delta import chain_entries, delta_point, finish_point
 from vmbackup.errors import (
     CallFailed, ExportFailed, VmBackupError, XapiCallFailed, log)
 from vmbackup.formats.xva import xva_is_complete
@@ -192,8 +193,14 @@ def export_vdi_mode(ctx, plan, folder, moment, vlog):
     return entries
 
 
+def export_delta_mode(ctx, plan, folder, moment, vlog):
+    """delta-export: one point of each disk's chain, from one VM snapshot (delta.delta_point)."""
+    return delta_point(ctx, plan, folder, vlog, vm_snapshot(ctx, plan.vm, vlog, moment))
+
+
 EXPORTERS = {"vm-export": export_vm_mode, "vdi-export": export_vdi_mode,
-             "meta-export": lambda ctx, plan, folder, moment, vlog: []}
+             "meta-export": lambda ctx, plan, folder, moment, vlog: [],
+             "delta-export": export_delta_mode}
 
 
 def export_with_retries(ctx, plan, folder, moment, vlog):
@@ -267,6 +274,8 @@ def build_manifest(ctx, plan, started, files):
               "virtual_size": int(d.vdi.get("virtual_size", 0)),
               "file": (disk_file_name(vm.name, d, config.vdi_export_format)
                        if vm.mode == "vdi-export" else None)} for d in plan.disks]
+    if vm.mode == "delta-export":
+        files, disks = chain_entries(files, disks)
     return manifest_record(
         {"name": vm.name, "uuid": vm.uuid, "power_state": record.get("power_state")},
         vm.mode, ctx.transport.name, started.isoformat(), datetime.datetime.now().isoformat(),
@@ -291,14 +300,17 @@ def backup_vm(ctx, plan, vlog):
     vlog.info("%s to %s", vm.mode, folder)
     started = datetime.datetime.now()
     files, exported = export_with_retries(ctx, plan, folder, moment, vlog)
-    store.commit(folder, build_manifest(ctx, plan, started, files + exported))
+    manifest = build_manifest(ctx, plan, started, files + exported)
+    store.commit(folder, manifest)
+    note = finish_point(ctx, folder, manifest, vlog) if vm.mode == "delta-export" else ""
     prune_vm_backups(store, vm_folder, keep_for(config, vm), vlog=vlog, mode=vm.mode, uuid=vm.uuid)
     total = sum(f["size"] for f in exported)
     if vlog.errors:
         return VmResult(vm.name, vm.uuid, vm.mode, "error", folder, total,
                         time.monotonic() - began, "; ".join(vlog.errors), tuple(vlog.warnings))
     return VmResult(vm.name, vm.uuid, vm.mode, "warning" if vlog.warnings else "success", folder,
-                    total, time.monotonic() - began, "; ".join(vlog.warnings), tuple(vlog.warnings))
+                    total, time.monotonic() - began, "; ".join(vlog.warnings) or note,
+                    tuple(vlog.warnings))
 
 
 def backup_vm_safely(ctx, plan, status_log):

@@ -34,8 +34,13 @@ PLAIN_NAME_RE = re.compile(r"^[A-Za-z0-9 _-]+$")
 
 
 #: Selection modes, strongest first: a VM chosen for vdi-export is not also
-#: vm-exported, and a full export already carries the metadata.
-MODES = ("vdi-export", "vm-export", "meta-export")
+#: vm-exported, and a full export already carries the metadata. delta-export (disk
+#: chains: a full, then the changed blocks) stands between vdi-export and vm-export.
+MODES = ("vdi-export", "delta-export", "vm-export", "meta-export")
+
+
+#: Modes whose selectors name disks: NAME_OR_REGEX[:MAX[:DEV;DEV]].
+DISK_MODES = ("vdi-export", "delta-export")
 
 
 Setting = collections.namedtuple("Setting", "default parse help")
@@ -118,6 +123,8 @@ SETTINGS = collections.OrderedDict([
                                                      "(mode 0600)")),
     ("smtp_timeout", Setting(30, lambda v: parse_int(v, 1),
                              "seconds an SMTP connection may wait; 3 tries in all")),
+    ("full_interval", Setting(7, lambda v: parse_int(v, 0),
+                              "delta-export: a new full every N points of a chain (0: never)")),
     ("jobs", Setting(1, lambda v: parse_int(v, 1), "VMs backed up at once (each its own snapshot)")),
     ("jobs_per_host", Setting(2, lambda v: parse_int(v, 0),
                               "exports one host serves at once (0: no limit besides jobs)")),
@@ -128,7 +135,8 @@ SETTINGS = collections.OrderedDict([
 
 #: Repeatable selector keys; underscore and hyphen spellings are the same key.
 SELECTOR_KEYS = {"vm_export": "vm-export", "vdi_export": "vdi-export",
-                 "meta_export": "meta-export", "exclude": "exclude"}
+                 "meta_export": "meta-export", "exclude": "exclude",
+                 "delta_export": "delta-export"}
 
 
 #: Keys accepted on a NAUbackup command line as `key=value` words.
@@ -137,10 +145,10 @@ LEGACY_WORD_KEYS = ("compress", "ignore_extra_keys", "pre_clean")
 
 class Selector(typing.NamedTuple):
     """One vm-export/vdi-export/meta-export/exclude line, parsed."""
-    mode: str                   # vm-export, vdi-export, meta-export or exclude
+    mode: str                   # vm-export, vdi-export, delta-export, meta-export or exclude
     pattern: str                # the name or regex as written
     max_backups: typing.Optional[int] = None   # None: the global max_backups
-    devices: typing.Tuple[str, ...] = ()       # vdi-export disks; () = root disk
+    devices: typing.Tuple[str, ...] = ()       # vdi-export disks, () = root disk; delta-export, () = all
     origin: str = "command line"               # "file:line" or "command line"
     gfs: typing.Optional[typing.Tuple[int, int, int, int]] = None   # its own keep_daily,
     # keep_weekly, keep_monthly, keep_yearly ('web01:4+7d+4w'); None: the global keep_* settings
@@ -225,14 +233,15 @@ def parse_selector(text, mode, origin="command line"):
     raw = text.strip()
     if not raw:
         raise ValueError("empty selector")
-    match = _SELECTOR_TAIL["vdi-export" if mode == "vdi-export" else "other"].match(raw)
+    form = "vdi-export" if mode in DISK_MODES else "other"
+    match = _SELECTOR_TAIL[form].match(raw)
     name, max_text = match.group("name"), match.group("max")
     devs = match.groupdict().get("devs") or ""
-    bad = _BAD_MAX["vdi-export" if mode == "vdi-export" else "other"].match(name)
+    bad = _BAD_MAX[form].match(name)
     if bad and not PLAIN_NAME_RE.match(name):
         raise ValueError("MAX_BACKUPS %r in %r is not a whole number (NAME_OR_REGEX[:MAX%s], "
                          "MAX = N or N+7d+4w+12m+2y)"
-                         % (bad.group("max"), raw, "[:DEV;DEV]" if mode == "vdi-export" else ""))
+                         % (bad.group("max"), raw, "[:DEV;DEV]" if mode in DISK_MODES else ""))
     max_backups, gfs = parse_keep_field(max_text, raw)
     devices = tuple(d.strip() for d in re.split(r"[;,]", devs) if d.strip())
     if not PLAIN_NAME_RE.match(name):
@@ -290,6 +299,7 @@ class Config(typing.NamedTuple):
     smtp_username: typing.Optional[str] = None
     smtp_password_file: typing.Optional[str] = None
     smtp_timeout: int = 30
+    full_interval: int = 7
     jobs: int = 1
     jobs_per_host: int = 2
     jobs_per_sr: int = 2
@@ -395,7 +405,8 @@ def example_config():
         "# A plain name (letters, digits, spaces, - and _) matches exactly that VM; anything else",
         "# is a Python regex matched at the start of the name (re.match): end it with $ to anchor.",
         "# Plain names win over regexes, excludes win over everything, vdi-export wins over",
-        "# vm-export, and the last line for the same VM sets its MAX_BACKUPS. Order does not matter.",
+        "# delta-export, which wins over vm-export, and the last line for the same VM sets its",
+        "# MAX_BACKUPS. Order does not matter.",
         "# MAX_BACKUPS may carry GFS terms, that VM's own keep_daily/weekly/monthly/yearly:",
         "# PRD-db.*:4+7d+4w+12m keeps the 4 newest backups, then the newest of each of 7 more",
         "# days, 4 more weeks and 12 more months ('+2y': 2 more years; a term left out is 0).",
@@ -411,6 +422,9 @@ def example_config():
         "#vm-export=.*SAVE$:5",
         "#vm-export=my-third-vm:3",
         "#vm-export=PRD-db.*:4+7d+4w+12m",
+        "# incremental: a full image, then only the changed blocks (CBT, NBD), disk chains;",
+        "# NAME_OR_REGEX[:MAX_BACKUPS[:DEV;DEV...]] (default: every disk but [NOBAK] ones)",
+        "#delta-export=PRD-db.*:14",
         "# metadata only (no snapshot, no disk export): cheap enough to run hourly; its",
         "# backups are counted apart from the data backups (max_meta_backups)",
         "#meta-export=DEV-.*",

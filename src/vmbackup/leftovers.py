@@ -2,7 +2,7 @@
 
 Owns: is_leftover, run_is_dead, clean_leftovers, forget_pending; the run's heartbeat in
 the pool (PoolBeat, read_beats), which tells another host's live run from a dead one.
-Imports: errors, util, store, xapi, transport.base, backup.
+Imports: errors, util, store, xapi, transport.base, backup, delta (the chains' references).
 """
 
 import datetime
@@ -12,8 +12,9 @@ import socket
 import threading
 
 from vmbackup.backup import signals_deferred
+from vmbackup.delta import ChainReferences, kept_reference, recorded_references
 from vmbackup.errors import VmBackupError, log
-from vmbackup.store import pid_alive, start_thread
+from vmbackup.store import LocalStore, pid_alive, start_thread
 from vmbackup.transport.base import BEAT_WORD, Obj, PENDING_KEY, PENDING_WINDOW, TAG_KEY
 from vmbackup.util import printable
 
@@ -259,8 +260,14 @@ def clean_leftovers(ctx):
                 count += 1
             except VmBackupError as exc:
                 run_log(ctx).error("cannot destroy leftover snapshot %s: %s", rec["uuid"], exc)
+    references = []      # read from backup_dir once, when a leftover disk is met
+
+    def kept(rec):
+        if not references:
+            references.append(chain_references(ctx))
+        return kept_reference(rec, references[0])
     for ref, rec in ctx.view.vdis.items():
-        if is_leftover(rec, now, beats) and not rec.get("VBDs"):
+        if is_leftover(rec, now, beats) and not rec.get("VBDs") and not kept(rec):
             log.info("destroying leftover disk snapshot %r (%s) of an interrupted run",
                         printable(rec.get("name_label", "")), rec["uuid"])
             try:
@@ -273,3 +280,13 @@ def clean_leftovers(ctx):
     forget_pending(ctx, beats)
     forget_beats(ctx, pool, other_config, beats, now)
     return count
+
+
+def chain_references(ctx):
+    """Return the ChainReferences of backup_dir's delta-export chains (snapshots the tool
+    keeps on purpose; none when backup_dir is unreadable)."""
+    try:
+        return recorded_references(LocalStore(ctx.config.backup_dir))
+    except OSError as exc:
+        log.debug("reading the chains' references: %s", exc)
+        return ChainReferences(frozenset(), frozenset())

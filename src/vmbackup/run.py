@@ -13,8 +13,9 @@ import sys
 from vmbackup.backup import (
     Context, backup_hosts, backup_pool_db, host_folder, pool_db_folder, run_note)
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
+from vmbackup.delta import kept_reference
 from vmbackup.jobs import back_up_vms
-from vmbackup.leftovers import PoolBeat, clean_leftovers, is_leftover
+from vmbackup.leftovers import PoolBeat, chain_references, clean_leftovers, is_leftover
 from vmbackup.notify import send_reports
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
@@ -191,7 +192,8 @@ def preview_pool(config, endpoint, password, record):
                                        "pool", "success") for ref, h in view.hosts.items())
     deletions = () if record.cannot_start else \
         planned_deletions(config, plans) + planned_dated_deletions(config, view)
-    return PreviewPlan(tuple(plans), deletions, planned_destroys(view))
+    keep = chain_references(Context(config, None, view, ""))
+    return PreviewPlan(tuple(plans), deletions, planned_destroys(view, keep))
 
 
 def planned_deletions(config, plans, now=None):
@@ -225,10 +227,12 @@ def planned_dated_deletions(config, view, now=None):
     return tuple(found)
 
 
-def planned_destroys(view):
-    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy."""
+def planned_destroys(view, keep=None):
+    """Return [(VM|VDI, name, uuid)] of the leftover snapshots the run would destroy (never
+    the references the delta-export chains keep: `keep`, a ChainReferences)."""
     found = [("VM", rec.get("name_label", ""), rec.get("uuid", ""))
              for rec in view.vms.values() if is_leftover(rec)]
     found += [("VDI", rec.get("name_label", ""), rec.get("uuid", ""))
-              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")]
+              for rec in view.vdis.values() if is_leftover(rec) and not rec.get("VBDs")
+              and not (keep and kept_reference(rec, keep))]
     return tuple(sorted(found))

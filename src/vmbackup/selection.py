@@ -46,7 +46,7 @@ def select_vms(vm_records, selectors, max_backups=DEFAULT_MAX_BACKUPS, max_meta_
 
     The contract: candidates are real VMs (is_candidate); plain names are matched
     exactly and win over regexes; excludes win over everything; vdi-export wins over
-    vm-export, which wins over meta-export; within the winning mode the last
+    delta-export, which wins over vm-export, which wins over meta-export; within the winning mode the last
     definition sets max_backups and devices (a meta-export's default is
     max_meta_backups, else max_backups); two candidates with one name are an error for
     that name, and so are two chosen VMs whose names make one folder (safe_dirname);
@@ -276,7 +276,7 @@ def plan_vm(selected, view):
     problems = []
     if selected.mode == "meta-export":
         return VmPlan(selected, [], [], problems)
-    if selected.mode == "vdi-export":
+    if selected.mode == "vdi-export" or (selected.mode == "delta-export" and selected.devices):
         chosen, missing = pick_disks(disks, selected.devices)
         for device in missing:
             problems.append("no disk %s on VM %s" % (device, printable(selected.name)))

@@ -98,6 +98,9 @@ def build_parser():
         help="NAME_OR_REGEX[:MAX] to back up as .xva (repeatable)")
     opt("-E", "--vdi-export", action="append", default=[], metavar="SEL",
         help="NAME_OR_REGEX[:MAX[:DEV;DEV]] to back up disk by disk (repeatable)")
+    opt("-D", "--delta-export", action="append", default=[], metavar="SEL",
+        help="NAME_OR_REGEX[:MAX[:DEV;DEV]] to back up as disk chains: a full, then only "
+             "the changed blocks (repeatable)")
     opt("-m", "--meta-export", action="append", default=[], metavar="SEL",
         help="NAME_OR_REGEX[:MAX] to back up metadata only (repeatable)")
     opt("-x", "--exclude", action="append", default=[], metavar="SEL",
@@ -141,6 +144,8 @@ def build_parser():
     opt("--metrics-file", metavar="FILE", help="write a Prometheus textfile after the run")
     opt("--test-mail", action="store_true",
         help="send a test mail with the config's mail settings, back up nothing")
+    opt("--full-interval", metavar="N",
+        help="delta-export: a new full every N points of a chain (default 7; 0: never)")
     opt("--version", action="version", version="%(prog)s " + __version__)
     return parser
 
@@ -151,7 +156,8 @@ def parse_modern(argv):
     values = settings_from_args(args)
     selectors = []
     for option, mode in (("vdi_export", "vdi-export"), ("vm_export", "vm-export"),
-                         ("meta_export", "meta-export"), ("exclude", "exclude")):
+                         ("meta_export", "meta-export"), ("exclude", "exclude"),
+                         ("delta_export", "delta-export")):
         for text in getattr(args, option):
             try:
                 selectors.append(parse_selector(text, mode, "--%s" % mode))

@@ -11,10 +11,12 @@ import sys
 import time
 import typing
 
+from vmbackup.chain import chain_paths
 from vmbackup.check import check_backup, verify_lines
 from vmbackup.commands.options import (
     EXIT_STATUS_TEXT, connection_options, load_config, output_options, settings_from_args)
 from vmbackup.errors import EXIT_OK, PROG, RestoreError, UsageError, VmBackupError, log
+from vmbackup.formats.vhdfile import ChainReader
 from vmbackup.report import write_json
 from vmbackup.selection import is_candidate
 from vmbackup.store import (
@@ -59,7 +61,7 @@ class RestoreItem(typing.NamedTuple):
     kind: str                   # vm or disk
     file: str                   # path in the backup
     name: str                   # name_label to give it
-    fmt: str                    # xva, raw or vhd
+    fmt: str                    # xva, raw, vhd, or chain (a delta-export point's VHD chain)
     virtual_size: int = 0
     userdevice: str = ""
     device: str = ""
@@ -89,6 +91,15 @@ def plan_restore(folder, manifest, new_name=None, preserve=False, today=None):
                                      "%s %s" % (name, disk.get("device", "")),
                                      fmt, int(disk["virtual_size"]), str(disk.get("userdevice", "")),
                                      disk.get("device", "")))
+        if not items:
+            raise RestoreError("%s: the manifest lists no disks" % folder)
+        return items
+    if mode == "delta-export":
+        items = [RestoreItem("disk", os.path.join(folder, disk["file"]),
+                             "%s %s" % (name, disk.get("device", "")), "chain",
+                             int(disk["virtual_size"]), str(disk.get("userdevice", "")),
+                             disk.get("device", ""))
+                 for disk in manifest.get("disks", ()) if disk.get("file")]
         if not items:
             raise RestoreError("%s: the manifest lists no disks" % folder)
         return items
@@ -288,7 +299,10 @@ def restore_disk(transport, item, sr, attach_to=None):
     """Create a VDI of the recorded size on `sr`, import the disk into it; return (ref, uuid)."""
     vdi = transport.create_vdi(sr, item.name, item.virtual_size)
     try:
-        transport.import_vdi(vdi, item.file, item.fmt)
+        if item.fmt == "chain":
+            import_chain(transport, vdi, item)
+        else:
+            transport.import_vdi(vdi, item.file, item.fmt)
         if attach_to is not None:
             transport.xapi.call("VBD.create", {
                 "VM": attach_to, "VDI": vdi.ref, "userdevice": item.userdevice or "autodetect",
@@ -304,13 +318,30 @@ def restore_disk(transport, item, sr, attach_to=None):
     return vdi.ref, vdi.uuid
 
 
+def import_chain(transport, vdi, item):
+    """Stream the disk of a delta-export point (its VHD chain, the full first, read as raw)
+    into `vdi`; raise ChainBroken if a link is missing or wrong."""
+    folder = os.path.dirname(item.file)
+    vm_dir = os.path.dirname(folder)
+    paths = chain_paths(LocalStore(os.path.dirname(vm_dir)), os.path.basename(vm_dir),
+                        os.path.basename(folder), item.device)
+    with ChainReader(paths) as reader:
+        if reader.size != item.virtual_size:
+            raise RestoreError("%s: the chain's disk is %d bytes, the manifest says %d"
+                               % (item.file, reader.size, item.virtual_size))
+        log.info("disk %s: a chain of %d file(s), %s", item.device, len(paths),
+                 human_size(reader.size))
+        transport.import_vdi_stream(vdi, reader.iter_raw(), reader.size)
+
+
 def build_restore_parser():
     """Return the parser of `vmbackup.py restore`."""
     parser = argparse.ArgumentParser(
         prog=PROG + " restore", formatter_class=argparse.RawDescriptionHelpFormatter,
         parents=[connection_options(), output_options("write what was restored as JSON")],
         description="Restore a backup into the pool: a vm-export backup becomes a new VM, a "
-                    "vdi-export backup becomes new disks. The backup is verified first.",
+                    "vdi-export backup or a delta-export point becomes new disks (a point's "
+                    "chain is read back to its full). The backup is verified first.",
         epilog="examples:\n"
                "  vmbackup.py restore /backups/web01              newest backup, as 'web01 (restored DATE)'\n"
                "  vmbackup.py restore /backups/web01/backup-2026-11-20-001001 --sr 'NFS storage' --start\n"
@@ -326,7 +357,8 @@ def build_restore_parser():
     opt("--start", action="store_true", help="start the restored VM")
     opt("--force", action="store_true",
         help="restore even when a VM of the same name, uuid or MAC is in the pool")
-    opt("--attach-to", metavar="VM", help="vdi-export: attach the restored disks to this VM")
+    opt("--attach-to", metavar="VM",
+        help="vdi-export, delta-export: attach the restored disks to this VM")
     opt("--preview", "--dry-run", action="store_true", help="show what would be created; change nothing")
     return parser
 
@@ -352,7 +384,8 @@ def cmd_restore(argv):
     manifest = legacy_manifest(backup) if backup.legacy else backup.manifest
     items = plan_restore(folder, manifest, args.name, args.preserve)
     if args.attach_to and items[0].kind != "disk":
-        raise UsageError("--attach-to is for vdi-export backups; %s holds a whole VM" % folder)
+        raise UsageError("--attach-to is for vdi-export and delta-export backups; %s holds a "
+                         "whole VM" % folder)
     endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                               config.tls_insecure)
     xapi = login(endpoint, config.username, password)

@@ -116,6 +116,38 @@ class ApiTransport(Transport):
         return self.download("/host_backup", {}, dest, "backup of host %s" % host["name_label"],
                              endpoint=self.endpoint.with_host(host["address"]))
 
+    # -- incremental backups
+    def enable_cbt(self, vdi):
+        self.xapi.call("VDI.enable_cbt", vdi.ref)
+
+    def list_changed_blocks(self, older, newer):
+        return self.xapi.call("VDI.list_changed_blocks", older.ref, newer.ref)
+
+    def data_destroy(self, vdi):
+        self.xapi.call("VDI.data_destroy", vdi.ref)
+
+    def export_vdi_delta(self, vdi, base, dest):
+        return self.download("/export_raw_vdi", {"vdi": vdi.ref, "format": "vhd", "base": base.ref},
+                             dest, "differencing export of VDI %s" % vdi.uuid)
+
+    def import_vdi_stream(self, vdi, chunks, size):
+        """PUT `size` raw bytes from `chunks` to /import_raw_vdi, under a task."""
+        what = "import into VDI %s" % vdi.uuid
+        with XapiTask(self.xapi, what, self.config.stall_timeout) as task:
+            response, conn = task.http(self.endpoint, "PUT", "/import_raw_vdi",
+                                       {"vdi": vdi.ref, "format": "raw"}, content_length=size)
+            try:
+                sent = 0
+                for chunk in chunks:
+                    try:
+                        conn.sock.sendall(chunk)
+                    except TLS_ERRORS + CONNECTION_ERRORS as exc:
+                        raise transfer_error(what, exc, sent, self.config.stall_timeout)
+                    sent += len(chunk)
+                task.finish()
+            finally:
+                close_http(response, conn)
+
     def download(self, path, params, dest, what, endpoint=None, sparse=False):
         """Stream GET `path` into a new file `dest` under a task; return (bytes, sha256).
 
