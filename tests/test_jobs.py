@@ -384,3 +384,28 @@ def test_progress_off_a_terminal_is_a_log_line_per_interval(transport, tmp_path,
     assert any(" of ~" in line for line in xva), out     # the disks' physical utilisation
     if transport.kind == "xe":   # and the task's progress, as xe prints none
         assert any(re.search(r"\(\d+%\)", line) for line in xva), out
+
+
+def test_delta_export_of_four_vms_at_once_makes_chains_that_read_back(transport, tmp_path):
+    """delta-export (CBT, the changed blocks over NBD) with 4 jobs: each VM its own chain."""
+    desc = jobs_pool(4)
+    desc["nbd"] = {"purpose": "nbd"}
+    backup_dir = tmp_path / "b"
+    backup_dir.mkdir()
+    names = VMS[:4]
+    with start_pool(pools.describe(desc)) as sim:
+        args = transport(sim) + ["-D", "vm0[0-3]", "-d", backup_dir, "-j", "4",
+                                 "--jobs-per-host", "0", "--jobs-per-sr", "0"]
+        run_vmbackup(*args)
+        for i, vm in enumerate(names):          # change each disk, differently
+            sim.write_vdi(sim.vm_disks(vm)["xvda"], 65536 * (i + 2), bytes([i + 1]) * 4096)
+        run_vmbackup(*args)
+        assert sim.leftovers()["snapshots"] == []
+    for vm in names:
+        points = complete(backup_dir, vm)
+        assert len(points) == 2
+        with open(os.path.join(str(backup_dir), vm, points[-1], "backup.json")) as handle:
+            disks = json.load(handle)["disks"]
+        assert all(d["chain"]["parent"] is not None for d in disks), (vm, disks)
+    out = run_vmbackup("verify", backup_dir)
+    assert "verified 8 backups: 8 good" in out, out
