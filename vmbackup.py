@@ -53,6 +53,7 @@ import email.charset
 import email.header
 import email.mime.text
 import email.utils
+import errno
 import glob
 import gzip
 import hashlib
@@ -62,6 +63,7 @@ import logging
 import os
 import queue
 import re
+import shlex
 import shutil
 import signal
 import smtplib
@@ -1133,7 +1135,8 @@ class TarStream(object):
 # Where a run's log goes besides stderr: a log file, syslog, and the run's own lines for its mail.
 #
 # Owns: syslog_frame (RFC 3164 framing, pure), SyslogHandler, RunLines, log_sinks (the
-# context manager a run is inside), run_lines (what the mail quotes). A sink that cannot
+# context manager a run is inside), run_lines (what the mail quotes), write_problem and sink_problems (what the preview
+# checks without opening anything). A sink that cannot
 # be opened or written is a problem noted on RunLines; the run records it as a warning
 # when it reports (notify.send_reports), so it counts in W and the exit code.
 # Imports: errors.
@@ -1290,10 +1293,46 @@ def log_sinks(config):
         log.addHandler(handler)
     try:
         yield lines
+    except VmBackupError as exc:
+        # a run that could not start: stderr gets its reason after the block, the log file
+        # and syslog get it here (the mail has it already)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (str(exc),), None)
+        for handler in handlers[1:]:
+            handler.handle(record)
+        raise
     finally:
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
+
+
+def write_problem(path):
+    """Return why a file could not be opened for writing at `path` (strerror), or None;
+    creates nothing."""
+    if os.path.isdir(path):
+        return os.strerror(errno.EISDIR)
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else os.strerror(errno.EACCES)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return os.strerror(errno.ENOENT)
+    return None if os.access(folder, os.W_OK | os.X_OK) else os.strerror(errno.EACCES)
+
+
+def sink_problems(config):
+    """Return the problems log_sinks would note for `config`'s log file and syslog, in its
+    words, without writing anything (a unix syslog socket is connected to, nothing sent)."""
+    problems = []
+    if config.log_file and write_problem(config.log_file):
+        problems.append("cannot append to log_file %s: %s"
+                        % (config.log_file, write_problem(config.log_file)))
+    if config.syslog:
+        try:
+            SyslogHandler(config.syslog_address, config.syslog_facility, problems).close()
+        except OSError as exc:
+            problems.append("cannot send to syslog at %s: %s"
+                            % (config.syslog_address, exc.strerror or exc))
+    return problems
 
 
 def run_lines():
@@ -2814,10 +2853,14 @@ def load_config(values, parsed=None, selectors=(), config_file=None, password=No
     if env_server and "server" not in values and not (parsed and "server" in parsed.values):
         values["server"] = env_server
     config = build_config(parsed, values, selectors, config_file)
-    if config.password_file:
-        password = read_password_file(config.password_file)
-    elif password is None:
-        password = os.environ.get("VMBACKUP_PASSWORD")
+    try:
+        if config.password_file:
+            password = read_password_file(config.password_file)
+        elif password is None:
+            password = os.environ.get("VMBACKUP_PASSWORD")
+    except VmBackupError as exc:
+        exc.config = config     # the settings were read: a run that cannot start reports
+        raise
     return config, password
 
 
@@ -8098,9 +8141,11 @@ def cmd_list(argv):
 # Imports: everything below commands, and commands.options.
 
 def newest_complete(vm_dir):
-    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none, or
-    if the folder holds more than one VM's backups (their names made one folder): then the
-    message names the newest backup of each, to restore by its path."""
+    """Return the newest complete BackupFolder of a VM folder that has disks to restore,
+    passing over newer metadata-only backups (an hourly -m beside a weekly export), else the
+    newest complete one; raise RestoreError if none, or if the folder holds more than one
+    VM's backups (their names made one folder): then the message names the newest backup of
+    each, to restore by its path."""
     store = LocalStore(os.path.dirname(vm_dir))
     complete = [b for b in reversed(store.backups(os.path.basename(vm_dir))) if b.complete]
     if not complete:
@@ -8112,7 +8157,18 @@ def newest_complete(vm_dir):
                                vm_dir, len(groups), "; ".join(
                                    "%s [%s]: %s" % (printable(g[0].vm), backup_vm_uuid(g[0]) or
                                                     "uuid not recorded", g[0].path) for g in groups)))
-    return complete[0]
+    return next((b for b in complete if b.mode != "meta-export"), complete[0])
+
+
+def how_chosen(path, backup):
+    """Return why `backup` is the one restored from `path`, for the log line."""
+    if path == backup.path:
+        return "as named"
+    store = LocalStore(os.path.dirname(path))
+    newest = [b for b in store.backups(os.path.basename(path)) if b.complete][-1]
+    if newest.path == backup.path:
+        return "the newest complete backup in %s" % path
+    return "the newest complete backup with disks in %s: newer ones are metadata-only" % path
 
 
 def resolve_backup(path):
@@ -8272,13 +8328,13 @@ def attach_conflicts(items, target_name, vbds):
 
 
 def older_good_backup(backup):
-    """Return the newest complete backup older than `backup` in its VM folder that
-    verifies (good or unchecked), or None."""
+    """Return the newest complete backup with disks (not metadata-only) older than `backup`
+    in its VM folder that verifies (good or unchecked), or None."""
     vm_dir = os.path.dirname(os.path.abspath(backup.path))
     store = LocalStore(os.path.dirname(vm_dir))
     for older in reversed(store.backups(os.path.basename(vm_dir))):
-        if older.complete and older.when and backup.when and older.when < backup.when \
-                and check_backup(older).status in ("good", "unchecked"):
+        if older.complete and older.mode != "meta-export" and older.when and backup.when \
+                and older.when < backup.when and check_backup(older).status in ("good", "unchecked"):
             return older
     return None
 
@@ -8438,9 +8494,7 @@ def cmd_restore(argv):
     config, password = load_config(settings_from_args(args))
     backup = resolve_backup(args.backup)
     folder = backup.path
-    log.info("restoring from %s (%s)", folder, "the newest complete backup in %s"
-             % os.path.abspath(args.backup) if os.path.abspath(args.backup) != folder
-             else "as named")
+    log.info("restoring from %s (%s)", folder, how_chosen(os.path.abspath(args.backup), backup))
     check = check_backup(backup)
     if check.status in ("bad", "incomplete"):
         refuse_bad_backup(backup, check)
@@ -8473,11 +8527,16 @@ def cmd_restore(argv):
             log.info("%s %s -> %s %r on SR %r", "would restore" if args.preview else "restoring",
                      os.path.relpath(item.file, os.path.dirname(os.path.dirname(folder))),
                      "VM" if item.kind == "vm" else "disk", item.name, sr["name_label"])
-        if args.preview:
+        if args.preview and args.json:
+            write_json(args.json, {"preview": True, "backup": folder, "would_restore": [
+                {"kind": item.kind, "name": item.name, "file": item.file, "sr": sr["uuid"]}
+                for item in items]})
+        if args.preview and args.json != "-":
             sys.stdout.write("".join("%s %s -> new %s %r (%s) on SR %r\n" % (
                 "would restore", item.file, "VM" if item.kind == "vm" else "disk", item.name,
                 human_size(item.virtual_size) if item.virtual_size else item.fmt, sr["name_label"])
                 for item in items))
+        if args.preview:
             return EXIT_OK
         transport = make_transport(config, xapi, password)
         try:
@@ -8496,7 +8555,7 @@ def cmd_restore(argv):
             transport.close()
     finally:
         xapi.logout()
-    for entry in done:
+    for entry in done if args.json != "-" else ():     # --json -: stdout is the JSON alone
         sys.stdout.write("restored %s %s %s\n" % (entry["kind"], entry["uuid"], printable(entry["name"])))
     if args.json:
         write_json(args.json, {"restored": done, "backup": folder})
@@ -9043,7 +9102,7 @@ def chain_references(ctx):
 # Owns: mail_wanted, mail_subject, mail_body (pure readers of an Outcome), build_mail,
 # send_mail (SMTP with none/starttls/ssl, AUTH, retries), MailFailed, test_mail,
 # send_reports (what run.report_run calls: each report that cannot be made is a warning
-# of the run, never a crash and never a lost backup).
+# of the run, never a crash and never a lost backup), report_problems (the preview's check).
 # Imports: errors, util, config, store, report, logsinks, metrics.
 
 class MailFailed(VmBackupError):
@@ -9079,7 +9138,8 @@ def pool_name(config, record_pool):
     server = config.server or ""
     if "://" not in server:     # this host's xapi (none, or unix:/path)
         return socket.gethostname()
-    return server.split("://", 1)[1].split("/", 1)[0] or socket.gethostname()
+    host = server.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]   # never user:password
+    return host or socket.gethostname()
 
 
 def mail_subject(prefix, outcome, pool):
@@ -9164,16 +9224,18 @@ def mail_body(config, outcome, pool, lines, space):
         out.append("backup_dir %s: not there, no space to tell." % config.backup_dir)
     out += ["", "To see more:"]
     if config.log_file:
-        out += ["  # this run's log", "  less %s" % config.log_file]
+        out += ["  # this run's log", "  less %s" % shlex.quote(config.log_file)]
     if config.syslog:
         out += ["  # this run's log in the journal",
                 "  journalctl -t vmbackup --since '%s'" % outcome.started]
     if config.status_log and os.path.isdir(os.path.dirname(config.status_log) or "."):
-        out += ["  # the status log (one line per VM and run)", "  tail %s" % config.status_log]
-    run = "%s -c %s" % (PROG, config.config_file) if config.config_file else PROG
+        out += ["  # the status log (one line per VM and run)",
+                "  tail %s" % shlex.quote(config.status_log)]
     out += ["  # every backup in backup_dir, with its status",
-            "  %s list -d %s" % (PROG, config.backup_dir),
-            "  # what the next run would do (changes nothing)", "  %s --preview" % run]
+            "  %s list -d %s" % (PROG, shlex.quote(config.backup_dir))]
+    if config.config_file:      # a command-line run's preview needs that run's arguments
+        out += ["  # what the next run would do (changes nothing)",
+                "  %s -c %s --preview" % (PROG, shlex.quote(config.config_file))]
     return "\n".join(out) + "\n"
 
 
@@ -9287,19 +9349,25 @@ def failure_text(config, exc):
     return "%s: %s" % (where, one_line(getattr(exc, "strerror", None) or exc))
 
 
-def send_mail(config, msg, sleep=time.sleep):
-    """Send `msg` through smtp_server, trying MAIL_TRIES times; raise MailFailed."""
+def smtp_password(config):
+    """Return the SMTP password the settings give (None: no AUTH); raise MailFailed when
+    they forbid sending it (in clear to another host, a file others can read)."""
     to = ", ".join(config.mail_to or ())
-    password = None
     try:
         if config.smtp_username:
             if config.smtp_security == "none" and not is_loopback(config.smtp_server):
                 raise MailFailed(to, "not sending the SMTP password unencrypted to %s: set "
                                      "smtp_security=starttls or ssl" % config.smtp_server)
             if config.smtp_password_file:
-                password = read_password_file(config.smtp_password_file)
+                return read_password_file(config.smtp_password_file)
     except VmBackupError as exc:
         raise MailFailed(to, str(exc)) if not isinstance(exc, MailFailed) else exc
+    return None
+
+
+def send_mail(config, msg, sleep=time.sleep):
+    """Send `msg` through smtp_server, trying MAIL_TRIES times; raise MailFailed."""
+    to, password = ", ".join(config.mail_to or ()), smtp_password(config)
     for attempt in range(1, MAIL_TRIES + 1):
         try:
             smtp = smtp_connect(config, password)
@@ -9339,17 +9407,19 @@ def mail_report(config, outcome, pool):
 
 
 def send_reports(config, record):
-    """Mail the report and write the metrics file of a run; what fails is a warning of the run.
+    """Write the metrics file and mail the report of a run; what fails is a warning of the run.
 
     Called by run.report_run before it writes the status log's `end` line, so that line,
-    the exit code and --json count these warnings; the mail cannot count its own failure,
-    the metrics file (written after it) does.
+    the exit code and --json count these warnings. The metrics file is written first, so
+    the mail counts a metrics file that cannot be written; a mail that cannot be sent is
+    then written into the metrics file again. Only the mail cannot count its own failure.
     """
     lines = run_lines()
     if lines:
         for problem in lines.problems:
             record.log.warning("%s", problem)
         lines.problems[:] = []
+    metrics_written = write_run_metrics(config, record)
     pool = pool_name(config, getattr(record, "pool", None))
     try:
         mail_report(config, record.outcome(), pool)
@@ -9359,19 +9429,47 @@ def send_reports(config, record):
         log.debug("traceback", exc_info=True)
         record.log.warning("mail not sent: internal error: %s: %s", type(exc).__name__,
                            one_line(exc))
-    if config.metrics_file:
+    else:
+        return
+    if metrics_written:
+        write_run_metrics(config, record)
+
+
+def report_problems(config, code):
+    """Return the warnings a run with `config` ending with exit `code` would get from a log
+    file, syslog socket or metrics file it cannot use, or mail settings it refuses (the
+    preview's check; nothing is written, no mail is sent)."""
+    problems = sink_problems(config)
+    if config.metrics_file and write_problem(config.metrics_file):
+        problems.append("cannot write metrics_file %s: %s"
+                        % (config.metrics_file, write_problem(config.metrics_file)))
+    if config.mail_to and mail_wanted(config.mail_on, max(code, EXIT_WARNING if problems else 0)):
         try:
-            outcome = record.outcome()
-            text = metrics_text(outcome, backup_history(config, outcome),
-                                os.path.basename(config.config_file or ""))
-            write_metrics(config.metrics_file, text)
-        except OSError as exc:
-            record.log.warning("cannot write metrics_file %s: %s", config.metrics_file,
-                               exc.strerror or exc)
-        except Exception as exc:  # noqa: BLE001 - a report never costs the run
-            log.debug("traceback", exc_info=True)
-            record.log.warning("cannot write metrics_file %s: internal error: %s: %s",
-                               config.metrics_file, type(exc).__name__, one_line(exc))
+            smtp_password(config)
+        except MailFailed as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def write_run_metrics(config, record):
+    """Write the metrics file of the run so far; return whether it was written (a failure
+    is a warning of the run)."""
+    if not config.metrics_file:
+        return False
+    try:
+        outcome = record.outcome()
+        text = metrics_text(outcome, backup_history(config, outcome),
+                            os.path.basename(config.config_file or ""))
+        write_metrics(config.metrics_file, text)
+        return True
+    except OSError as exc:
+        record.log.warning("cannot write metrics_file %s: %s", config.metrics_file,
+                           exc.strerror or exc)
+    except Exception as exc:  # noqa: BLE001 - a report never costs the run
+        log.debug("traceback", exc_info=True)
+        record.log.warning("cannot write metrics_file %s: internal error: %s: %s",
+                           config.metrics_file, type(exc).__name__, one_line(exc))
+    return False
 
 
 def test_mail(config):
@@ -9475,10 +9573,11 @@ def back_up_everything(config, endpoint, password, status_log, record):
 def select_for_run(config, view, record):
     """Return the Selection (metadata_only turns every VM into meta-export); record its problems."""
     selection = select_vms(view.vms, config.selectors, config.max_backups, config.max_meta_backups)
-    if config.metadata_only:   # counted apart from the data backups: max_meta_backups
+    if config.metadata_only:   # counted apart from the data backups: max_meta_backups, keep_*
         keep = config.max_meta_backups or config.max_backups
-        selection = selection._replace(vms=[vm._replace(mode="meta-export", max_backups=keep)
-                                            for vm in selection.vms])
+        selection = selection._replace(vms=[vm if vm.mode == "meta-export" else vm._replace(
+            mode="meta-export", max_backups=keep, selector=vm.selector._replace(gfs=None))
+            for vm in selection.vms])
     record.selection = selection
     for warning in selection.warnings:
         record.log.warning("%s", warning)
@@ -9537,6 +9636,8 @@ def preview(config, endpoint, password, json_target=None):
         found = preview_pool(config, endpoint, password, record)
     except VmBackupError as exc:
         record.cannot_start = record.cannot_start or str(exc)
+    for problem in report_problems(config, exit_code_for(record.outcome())):
+        record.log.warning("%s", problem)
     outcome = record.outcome()
     data = preview_data(config, outcome, found)
     if json_target:
@@ -9555,7 +9656,7 @@ def preview_pool(config, endpoint, password, record):
     finally:
         xapi.logout()
     selection = select_for_run(config, view, record)
-    plans = [plan_vm(vm, view) for vm in selection.vms]
+    plans = [with_space_check(config, plan_vm(vm, view)) for vm in selection.vms]
     for plan in plans:
         vm = plan.vm
         record.results.append(VmResult(vm.name, vm.uuid, vm.mode,
@@ -9570,6 +9671,20 @@ def preview_pool(config, endpoint, password, record):
         planned_deletions(config, plans) + planned_dated_deletions(config, view)
     keep = chain_references(Context(config, None, view, ""))
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view, keep))
+
+
+def with_space_check(config, plan):
+    """Return `plan` with the run's refusal of its VM for space among its problems: the
+    run checks backup_dir's free space against the VM's estimated size before its snapshot."""
+    if plan.problems or not os.path.isdir(config.backup_dir):
+        return plan
+    previous = last_backup_bytes(LocalStore(config.backup_dir), safe_dirname(plan.vm.name),
+                                 plan.vm.mode)
+    try:
+        check_space(config, estimate_size(plan, previous), "VM %s" % printable(plan.vm.name))
+    except VmBackupError as exc:
+        return plan._replace(problems=[str(exc)])
+    return plan
 
 
 def planned_deletions(config, plans, now=None):
@@ -9865,6 +9980,11 @@ def cmd_backup(inv):
         endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                                   config.tls_insecure)
     except VmBackupError as exc:
+        config = config or getattr(exc, "config", None)
+        if not inv.preview and config is not None:
+            with log_sinks(config):     # the log file and syslog get the reason too
+                report_cannot_start(inv.json, str(exc), config)
+                raise
         if not inv.preview:
             report_cannot_start(inv.json, str(exc), config)
         raise

@@ -202,6 +202,24 @@ def test_systemd_units_are_a_oneshot_service_and_a_persistent_timer():
     assert timer["Install"]["WantedBy"] == "timers.target"
 
 
+def test_systemd_setup_makes_a_config_the_service_can_use(tmp_path):
+    """The service's own setup lines turn examples/vmbackup.cfg (made for the container's
+    /backups and /run/secrets) into the config ExecStart reads, with a backup_dir the
+    sandbox lets it write and a password file the setup creates."""
+    text = read("examples", "systemd", "vmbackup.service")
+    service = unit("vmbackup.service")["Service"]
+    (setup,) = [l.lstrip("# ").strip() for l in text.splitlines() if l.startswith("#   sed ")]
+    words = shlex.split(setup)
+    assert words[-3:-1] == ["../vmbackup.cfg", ">"]
+    assert words[-1] == shlex.split(service["ExecStart"])[2]
+    made = subprocess.run(words[:-3] + [os.path.join(EXAMPLES, "vmbackup.cfg")], check=True,
+                          stdout=subprocess.PIPE, universal_newlines=True).stdout
+    config = vmbackup.parse_config(made, "vmbackup.cfg").values
+    assert config["backup_dir"] in service["ReadWritePaths"].split()
+    assert "> %s)" % config["password_file"] in text
+    assert service["User"] == "vmbackup" and "chown vmbackup %s" % config["password_file"] in text
+
+
 @pytest.mark.skipif(not shutil.which("systemd-analyze"), reason="systemd-analyze is not installed")
 def test_systemd_analyze_verifies_the_units(tmp_path):
     """In a root that holds the system's units and the installed vmbackup.py (verify checks

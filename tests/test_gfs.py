@@ -259,6 +259,21 @@ def test_a_selectors_gfs_terms_win_over_the_settings(sim_pool, api, backup_dir, 
     assert set(history["other"] + history["meta"]) <= set(backups_of(backup_dir, "PRD-print7"))
 
 
+def test_metadata_only_keeps_the_metadata_rules_not_a_data_selectors(sim_pool, api, backup_dir,
+                                                                     tmp_path):
+    """--metadata-only counts apart with max_meta_backups and the keep_* settings: the weekly
+    selector's MAX (its count and its GFS terms) is for the data backups."""
+    cfg = tmp_path / "weekly.cfg"
+    cfg.write_text("backup_dir=%s\nkeep_daily=2\nvm-export=PRD-print7:3+30d+12m\n"
+                   "meta-export=PRD-print4:5+1w\n" % backup_dir)
+    out = run_vmbackup(*api(sim_pool), "-c", cfg, "--metadata-only", "--max-meta-backups", "48",
+                       "--preview", "--json", "-")
+    vms = json.loads(out[out.index("{"):])["vms"]
+    assert [(vm["name"], vm["mode"], vm["max_backups"], vm["retention"]) for vm in vms] == [
+        ("PRD-print4", "meta-export", 5, "5+1w"),      # a meta-export selector's own MAX
+        ("PRD-print7", "meta-export", 48, "48+2d")]
+
+
 def test_pre_clean_deletes_the_plan_before_the_export_but_never_the_last_good(
         sim_pool, api, backup_dir):
     history = seeded_history(sim_pool, backup_dir)

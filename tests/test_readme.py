@@ -46,14 +46,18 @@ def test_make_demo_runs(tmp_path):
 
 def test_by_hand_block_runs_as_written(sim_pool, tmp_path):
     lines = [l for l in block_after("<!-- readme-test: begin -->") if l.strip()]
-    assert lines[0].startswith("python3 tests/xapisim --port 8080")   # the sim_pool fixture
+    makefile = open(os.path.join(ROOT, "Makefile"), encoding="utf-8").read()
+    sim = re.search(r"^sim:.*\n\t(.+)$", makefile, re.M).group(1)
+    # what `make sim` runs, with the virtualenv's Python (XenAPI, xxhash): the sim_pool fixture
+    assert lines[0].startswith(sim.replace("$(PY)", ".venv/bin/python") + " "), lines[0]
+    assert all(l.startswith((".venv/bin/python ", "promtool ", "(umask")) for l in lines), lines
     assert sim_pool.password == "xenroot"
     env = dict(os.environ, PATH=os.path.dirname(sys.executable) + os.pathsep + os.environ["PATH"])
     outputs = []
     for line in lines[1:]:
         line = line.replace("http://127.0.0.1:8080/", sim_pool.url.rstrip("/") + "/")
         line = line.replace("/tmp/", str(tmp_path) + "/")
-        line = re.sub(r"^python3 ", shlex.quote(sys.executable) + " ", line)
+        line = re.sub(r"^\.venv/bin/python ", shlex.quote(sys.executable) + " ", line)
         rc, out = shell(line, ROOT, env)
         assert rc == 0, "%s\n%s" % (line, out)
         outputs.append(out)
@@ -63,6 +67,26 @@ def test_by_hand_block_runs_as_written(sim_pool, tmp_path):
     assert "web01" in listing and "complete" in listing
     assert os.path.isfile(str(tmp_path / "backups" / "vmbackup.prom"))
     assert "web01" in restore
+
+
+def test_install_block_runs_on_a_fresh_host(tmp_path):
+    """The install steps, with / moved into tmp_path: nothing assumes a folder is there."""
+    lines = block_after("## Install on a pool host")
+    root = tmp_path / "root"
+    bin_dir = root / "usr/local/bin"
+    bin_dir.mkdir(parents=True)
+    env = dict(os.environ, PATH=str(bin_dir) + os.pathsep + os.path.dirname(sys.executable)
+               + os.pathsep + os.environ["PATH"])
+    outputs = []
+    for line in lines:
+        line = re.sub(r"(?<![\w.])/(usr|etc)/", str(root) + r"/\1/", line)
+        rc, out = shell(line, ROOT, env)
+        outputs.append((line, rc, out))
+    (_, rc, out) = outputs[0]
+    assert rc == 0, out
+    assert all(rc == 0 for (_, rc, _) in outputs[:-1]), outputs
+    # the printed config selects nothing until its selectors are uncommented, and says so
+    assert outputs[-1][1] == 2 and "selects nothing" in outputs[-1][2], outputs[-1]
 
 
 @pytest.fixture

@@ -386,6 +386,10 @@ def test_vm_too_big_for_the_free_space_is_skipped(api, mount_tmpfs):
                                   "small"])
     with start_pool(desc) as pool:
         out = run_vmbackup(*api(pool), "-e", "huge", "-e", "small", "-d", small,
+                           "--space-threshold", "0", "--preview", exit_code=2)
+        assert "has 8.0M free, VM huge needs about" in out
+        assert "Preview: the run would start, but end with errors (exit 2, S:1 W:0 E:1)" in out
+        out = run_vmbackup(*api(pool), "-e", "huge", "-e", "small", "-d", small,
                            "--space-threshold", "0", exit_code=2)
         assert "has 8.0M free, VM huge needs about" in out
         assert complete(small, "small") and complete(small, "huge") == []

@@ -359,6 +359,24 @@ def test_a_run_that_cannot_start_still_mails_and_writes_its_metrics(tmp_path, sm
     assert not [n for (n, _) in found if n.startswith("vmbackup_vm_")]
 
 
+def test_a_password_file_others_can_read_stops_the_run_and_still_reports(tmp_path, smtp):
+    """Its settings were read: the mail, the metrics file and the log file say why."""
+    inbox, port = smtp()
+    pw, metrics, log_file = tmp_path / "xapi.pw", tmp_path / "vmbackup.prom", tmp_path / "v.log"
+    pw.write_text("secret\n")
+    pw.chmod(0o644)
+    out = run_vmbackup("-c", mail_config(tmp_path, port), "-e", "web01", "-d", tmp_path, "-q",
+                       "--server", "http://127.0.0.1:9/", "--password-file", pw,
+                       "--metrics-file", metrics, "--log-file", log_file, exit_code=2)
+    reason = "password file %s is readable by other users (mode 644); run: chmod 600 %s" % (pw, pw)
+    assert out == "vmbackup.py: error: %s\n" % reason
+    (msg,) = inbox.messages
+    assert msg["Subject"] == "[vmbackup] ERROR 127.0.0.1:9: S:0 W:0 E:1"
+    assert reason in msg.get_content()
+    assert value(samples(metrics), "vmbackup_last_run_exit_code") == 2
+    assert log_file.read_text().splitlines()[-1].endswith(" ERROR " + reason)
+
+
 # -- a mail that cannot be sent: one warning, nothing else changes ------------------------
 
 def warned_run(sim_pool, api, backup_dir, tmp_path, config, code=1):
@@ -418,6 +436,20 @@ def test_no_password_is_sent_unencrypted_to_another_host(tmp_path):
                                           "smtp_username": "u", "smtp_password_file": "/nonexistent"})
     with pytest.raises(vmbackup.MailFailed, match="not sending the SMTP password unencrypted"):
         vmbackup.send_mail(config, vmbackup.build_mail(config, "s", "b"))
+
+
+@pytest.mark.parametrize("mail_on, code", [("always", 1), ("error", 0)], ids=["mailed", "not-mailed"])
+def test_the_preview_warns_of_mail_settings_the_run_would_refuse(sim_pool, api, backup_dir,
+                                                                 tmp_path, mail_on, code):
+    """The SMTP password would cross the network in clear: the run warns when it mails."""
+    cfg = write(tmp_path / "m.cfg", "mail_to=a@example.org\nsmtp_server=mail.example.org\n"
+                                    "smtp_username=u\nmail_on=%s\n" % mail_on)
+    args = api(sim_pool) + ["-c", cfg, "-d", backup_dir, "-e", "PRD-print7"]
+    preview = run_vmbackup(*args, "--preview", "--json", tmp_path / "preview.json", exit_code=code)
+    run_vmbackup(*args, "--json", tmp_path / "run.json", exit_code=code)
+    warnings = json.loads((tmp_path / "run.json").read_text())["warnings"]
+    assert json.loads((tmp_path / "preview.json").read_text())["warnings"] == warnings
+    assert ("not sending the SMTP password unencrypted to mail.example.org" in preview) == (code == 1)
 
 
 # -- implicit TLS, non-ASCII names -------------------------------------------------------
@@ -500,6 +532,17 @@ def test_log_file_is_appended(sim_pool, api, backup_dir, tmp_path):
     assert text.startswith("an older line\n") and text.count("INFO done: S:1 W:0 E:0, exit 0") == 2
 
 
+def test_the_log_file_says_why_a_run_could_not_start(sim_pool, api, tmp_path):
+    """The cron form (-q --log-file): the file has the error line stderr shows, not just the mail."""
+    log_file, missing = tmp_path / "vmbackup.log", tmp_path / "not-mounted"
+    out = run_vmbackup("-q", *api(sim_pool), "-d", missing, "--log-file", log_file, "-e", "PRD-print7",
+                       exit_code=2)
+    reason = "backup_dir=%s (command line): the folder does not exist" % missing
+    assert out == "vmbackup.py: error: %s\n" % reason
+    (line,) = log_file.read_text().splitlines()
+    assert line.endswith(" ERROR " + reason)
+
+
 def test_syslog_over_udp_names_the_host(sim_pool, api, backup_dir, tmp_path):
     syslog = SyslogSocket(socket.AF_INET, ("127.0.0.1", 0))
     run_vmbackup(*api(sim_pool), "-d", backup_dir, "-e", "PRD-print7", "--syslog", "-c",
@@ -556,6 +599,44 @@ def test_a_report_file_that_cannot_be_written_is_a_warning(sim_pool, api, backup
     assert "success" in os.listdir(str(backup_dir / "PRD-print7" / folder))
 
 
+def test_the_mail_counts_a_metrics_file_that_cannot_be_written(sim_pool, api, backup_dir, tmp_path,
+                                                               smtp):
+    """The run exits 1 for it: the mail says so too (with mail_on=warning it is sent at all)."""
+    inbox, port = smtp()
+    config = mail_config(tmp_path, port, extra="mail_on=warning\n")
+    target = tmp_path / "no-such-folder" / "vmbackup.prom"
+    run_vmbackup("-c", config, *api(sim_pool), "-d", backup_dir, "-e", "PRD-print7",
+                 "--metrics-file", target, exit_code=1)
+    (msg,) = inbox.messages
+    assert msg["Subject"] == "[vmbackup] WARNING demo-pool: S:1 W:1 E:0"
+    assert "cannot write metrics_file %s" % target in msg.get_content()
+
+
+def test_metrics_count_a_mail_that_cannot_be_sent(sim_pool, api, backup_dir, tmp_path, monkeypatch):
+    monkeypatch.setattr(vmbackup, "MAIL_RETRY_DELAY", 0)
+    metrics = tmp_path / "vmbackup.prom"
+    run_vmbackup("-c", mail_config(tmp_path, free_port()), *api(sim_pool), "-d", backup_dir,
+                 "-e", "PRD-print7", "--metrics-file", metrics, exit_code=1)
+    assert value(samples(metrics), "vmbackup_last_run_warnings") == 1
+    assert value(samples(metrics), "vmbackup_last_run_exit_code") == 1
+
+
+def test_the_preview_warns_of_report_files_and_sockets_the_run_cannot_use(sim_pool, api, backup_dir,
+                                                                          tmp_path):
+    """The preview exits 1 as the run would, with the run's own words; it creates nothing."""
+    missing = tmp_path / "no-such-folder"
+    args = api(sim_pool) + ["-d", backup_dir, "-e", "PRD-print7", "--metrics-file",
+                            missing / "vmbackup.prom", "--log-file", missing / "vmbackup.log",
+                            "-c", write(tmp_path / "s.cfg", "syslog=1\nsyslog_address=%s\n"
+                                        % (missing / "log"))]
+    preview = run_vmbackup(*args, "--preview", "--json", tmp_path / "preview.json", exit_code=1)
+    assert "Preview: the run would end with warnings (exit 1, S:1 W:3 E:0)" in preview
+    run_vmbackup(*args, "--json", tmp_path / "run.json", exit_code=1)
+    warnings = json.loads((tmp_path / "run.json").read_text())["warnings"]
+    assert sorted(json.loads((tmp_path / "preview.json").read_text())["warnings"]) == sorted(warnings)
+    assert not missing.exists()
+
+
 def test_reports_on_python36(sim_pool, backup_dir, tmp_path, smtp, certs):
     """dom0's Python 3.6 (XCP-ng 8.3, XenServer 8): smtplib, ssl and email as 3.6 has them."""
     from test_python36 import PY36
@@ -604,13 +685,39 @@ def test_the_mail_groups_problems_by_unit_failures_first(problems, groups):
     assert [(u, len(found)) for u, found in vmbackup.problem_groups(problems)] == groups
 
 
+def test_credentials_in_a_refused_server_url_stay_out_of_the_mail(tmp_path, smtp):
+    inbox, port = smtp()
+    out = run_vmbackup("-c", mail_config(tmp_path, port), "-e", "web01", "-d", tmp_path,
+                       "--server", "http://root:s3cret@127.0.0.1:9/", exit_code=2)
+    (msg,) = inbox.messages
+    assert msg["Subject"] == "[vmbackup] ERROR 127.0.0.1:9: S:0 W:0 E:1"
+    assert "s3cret" not in out and "s3cret" not in msg.as_string()
+
+
+@pytest.mark.parametrize("config_file, expected", [
+    ("/etc/vmbackup/week end.cfg",
+     ["  vmbackup.py list -d '/srv/my backups'",
+      "  vmbackup.py -c '/etc/vmbackup/week end.cfg' --preview", "  less '/var/log/vm backup.log'"]),
+    (None, ["  vmbackup.py list -d '/srv/my backups'"]),
+], ids=["config-file", "command-line-run"])
+def test_the_mails_commands_work_when_pasted(config_file, expected):
+    """Paths are shell-quoted; a command-line run's preview would need its own arguments."""
+    config = vmbackup.build_config(None, {"backup_dir": "/srv/my backups",
+                                          "log_file": "/var/log/vm backup.log"}, (), config_file)
+    body = vmbackup.mail_body(config, vmbackup.RunRecord().outcome(), "p", [], None)
+    commands = body.split("To see more:\n", 1)[1].splitlines()
+    assert set(expected) <= set(commands)
+    assert [c for c in commands if "--preview" in c] == [c for c in expected if "--preview" in c]
+
+
 @pytest.mark.parametrize("server, record_pool, expected", [
     ("https://pool-master.example.org/", None, "pool-master.example.org"),
     ("http://127.0.0.1:8080", None, "127.0.0.1:8080"),
     ("unix:/var/lib/xcp/xapi", None, socket.gethostname()),
     (None, None, socket.gethostname()),
     ("https://pool-master.example.org", "demo-pool", "demo-pool"),
-], ids=["https", "http-port", "local-socket", "this-host", "pool-read"])
+    ("http://root:xenroot@127.0.0.1:8080/", None, "127.0.0.1:8080"),
+], ids=["https", "http-port", "local-socket", "this-host", "pool-read", "refused-credentials"])
 def test_the_subject_names_the_pool(server, record_pool, expected):
     config = vmbackup.build_config(None, {"server": server})
     assert vmbackup.pool_name(config, record_pool) == expected

@@ -1,12 +1,15 @@
 """Restore round trips through the simulated pool, over both transports: what comes back
 is byte for byte what the VM held at snapshot time, and the original is untouched."""
 import datetime
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 
 import vmbackup
-from conftest import run_vmbackup, session
+from conftest import VMBACKUP, run_vmbackup, session
 
 
 def describe_vm(pool, ref):
@@ -215,6 +218,49 @@ def test_metadata_only_backup_cannot_be_restored(sim_pool, api, backup_dir):
     run_vmbackup(*args, "-m", "web01", "-d", backup_dir)
     out = run_vmbackup("restore", os.path.join(str(backup_dir), "web01"), *args, exit_code=2)
     assert "metadata-only backup: there is no disk to restore" in out
+
+
+def test_a_vm_folder_restores_its_newest_data_backup_past_hourly_metadata(sim_pool, api, backup_dir):
+    """README's weekly .xva and hourly -m on one backup_dir: `restore VM_FOLDER` takes the
+    newest backup with disks, not the metadata-only backup of the last hour."""
+    args = api(sim_pool)
+    run_vmbackup(*args, "-e", "web01", "-d", backup_dir)
+    (data,) = os.listdir(str(backup_dir / "web01"))
+    run_vmbackup(*args, "-m", "web01", "-d", backup_dir)
+    vm_dir = os.path.join(str(backup_dir), "web01")
+    out = run_vmbackup("restore", vm_dir, *args, "--preview")
+    assert "restoring from %s (the newest complete backup with disks in %s: newer ones are " \
+        "metadata-only)" % (os.path.join(vm_dir, data), vm_dir) in out
+    assert "would restore" in out and "web01.xva" in out
+
+
+def test_a_bad_backup_names_an_older_backup_with_disks_not_a_metadata_only_one(sim_pool, api,
+                                                                               backup_dir):
+    args = api(sim_pool)
+    vm_dir = os.path.join(str(backup_dir), "web01")
+    run_vmbackup(*args, "-e", "web01", "-d", backup_dir)
+    (older,) = os.listdir(vm_dir)
+    run_vmbackup(*args, "-m", "web01", "-d", backup_dir)
+    run_vmbackup(*args, "-e", "web01", "-d", backup_dir)
+    newest = max(os.listdir(vm_dir))
+    with open(os.path.join(vm_dir, newest, "web01.xva"), "r+b") as handle:
+        handle.seek(4096)
+        handle.write(b"X")
+    out = run_vmbackup("restore", vm_dir, *args, exit_code=2)
+    assert "the newest good backup is %s:" % os.path.join(vm_dir, older) in out
+
+
+def test_restore_json_to_stdout_is_json_alone(sim_pool, api, backup_dir):
+    args = api(sim_pool)
+    run_vmbackup(*args, "-e", "PRD-print7", "-d", backup_dir)
+    for extra, key in ((["--preview"], "would_restore"), ([], "restored")):
+        proc = subprocess.run([sys.executable, VMBACKUP, "restore", str(backup_dir / "PRD-print7"),
+                               "--json", "-"] + [str(a) for a in args + extra],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              universal_newlines=True)
+        assert proc.returncode == 0, proc.stderr
+        (vm,) = json.loads(proc.stdout)[key]
+        assert vm["name"] == "PRD-print7 (restored %s)" % datetime.date.today().isoformat()
 
 
 def test_attach_to_checks_the_devices_are_free_in_the_preview_too(sim_pool, transport,

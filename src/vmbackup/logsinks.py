@@ -1,7 +1,8 @@
 """Where a run's log goes besides stderr: a log file, syslog, and the run's own lines for its mail.
 
 Owns: syslog_frame (RFC 3164 framing, pure), SyslogHandler, RunLines, log_sinks (the
-context manager a run is inside), run_lines (what the mail quotes). A sink that cannot
+context manager a run is inside), run_lines (what the mail quotes), write_problem and sink_problems (what the preview
+checks without opening anything). A sink that cannot
 be opened or written is a problem noted on RunLines; the run records it as a warning
 when it reports (notify.send_reports), so it counts in W and the exit code.
 Imports: errors.
@@ -9,11 +10,12 @@ Imports: errors.
 
 import contextlib
 import datetime
+import errno
 import logging
 import os
 import socket
 
-from vmbackup.errors import log
+from vmbackup.errors import VmBackupError, log
 
 
 #: syslog facilities by name (RFC 3164 section 4.1.1).
@@ -168,10 +170,46 @@ def log_sinks(config):
         log.addHandler(handler)
     try:
         yield lines
+    except VmBackupError as exc:
+        # a run that could not start: stderr gets its reason after the block, the log file
+        # and syslog get it here (the mail has it already)
+        record = log.makeRecord(log.name, logging.ERROR, __file__, 0, "%s", (str(exc),), None)
+        for handler in handlers[1:]:
+            handler.handle(record)
+        raise
     finally:
         for handler in handlers:
             log.removeHandler(handler)
             handler.close()
+
+
+def write_problem(path):
+    """Return why a file could not be opened for writing at `path` (strerror), or None;
+    creates nothing."""
+    if os.path.isdir(path):
+        return os.strerror(errno.EISDIR)
+    if os.path.exists(path):
+        return None if os.access(path, os.W_OK) else os.strerror(errno.EACCES)
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):
+        return os.strerror(errno.ENOENT)
+    return None if os.access(folder, os.W_OK | os.X_OK) else os.strerror(errno.EACCES)
+
+
+def sink_problems(config):
+    """Return the problems log_sinks would note for `config`'s log file and syslog, in its
+    words, without writing anything (a unix syslog socket is connected to, nothing sent)."""
+    problems = []
+    if config.log_file and write_problem(config.log_file):
+        problems.append("cannot append to log_file %s: %s"
+                        % (config.log_file, write_problem(config.log_file)))
+    if config.syslog:
+        try:
+            SyslogHandler(config.syslog_address, config.syslog_facility, problems).close()
+        except OSError as exc:
+            problems.append("cannot send to syslog at %s: %s"
+                            % (config.syslog_address, exc.strerror or exc))
+    return problems
 
 
 def run_lines():

@@ -3,7 +3,7 @@
 Owns: mail_wanted, mail_subject, mail_body (pure readers of an Outcome), build_mail,
 send_mail (SMTP with none/starttls/ssl, AUTH, retries), MailFailed, test_mail,
 send_reports (what run.report_run calls: each report that cannot be made is a warning
-of the run, never a crash and never a lost backup).
+of the run, never a crash and never a lost backup), report_problems (the preview's check).
 Imports: errors, util, config, store, report, logsinks, metrics.
 """
 
@@ -14,6 +14,7 @@ import email.header
 import email.mime.text
 import email.utils
 import os
+import shlex
 import smtplib
 import socket
 import ssl
@@ -21,8 +22,8 @@ import time
 
 from vmbackup import __version__
 from vmbackup.config import read_password_file
-from vmbackup.errors import EXIT_OK, PROG, VmBackupError, log
-from vmbackup.logsinks import run_lines
+from vmbackup.errors import EXIT_OK, EXIT_WARNING, PROG, VmBackupError, log
+from vmbackup.logsinks import run_lines, sink_problems, write_problem
 from vmbackup.metrics import backup_history, metrics_text, write_metrics
 from vmbackup.report import exit_code_for, status_word, tally
 from vmbackup.util import free_space, human_size, one_line, printable
@@ -61,7 +62,8 @@ def pool_name(config, record_pool):
     server = config.server or ""
     if "://" not in server:     # this host's xapi (none, or unix:/path)
         return socket.gethostname()
-    return server.split("://", 1)[1].split("/", 1)[0] or socket.gethostname()
+    host = server.split("://", 1)[1].split("/", 1)[0].rsplit("@", 1)[-1]   # never user:password
+    return host or socket.gethostname()
 
 
 def mail_subject(prefix, outcome, pool):
@@ -146,16 +148,18 @@ def mail_body(config, outcome, pool, lines, space):
         out.append("backup_dir %s: not there, no space to tell." % config.backup_dir)
     out += ["", "To see more:"]
     if config.log_file:
-        out += ["  # this run's log", "  less %s" % config.log_file]
+        out += ["  # this run's log", "  less %s" % shlex.quote(config.log_file)]
     if config.syslog:
         out += ["  # this run's log in the journal",
                 "  journalctl -t vmbackup --since '%s'" % outcome.started]
     if config.status_log and os.path.isdir(os.path.dirname(config.status_log) or "."):
-        out += ["  # the status log (one line per VM and run)", "  tail %s" % config.status_log]
-    run = "%s -c %s" % (PROG, config.config_file) if config.config_file else PROG
+        out += ["  # the status log (one line per VM and run)",
+                "  tail %s" % shlex.quote(config.status_log)]
     out += ["  # every backup in backup_dir, with its status",
-            "  %s list -d %s" % (PROG, config.backup_dir),
-            "  # what the next run would do (changes nothing)", "  %s --preview" % run]
+            "  %s list -d %s" % (PROG, shlex.quote(config.backup_dir))]
+    if config.config_file:      # a command-line run's preview needs that run's arguments
+        out += ["  # what the next run would do (changes nothing)",
+                "  %s -c %s --preview" % (PROG, shlex.quote(config.config_file))]
     return "\n".join(out) + "\n"
 
 
@@ -269,19 +273,25 @@ def failure_text(config, exc):
     return "%s: %s" % (where, one_line(getattr(exc, "strerror", None) or exc))
 
 
-def send_mail(config, msg, sleep=time.sleep):
-    """Send `msg` through smtp_server, trying MAIL_TRIES times; raise MailFailed."""
+def smtp_password(config):
+    """Return the SMTP password the settings give (None: no AUTH); raise MailFailed when
+    they forbid sending it (in clear to another host, a file others can read)."""
     to = ", ".join(config.mail_to or ())
-    password = None
     try:
         if config.smtp_username:
             if config.smtp_security == "none" and not is_loopback(config.smtp_server):
                 raise MailFailed(to, "not sending the SMTP password unencrypted to %s: set "
                                      "smtp_security=starttls or ssl" % config.smtp_server)
             if config.smtp_password_file:
-                password = read_password_file(config.smtp_password_file)
+                return read_password_file(config.smtp_password_file)
     except VmBackupError as exc:
         raise MailFailed(to, str(exc)) if not isinstance(exc, MailFailed) else exc
+    return None
+
+
+def send_mail(config, msg, sleep=time.sleep):
+    """Send `msg` through smtp_server, trying MAIL_TRIES times; raise MailFailed."""
+    to, password = ", ".join(config.mail_to or ()), smtp_password(config)
     for attempt in range(1, MAIL_TRIES + 1):
         try:
             smtp = smtp_connect(config, password)
@@ -321,17 +331,19 @@ def mail_report(config, outcome, pool):
 
 
 def send_reports(config, record):
-    """Mail the report and write the metrics file of a run; what fails is a warning of the run.
+    """Write the metrics file and mail the report of a run; what fails is a warning of the run.
 
     Called by run.report_run before it writes the status log's `end` line, so that line,
-    the exit code and --json count these warnings; the mail cannot count its own failure,
-    the metrics file (written after it) does.
+    the exit code and --json count these warnings. The metrics file is written first, so
+    the mail counts a metrics file that cannot be written; a mail that cannot be sent is
+    then written into the metrics file again. Only the mail cannot count its own failure.
     """
     lines = run_lines()
     if lines:
         for problem in lines.problems:
             record.log.warning("%s", problem)
         lines.problems[:] = []
+    metrics_written = write_run_metrics(config, record)
     pool = pool_name(config, getattr(record, "pool", None))
     try:
         mail_report(config, record.outcome(), pool)
@@ -341,19 +353,47 @@ def send_reports(config, record):
         log.debug("traceback", exc_info=True)
         record.log.warning("mail not sent: internal error: %s: %s", type(exc).__name__,
                            one_line(exc))
-    if config.metrics_file:
+    else:
+        return
+    if metrics_written:
+        write_run_metrics(config, record)
+
+
+def report_problems(config, code):
+    """Return the warnings a run with `config` ending with exit `code` would get from a log
+    file, syslog socket or metrics file it cannot use, or mail settings it refuses (the
+    preview's check; nothing is written, no mail is sent)."""
+    problems = sink_problems(config)
+    if config.metrics_file and write_problem(config.metrics_file):
+        problems.append("cannot write metrics_file %s: %s"
+                        % (config.metrics_file, write_problem(config.metrics_file)))
+    if config.mail_to and mail_wanted(config.mail_on, max(code, EXIT_WARNING if problems else 0)):
         try:
-            outcome = record.outcome()
-            text = metrics_text(outcome, backup_history(config, outcome),
-                                os.path.basename(config.config_file or ""))
-            write_metrics(config.metrics_file, text)
-        except OSError as exc:
-            record.log.warning("cannot write metrics_file %s: %s", config.metrics_file,
-                               exc.strerror or exc)
-        except Exception as exc:  # noqa: BLE001 - a report never costs the run
-            log.debug("traceback", exc_info=True)
-            record.log.warning("cannot write metrics_file %s: internal error: %s: %s",
-                               config.metrics_file, type(exc).__name__, one_line(exc))
+            smtp_password(config)
+        except MailFailed as exc:
+            problems.append(str(exc))
+    return problems
+
+
+def write_run_metrics(config, record):
+    """Write the metrics file of the run so far; return whether it was written (a failure
+    is a warning of the run)."""
+    if not config.metrics_file:
+        return False
+    try:
+        outcome = record.outcome()
+        text = metrics_text(outcome, backup_history(config, outcome),
+                            os.path.basename(config.config_file or ""))
+        write_metrics(config.metrics_file, text)
+        return True
+    except OSError as exc:
+        record.log.warning("cannot write metrics_file %s: %s", config.metrics_file,
+                           exc.strerror or exc)
+    except Exception as exc:  # noqa: BLE001 - a report never costs the run
+        log.debug("traceback", exc_info=True)
+        record.log.warning("cannot write metrics_file %s: internal error: %s: %s",
+                           config.metrics_file, type(exc).__name__, one_line(exc))
+    return False
 
 
 def test_mail(config):

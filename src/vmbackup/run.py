@@ -11,12 +11,13 @@ import os
 import sys
 
 from vmbackup.backup import (
-    Context, backup_hosts, backup_pool_db, host_folder, pool_db_folder, run_note)
+    Context, backup_hosts, backup_pool_db, estimate_size, host_folder, last_backup_bytes,
+    pool_db_folder, run_note)
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
 from vmbackup.delta import kept_reference
 from vmbackup.jobs import back_up_vms
 from vmbackup.leftovers import PoolBeat, chain_references, clean_leftovers, is_leftover
-from vmbackup.notify import send_reports
+from vmbackup.notify import report_problems, send_reports
 from vmbackup.report import (
     PreviewPlan, RunRecord, StatusLog, VmResult, exit_code_for, format_preview, preview_data,
     recap, run_summary, status_end_fields, tally, write_json)
@@ -27,6 +28,7 @@ from vmbackup.store import (
     LocalStore, RunLock, check_backup_dir, check_backup_dir_readonly, check_space, log_df,
     safe_dirname)
 from vmbackup.transport.choose import make_transport
+from vmbackup.util import printable
 from vmbackup.xapi import login
 
 
@@ -99,10 +101,11 @@ def back_up_everything(config, endpoint, password, status_log, record):
 def select_for_run(config, view, record):
     """Return the Selection (metadata_only turns every VM into meta-export); record its problems."""
     selection = select_vms(view.vms, config.selectors, config.max_backups, config.max_meta_backups)
-    if config.metadata_only:   # counted apart from the data backups: max_meta_backups
+    if config.metadata_only:   # counted apart from the data backups: max_meta_backups, keep_*
         keep = config.max_meta_backups or config.max_backups
-        selection = selection._replace(vms=[vm._replace(mode="meta-export", max_backups=keep)
-                                            for vm in selection.vms])
+        selection = selection._replace(vms=[vm if vm.mode == "meta-export" else vm._replace(
+            mode="meta-export", max_backups=keep, selector=vm.selector._replace(gfs=None))
+            for vm in selection.vms])
     record.selection = selection
     for warning in selection.warnings:
         record.log.warning("%s", warning)
@@ -161,6 +164,8 @@ def preview(config, endpoint, password, json_target=None):
         found = preview_pool(config, endpoint, password, record)
     except VmBackupError as exc:
         record.cannot_start = record.cannot_start or str(exc)
+    for problem in report_problems(config, exit_code_for(record.outcome())):
+        record.log.warning("%s", problem)
     outcome = record.outcome()
     data = preview_data(config, outcome, found)
     if json_target:
@@ -179,7 +184,7 @@ def preview_pool(config, endpoint, password, record):
     finally:
         xapi.logout()
     selection = select_for_run(config, view, record)
-    plans = [plan_vm(vm, view) for vm in selection.vms]
+    plans = [with_space_check(config, plan_vm(vm, view)) for vm in selection.vms]
     for plan in plans:
         vm = plan.vm
         record.results.append(VmResult(vm.name, vm.uuid, vm.mode,
@@ -194,6 +199,20 @@ def preview_pool(config, endpoint, password, record):
         planned_deletions(config, plans) + planned_dated_deletions(config, view)
     keep = chain_references(Context(config, None, view, ""))
     return PreviewPlan(tuple(plans), deletions, planned_destroys(view, keep))
+
+
+def with_space_check(config, plan):
+    """Return `plan` with the run's refusal of its VM for space among its problems: the
+    run checks backup_dir's free space against the VM's estimated size before its snapshot."""
+    if plan.problems or not os.path.isdir(config.backup_dir):
+        return plan
+    previous = last_backup_bytes(LocalStore(config.backup_dir), safe_dirname(plan.vm.name),
+                                 plan.vm.mode)
+    try:
+        check_space(config, estimate_size(plan, previous), "VM %s" % printable(plan.vm.name))
+    except VmBackupError as exc:
+        return plan._replace(problems=[str(exc)])
+    return plan
 
 
 def planned_deletions(config, plans, now=None):

@@ -272,6 +272,11 @@ def cmd_backup(inv):
         endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                                   config.tls_insecure)
     except VmBackupError as exc:
+        config = config or getattr(exc, "config", None)
+        if not inv.preview and config is not None:
+            with log_sinks(config):     # the log file and syslog get the reason too
+                report_cannot_start(inv.json, str(exc), config)
+                raise
         if not inv.preview:
             report_cannot_start(inv.json, str(exc), config)
         raise

@@ -14,7 +14,7 @@ import re
 
 from vmbackup import __doc__
 from vmbackup.config import build_config, read_password_file
-from vmbackup.errors import UsageError
+from vmbackup.errors import UsageError, VmBackupError
 from vmbackup.util import (
     choice, parse_compress, parse_fingerprint, parse_int, parse_percent, parse_rate,
     parse_text, parse_umask)
@@ -123,10 +123,14 @@ def load_config(values, parsed=None, selectors=(), config_file=None, password=No
     if env_server and "server" not in values and not (parsed and "server" in parsed.values):
         values["server"] = env_server
     config = build_config(parsed, values, selectors, config_file)
-    if config.password_file:
-        password = read_password_file(config.password_file)
-    elif password is None:
-        password = os.environ.get("VMBACKUP_PASSWORD")
+    try:
+        if config.password_file:
+            password = read_password_file(config.password_file)
+        elif password is None:
+            password = os.environ.get("VMBACKUP_PASSWORD")
+    except VmBackupError as exc:
+        exc.config = config     # the settings were read: a run that cannot start reports
+        raise
     return config, password
 
 

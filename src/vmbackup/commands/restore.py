@@ -29,9 +29,11 @@ from vmbackup.xapi import login, parse_endpoint
 
 
 def newest_complete(vm_dir):
-    """Return the newest complete BackupFolder of a VM folder; raise RestoreError if none, or
-    if the folder holds more than one VM's backups (their names made one folder): then the
-    message names the newest backup of each, to restore by its path."""
+    """Return the newest complete BackupFolder of a VM folder that has disks to restore,
+    passing over newer metadata-only backups (an hourly -m beside a weekly export), else the
+    newest complete one; raise RestoreError if none, or if the folder holds more than one
+    VM's backups (their names made one folder): then the message names the newest backup of
+    each, to restore by its path."""
     store = LocalStore(os.path.dirname(vm_dir))
     complete = [b for b in reversed(store.backups(os.path.basename(vm_dir))) if b.complete]
     if not complete:
@@ -43,7 +45,18 @@ def newest_complete(vm_dir):
                                vm_dir, len(groups), "; ".join(
                                    "%s [%s]: %s" % (printable(g[0].vm), backup_vm_uuid(g[0]) or
                                                     "uuid not recorded", g[0].path) for g in groups)))
-    return complete[0]
+    return next((b for b in complete if b.mode != "meta-export"), complete[0])
+
+
+def how_chosen(path, backup):
+    """Return why `backup` is the one restored from `path`, for the log line."""
+    if path == backup.path:
+        return "as named"
+    store = LocalStore(os.path.dirname(path))
+    newest = [b for b in store.backups(os.path.basename(path)) if b.complete][-1]
+    if newest.path == backup.path:
+        return "the newest complete backup in %s" % path
+    return "the newest complete backup with disks in %s: newer ones are metadata-only" % path
 
 
 def resolve_backup(path):
@@ -203,13 +216,13 @@ def attach_conflicts(items, target_name, vbds):
 
 
 def older_good_backup(backup):
-    """Return the newest complete backup older than `backup` in its VM folder that
-    verifies (good or unchecked), or None."""
+    """Return the newest complete backup with disks (not metadata-only) older than `backup`
+    in its VM folder that verifies (good or unchecked), or None."""
     vm_dir = os.path.dirname(os.path.abspath(backup.path))
     store = LocalStore(os.path.dirname(vm_dir))
     for older in reversed(store.backups(os.path.basename(vm_dir))):
-        if older.complete and older.when and backup.when and older.when < backup.when \
-                and check_backup(older).status in ("good", "unchecked"):
+        if older.complete and older.mode != "meta-export" and older.when and backup.when \
+                and older.when < backup.when and check_backup(older).status in ("good", "unchecked"):
             return older
     return None
 
@@ -369,9 +382,7 @@ def cmd_restore(argv):
     config, password = load_config(settings_from_args(args))
     backup = resolve_backup(args.backup)
     folder = backup.path
-    log.info("restoring from %s (%s)", folder, "the newest complete backup in %s"
-             % os.path.abspath(args.backup) if os.path.abspath(args.backup) != folder
-             else "as named")
+    log.info("restoring from %s (%s)", folder, how_chosen(os.path.abspath(args.backup), backup))
     check = check_backup(backup)
     if check.status in ("bad", "incomplete"):
         refuse_bad_backup(backup, check)
@@ -404,11 +415,16 @@ def cmd_restore(argv):
             log.info("%s %s -> %s %r on SR %r", "would restore" if args.preview else "restoring",
                      os.path.relpath(item.file, os.path.dirname(os.path.dirname(folder))),
                      "VM" if item.kind == "vm" else "disk", item.name, sr["name_label"])
-        if args.preview:
+        if args.preview and args.json:
+            write_json(args.json, {"preview": True, "backup": folder, "would_restore": [
+                {"kind": item.kind, "name": item.name, "file": item.file, "sr": sr["uuid"]}
+                for item in items]})
+        if args.preview and args.json != "-":
             sys.stdout.write("".join("%s %s -> new %s %r (%s) on SR %r\n" % (
                 "would restore", item.file, "VM" if item.kind == "vm" else "disk", item.name,
                 human_size(item.virtual_size) if item.virtual_size else item.fmt, sr["name_label"])
                 for item in items))
+        if args.preview:
             return EXIT_OK
         transport = make_transport(config, xapi, password)
         try:
@@ -427,7 +443,7 @@ def cmd_restore(argv):
             transport.close()
     finally:
         xapi.logout()
-    for entry in done:
+    for entry in done if args.json != "-" else ():     # --json -: stdout is the JSON alone
         sys.stdout.write("restored %s %s %s\n" % (entry["kind"], entry["uuid"], printable(entry["name"])))
     if args.json:
         write_json(args.json, {"restored": done, "backup": folder})
