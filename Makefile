@@ -51,6 +51,7 @@ sim: venv
 bench: venv deps
 	$(PY) bench/sim_export_raw.py
 	$(PY) bench/vmbackup_export.py
+	$(PY) bench/jobs_scaling.py
 
 clean:
 	rm -rf $(VENV) demo-backups .pytest_cache

@@ -506,7 +506,10 @@ class Soak:
                 self.check(rc == baseline, "expected exit %d\n%s" % (baseline, where))
             self.check("Traceback" not in out and "internal error" not in out,
                        "traceback or internal error in the output\n" + where)
-            if fired.get("drop_rpc", 0) >= 2 or fired.get("http_503"):
+            # (with several jobs, two drops may land on two connections: xmlrpc.client
+            # resends each once, silently)
+            if (fired.get("drop_rpc", 0) >= 2 and "-j" not in self.base_args) \
+                    or fired.get("http_503"):
                 self.check("; retrying" in out, "a read call failed and was not retried?\n" + where)
             for fault, rule in armed:   # the VM a snapshot fault or a vanish hit is the one that failed
                 if fault["kind"] in ("snapshot_full", "vanish") and rule.hits and not entry["retries"]:
@@ -760,8 +763,10 @@ def scratch(tmp_path):
 
 
 @pytest.mark.timeout(400)
-@pytest.mark.parametrize("kind, runs", [("api", 50), ("xe", 10)], ids=["api-50-runs", "xe-10-runs"])
-def test_soak(kind, runs, tmp_path, scratch, monkeypatch):
+@pytest.mark.parametrize("kind, runs, jobs", [("api", 50, 1), ("xe", 10, 1), ("api", 50, 3),
+                                              ("xe", 10, 3)],
+                         ids=["api-50-runs", "xe-10-runs", "api-50-runs-j3", "xe-10-runs-j3"])
+def test_soak(kind, runs, jobs, tmp_path, scratch, monkeypatch):
     # speed: vmbackup's retry backoff (1 s, 2 s...) and xe poll (0.5 s) in this process only
     monkeypatch.setattr(vmbackup.Xapi, "BACKOFF", 0.05)
     monkeypatch.setattr(vmbackup.XeTransport, "POLL", 0.02)
@@ -786,6 +791,8 @@ def test_soak(kind, runs, tmp_path, scratch, monkeypatch):
             pw.write_text(pool.password + "\n")
             pw.chmod(0o600)
             connect = ["--transport", "api", "--server", pool.url, "--password-file", pw]
+        if jobs > 1:    # the same plan, 3 VMs at a time (no host or SR cap holds them back)
+            connect += ["-j", jobs, "--jobs-per-host", jobs, "--jobs-per-sr", jobs]
         soak = Soak(pool, backup_dir, ["-c", config] + connect, names,
                     API_PLAIN if kind == "api" else set(names), plan, tmp_path)
         for entry in plan:

@@ -22,6 +22,7 @@ from vmbackup.errors import (
 from vmbackup.formats.xva import xva_is_complete
 from vmbackup.metadata import (
     file_entry, manifest_record, pool_info, save_vm_metadata, write_cfg_files)
+from vmbackup.progress import check_stop, exporting
 from vmbackup.report import RunRecord, UnitLog, VmResult, status_size
 from vmbackup.retention import keep_for, prune_dated_files, prune_vm_backups
 from vmbackup.selection import PoolView
@@ -73,6 +74,7 @@ class tool_snapshot:
         self.snap = None
 
     def __enter__(self):
+        check_stop()    # a run asked to stop (jobs) takes no new snapshot
         began, t, note = time.monotonic(), self.ctx.transport, self.ctx.run_note
         try:
             # A signal between "snapshot made" and "snapshot tagged" would leave a snapshot
@@ -151,7 +153,7 @@ def export_vm_mode(ctx, plan, folder, moment, vlog):
                       ", ".join(d.device for d in plan.skipped))
         ctx.transport.prepare_snapshot(snap)
         began = time.monotonic()
-        with partial_file(dest) as tmp:
+        with partial_file(dest) as tmp, exporting(os.path.basename(dest), estimate_size(plan)):
             nbytes, digest = ctx.transport.export_vm(snap, tmp, compress)
             if nbytes <= 0 or (compress is None and not xva_is_complete(tmp)):
                 raise ExportFailed("export of %s is incomplete (%d bytes)" % (snap.uuid, nbytes))
@@ -175,7 +177,7 @@ def export_vdi_mode(ctx, plan, folder, moment, vlog):
         label = "vmbackup_%s_%s_%s" % (printable(plan.vm.name), disk.device, stamp(moment))
         began = time.monotonic()
         with vdi_snapshot(ctx, disk, label, vlog) as snap:
-            with partial_file(dest) as tmp:
+            with partial_file(dest) as tmp, exporting(disk.device, disk_estimate(disk, fmt)):
                 nbytes, digest = ctx.transport.export_vdi(snap, tmp, fmt)
                 want = int(disk.vdi.get("virtual_size", 0))
                 if fmt == "raw" and nbytes != want:
@@ -221,6 +223,12 @@ def export_with_retries(ctx, plan, folder, moment, vlog):
                          attempt, attempts, exc)
             moment = datetime.datetime.now().replace(microsecond=0)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def disk_estimate(disk, fmt):
+    """Return the bytes a vdi-export of `disk` writes: its size raw, its physical use in vhd."""
+    key = "virtual_size" if fmt == "raw" else "physical_utilisation"
+    return int(disk.vdi.get(key) or disk.vdi.get("virtual_size") or 0)
 
 
 #: An XVA carries a disk in chunks of 1 MiB; a chunk of zeros is left out, except the first

@@ -125,6 +125,11 @@ SETTINGS = collections.OrderedDict([
                              "seconds an SMTP connection may wait; 3 tries in all")),
     ("full_interval", Setting(7, lambda v: parse_int(v, 0),
                               "delta-export: a new full every N points of a chain (0: never)")),
+    ("jobs", Setting(1, lambda v: parse_int(v, 1), "VMs backed up at once (each its own snapshot)")),
+    ("jobs_per_host", Setting(2, lambda v: parse_int(v, 0),
+                              "exports one host serves at once (0: no limit besides jobs)")),
+    ("jobs_per_sr", Setting(2, lambda v: parse_int(v, 0),
+                            "exports reading one SR at once (0: no limit besides jobs)")),
 ])
 
 
@@ -295,6 +300,9 @@ class Config(typing.NamedTuple):
     smtp_password_file: typing.Optional[str] = None
     smtp_timeout: int = 30
     full_interval: int = 7
+    jobs: int = 1
+    jobs_per_host: int = 2
+    jobs_per_sr: int = 2
     selectors: typing.Tuple[Selector, ...] = ()
     config_file: typing.Optional[str] = None
     origins: typing.Dict[str, str] = {}   # key -> "file:line" or "command line"

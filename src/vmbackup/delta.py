@@ -39,6 +39,7 @@ from vmbackup.formats.vhdfile import (
     CBT_BLOCK, VHD_BLOCK, ParentRef, VhdWriter, reparent_vhd, write_vhd_from_raw)
 from vmbackup.metadata import file_entry
 from vmbackup.nbd import NbdError, connect_info
+from vmbackup.progress import check_stop
 from vmbackup.store import LocalStore, safe_dirname
 from vmbackup.transport.base import BUSY_CODES, GONE_CODES, Obj, error_code
 from vmbackup.util import human_size, partial_file, printable
@@ -51,6 +52,9 @@ NBD_CONNECTIONS = 4
 
 #: Attempts at one range over NBD (a new connection each time) before the point fails.
 NBD_ATTEMPTS = 3
+
+#: Seconds between looks at the run's stop request while NBD reads are awaited.
+STOP_POLL = 0.2
 
 
 #: Seconds VDI.data_destroy is retried while it answers VDI_IN_USE: XAPI unplugs the
@@ -415,7 +419,7 @@ def read_ranges_nbd(infos, ranges, timeout, connections=NBD_CONNECTIONS, stats=N
         thread.start()
     try:
         for _ in range(len(ranges)):
-            kind, first, data = done.get()
+            kind, first, data = next_done(done)
             if kind == "error":
                 raise first
             stats.bytes += len(data)
@@ -431,6 +435,17 @@ def read_ranges_nbd(infos, ranges, timeout, connections=NBD_CONNECTIONS, stats=N
                     pass
         for thread in threads:
             thread.join()
+
+
+def next_done(done):
+    """Return the next item of `done`; raise Terminated as soon as the run is asked to stop
+    (the reading thread is a job's worker: signals reach only the main thread)."""
+    while True:
+        check_stop()
+        try:
+            return done.get(timeout=STOP_POLL)
+        except queue.Empty:
+            continue
 
 
 def destroy_data(transport, vdi, vlog):

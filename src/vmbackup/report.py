@@ -231,11 +231,12 @@ class StatusLog:
     def folder_exists(self):
         return bool(self.path) and os.path.isdir(os.path.dirname(self.path) or ".")
 
-    def line(self, what, *fields):
+    def line(self, what, *fields, when=None):
+        """Append one line (`when`: the time it records, default now)."""
         if not self.path:
             return
-        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
-                        + [str(f) for f in fields])
+        text = ",".join([(when or datetime.datetime.now()).strftime("%Y/%m/%d %H:%M:%S"), what,
+                         self.host] + [str(f) for f in fields])
         try:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(text + "\n")

@@ -11,10 +11,11 @@ import os
 import sys
 
 from vmbackup.backup import (
-    Context, backup_hosts, backup_pool_db, backup_vm_safely, estimate_size, host_folder,
-    last_backup_bytes, pool_db_folder, run_note)
+    Context, backup_hosts, backup_pool_db, estimate_size, host_folder, last_backup_bytes,
+    pool_db_folder, run_note)
 from vmbackup.errors import PROG, Terminated, VmBackupError, log
 from vmbackup.delta import kept_reference
+from vmbackup.jobs import back_up_vms
 from vmbackup.leftovers import PoolBeat, chain_references, clean_leftovers, is_leftover
 from vmbackup.notify import report_problems, send_reports
 from vmbackup.report import (
@@ -84,8 +85,8 @@ def back_up_everything(config, endpoint, password, status_log, record):
             clean_leftovers(ctx)
             selection = select_for_run(config, view, record)
             log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
-            for vm in selection.vms:
-                record.results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
+            back_up_vms(ctx, [plan_vm(vm, view) for vm in selection.vms], status_log,
+                        record.results)
             if config.pool_db_backup:
                 record.results.append(backup_pool_db(ctx, record.started))
             if config.host_backup:

@@ -29,7 +29,7 @@ class RpcCall(object):
 
 class HttpRequest(object):
     __slots__ = ("method", "path", "query", "status", "host", "bytes_sent", "bytes_received",
-                 "time", "task", "transport", "error")
+                 "time", "ended", "task", "transport", "error")
 
     def __init__(self, method, path, query, host, transport):
         self.method = method
@@ -40,6 +40,7 @@ class HttpRequest(object):
         self.bytes_sent = 0         # body bytes sent
         self.bytes_received = 0     # body bytes received
         self.time = time.time()
+        self.ended = None           # when the handler returned (None: still running)
         self.task = None            # task ref the handler ran under
         self.transport = transport
         self.error = None           # why the body stopped early (a string), if it did
@@ -100,6 +101,22 @@ class CallLog(object):
         with self._lock:
             return [r for r in self.http
                     if (path is None or r.path == path) and (method is None or r.method == method)]
+
+    def most_at_once(self, paths, key=None):
+        """The most requests for ``paths`` (a tuple) that were being served at one time:
+        in all, or (``key``: a function of the request, e.g. its host) per key value."""
+        with self._lock:
+            reqs = [r for r in self.http if r.path in paths and r.status != 302]
+        edges = []
+        for r in reqs:
+            k = key(r) if key else None
+            edges.append((r.time, 1, k))
+            edges.append((r.ended or float("inf"), -1, k))
+        now, best = {}, 0
+        for _, step, k in sorted(edges, key=lambda e: (e[0], e[1])):
+            now[k] = now.get(k, 0) + step
+            best = max(best, now[k])
+        return best
 
     def clear(self):
         with self._lock:

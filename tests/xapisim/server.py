@@ -632,6 +632,7 @@ class Handler(BaseHTTPRequestHandler):
             self._crashed(e)
         finally:
             self.close_connection = True
+            self.req.ended = time.time()
 
     def _crashed(self, exc):
         """An exception escaped a handler: as xapi's http_svr, answer 500 with its

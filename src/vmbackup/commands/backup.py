@@ -131,6 +131,10 @@ def build_parser():
     opt("--max-rate", metavar="RATE", help="bandwidth limit per export, e.g. 100M (bytes/s)")
     opt("--progress-interval", metavar="SECONDS",
         help="seconds between progress lines when stderr is not a terminal (default 60)")
+    opt("-j", "--jobs", metavar="N", help="VMs backed up at once (default 1)")
+    opt("--jobs-per-host", metavar="N",
+        help="exports one host serves at once (default 2; 0: no limit)")
+    opt("--jobs-per-sr", metavar="N", help="exports reading one SR at once (default 2; 0: no limit)")
     opt("--umask", metavar="OCTAL", help="umask for backup files (default 077)")
     opt("--status-log", metavar="FILE", help="append NAUbackup-style status lines to FILE")
     opt("--ignore-extra-keys", action="store_true", help="skip unknown config keys")

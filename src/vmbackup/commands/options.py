@@ -58,6 +58,9 @@ CLI_SETTINGS = {
     "syslog": ("syslog", bool),
     "metrics_file": ("metrics_file", parse_text),
     "full_interval": ("full_interval", lambda v: parse_int(v, 0)),
+    "jobs": ("jobs", lambda v: parse_int(v, 1)),
+    "jobs_per_host": ("jobs_per_host", lambda v: parse_int(v, 0)),
+    "jobs_per_sr": ("jobs_per_sr", lambda v: parse_int(v, 0)),
 }
 
 

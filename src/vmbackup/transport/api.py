@@ -10,9 +10,8 @@ import queue
 import threading
 import time
 
-from vmbackup.errors import log
+from vmbackup.progress import Meter, current_meter, shut_socket
 from vmbackup.transport.base import GONE_CODES, Transport
-from vmbackup.util import human_size
 from vmbackup.xapi import (
     CONNECTION_ERRORS, TLS_ERRORS, XapiFailure, XapiTask, close_http, transfer_error)
 
@@ -24,19 +23,26 @@ BUFSIZE = 1 << 20
 #: Buffers shared by the reader and the hashing thread: an export holds NBUFFERS * BUFSIZE.
 NBUFFERS = 4
 
+#: ... and when several exports run at once (jobs > 1): two smaller ones, which still
+#: overlap reading and hashing, so memory stays flat whatever -j (bench/jobs_scaling.py).
+JOB_NBUFFERS, JOB_BUFSIZE = 2, 1 << 19
 
-#: Seconds between "N so far" lines of a long download.
-PROGRESS_LOG_INTERVAL = 60
+#: All-zero blocks, the ones a raw disk's blocks are compared with (shared, read-only;
+#: never written, so their pages stay the kernel's zero page).
+ZERO_BLOCKS = {BUFSIZE: bytes(BUFSIZE), JOB_BUFSIZE: bytes(JOB_BUFSIZE)}
 
 
 class ApiTransport(Transport):
     """XenAPI calls, and data streamed between XAPI's HTTP handlers and the files."""
 
     name = "api"
+    nbuffers, bufsize = NBUFFERS, BUFSIZE
 
     def __init__(self, xapi, config):
         Transport.__init__(self, xapi, config)
         self.endpoint = xapi.endpoint
+        if getattr(config, "jobs", 1) > 1:
+            self.nbuffers, self.bufsize = JOB_NBUFFERS, JOB_BUFSIZE
 
     # -- snapshots
     def take_snapshot(self, vm, name, quiesce):
@@ -148,11 +154,14 @@ class ApiTransport(Transport):
         XAPI sends no Content-Length, so a cut stream looks finished: success needs
         the end of the stream AND the task's status `success` (XapiTask checks it).
         """
-        with XapiTask(self.xapi, what, self.config.stall_timeout) as task:
+        with XapiTask(self.xapi, what, self.config.stall_timeout) as task, \
+                current_meter(what) as meter:
             response, conn = task.http(endpoint or self.endpoint, "GET", path, params)
+            meter.abort = shut_socket(conn.sock)   # a stop cuts a read that waits
             try:
-                nbytes, digest = self.stream(response, dest, what, sparse)
+                nbytes, digest = self.stream(response, dest, what, sparse, meter)
             finally:
+                meter.abort = None
                 close_http(response, conn)
         return nbytes, digest
 
@@ -183,7 +192,7 @@ class ApiTransport(Transport):
                     raise transfer_error(what, exc, sent, self.config.stall_timeout)
                 sent += len(block)
 
-    def stream(self, response, dest, what, sparse=False):
+    def stream(self, response, dest, what, sparse=False, meter=None):
         """Copy the response body into a new file `dest`; return (bytes, sha256 hex).
 
         One reused set of buffers: the body is read into one (readinto), written from it
@@ -192,8 +201,8 @@ class ApiTransport(Transport):
         """
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            with BlockHasher() as hasher:
-                total = self.copy_blocks(response, fd, hasher, what, sparse)
+            with BlockHasher(self.nbuffers, self.bufsize) as hasher:
+                total = self.copy_blocks(response, fd, hasher, what, sparse, meter)
                 digest = hasher.hexdigest()
             os.ftruncate(fd, total)
             os.fsync(fd)
@@ -201,31 +210,37 @@ class ApiTransport(Transport):
             os.close(fd)
         return total, digest
 
-    def copy_blocks(self, response, fd, hasher, what, sparse):
-        """Read `response` into the hasher's buffers and write them to `fd`; return the bytes."""
-        zero = bytes(BUFSIZE) if sparse else None
+    def copy_blocks(self, response, fd, hasher, what, sparse, meter=None):
+        """Read `response` into the hasher's buffers and write them to `fd`; return the bytes.
+
+        Every block is counted on `meter`; a stop request of the run ends the copy
+        (Terminated) at the next block, or at once when its socket was shut.
+        """
+        zero = ZERO_BLOCKS[self.bufsize] if sparse else None
         pacer = Pacer(self.config.max_rate)
-        total, last_log = 0, time.monotonic()
+        meter = meter or Meter(None, "", what, None)
+        total = 0
         while True:
             buf = hasher.buffer()
             try:
                 n = response.readinto(buf)
             except TLS_ERRORS + CONNECTION_ERRORS as exc:
                 hasher.give_back(buf)
+                meter.check()
                 raise transfer_error(what, exc, total, self.config.stall_timeout)
             if not n:
                 hasher.give_back(buf)
+                meter.check()
                 return total
-            if zero is not None and n == BUFSIZE and buf == zero:
+            if zero is not None and n == self.bufsize and buf == zero:
                 os.lseek(fd, n, os.SEEK_CUR)
             else:
                 write_all(fd, buf, n)
             hasher.hash(buf, n)
             total += n
+            meter.add(n)
+            meter.check()
             pacer.pace(total)
-            if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
-                last_log = time.monotonic()
-                log.info("%s: %s so far", what, human_size(total))
 
 
 class Pacer:

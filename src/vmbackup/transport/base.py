@@ -5,6 +5,7 @@ quiesce_unavailable, Transport (the interface and its shared methods).
 Imports: errors, util, xapi.
 """
 
+import copy
 import datetime
 import time
 import typing
@@ -185,6 +186,14 @@ class Transport:
         """Remove a disk from a snapshot before its export ([NOBAK]), as Xen Orchestra does."""
         self.retry_busy("destroy VBD", lambda: self.xapi.call("VBD.destroy", vbd.ref))
         self.retry_busy("destroy VDI", lambda: self.xapi.call("VDI.destroy", vdi.ref))
+
+    def for_thread(self, xapi):
+        """Return this transport speaking through `xapi` (a Xapi.twin: the run's session on a
+        connection of its own), for a worker thread: an XML-RPC connection is not shared
+        between threads. The copy is never closed; the run's transport is."""
+        twin = copy.copy(self)
+        twin.xapi = xapi
+        return twin
 
     def close(self):
         """Release what the transport holds (temporary files)."""

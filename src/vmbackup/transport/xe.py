@@ -14,6 +14,8 @@ import tempfile
 import time
 
 from vmbackup.errors import CallFailed, ExportStalled, VmBackupError, log
+from vmbackup.progress import current_meter
+from vmbackup.store import RUN_SIGNALS
 from vmbackup.transport.base import Transport
 from vmbackup.util import fsync_path, one_line
 
@@ -65,6 +67,8 @@ def die_with_parent():
         return None
 
     def preexec():
+        # a worker thread holds the run's signals blocked; xe must die of them as usual
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, RUN_SIGNALS)
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:   # vmbackup died before the call took effect
             os._exit(127)
@@ -101,6 +105,8 @@ class XeTransport(Transport):
     POLL = 0.5
     #: Seconds an aborted xe gets to exit on SIGTERM before it is killed.
     TERM_GRACE = 10
+    #: Seconds between looks at the progress of a downloading xe's task.
+    TASK_PROGRESS_EVERY = 2.0
 
     def __init__(self, xapi, config, password=None, xe_path=None):
         Transport.__init__(self, xapi, config)
@@ -164,21 +170,33 @@ class XeTransport(Transport):
             raise XeFailed(args, proc.returncode, err or out)
         return out
 
-    def xe_long(self, dest, what, command, **params):
-        """Run a downloading xe command, aborting it if `dest` stops growing for stall_timeout."""
+    def xe_long(self, dest, what, command, progress_of=None, **params):
+        """Run a downloading xe command, aborting it if `dest` stops growing for stall_timeout.
+
+        Its progress: the bytes in `dest`, and the fraction XAPI gives the task that
+        exports `progress_of` ((class, Obj): xe prints none). A stop request of the run
+        ends xe (Terminated).
+        """
         args = self.argv(command, **params)
         log.debug("run %s", args[:2])
-        with tempfile.TemporaryFile() as err:
+        with tempfile.TemporaryFile() as err, current_meter(what) as meter:
             proc = self.start_xe(args, stdout=subprocess.DEVNULL, stderr=err)
             try:
                 size, moved = -1, time.monotonic()
+                asked = moved
                 while proc.poll() is None:
                     time.sleep(self.POLL)
+                    meter.check()
                     now_size = os.path.getsize(dest) if os.path.exists(dest) else 0
+                    meter.done = now_size
                     if now_size != size:
                         size, moved = now_size, time.monotonic()
                     elif time.monotonic() - moved > self.config.stall_timeout:
                         raise ExportStalled(what, self.config.stall_timeout)
+                    if progress_of and meter.board \
+                            and time.monotonic() - asked > self.TASK_PROGRESS_EVERY:
+                        asked = time.monotonic()
+                        meter.fraction = self.task_progress(*progress_of)
             finally:
                 if proc.poll() is None:
                     proc.terminate()
@@ -188,10 +206,22 @@ class XeTransport(Transport):
                         proc.kill()
                         proc.wait()
             if proc.returncode != 0:
+                meter.check()
                 err.seek(0)
                 raise XeFailed(args, proc.returncode, err.read().decode("utf-8", "replace"))
         fsync_path(dest)
         return os.path.getsize(dest), None
+
+    def task_progress(self, cls, obj):
+        """Return the progress (0..1) of the task exporting `obj` (a VM or VDI), or None."""
+        try:
+            for task in self.xapi.call(cls + ".get_current_operations", obj.ref):
+                progress = float(self.xapi.call("task.get_progress", task))
+                if 0.0 <= progress <= 1.0:
+                    return progress
+        except (VmBackupError, ValueError) as exc:
+            log.debug("progress of %s: %s", obj.uuid, exc)
+        return None
 
     # -- snapshots
     def take_snapshot(self, vm, name, quiesce):
@@ -218,12 +248,12 @@ class XeTransport(Transport):
     # -- data
     def export_vm(self, snap, dest, compress=None):
         # xe matches compress= exactly: only true/gzip/zstd compress ("True" would not).
-        return self.xe_long(dest, "export of %s" % snap.uuid, "vm-export", uuid=snap.uuid,
-                            filename=dest, compress=compress or "false")
+        return self.xe_long(dest, "export of %s" % snap.uuid, "vm-export", ("VM", snap),
+                            uuid=snap.uuid, filename=dest, compress=compress or "false")
 
     def export_vdi(self, vdi, dest, fmt):
-        return self.xe_long(dest, "export of VDI %s" % vdi.uuid, "vdi-export", uuid=vdi.uuid,
-                            filename=dest, format=fmt)
+        return self.xe_long(dest, "export of VDI %s" % vdi.uuid, "vdi-export", ("VDI", vdi),
+                            uuid=vdi.uuid, filename=dest, format=fmt)
 
     def export_metadata(self, vm, dest):
         return self.xe_long(dest, "metadata export of %s" % vm.uuid, "vm-export", uuid=vm.uuid,
