@@ -48,6 +48,7 @@ import argparse
 import base64
 import collections
 import contextlib
+import copy
 import datetime
 import email.charset
 import email.header
@@ -614,6 +615,11 @@ SETTINGS = collections.OrderedDict([
                              "seconds an SMTP connection may wait; 3 tries in all")),
     ("full_interval", Setting(7, lambda v: parse_int(v, 0),
                               "delta-export: a new full every N points of a chain (0: never)")),
+    ("jobs", Setting(1, lambda v: parse_int(v, 1), "VMs backed up at once (each its own snapshot)")),
+    ("jobs_per_host", Setting(2, lambda v: parse_int(v, 0),
+                              "exports one host serves at once (0: no limit besides jobs)")),
+    ("jobs_per_sr", Setting(2, lambda v: parse_int(v, 0),
+                            "exports reading one SR at once (0: no limit besides jobs)")),
 ])
 
 
@@ -784,6 +790,9 @@ class Config(typing.NamedTuple):
     smtp_password_file: typing.Optional[str] = None
     smtp_timeout: int = 30
     full_interval: int = 7
+    jobs: int = 1
+    jobs_per_host: int = 2
+    jobs_per_sr: int = 2
     selectors: typing.Tuple[Selector, ...] = ()
     config_file: typing.Optional[str] = None
     origins: typing.Dict[str, str] = {}   # key -> "file:line" or "command line"
@@ -2791,6 +2800,9 @@ CLI_SETTINGS = {
     "syslog": ("syslog", bool),
     "metrics_file": ("metrics_file", parse_text),
     "full_interval": ("full_interval", lambda v: parse_int(v, 0)),
+    "jobs": ("jobs", lambda v: parse_int(v, 1)),
+    "jobs_per_host": ("jobs_per_host", lambda v: parse_int(v, 0)),
+    "jobs_per_sr": ("jobs_per_sr", lambda v: parse_int(v, 0)),
 }
 
 
@@ -3365,6 +3377,327 @@ def check_xva_file(path, want_sha256=False):
     return problems[:MAX_PROBLEMS], unchecked, info
 
 
+# === vmbackup/progress.py ===================================================
+# What a running export reports and what it obeys: its progress meter on the run's board,
+# and the run's request to stop.
+#
+# Owns: eta_seconds and progress_text (pure), Meter (one export's bytes, rate, ETA),
+# ProgressBoard (every running export: live lines on a terminal; off one, a log line per
+# export every progress_interval; the request to stop), bound (ties a worker thread to the
+# board and to its VM), exporting (names the export the thread is about to make),
+# current_meter, check_stop, UnitFilter (every line a worker logs names its VM).
+#
+# A run's exports run in worker threads; signals reach only the main thread. The main
+# thread asks the board to stop (`request_stop`): each worker notices at its next block
+# (or poll of xe) and raises Terminated in its own thread, so its `with` blocks destroy its
+# snapshots; `abort_all` shuts the sockets of downloads blocked in a read.
+# Imports: errors, util, store.
+
+#: Seconds between redraws of the live lines on a terminal.
+LIVE_EVERY = 0.5
+
+#: Seconds between looks at a meter off a terminal (its lines come every progress_interval).
+TICK_EVERY = 1.0
+
+
+def eta_seconds(done, expected, fraction, elapsed):
+    """Return the seconds an export still needs, or None when it cannot be told.
+
+    From the task's progress `fraction` (0..1) when XAPI gives one, else from the
+    `expected` size (the disks' physical utilisation) and the rate so far.
+    """
+    if fraction is not None and 0.0 < fraction < 1.0 and elapsed > 0:
+        return elapsed * (1.0 - fraction) / fraction
+    if expected and done and elapsed > 0 and expected > done:
+        return (expected - done) / (done / elapsed)
+    return None
+
+
+def clock_text(seconds):
+    """Return '1:02:03' or '2:03' for a number of seconds."""
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return ("%d:%02d:%02d" % (hours, rest // 60, rest % 60)) if hours else "%d:%02d" % divmod(rest, 60)
+
+
+def progress_text(label, done, expected, fraction, elapsed):
+    """Return one export's progress: 'xvda: 120.0M of ~1.0G, 20.1M/s, ETA 0:44'."""
+    text = "%s: %s" % (label, human_size(done))
+    if expected and expected >= done:
+        text += " of ~%s" % human_size(expected)
+    if fraction is not None and 0.0 < fraction <= 1.0:
+        text += " (%d%%)" % int(fraction * 100)
+    if elapsed > 0:
+        text += ", %s/s" % human_size(done / elapsed)
+    eta = eta_seconds(done, expected, fraction, elapsed)
+    return text + (", ETA %s" % clock_text(eta) if eta is not None else "")
+
+
+class Meter:
+    """One running export: its bytes so far and, when known, its expected size or the
+    fraction its task reports. The worker writes it; the board reads it."""
+
+    def __init__(self, board, unit, label, expected):
+        self.board, self.unit, self.label, self.expected = board, unit, label, expected
+        self.done = 0
+        self.fraction = None
+        self.began = self.logged = time.monotonic()
+        self.abort = None       # callable that cuts the transfer (a download's socket)
+
+    def add(self, nbytes):
+        self.done += nbytes
+
+    def check(self):
+        """Raise Terminated in this (worker) thread if the run was asked to stop."""
+        if self.board is not None:
+            self.board.check_stop()
+
+    def text(self, now=None):
+        elapsed = (now or time.monotonic()) - self.began
+        return progress_text(self.label, self.done, self.expected, self.fraction, elapsed)
+
+
+class _Local(threading.local):
+    board = None
+    unit = ""
+    label = None
+    expected = None
+
+
+_local = _Local()
+
+
+class bound:
+    """`with bound(board, vm_name):` the exports of this thread report to `board` as `vm_name`."""
+
+    def __init__(self, board, unit):
+        self.board, self.unit = board, unit
+
+    def __enter__(self):
+        _local.board, _local.unit = self.board, self.unit
+        return self.board
+
+    def __exit__(self, *exc):
+        _local.board, _local.unit = None, ""
+        return False
+
+
+class exporting:
+    """`with exporting("xvda", expected_bytes):` names the export this thread makes next."""
+
+    def __init__(self, label, expected=None):
+        self.label, self.expected = label, expected
+
+    def __enter__(self):
+        _local.label, _local.expected = self.label, self.expected
+        return self
+
+    def __exit__(self, *exc):
+        _local.label = _local.expected = None
+        return False
+
+
+class current_meter:
+    """`with current_meter(what) as meter:` the meter of the export this thread starts now,
+    on the board it is bound to (a meter on no board when it is bound to none)."""
+
+    def __init__(self, what):
+        self.what = what
+        self.meter = None
+
+    def __enter__(self):
+        board = _local.board
+        self.meter = Meter(board, _local.unit, _local.label or self.what, _local.expected)
+        if board is not None:
+            board.add(self.meter)
+        return self.meter
+
+    def __exit__(self, *exc):
+        if self.meter.board is not None:
+            self.meter.board.remove(self.meter)
+        return False
+
+
+def check_stop():
+    """Raise Terminated if the board this thread is bound to was asked to stop."""
+    if _local.board is not None:
+        _local.board.check_stop()
+
+
+class UnitFilter(logging.Filter):
+    """Prefixes `vm=<name>: ` to the lines a worker thread logs without naming its VM."""
+
+    def filter(self, record):
+        unit = _local.unit
+        if unit and isinstance(record.msg, str) and not record.msg.startswith("vm="):
+            record.msg = "vm=%s: " % printable(unit).replace("%", "%%") + record.msg
+        return True
+
+
+def live_terminal(stream):
+    """Return True when live lines belong on `stream`: a terminal that the console log
+    writes info lines to (not with -q)."""
+    try:
+        tty = stream.isatty()
+    except (AttributeError, ValueError):
+        return False
+    return tty and any(getattr(h, "_vmbackup_console", False) and h.level <= logging.INFO
+                       and getattr(h, "stream", None) is stream for h in log.handlers)
+
+
+class LiveStream:
+    """The console log handler's stream while live lines are shown: a log line first erases
+    the live lines, which are drawn again below it."""
+
+    def __init__(self, board, real):
+        self.board, self.real = board, real
+
+    def write(self, text):
+        with self.board.lock:
+            self.board.erase()
+            self.real.write(text)
+
+    def flush(self):
+        with self.board.lock:
+            self.real.flush()
+            self.board.draw()
+
+
+class ProgressBoard:
+    """Every running export of a run, and the run's request to stop.
+
+    On a terminal (`live`): one line per running export (VM, disk, bytes, rate, ETA)
+    and the run's totals, redrawn every LIVE_EVERY seconds below the log. Otherwise
+    only log lines: one per export every `interval` seconds once it has run that long.
+    """
+
+    def __init__(self, stream, live, interval, units=0):
+        self.stream, self.live, self.interval, self.units = stream, live, interval, units
+        self.lock = threading.RLock()
+        self.meters = []
+        self.finished = 0           # units (VMs) done
+        self.finished_bytes = 0     # bytes of finished exports
+        self.began = time.monotonic()
+        self.drawn = 0              # live lines on the screen now
+        self.stop_reason = None
+        self.stopped = threading.Event()
+        self.thread = None
+        self.handlers = []
+
+    # -- what the workers and the scheduler call
+    def add(self, meter):
+        with self.lock:
+            self.meters.append(meter)
+
+    def remove(self, meter):
+        with self.lock:
+            if meter in self.meters:
+                self.meters.remove(meter)
+                self.finished_bytes += meter.done
+
+    def unit_done(self):
+        with self.lock:
+            self.finished += 1
+
+    def request_stop(self, reason):
+        """Ask every worker to stop at its next block (the first reason stays)."""
+        if self.stop_reason is None:
+            self.stop_reason = reason
+
+    def check_stop(self):
+        if self.stop_reason is not None:
+            raise Terminated(self.stop_reason)
+
+    def abort_all(self):
+        """Cut every running transfer that can be cut (its worker then raises Terminated)."""
+        with self.lock:
+            aborts = [m.abort for m in self.meters if m.abort is not None]
+        for abort in aborts:
+            try:
+                abort()
+            except OSError as exc:
+                log.debug("abort: %s", exc)
+
+    # -- what is shown
+    def totals_text(self, now):
+        with self.lock:
+            running = list(self.meters)
+            done = self.finished_bytes + sum(m.done for m in running)
+        elapsed = now - self.began
+        rate = ", %s/s" % human_size(done / elapsed) if elapsed > 0 else ""
+        return "vmbackup: %d of %d VMs done, %d exports running, %s%s" % (
+            self.finished, self.units, len(running), human_size(done), rate)
+
+    def lines(self, now):
+        with self.lock:
+            running = list(self.meters)
+        return ["vm=%s: %s" % (printable(m.unit), m.text(now)) for m in running] + [
+            self.totals_text(now)]
+
+    def erase(self):
+        """Erase the live lines (the caller holds the lock)."""
+        if self.drawn:
+            self.stream.write("\x1b[%dA\x1b[J" % self.drawn)
+            self.drawn = 0
+
+    def draw(self):
+        """Draw the live lines below the log (the caller holds the lock)."""
+        if not self.live or self.stopped.is_set():
+            return
+        self.erase()
+        width = max(20, shutil.get_terminal_size((100, 24)).columns - 1)
+        lines = [line[:width] for line in self.lines(time.monotonic())]
+        self.stream.write("".join(line + "\n" for line in lines))
+        self.stream.flush()
+        self.drawn = len(lines)
+
+    def tick(self):
+        """Redraw the live lines, or log the progress of each export that is due."""
+        now = time.monotonic()
+        if self.live:
+            with self.lock:
+                self.draw()
+            return
+        with self.lock:
+            due = [m for m in self.meters if now - m.logged >= self.interval]
+        for meter in due:
+            meter.logged = now
+            log.info("vm=%s: progress %s", printable(meter.unit), meter.text(now))
+
+    def run(self):
+        period = LIVE_EVERY if self.live else min(TICK_EVERY, self.interval)
+        while not self.stopped.wait(period):
+            self.tick()
+
+    # -- its lifetime: `with board:`
+    def __enter__(self):
+        if self.live:
+            for handler in log.handlers:
+                if getattr(handler, "_vmbackup_console", False) and handler.stream is self.stream:
+                    handler.stream = LiveStream(self, self.stream)
+                    self.handlers.append(handler)
+        self.thread = start_thread(self.run, "vmbackup-progress")
+        return self
+
+    def __exit__(self, *exc):
+        self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
+        with self.lock:
+            for handler in self.handlers:
+                handler.stream = self.stream
+            self.erase()
+        return False
+
+
+def shut_socket(sock):
+    """Return a callable that shuts `sock` down, so a read blocked on it returns at once."""
+    def abort():
+        if sock is not None:
+            sock.shutdown(socket.SHUT_RDWR)
+    return abort
+
+
 # === vmbackup/selection.py ==================================================
 # Which VMs and disks a run backs up, and the plan for each: pure decisions over pool records.
 #
@@ -3821,6 +4154,14 @@ class Transport:
         """Remove a disk from a snapshot before its export ([NOBAK]), as Xen Orchestra does."""
         self.retry_busy("destroy VBD", lambda: self.xapi.call("VBD.destroy", vbd.ref))
         self.retry_busy("destroy VDI", lambda: self.xapi.call("VDI.destroy", vdi.ref))
+
+    def for_thread(self, xapi):
+        """Return this transport speaking through `xapi` (a Xapi.twin: the run's session on a
+        connection of its own), for a worker thread: an XML-RPC connection is not shared
+        between threads. The copy is never closed; the run's transport is."""
+        twin = copy.copy(self)
+        twin.xapi = xapi
+        return twin
 
     def close(self):
         """Release what the transport holds (temporary files)."""
@@ -4559,19 +4900,26 @@ BUFSIZE = 1 << 20
 #: Buffers shared by the reader and the hashing thread: an export holds NBUFFERS * BUFSIZE.
 NBUFFERS = 4
 
+#: ... and when several exports run at once (jobs > 1): two smaller ones, which still
+#: overlap reading and hashing, so memory stays flat whatever -j (bench/jobs_scaling.py).
+JOB_NBUFFERS, JOB_BUFSIZE = 2, 1 << 19
 
-#: Seconds between "N so far" lines of a long download.
-PROGRESS_LOG_INTERVAL = 60
+#: All-zero blocks, the ones a raw disk's blocks are compared with (shared, read-only;
+#: never written, so their pages stay the kernel's zero page).
+ZERO_BLOCKS = {BUFSIZE: bytes(BUFSIZE), JOB_BUFSIZE: bytes(JOB_BUFSIZE)}
 
 
 class ApiTransport(Transport):
     """XenAPI calls, and data streamed between XAPI's HTTP handlers and the files."""
 
     name = "api"
+    nbuffers, bufsize = NBUFFERS, BUFSIZE
 
     def __init__(self, xapi, config):
         Transport.__init__(self, xapi, config)
         self.endpoint = xapi.endpoint
+        if getattr(config, "jobs", 1) > 1:
+            self.nbuffers, self.bufsize = JOB_NBUFFERS, JOB_BUFSIZE
 
     # -- snapshots
     def take_snapshot(self, vm, name, quiesce):
@@ -4683,11 +5031,14 @@ class ApiTransport(Transport):
         XAPI sends no Content-Length, so a cut stream looks finished: success needs
         the end of the stream AND the task's status `success` (XapiTask checks it).
         """
-        with XapiTask(self.xapi, what, self.config.stall_timeout) as task:
+        with XapiTask(self.xapi, what, self.config.stall_timeout) as task, \
+                current_meter(what) as meter:
             response, conn = task.http(endpoint or self.endpoint, "GET", path, params)
+            meter.abort = shut_socket(conn.sock)   # a stop cuts a read that waits
             try:
-                nbytes, digest = self.stream(response, dest, what, sparse)
+                nbytes, digest = self.stream(response, dest, what, sparse, meter)
             finally:
+                meter.abort = None
                 close_http(response, conn)
         return nbytes, digest
 
@@ -4718,7 +5069,7 @@ class ApiTransport(Transport):
                     raise transfer_error(what, exc, sent, self.config.stall_timeout)
                 sent += len(block)
 
-    def stream(self, response, dest, what, sparse=False):
+    def stream(self, response, dest, what, sparse=False, meter=None):
         """Copy the response body into a new file `dest`; return (bytes, sha256 hex).
 
         One reused set of buffers: the body is read into one (readinto), written from it
@@ -4727,8 +5078,8 @@ class ApiTransport(Transport):
         """
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         try:
-            with BlockHasher() as hasher:
-                total = self.copy_blocks(response, fd, hasher, what, sparse)
+            with BlockHasher(self.nbuffers, self.bufsize) as hasher:
+                total = self.copy_blocks(response, fd, hasher, what, sparse, meter)
                 digest = hasher.hexdigest()
             os.ftruncate(fd, total)
             os.fsync(fd)
@@ -4736,31 +5087,37 @@ class ApiTransport(Transport):
             os.close(fd)
         return total, digest
 
-    def copy_blocks(self, response, fd, hasher, what, sparse):
-        """Read `response` into the hasher's buffers and write them to `fd`; return the bytes."""
-        zero = bytes(BUFSIZE) if sparse else None
+    def copy_blocks(self, response, fd, hasher, what, sparse, meter=None):
+        """Read `response` into the hasher's buffers and write them to `fd`; return the bytes.
+
+        Every block is counted on `meter`; a stop request of the run ends the copy
+        (Terminated) at the next block, or at once when its socket was shut.
+        """
+        zero = ZERO_BLOCKS[self.bufsize] if sparse else None
         pacer = Pacer(self.config.max_rate)
-        total, last_log = 0, time.monotonic()
+        meter = meter or Meter(None, "", what, None)
+        total = 0
         while True:
             buf = hasher.buffer()
             try:
                 n = response.readinto(buf)
             except TLS_ERRORS + CONNECTION_ERRORS as exc:
                 hasher.give_back(buf)
+                meter.check()
                 raise transfer_error(what, exc, total, self.config.stall_timeout)
             if not n:
                 hasher.give_back(buf)
+                meter.check()
                 return total
-            if zero is not None and n == BUFSIZE and buf == zero:
+            if zero is not None and n == self.bufsize and buf == zero:
                 os.lseek(fd, n, os.SEEK_CUR)
             else:
                 write_all(fd, buf, n)
             hasher.hash(buf, n)
             total += n
+            meter.add(n)
+            meter.check()
             pacer.pace(total)
-            if time.monotonic() - last_log > PROGRESS_LOG_INTERVAL:
-                last_log = time.monotonic()
-                log.info("%s: %s so far", what, human_size(total))
 
 
 class Pacer:
@@ -4900,6 +5257,8 @@ def die_with_parent():
         return None
 
     def preexec():
+        # a worker thread holds the run's signals blocked; xe must die of them as usual
+        signal.pthread_sigmask(signal.SIG_UNBLOCK, RUN_SIGNALS)
         prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0)
         if os.getppid() != parent:   # vmbackup died before the call took effect
             os._exit(127)
@@ -4936,6 +5295,8 @@ class XeTransport(Transport):
     POLL = 0.5
     #: Seconds an aborted xe gets to exit on SIGTERM before it is killed.
     TERM_GRACE = 10
+    #: Seconds between looks at the progress of a downloading xe's task.
+    TASK_PROGRESS_EVERY = 2.0
 
     def __init__(self, xapi, config, password=None, xe_path=None):
         Transport.__init__(self, xapi, config)
@@ -4999,21 +5360,33 @@ class XeTransport(Transport):
             raise XeFailed(args, proc.returncode, err or out)
         return out
 
-    def xe_long(self, dest, what, command, **params):
-        """Run a downloading xe command, aborting it if `dest` stops growing for stall_timeout."""
+    def xe_long(self, dest, what, command, progress_of=None, **params):
+        """Run a downloading xe command, aborting it if `dest` stops growing for stall_timeout.
+
+        Its progress: the bytes in `dest`, and the fraction XAPI gives the task that
+        exports `progress_of` ((class, Obj): xe prints none). A stop request of the run
+        ends xe (Terminated).
+        """
         args = self.argv(command, **params)
         log.debug("run %s", args[:2])
-        with tempfile.TemporaryFile() as err:
+        with tempfile.TemporaryFile() as err, current_meter(what) as meter:
             proc = self.start_xe(args, stdout=subprocess.DEVNULL, stderr=err)
             try:
                 size, moved = -1, time.monotonic()
+                asked = moved
                 while proc.poll() is None:
                     time.sleep(self.POLL)
+                    meter.check()
                     now_size = os.path.getsize(dest) if os.path.exists(dest) else 0
+                    meter.done = now_size
                     if now_size != size:
                         size, moved = now_size, time.monotonic()
                     elif time.monotonic() - moved > self.config.stall_timeout:
                         raise ExportStalled(what, self.config.stall_timeout)
+                    if progress_of and meter.board \
+                            and time.monotonic() - asked > self.TASK_PROGRESS_EVERY:
+                        asked = time.monotonic()
+                        meter.fraction = self.task_progress(*progress_of)
             finally:
                 if proc.poll() is None:
                     proc.terminate()
@@ -5023,10 +5396,22 @@ class XeTransport(Transport):
                         proc.kill()
                         proc.wait()
             if proc.returncode != 0:
+                meter.check()
                 err.seek(0)
                 raise XeFailed(args, proc.returncode, err.read().decode("utf-8", "replace"))
         fsync_path(dest)
         return os.path.getsize(dest), None
+
+    def task_progress(self, cls, obj):
+        """Return the progress (0..1) of the task exporting `obj` (a VM or VDI), or None."""
+        try:
+            for task in self.xapi.call(cls + ".get_current_operations", obj.ref):
+                progress = float(self.xapi.call("task.get_progress", task))
+                if 0.0 <= progress <= 1.0:
+                    return progress
+        except (VmBackupError, ValueError) as exc:
+            log.debug("progress of %s: %s", obj.uuid, exc)
+        return None
 
     # -- snapshots
     def take_snapshot(self, vm, name, quiesce):
@@ -5053,12 +5438,12 @@ class XeTransport(Transport):
     # -- data
     def export_vm(self, snap, dest, compress=None):
         # xe matches compress= exactly: only true/gzip/zstd compress ("True" would not).
-        return self.xe_long(dest, "export of %s" % snap.uuid, "vm-export", uuid=snap.uuid,
-                            filename=dest, compress=compress or "false")
+        return self.xe_long(dest, "export of %s" % snap.uuid, "vm-export", ("VM", snap),
+                            uuid=snap.uuid, filename=dest, compress=compress or "false")
 
     def export_vdi(self, vdi, dest, fmt):
-        return self.xe_long(dest, "export of VDI %s" % vdi.uuid, "vdi-export", uuid=vdi.uuid,
-                            filename=dest, format=fmt)
+        return self.xe_long(dest, "export of VDI %s" % vdi.uuid, "vdi-export", ("VDI", vdi),
+                            uuid=vdi.uuid, filename=dest, format=fmt)
 
     def export_metadata(self, vm, dest):
         return self.xe_long(dest, "metadata export of %s" % vm.uuid, "vm-export", uuid=vm.uuid,
@@ -6085,6 +6470,9 @@ NBD_CONNECTIONS = 4
 #: Attempts at one range over NBD (a new connection each time) before the point fails.
 NBD_ATTEMPTS = 3
 
+#: Seconds between looks at the run's stop request while NBD reads are awaited.
+STOP_POLL = 0.2
+
 
 #: Seconds VDI.data_destroy is retried while it answers VDI_IN_USE: XAPI unplugs the
 #: snapshot's disks a few seconds after the snapshot is gone (Xen Orchestra #7826).
@@ -6448,7 +6836,7 @@ def read_ranges_nbd(infos, ranges, timeout, connections=NBD_CONNECTIONS, stats=N
         thread.start()
     try:
         for _ in range(len(ranges)):
-            kind, first, data = done.get()
+            kind, first, data = next_done(done)
             if kind == "error":
                 raise first
             stats.bytes += len(data)
@@ -6464,6 +6852,17 @@ def read_ranges_nbd(infos, ranges, timeout, connections=NBD_CONNECTIONS, stats=N
                     pass
         for thread in threads:
             thread.join()
+
+
+def next_done(done):
+    """Return the next item of `done`; raise Terminated as soon as the run is asked to stop
+    (the reading thread is a job's worker: signals reach only the main thread)."""
+    while True:
+        check_stop()
+        try:
+            return done.get(timeout=STOP_POLL)
+        except queue.Empty:
+            continue
 
 
 def destroy_data(transport, vdi, vlog):
@@ -7179,11 +7578,12 @@ class StatusLog:
     def folder_exists(self):
         return bool(self.path) and os.path.isdir(os.path.dirname(self.path) or ".")
 
-    def line(self, what, *fields):
+    def line(self, what, *fields, when=None):
+        """Append one line (`when`: the time it records, default now)."""
         if not self.path:
             return
-        text = ",".join([datetime.datetime.now().strftime("%Y/%m/%d %H:%M:%S"), what, self.host]
-                        + [str(f) for f in fields])
+        text = ",".join([(when or datetime.datetime.now()).strftime("%Y/%m/%d %H:%M:%S"), what,
+                         self.host] + [str(f) for f in fields])
         try:
             with open(self.path, "a", encoding="utf-8") as handle:
                 handle.write(text + "\n")
@@ -7387,6 +7787,7 @@ class tool_snapshot:
         self.snap = None
 
     def __enter__(self):
+        check_stop()    # a run asked to stop (jobs) takes no new snapshot
         began, t, note = time.monotonic(), self.ctx.transport, self.ctx.run_note
         try:
             # A signal between "snapshot made" and "snapshot tagged" would leave a snapshot
@@ -7465,7 +7866,7 @@ def export_vm_mode(ctx, plan, folder, moment, vlog):
                       ", ".join(d.device for d in plan.skipped))
         ctx.transport.prepare_snapshot(snap)
         began = time.monotonic()
-        with partial_file(dest) as tmp:
+        with partial_file(dest) as tmp, exporting(os.path.basename(dest), estimate_size(plan)):
             nbytes, digest = ctx.transport.export_vm(snap, tmp, compress)
             if nbytes <= 0 or (compress is None and not xva_is_complete(tmp)):
                 raise ExportFailed("export of %s is incomplete (%d bytes)" % (snap.uuid, nbytes))
@@ -7489,7 +7890,7 @@ def export_vdi_mode(ctx, plan, folder, moment, vlog):
         label = "vmbackup_%s_%s_%s" % (printable(plan.vm.name), disk.device, stamp(moment))
         began = time.monotonic()
         with vdi_snapshot(ctx, disk, label, vlog) as snap:
-            with partial_file(dest) as tmp:
+            with partial_file(dest) as tmp, exporting(disk.device, disk_estimate(disk, fmt)):
                 nbytes, digest = ctx.transport.export_vdi(snap, tmp, fmt)
                 want = int(disk.vdi.get("virtual_size", 0))
                 if fmt == "raw" and nbytes != want:
@@ -7535,6 +7936,12 @@ def export_with_retries(ctx, plan, folder, moment, vlog):
                          attempt, attempts, exc)
             moment = datetime.datetime.now().replace(microsecond=0)
     raise AssertionError("unreachable")  # pragma: no cover
+
+
+def disk_estimate(disk, fmt):
+    """Return the bytes a vdi-export of `disk` writes: its size raw, its physical use in vhd."""
+    key = "virtual_size" if fmt == "raw" else "physical_utilisation"
+    return int(disk.vdi.get(key) or disk.vdi.get("virtual_size") or 0)
 
 
 #: An XVA carries a disk in chunks of 1 MiB; a chunk of zeros is left out, except the first
@@ -8854,6 +9261,263 @@ def write_metrics(path, text):
         os.chmod(tmp, 0o644)
 
 
+# === vmbackup/jobs.py =======================================================
+# Backing up the selected VMs several at a time (jobs=N): which VM starts next under the
+# caps (pure), and the worker threads that back them up.
+#
+# Owns: Caps, JobKey, serving_host/job_key (which host serves a VM's export, after XAPI's
+# redirect, and which SRs it reads), next_job (pure), DeferredStatusLog, back_up_vms.
+#
+# Each VM is backed up in a worker thread of its own, with its own snapshot, export and
+# cleanup (backup.backup_vm_safely), on the run's session over a connection of its own
+# (Xapi.twin: no more sessions, no XML-RPC connection shared between threads). Results and
+# status-log lines are handed over in the selection's order, whatever order the VMs end in.
+# Signals reach only the main thread: there, Terminated or Ctrl-C asks the progress board
+# to stop; every worker raises Terminated in its own thread at its next block (downloads
+# blocked in a read have their socket shut), so its `with` blocks destroy its snapshots;
+# the main thread waits for all of them, then lets the signal go on.
+# Imports: errors, util, config, store, progress, report, selection, transport, backup.
+
+#: Seconds the main thread waits for a worker between looks (signals are handled between).
+WAIT_SLICE = 0.5
+
+#: glibc's mallopt parameter M_ARENA_MAX, and the arenas a run of several jobs allows.
+M_ARENA_MAX, JOB_ARENAS = -8, 2
+
+
+def limit_malloc_arenas():
+    """Keep glibc from giving each worker thread a malloc arena of its own: the buffers
+    freed in one would stay there, and peak memory would grow with -j. Nothing where
+    there is no glibc."""
+    try:
+        import ctypes
+        ctypes.CDLL(None).mallopt(M_ARENA_MAX, JOB_ARENAS)
+    except (ImportError, OSError, AttributeError):  # pragma: no cover - not glibc
+        pass
+
+
+class Caps(typing.NamedTuple):
+    """How many exports may run at once: in all, per serving host, per SR (0: no cap)."""
+    jobs: int = 1
+    per_host: int = 0
+    per_sr: int = 0
+
+
+class JobKey(typing.NamedTuple):
+    """What one VM's backup loads: the hosts that serve its exports, the SRs they read."""
+    hosts: typing.FrozenSet[str] = frozenset()
+    srs: typing.FrozenSet[str] = frozenset()
+
+
+def next_job(pending, running, caps):
+    """Return the index in `pending` (JobKeys, selection order) of the first job that fits
+    beside `running` (JobKeys) under `caps`, or None when none may start now.
+
+    A job fits while fewer than caps.jobs run, and each host it loads serves fewer than
+    caps.per_host running jobs, and each SR it reads is read by fewer than caps.per_sr.
+    """
+    if len(running) >= caps.jobs:
+        return None
+    hosts = collections.Counter(h for key in running for h in key.hosts)
+    srs = collections.Counter(s for key in running for s in key.srs)
+    for index, key in enumerate(pending):
+        if caps.per_host and any(hosts[h] >= caps.per_host for h in key.hosts):
+            continue
+        if caps.per_sr and any(srs[s] >= caps.per_sr for s in key.srs):
+            continue
+        return index
+    return None
+
+
+def serving_host(srs, master, sees):
+    """Return the host XAPI has serve an export reading `srs`: the master when it sees them
+    all (shared storage), else the first host (by ref) that does, as /export's redirect
+    does; None when no host sees them all (the export fails anyway)."""
+    if master in sees and srs <= sees[master]:
+        return master
+    for host in sorted(sees):
+        if srs <= sees[host]:
+            return host
+    return None
+
+
+def job_key(plan, view, sees):
+    """Return the JobKey of a VmPlan: vm-export is served by one host for all its disks,
+    vdi-export by a host per disk; a meta-export reads no disk."""
+    srs = frozenset(d.vdi.get("SR") for d in plan.disks) - {None, "", NULL_REF}
+    master = view.pool.get("master")
+    if sees is None:
+        return JobKey(frozenset(), srs)
+    if plan.vm.mode == "vdi-export":
+        hosts = {serving_host(frozenset([sr]), master, sees) for sr in srs}
+    else:
+        hosts = {serving_host(srs, master, sees)} if srs else set()
+    return JobKey(frozenset(hosts - {None}), srs)
+
+
+def pool_sight(xapi):
+    """Return {host ref: frozenset of the SR refs it has a PBD for} (one call); None when
+    the PBDs cannot be read (then only the SR caps and `jobs` hold)."""
+    sees = collections.defaultdict(set)
+    try:
+        pbds = xapi.call("PBD.get_all_records")
+    except VmBackupError as exc:
+        log.info("cannot tell which host serves each export (%s): jobs_per_host not applied",
+                 exc)
+        return None
+    for pbd in pbds.values():
+        sees[pbd.get("host")].add(pbd.get("SR"))
+    return {host: frozenset(srs) for host, srs in sees.items()}
+
+
+class DeferredStatusLog:
+    """A VM's status-log lines, kept with their time until the run writes them in order."""
+
+    def __init__(self):
+        self.lines = []
+
+    def line(self, what, *fields):
+        self.lines.append((datetime.datetime.now(), what, fields))
+
+    def write_to(self, status_log):
+        for when, what, fields in self.lines:
+            status_log.line(what, *fields, when=when)
+        self.lines = []
+
+
+class Workers:
+    """The worker threads of one run and what they hand back."""
+
+    def __init__(self, ctx, plans, board):
+        self.ctx, self.plans, self.board = ctx, plans, board
+        self.done = queue.Queue()
+        self.running = {}               # plan index -> JobKey
+        self.logs = [DeferredStatusLog() for _ in plans]
+
+    def start(self, index, key):
+        self.running[index] = key
+        start_thread(lambda: self.work(index), "vm-%d" % index)
+
+    def work(self, index):
+        """Back up one VM in this thread; hand (index, VmResult or None, exception) back."""
+        plan = self.plans[index]
+        try:
+            with bound(self.board, plan.vm.name):
+                self.board.check_stop()
+                xapi = self.ctx.transport.xapi.twin()
+                ctx = self.ctx._replace(transport=self.ctx.transport.for_thread(xapi))
+                result = backup_vm_safely(ctx, plan, self.logs[index])
+            self.done.put((index, result, None))
+        except BaseException as exc:  # noqa: BLE001 - handed to the main thread, never lost
+            self.done.put((index, None, exc))
+        finally:
+            self.board.unit_done()
+
+    def wait_one(self):
+        """Return the next (index, result, exception) a worker hands back."""
+        while True:
+            try:
+                item = self.done.get(timeout=WAIT_SLICE)
+            except queue.Empty:
+                continue
+            self.running.pop(item[0], None)
+            return item
+
+    def stop(self, reason):
+        """Ask every worker to stop, cut their transfers, wait for each to clean up; return
+        what they handed back. A further signal only says that the run is still stopping."""
+        found = []
+        while True:
+            try:
+                self.board.request_stop(reason)
+                self.board.abort_all()
+                while self.running:
+                    found.append(self.wait_one())
+                return found
+            except (Terminated, KeyboardInterrupt):
+                log.warning("stopping: waiting for %d VM backups to destroy their snapshots",
+                            len(self.running))
+
+
+def back_up_vms(ctx, plans, status_log, results):
+    """Back up every VmPlan, up to `jobs` at once under the host and SR caps; append each
+    VmResult to `results` and write its status-log lines, in the plans' order.
+
+    One VM's failure is its result; a signal stops every worker, waits for each to clean
+    up, writes what finished, and is raised again.
+    """
+    config = ctx.config
+    caps = Caps(config.jobs, config.jobs_per_host, config.jobs_per_sr)
+    if caps.jobs > 1 and plans:
+        limit_malloc_arenas()
+        sees = pool_sight(ctx.transport.xapi)
+        keys = [job_key(plan, ctx.view, sees) for plan in plans]
+        log.info("up to %d VMs at once (jobs_per_host=%s, jobs_per_sr=%s)", caps.jobs,
+                 caps.per_host or "no limit", caps.per_sr or "no limit")
+    else:
+        keys = [JobKey() for _ in plans]
+    board = ProgressBoard(sys.stderr, live_terminal(sys.stderr), config.progress_interval,
+                          len(plans))
+    workers = Workers(ctx, plans, board)
+    finished = {}
+    written = [0]
+
+    def write_in_order(final=False):
+        while written[0] < len(plans) and (final or written[0] in finished):
+            index = written[0]
+            workers.logs[index].write_to(status_log)
+            if finished.get(index) is not None:
+                results.append(finished[index])
+            written[0] += 1
+
+    unit_filter = UnitFilter()
+    log.addFilter(unit_filter)
+    try:
+        with board:
+            pending = list(range(len(plans)))
+            try:
+                while pending or workers.running:
+                    while pending:
+                        pick = next_job([keys[i] for i in pending],
+                                        list(workers.running.values()), caps)
+                        if pick is None:
+                            break
+                        index = pending.pop(pick)
+                        workers.start(index, keys[index])
+                    index, result, exc = workers.wait_one()
+                    finished[index] = handed_back(plans[index], result, exc)
+                    write_in_order()
+            except BaseException as exc:
+                for index, result, error in workers.stop(stop_reason(exc)):
+                    finished[index] = handed_back(plans[index], result, error)
+                write_in_order(final=True)
+                raise
+    finally:
+        log.removeFilter(unit_filter)
+
+
+def handed_back(plan, result, exc):
+    """Return the VmResult a worker handed back: None for one stopped by the run's stop
+    request (like a VM cut by a signal in a run of one job), an error for any other
+    exception that got past backup_vm_safely."""
+    if exc is None:
+        return result
+    if isinstance(exc, Terminated):
+        return None
+    vm = plan.vm
+    log.error("vm=%s: FAILED: internal error: %s: %s", printable(vm.name), type(exc).__name__,
+              one_line(exc))
+    return VmResult(vm.name, vm.uuid, vm.mode, "error", message="internal error: %s: %s"
+                    % (type(exc).__name__, one_line(exc)))
+
+
+def stop_reason(exc):
+    """Return the name of what stopped the run: the signal of a Terminated, else SIGINT."""
+    if isinstance(exc, Terminated) and exc.args:
+        return exc.args[0]
+    return "SIGINT" if isinstance(exc, KeyboardInterrupt) else type(exc).__name__
+
+
 # === vmbackup/leftovers.py ==================================================
 # Snapshots left by earlier, killed runs: recognising them and destroying them.
 #
@@ -9595,8 +10259,8 @@ def back_up_everything(config, endpoint, password, status_log, record):
             clean_leftovers(ctx)
             selection = select_for_run(config, view, record)
             log.info("%d VMs selected, transport %s", len(selection.vms), transport.name)
-            for vm in selection.vms:
-                record.results.append(backup_vm_safely(ctx, plan_vm(vm, view), status_log))
+            back_up_vms(ctx, [plan_vm(vm, view) for vm in selection.vms], status_log,
+                        record.results)
             if config.pool_db_backup:
                 record.results.append(backup_pool_db(ctx, record.started))
             if config.host_backup:
@@ -9881,6 +10545,10 @@ def build_parser():
     opt("--max-rate", metavar="RATE", help="bandwidth limit per export, e.g. 100M (bytes/s)")
     opt("--progress-interval", metavar="SECONDS",
         help="seconds between progress lines when stderr is not a terminal (default 60)")
+    opt("-j", "--jobs", metavar="N", help="VMs backed up at once (default 1)")
+    opt("--jobs-per-host", metavar="N",
+        help="exports one host serves at once (default 2; 0: no limit)")
+    opt("--jobs-per-sr", metavar="N", help="exports reading one SR at once (default 2; 0: no limit)")
     opt("--umask", metavar="OCTAL", help="umask for backup files (default 077)")
     opt("--status-log", metavar="FILE", help="append NAUbackup-style status lines to FILE")
     opt("--ignore-extra-keys", action="store_true", help="skip unknown config keys")
