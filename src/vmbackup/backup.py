@@ -297,9 +297,9 @@ def backup_vm(ctx, plan, vlog):
         raise ExportFailed("; ".join(plan.problems))
     began = time.monotonic()
     store, vm_folder = LocalStore(config.backup_dir), safe_dirname(vm.name)
-    os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
     check_space(config, estimate_size(plan, last_backup_bytes(store, vm_folder, vm.mode)),
-                "VM %s" % printable(vm.name))
+                "VM %s" % printable(vm.name))     # a VM refused leaves no folder behind
+    os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
     if config.pre_clean and vm.mode != "meta-export":
         prune_vm_backups(store, vm_folder, keep_for(config, vm), drop_incomplete=False, vlog=vlog,
                          mode=vm.mode, uuid=vm.uuid, incoming=datetime.datetime.now())
