@@ -220,6 +220,20 @@ def test_metadata_only_backup_cannot_be_restored(sim_pool, api, backup_dir):
     assert "metadata-only backup: there is no disk to restore" in out
 
 
+def test_restore_of_the_backup_dir_asks_for_a_vm_folder_and_names_some(sim_pool, api, backup_dir):
+    args = api(sim_pool)
+    run_vmbackup(*args, "-m", ".*", "-d", backup_dir, exit_code=2)   # the two dup-vm are refused
+    folders = sorted(n for n in os.listdir(str(backup_dir))
+                     if os.listdir(os.path.join(str(backup_dir), n)))
+    assert len(folders) > vmbackup.NAMED_FOLDERS
+    out = run_vmbackup("restore", backup_dir, *args, exit_code=2)
+    assert "holds no complete backup" not in out
+    assert ("%s is a backup_dir, not a VM folder: give one of its VM folders (or a backup folder "
+            "in one): %s, ... (%d VM folders)" % (backup_dir, ", ".join(
+                folders[:vmbackup.NAMED_FOLDERS]), len(folders))) in out, out
+    assert len(out.strip().splitlines()) == 1
+
+
 def test_a_vm_folder_restores_its_newest_data_backup_past_hourly_metadata(sim_pool, api, backup_dir):
     """README's weekly .xva and hourly -m on one backup_dir: `restore VM_FOLDER` takes the
     newest backup with disks, not the metadata-only backup of the last hour."""

@@ -20,7 +20,7 @@ from vmbackup.formats.vhdfile import ChainReader
 from vmbackup.report import write_json
 from vmbackup.selection import is_candidate
 from vmbackup.store import (
-    LocalStore, backup_vm_uuid, file_kind, group_by_vm, parse_backup_name, read_backup_folder,
+    LocalStore, backup_folders, backup_vm_uuid, file_kind, group_by_vm, parse_backup_name, read_backup_folder,
     read_cfg)
 from vmbackup.transport.base import Obj
 from vmbackup.transport.choose import make_transport
@@ -37,7 +37,7 @@ def newest_complete(vm_dir):
     store = LocalStore(os.path.dirname(vm_dir))
     complete = [b for b in reversed(store.backups(os.path.basename(vm_dir))) if b.complete]
     if not complete:
-        raise RestoreError("%s holds no complete backup" % vm_dir)
+        raise RestoreError(nothing_to_restore(vm_dir))
     groups = group_by_vm(complete)
     if len(groups) > 1:
         raise RestoreError("%s holds the backups of %d VMs (their names make one folder); "
@@ -57,6 +57,25 @@ def how_chosen(path, backup):
     if newest.path == backup.path:
         return "the newest complete backup in %s" % path
     return "the newest complete backup with disks in %s: newer ones are metadata-only" % path
+
+
+#: How many VM folders a message names before "...".
+NAMED_FOLDERS = 5
+
+
+def nothing_to_restore(vm_dir):
+    """Return why a folder with no complete backup gives nothing to restore: a backup_dir
+    (its subfolders hold backup folders) is said to be one, naming its first VM folders."""
+    top = LocalStore(vm_dir)
+    if backup_folders(vm_dir):
+        return "%s holds no complete backup" % vm_dir
+    vms = [name for name in top.vm_folders() if backup_folders(os.path.join(vm_dir, name))]
+    if not vms:
+        return "%s holds no complete backup" % vm_dir
+    more = ", ..." if len(vms) > NAMED_FOLDERS else ""
+    return "%s is a backup_dir, not a VM folder: give one of its VM folders (or a backup " \
+        "folder in one): %s%s (%d VM folders)" % (
+            vm_dir, ", ".join(printable(n) for n in vms[:NAMED_FOLDERS]), more, len(vms))
 
 
 def resolve_backup(path):
