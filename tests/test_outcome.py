@@ -184,9 +184,10 @@ def test_a_signal_is_in_the_outcome_and_the_snapshot_claim_is_true(sim_pool, tra
                                                                    backup_dir, tmp_path,
                                                                    signum, code, said):
     status_log, summary = tmp_path / "status.log", tmp_path / "run.json"
+    metrics = tmp_path / "vmbackup.prom"
     sim_pool.faults.throttle(256 * 1024, path="/export")
     proc = spawn(transport(sim_pool) + ["-e", "db01", "-d", backup_dir, "--status-log",
-                                        status_log, "--json", summary])
+                                        status_log, "--json", summary, "--metrics-file", metrics])
     wait_for(exporting(sim_pool), what="the export to start")
     wait_for(lambda: stray_files(backup_dir), what="the partial file")
     proc.send_signal(signum)
@@ -203,6 +204,9 @@ def test_a_signal_is_in_the_outcome_and_the_snapshot_claim_is_true(sim_pool, tra
     assert [(vm["name"], vm["status"], vm["message"]) for vm in data["vms"]] == [
         ("db01", "error", cut)]
     assert sorted(data["errors"]) == sorted(["terminated by %s" % name, "db01: " + cut])
+    assert "recap: FAILED db01: " + cut in out
+    assert re.search(r'^vmbackup_vm_last_run_status\{[^}]*vm="db01"[^}]*\} 2$',
+                     metrics.read_text(), re.M), metrics.read_text()
     assert data["exit_code"] == code            # what the process exits with
     assert_pool_clean(sim_pool)
 
