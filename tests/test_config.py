@@ -98,6 +98,10 @@ def test_parse_selector_rejects(text, message):
     ("frobnicate=1", "weekly.cfg:3: unknown key 'frobnicate'"),
     ("just some words", "weekly.cfg:3: not a key=value line"),
     ("tls_fingerprint=abc", "weekly.cfg:3: tls_fingerprint=abc: expected a SHA-256"),
+    ("syslog_address=logs:notaport", "weekly.cfg:3: syslog_address=logs:notaport: expected a unix "
+     "socket path (/dev/log) or host:port with a port from 1 to 65535"),
+    ("syslog_address=logs:70000", "weekly.cfg:3: syslog_address=logs:70000: expected a unix"),
+    ("syslog_address=logs.example.org", "weekly.cfg:3: syslog_address=logs.example.org: expected"),
 ])
 def test_config_errors_name_file_line_key_value(line, message):
     text = "# comment\nbackup_dir=/b\n%s\n" % line
@@ -255,3 +259,13 @@ def test_config_error_is_one_line_with_exit_2(tmp_path):
     assert out.strip() == "vmbackup.py: error: %s:2: max_backups=many: not a whole number" % cfg
     out = run_vmbackup("-c", cfg, "-v", exit_code=2)
     assert "max_backups=many" in out
+    cfg.write_text("backup_dir=/x\nsyslog=1\nsyslog_address=host:notaport\n")
+    out = run_vmbackup("-c", cfg, exit_code=2)
+    assert out.strip() == "vmbackup.py: error: %s:3: syslog_address=host:notaport: expected a " \
+        "unix socket path (/dev/log) or host:port with a port from 1 to 65535" % cfg
+
+
+@pytest.mark.parametrize("value", ["/dev/log", "/run/systemd/journal/dev-log", "logs:514",
+                                   "10.0.0.5:1514", "[fe80::1]:514"])
+def test_syslog_addresses_that_parse(value):
+    assert parse_config("syslog_address=%s\n" % value).values["syslog_address"] == value

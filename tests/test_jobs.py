@@ -307,6 +307,40 @@ def test_a_second_signal_while_stopping_does_not_cut_the_cleanup(transport, tmp_
     assert not stray_files(backup_dir)
 
 
+@pytest.mark.parametrize("signum, name", [(signal.SIGTERM, "SIGTERM"), (signal.SIGINT, "SIGINT")],
+                         ids=["SIGTERM", "Ctrl-C"])
+@pytest.mark.parametrize("jobs", ["1", "4"])
+def test_every_vm_a_signal_cuts_is_a_failed_unit_of_the_outcome(transport, tmp_path, pool, jobs,
+                                                                  signum, name):
+    """The VMs being backed up when the signal came are named everywhere the outcome is
+    read: --json vms, the status log's end lines, the recap; in the selection's order."""
+    backup_dir, status, summary = tmp_path / "b", tmp_path / "status", tmp_path / "run.json"
+    backup_dir.mkdir()
+    pool.faults.throttle(256 * 1024)
+    proc = spawn(transport(pool) + ["-e", "vm0.", "-d", backup_dir, "-j", jobs,
+                                    "--jobs-per-host", "0", "--jobs-per-sr", "0",
+                                    "--status-log", status, "--json", summary])
+    wait_for(lambda: pool.calls.most_at_once(("/export",)) >= min(3, int(jobs)),
+             what="the exports to start")
+    proc.send_signal(signum)
+    out, _ = proc.communicate(timeout=120)
+    assert "Traceback" not in out
+    lines = status_fields(status)
+    begun = [f.split(",")[-1] for f in lines if ",begin," in f and "vm0" in f]
+    ended = [re.search(r"(vm0\d)", f).group(1) for f in lines if ",end," in f and "vm0" in f]
+    assert begun == ended and begun == sorted(begun) and begun, lines
+    vms = json.loads(summary.read_text())["vms"]
+    assert [vm["name"] for vm in vms] == begun
+    cut = [vm for vm in vms if vm["status"] == "error"]
+    assert len(cut) >= min(3, int(jobs))
+    for vm in cut:
+        assert vm["message"] == "terminated by %s before it finished; snapshot destroyed" % name
+        assert any(f.endswith(",end,VM-EXPORT-FAIL " + vm["name"]) for f in lines), lines
+        assert "recap: FAILED %s: terminated by %s before" % (vm["name"], name) in out, out
+        assert not complete(backup_dir, vm["name"])
+    assert_pool_clean(pool)
+
+
 def test_sigkill_leaves_no_false_success_and_the_next_run_cleans_up(transport, tmp_path, pool):
     backup_dir = tmp_path / "b"
     backup_dir.mkdir()

@@ -184,9 +184,10 @@ def test_a_signal_is_in_the_outcome_and_the_snapshot_claim_is_true(sim_pool, tra
                                                                    backup_dir, tmp_path,
                                                                    signum, code, said):
     status_log, summary = tmp_path / "status.log", tmp_path / "run.json"
+    metrics = tmp_path / "vmbackup.prom"
     sim_pool.faults.throttle(256 * 1024, path="/export")
     proc = spawn(transport(sim_pool) + ["-e", "db01", "-d", backup_dir, "--status-log",
-                                        status_log, "--json", summary])
+                                        status_log, "--json", summary, "--metrics-file", metrics])
     wait_for(exporting(sim_pool), what="the export to start")
     wait_for(lambda: stray_files(backup_dir), what="the partial file")
     proc.send_signal(signum)
@@ -194,10 +195,18 @@ def test_a_signal_is_in_the_outcome_and_the_snapshot_claim_is_true(sim_pool, tra
     assert proc.returncode == code, out
     assert said in out
     name = signal.Signals(signum).name
-    assert status_log.read_text().splitlines()[-1].endswith(",end,ERROR,S:0 W:0 E:1")
+    lines = status_log.read_text().splitlines()
+    assert lines[-1].endswith(",end,ERROR,S:0 W:0 E:2")
+    assert lines[-2].endswith(",end,VM-EXPORT-FAIL db01")    # the VM that was cut ends too
     data = json.loads(summary.read_text())
     assert data["status"] == "error" and data["terminated"] == name
-    assert data["errors"] == ["terminated by %s" % name]
+    cut = "terminated by %s before it finished; snapshot destroyed" % name
+    assert [(vm["name"], vm["status"], vm["message"]) for vm in data["vms"]] == [
+        ("db01", "error", cut)]
+    assert sorted(data["errors"]) == sorted(["terminated by %s" % name, "db01: " + cut])
+    assert "recap: FAILED db01: " + cut in out
+    assert re.search(r'^vmbackup_vm_last_run_status\{[^}]*vm="db01"[^}]*\} 2$',
+                     metrics.read_text(), re.M), metrics.read_text()
     assert data["exit_code"] == code            # what the process exits with
     assert_pool_clean(sim_pool)
 
@@ -216,6 +225,8 @@ def test_sigterm_claims_no_cleanup_when_a_snapshot_could_not_be_destroyed(sim_po
     (snap,) = sim_pool.leftovers()["snapshots"]
     assert "snapshots cleaned up" not in out
     assert "terminated by SIGTERM; snapshot %s left (the next run destroys it)" % snap["uuid"] in out
+    assert "recap: FAILED db01: terminated by SIGTERM before it finished; snapshot %s left" \
+        " (the next run destroys it)" % snap["uuid"] in out
     assert json.loads(summary.read_text())["terminated"] == "SIGTERM"
     sim_pool.faults.clear()
     out = run_vmbackup(*transport(sim_pool), "-e", "PRD-print7", "-d", backup_dir)

@@ -380,19 +380,20 @@ def test_umask_option(sim_pool, api, backup_dir):
 
 # -- 11. disk space --------------------------------------------------------------------
 
-def test_vm_too_big_for_the_free_space_is_skipped(api, mount_tmpfs):
+def test_vm_too_big_for_the_free_space_is_skipped(transport, mount_tmpfs):
     small = mount_tmpfs("8m")
     desc = pools.simple_pool(vms=[{"name": "huge", "disks": [{"size": "64M", "blocks": 300}]},
                                   "small"])
     with start_pool(desc) as pool:
-        out = run_vmbackup(*api(pool), "-e", "huge", "-e", "small", "-d", small,
+        out = run_vmbackup(*transport(pool), "-e", "huge", "-e", "small", "-d", small,
                            "--space-threshold", "0", "--preview", exit_code=2)
         assert "has 8.0M free, VM huge needs about" in out
         assert "Preview: the run would start, but end with errors (exit 2, S:1 W:0 E:1)" in out
-        out = run_vmbackup(*api(pool), "-e", "huge", "-e", "small", "-d", small,
+        out = run_vmbackup(*transport(pool), "-e", "huge", "-e", "small", "-d", small,
                            "--space-threshold", "0", exit_code=2)
         assert "has 8.0M free, VM huge needs about" in out
         assert complete(small, "small") and complete(small, "huge") == []
+        assert not os.path.exists(os.path.join(str(small), "huge"))    # refused: nothing left
         assert pool.calls.count("VM.snapshot") == 1
         assert_pool_clean(pool)
 
@@ -436,6 +437,7 @@ def test_an_xva_that_will_not_fit_is_refused_before_its_snapshot(api, mount_tmpf
         assert re.search(r"has 1\d\.\dM free, VM thin needs about 2\d\.\dM", out), out
         assert pool.calls.count("VM.snapshot") == 1    # refused before its snapshot
         assert complete(small, "thin") == [first] and stray_files(small) == []
+        assert os.listdir(os.path.join(str(small), "thin")) == [first]   # no empty backup folder
         assert_pool_clean(pool)
 
 

@@ -189,6 +189,48 @@ def test_vdi_export_round_trip_attached(sim_pool, transport, backup_dir, fmt):
     assert got == {"0": disks["0"], "1": disks["1"]}
 
 
+@pytest.mark.parametrize("power, plug_fails", [("Halted", False), ("Running", False),
+                                               ("Running", True)],
+                         ids=["halted", "running", "running-plug-refused"])
+def test_attach_to_plugs_the_disks_into_a_running_vm(sim_pool, transport, backup_dir, power,
+                                                     plug_fails):
+    """--attach-to links the disks; a running VM gets them plugged at once (VBD.plug; xe
+    vbd-plug), a halted one when it starts; a refused plug is a warning (exit 1), the
+    restored disk stays linked."""
+    args = transport(sim_pool)
+    run_vmbackup(*args, "-E", "db01::xvda;xvdb", "-d", backup_dir)
+    _, disks, _ = describe_vm(sim_pool, sim_pool.vm("db01")[0])
+    target, _ = sim_pool.vm("nodisk-vm")
+    if power == "Running":
+        s = session(sim_pool)
+        try:
+            s.xenapi.VM.start(target, False, False)
+        finally:
+            s.xenapi.session.logout()
+    if plug_fails:
+        sim_pool.faults.fail("VBD.plug", "INTERNAL_ERROR", "no hotplug", times=None)
+    out = run_vmbackup("restore", os.path.join(str(backup_dir), "db01"), *args,
+                       "--attach-to", "nodisk-vm", exit_code=1 if plug_fails else 0)
+    rec, got, _ = describe_vm(sim_pool, target)
+    assert got == {"0": disks["0"], "1": disks["1"]}
+    s = session(sim_pool)
+    try:
+        vbds = [s.xenapi.VBD.get_record(r) for r in rec["VBDs"]]
+    finally:
+        s.xenapi.session.logout()
+    plugged = power == "Running" and not plug_fails
+    assert sorted((b["userdevice"], b["currently_attached"]) for b in vbds) == [
+        ("0", plugged), ("1", plugged)]
+    if plugged:
+        assert sorted(b["device"] for b in vbds) == ["xvda", "xvdb"]
+        assert "plugged into the running VM as device 1" in out
+    elif plug_fails:
+        assert "linked to the running VM as device 1 but not plugged: " in out
+        assert "(it is plugged when the VM next starts)" in out
+    else:
+        assert "linked to the halted VM as device 1: plugged when it starts" in out
+
+
 def test_restore_preview_changes_nothing(sim_pool, api, backup_dir):
     args = api(sim_pool)
     run_vmbackup(*args, "-e", "PRD-print7", "-d", backup_dir)
@@ -218,6 +260,20 @@ def test_metadata_only_backup_cannot_be_restored(sim_pool, api, backup_dir):
     run_vmbackup(*args, "-m", "web01", "-d", backup_dir)
     out = run_vmbackup("restore", os.path.join(str(backup_dir), "web01"), *args, exit_code=2)
     assert "metadata-only backup: there is no disk to restore" in out
+
+
+def test_restore_of_the_backup_dir_asks_for_a_vm_folder_and_names_some(sim_pool, api, backup_dir):
+    args = api(sim_pool)
+    run_vmbackup(*args, "-m", ".*", "-d", backup_dir, exit_code=2)   # the two dup-vm are refused
+    folders = sorted(n for n in os.listdir(str(backup_dir))
+                     if os.listdir(os.path.join(str(backup_dir), n)))
+    assert len(folders) > vmbackup.NAMED_FOLDERS
+    out = run_vmbackup("restore", backup_dir, *args, exit_code=2)
+    assert "holds no complete backup" not in out
+    assert ("%s is a backup_dir, not a VM folder: give one of its VM folders (or a backup folder "
+            "in one): %s, ... (%d VM folders)" % (backup_dir, ", ".join(
+                folders[:vmbackup.NAMED_FOLDERS]), len(folders))) in out, out
+    assert len(out.strip().splitlines()) == 1
 
 
 def test_a_vm_folder_restores_its_newest_data_backup_past_hourly_metadata(sim_pool, api, backup_dir):

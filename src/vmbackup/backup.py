@@ -18,7 +18,7 @@ import typing
 from vmbackup.config import Config
 from vmbackup.delta import chain_entries, delta_point, finish_point
 from vmbackup.errors import (
-    CallFailed, ExportFailed, VmBackupError, XapiCallFailed, log)
+    CallFailed, ExportFailed, Terminated, VmBackupError, XapiCallFailed, log)
 from vmbackup.formats.xva import xva_is_complete
 from vmbackup.metadata import (
     file_entry, manifest_record, pool_info, save_vm_metadata, write_cfg_files)
@@ -32,7 +32,12 @@ from vmbackup.util import human_size, one_line, partial_file, printable
 
 
 class VmLog(UnitLog):
-    """The log of one VM: lines prefixed `vm=<name>: `; its warnings and errors go in its VmResult."""
+    """The log of one VM: lines prefixed `vm=<name>: `; its warnings and errors go in its VmResult;
+    the uuids of the snapshots taken for it (`snapshots`)."""
+
+    def __init__(self, name=""):
+        UnitLog.__init__(self, name)
+        self.snapshots = []
 
 
 class Context(typing.NamedTuple):
@@ -89,6 +94,8 @@ class tool_snapshot:
                         for _, vdi, _ in t.snapshot_disks(self.snap):
                             t.tag("VDI", vdi, note)
                     t.unmark_pending(self.cls, self.snap)
+                    if isinstance(self.vlog, VmLog):
+                        self.vlog.snapshots.append(self.snap.uuid)
                     if self.ctx.record is not None:
                         self.ctx.record.open_snapshots[self.snap.uuid] = self.vlog.unit
                 finally:
@@ -290,9 +297,9 @@ def backup_vm(ctx, plan, vlog):
         raise ExportFailed("; ".join(plan.problems))
     began = time.monotonic()
     store, vm_folder = LocalStore(config.backup_dir), safe_dirname(vm.name)
-    os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
     check_space(config, estimate_size(plan, last_backup_bytes(store, vm_folder, vm.mode)),
-                "VM %s" % printable(vm.name))
+                "VM %s" % printable(vm.name))     # a VM refused leaves no folder behind
+    os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
     if config.pre_clean and vm.mode != "meta-export":
         prune_vm_backups(store, vm_folder, keep_for(config, vm), drop_incomplete=False, vlog=vlog,
                          mode=vm.mode, uuid=vm.uuid, incoming=datetime.datetime.now())
@@ -331,12 +338,27 @@ def backup_vm_safely(ctx, plan, status_log):
         vlog.debug("traceback", exc_info=True)
         result = failed_result(vm, vlog, "internal error: %s: %s (run with -v for the traceback)"
                                % (type(exc).__name__, one_line(exc)), began)
+    except Terminated as exc:   # the run is stopping: this VM is a failed unit of it
+        result = failed_result(vm, vlog, cut_short(ctx, vlog, exc), began)
     if result.status == "error":
         status_log.line(vm.mode, "end", "%s-FAIL %s" % (vm.mode.upper(), printable(vm.name)))
     else:
         status_log.line(vm.mode, "end", "SUCCESS %s,elapse:%d size:%s" % (
             printable(vm.name), round(result.seconds / 60.0), status_size(result.bytes)))
     return result
+
+
+def cut_short(ctx, vlog, exc):
+    """Return what to say of a VM whose backup a signal stopped: the signal, and what
+    became of its snapshots (only the truth: those still open are named)."""
+    said = "terminated by %s before it finished" % (exc.args[0] if exc.args else "a signal")
+    left = sorted(uuid for uuid, unit in (ctx.record.open_snapshots.items() if ctx.record
+                                          else ()) if unit == vlog.unit)
+    if left:
+        return "%s; snapshot %s left (the next run destroys it)" % (said, ", ".join(left))
+    if vlog.snapshots:
+        return "%s; snapshot%s destroyed" % (said, "s" if len(vlog.snapshots) > 1 else "")
+    return said
 
 
 def failed_result(vm, vlog, message, began):

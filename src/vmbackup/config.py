@@ -46,6 +46,19 @@ DISK_MODES = ("vdi-export", "delta-export")
 Setting = collections.namedtuple("Setting", "default parse help")
 
 
+def parse_syslog_address(text):
+    """Return a syslog_address: a unix socket path (absolute), or host:port (UDP, a port
+    from 1 to 65535); raise ValueError for anything else ("host:notaport" is no path)."""
+    value = str(text).strip()
+    if value.startswith("/"):
+        return value
+    host, _, port = value.rpartition(":")
+    if host.strip("[]") and port.isdigit() and 0 < int(port) < 65536:
+        return value
+    raise ValueError("expected a unix socket path (/dev/log) or host:port with a port from "
+                     "1 to 65535")
+
+
 #: Every scalar configuration key: default, parser, and the line example.cfg shows.
 SETTINGS = collections.OrderedDict([
     ("backup_dir", Setting(DEFAULT_BACKUP_DIR, parse_text,
@@ -96,7 +109,7 @@ SETTINGS = collections.OrderedDict([
                                            "even with -q) to this file")),
     ("syslog", Setting(False, parse_bool, "send the log to syslog (ident vmbackup; journald "
                                           "reads /dev/log too) (0|1)")),
-    ("syslog_address", Setting("/dev/log", parse_text,
+    ("syslog_address", Setting("/dev/log", parse_syslog_address,
                                "syslog socket: a unix datagram socket path, or host:port (UDP)")),
     ("syslog_facility", Setting("user", choice("user", "daemon", "local0", "local1", "local2",
                                                "local3", "local4", "local5", "local6", "local7"),

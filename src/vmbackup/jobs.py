@@ -250,8 +250,8 @@ def back_up_vms(ctx, plans, status_log, results):
 
 def handed_back(plan, result, exc):
     """Return the VmResult a worker handed back: None for one stopped by the run's stop
-    request (like a VM cut by a signal in a run of one job), an error for any other
-    exception that got past backup_vm_safely."""
+    request before its VM began (a VM cut once begun is the error backup_vm_safely made
+    of it), an error for any other exception that got past backup_vm_safely."""
     if exc is None:
         return result
     if isinstance(exc, Terminated):

@@ -509,6 +509,22 @@ def vbd_destroy(ctx, vbd):
     return ""
 
 
+@action("VBD.plug")
+def vbd_plug(ctx, vbd):
+    """Hot-plug a VBD into its running VM (xapi_vbd.ml plug: the VM must be Running; a VBD
+    already attached is DEVICE_ALREADY_ATTACHED); the guest sees it as `device`."""
+    rec = ctx.db.get("VBD", vbd)
+    vm = ctx.db.get("VM", rec["VM"])
+    if vm["power_state"] != "Running":
+        raise model.power_state_error(rec["VM"], ["Running"], vm["power_state"])
+    if rec["currently_attached"]:
+        raise ApiError("DEVICE_ALREADY_ATTACHED", vbd)
+    rec["currently_attached"] = True
+    if not rec["device"] and rec["userdevice"].isdigit():
+        rec["device"] = "xvd" + chr(ord("a") + int(rec["userdevice"]))
+    return ""
+
+
 @action("VIF.create")
 def vif_create(ctx, record):
     if not isinstance(record, dict):

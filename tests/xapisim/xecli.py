@@ -2262,6 +2262,14 @@ def vdi_call(method):
     return cmd
 
 
+def vbd_call(method):
+    """A command that resolves ``uuid=`` and calls ``VBD.<method>`` on it, printing nothing
+    (cli_operations.ml vbd_plug)."""
+    def cmd(ctx, params):
+        getattr(ctx.api.VBD, method)(ctx.api.VBD.get_by_uuid(params["uuid"]))
+    return cmd
+
+
 def cmd_vdi_list_changed_blocks(ctx, params):
     """cli_operations.ml vdi_list_changed_blocks: ``Command (Print bitmap)``."""
     vdi_from = ctx.api.VDI.get_by_uuid(params["vdi-from-uuid"])
@@ -2493,6 +2501,8 @@ COMMANDS.update({
                    ["vdi-uuid", "bootable", "type", "mode", "unpluggable"],
                    "Create a VBD. Appropriate values for the device field are listed in the "
                    "parameter 'allowed-VBD-devices' on the VM."),
+    "vbd-plug": (vbd_call("plug"), ["uuid"], [], "Attempt to attach the VBD while the VM is in "
+                                                  "the running state."),
     "vif-create": (cmd_vif_create, ["device", "network-uuid", "vm-uuid"], ["mac"], "Create a VIF."),
     "vm-start": (cmd_vm_start, [], ["force", "on", "paused"], "Start the selected VM(s)."),
     "vm-shutdown": (cmd_vm_shutdown, [], ["force"], "Shutdown the selected VM(s)."),

@@ -15,12 +15,12 @@ from vmbackup.chain import MERGE_JOURNAL, chain_paths, finish_merges
 from vmbackup.check import check_backup, verify_lines
 from vmbackup.commands.options import (
     EXIT_STATUS_TEXT, connection_options, load_config, output_options, settings_from_args)
-from vmbackup.errors import EXIT_OK, PROG, RestoreError, UsageError, VmBackupError, log
+from vmbackup.errors import EXIT_OK, EXIT_WARNING, PROG, RestoreError, UsageError, VmBackupError, log
 from vmbackup.formats.vhdfile import ChainReader
 from vmbackup.report import write_json
 from vmbackup.selection import is_candidate
 from vmbackup.store import (
-    LocalStore, backup_vm_uuid, file_kind, group_by_vm, parse_backup_name, read_backup_folder,
+    LocalStore, backup_folders, backup_vm_uuid, file_kind, group_by_vm, parse_backup_name, read_backup_folder,
     read_cfg)
 from vmbackup.transport.base import Obj
 from vmbackup.transport.choose import make_transport
@@ -37,7 +37,7 @@ def newest_complete(vm_dir):
     store = LocalStore(os.path.dirname(vm_dir))
     complete = [b for b in reversed(store.backups(os.path.basename(vm_dir))) if b.complete]
     if not complete:
-        raise RestoreError("%s holds no complete backup" % vm_dir)
+        raise RestoreError(nothing_to_restore(vm_dir))
     groups = group_by_vm(complete)
     if len(groups) > 1:
         raise RestoreError("%s holds the backups of %d VMs (their names make one folder); "
@@ -57,6 +57,25 @@ def how_chosen(path, backup):
     if newest.path == backup.path:
         return "the newest complete backup in %s" % path
     return "the newest complete backup with disks in %s: newer ones are metadata-only" % path
+
+
+#: How many VM folders a message names before "...".
+NAMED_FOLDERS = 5
+
+
+def nothing_to_restore(vm_dir):
+    """Return why a folder with no complete backup gives nothing to restore: a backup_dir
+    (its subfolders hold backup folders) is said to be one, naming its first VM folders."""
+    top = LocalStore(vm_dir)
+    if backup_folders(vm_dir):
+        return "%s holds no complete backup" % vm_dir
+    vms = [name for name in top.vm_folders() if backup_folders(os.path.join(vm_dir, name))]
+    if not vms:
+        return "%s holds no complete backup" % vm_dir
+    more = ", ..." if len(vms) > NAMED_FOLDERS else ""
+    return "%s is a backup_dir, not a VM folder: give one of its VM folders (or a backup " \
+        "folder in one): %s%s (%d VM folders)" % (
+            vm_dir, ", ".join(printable(n) for n in vms[:NAMED_FOLDERS]), more, len(vms))
 
 
 def resolve_backup(path):
@@ -331,6 +350,28 @@ def restore_disk(transport, item, sr, attach_to=None):
     return vdi.ref, vdi.uuid
 
 
+def plug_restored(transport, vm_ref, vdi_ref, item):
+    """Plug a restored disk's link into its VM if the VM runs (a halted VM plugs it when it
+    starts); return False if the plug was refused (a warning: the disk is restored and
+    linked all the same)."""
+    xapi = transport.xapi
+    (vbd,) = xapi.call("VDI.get_VBDs", vdi_ref)
+    state = xapi.call("VM.get_power_state", vm_ref)
+    device = item.userdevice or "autodetect"
+    if state != "Running":
+        log.info("disk %r linked to the %s VM as device %s: plugged when it starts",
+                 item.name, state.lower(), device)
+        return True
+    try:
+        transport.plug_vbd(vbd)
+    except VmBackupError as exc:
+        log.warning("disk %r linked to the running VM as device %s but not plugged: %s "
+                    "(it is plugged when the VM next starts)", item.name, device, exc)
+        return False
+    log.info("disk %r plugged into the running VM as device %s", item.name, device)
+    return True
+
+
 def import_chain(transport, vdi, item):
     """Stream the disk of a delta-export point (its VHD chain, the full first, read as raw)
     into `vdi`; raise ChainBroken if a link is missing or wrong."""
@@ -414,7 +455,7 @@ def cmd_restore(argv):
     endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                               config.tls_insecure)
     xapi = login(endpoint, config.username, password)
-    done = []
+    done, code = [], EXIT_OK
     try:
         sr_ref, sr = find_sr(xapi, args.sr)
         items = check_pool_for(xapi, items, backup_identity(backup, manifest), args)
@@ -449,6 +490,8 @@ def cmd_restore(argv):
                                            args.start)
                 else:
                     ref, uuid = restore_disk(transport, item, Obj(sr_ref, sr["uuid"]), attach)
+                    if attach is not None and not plug_restored(transport, attach, ref, item):
+                        code = EXIT_WARNING
                 log.info("restored %s %r (%s) in %.1fs", item.kind, item.name, uuid,
                          time.monotonic() - began)
                 done.append({"kind": item.kind, "name": item.name, "uuid": uuid,
@@ -461,4 +504,4 @@ def cmd_restore(argv):
         sys.stdout.write("restored %s %s %s\n" % (entry["kind"], entry["uuid"], printable(entry["name"])))
     if args.json:
         write_json(args.json, {"restored": done, "backup": folder})
-    return EXIT_OK
+    return code

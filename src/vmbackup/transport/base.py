@@ -187,6 +187,10 @@ class Transport:
         self.retry_busy("destroy VBD", lambda: self.xapi.call("VBD.destroy", vbd.ref))
         self.retry_busy("destroy VDI", lambda: self.xapi.call("VDI.destroy", vdi.ref))
 
+    def plug_vbd(self, vbd_ref):
+        """Hot-plug a disk link into its running VM (VBD.plug)."""
+        self.xapi.call("VBD.plug", vbd_ref)
+
     def for_thread(self, xapi):
         """Return this transport speaking through `xapi` (a Xapi.twin: the run's session on a
         connection of its own), for a worker thread: an XML-RPC connection is not shared

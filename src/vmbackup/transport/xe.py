@@ -273,6 +273,9 @@ class XeTransport(Transport):
         return self.vdi_obj(uuid=self.xe("vdi-create", sr_uuid=sr.uuid, name_label=name,
                                          virtual_size=size, type="user").strip())
 
+    def plug_vbd(self, vbd_ref):
+        self.xe("vbd-plug", uuid=self.xapi.call("VBD.get_uuid", vbd_ref))
+
     def backup_host(self, host, dest):
         return self.xe_long(dest, "backup of host %s" % host["name_label"], "host-backup",
                             host=host["uuid"], file_name=dest)
