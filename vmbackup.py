@@ -536,6 +536,19 @@ DISK_MODES = ("vdi-export", "delta-export")
 Setting = collections.namedtuple("Setting", "default parse help")
 
 
+def parse_syslog_address(text):
+    """Return a syslog_address: a unix socket path (absolute), or host:port (UDP, a port
+    from 1 to 65535); raise ValueError for anything else ("host:notaport" is no path)."""
+    value = str(text).strip()
+    if value.startswith("/"):
+        return value
+    host, _, port = value.rpartition(":")
+    if host.strip("[]") and port.isdigit() and 0 < int(port) < 65536:
+        return value
+    raise ValueError("expected a unix socket path (/dev/log) or host:port with a port from "
+                     "1 to 65535")
+
+
 #: Every scalar configuration key: default, parser, and the line example.cfg shows.
 SETTINGS = collections.OrderedDict([
     ("backup_dir", Setting(DEFAULT_BACKUP_DIR, parse_text,
@@ -586,7 +599,7 @@ SETTINGS = collections.OrderedDict([
                                            "even with -q) to this file")),
     ("syslog", Setting(False, parse_bool, "send the log to syslog (ident vmbackup; journald "
                                           "reads /dev/log too) (0|1)")),
-    ("syslog_address", Setting("/dev/log", parse_text,
+    ("syslog_address", Setting("/dev/log", parse_syslog_address,
                                "syslog socket: a unix datagram socket path, or host:port (UDP)")),
     ("syslog_facility", Setting("user", choice("user", "daemon", "local0", "local1", "local2",
                                                "local3", "local4", "local5", "local6", "local7"),
@@ -4155,6 +4168,10 @@ class Transport:
         self.retry_busy("destroy VBD", lambda: self.xapi.call("VBD.destroy", vbd.ref))
         self.retry_busy("destroy VDI", lambda: self.xapi.call("VDI.destroy", vdi.ref))
 
+    def plug_vbd(self, vbd_ref):
+        """Hot-plug a disk link into its running VM (VBD.plug)."""
+        self.xapi.call("VBD.plug", vbd_ref)
+
     def for_thread(self, xapi):
         """Return this transport speaking through `xapi` (a Xapi.twin: the run's session on a
         connection of its own), for a worker thread: an XML-RPC connection is not shared
@@ -5462,6 +5479,9 @@ class XeTransport(Transport):
     def create_vdi(self, sr, name, size):
         return self.vdi_obj(uuid=self.xe("vdi-create", sr_uuid=sr.uuid, name_label=name,
                                          virtual_size=size, type="user").strip())
+
+    def plug_vbd(self, vbd_ref):
+        self.xe("vbd-plug", uuid=self.xapi.call("VBD.get_uuid", vbd_ref))
 
     def backup_host(self, host, dest):
         return self.xe_long(dest, "backup of host %s" % host["name_label"], "host-backup",
@@ -7745,7 +7765,12 @@ def setup_logging(verbosity):
 # Imports: everything below it (errors .. report).
 
 class VmLog(UnitLog):
-    """The log of one VM: lines prefixed `vm=<name>: `; its warnings and errors go in its VmResult."""
+    """The log of one VM: lines prefixed `vm=<name>: `; its warnings and errors go in its VmResult;
+    the uuids of the snapshots taken for it (`snapshots`)."""
+
+    def __init__(self, name=""):
+        UnitLog.__init__(self, name)
+        self.snapshots = []
 
 
 class Context(typing.NamedTuple):
@@ -7802,6 +7827,8 @@ class tool_snapshot:
                         for _, vdi, _ in t.snapshot_disks(self.snap):
                             t.tag("VDI", vdi, note)
                     t.unmark_pending(self.cls, self.snap)
+                    if isinstance(self.vlog, VmLog):
+                        self.vlog.snapshots.append(self.snap.uuid)
                     if self.ctx.record is not None:
                         self.ctx.record.open_snapshots[self.snap.uuid] = self.vlog.unit
                 finally:
@@ -8003,9 +8030,9 @@ def backup_vm(ctx, plan, vlog):
         raise ExportFailed("; ".join(plan.problems))
     began = time.monotonic()
     store, vm_folder = LocalStore(config.backup_dir), safe_dirname(vm.name)
-    os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
     check_space(config, estimate_size(plan, last_backup_bytes(store, vm_folder, vm.mode)),
-                "VM %s" % printable(vm.name))
+                "VM %s" % printable(vm.name))     # a VM refused leaves no folder behind
+    os.makedirs(inside(config.backup_dir, vm_folder), exist_ok=True)
     if config.pre_clean and vm.mode != "meta-export":
         prune_vm_backups(store, vm_folder, keep_for(config, vm), drop_incomplete=False, vlog=vlog,
                          mode=vm.mode, uuid=vm.uuid, incoming=datetime.datetime.now())
@@ -8044,12 +8071,27 @@ def backup_vm_safely(ctx, plan, status_log):
         vlog.debug("traceback", exc_info=True)
         result = failed_result(vm, vlog, "internal error: %s: %s (run with -v for the traceback)"
                                % (type(exc).__name__, one_line(exc)), began)
+    except Terminated as exc:   # the run is stopping: this VM is a failed unit of it
+        result = failed_result(vm, vlog, cut_short(ctx, vlog, exc), began)
     if result.status == "error":
         status_log.line(vm.mode, "end", "%s-FAIL %s" % (vm.mode.upper(), printable(vm.name)))
     else:
         status_log.line(vm.mode, "end", "SUCCESS %s,elapse:%d size:%s" % (
             printable(vm.name), round(result.seconds / 60.0), status_size(result.bytes)))
     return result
+
+
+def cut_short(ctx, vlog, exc):
+    """Return what to say of a VM whose backup a signal stopped: the signal, and what
+    became of its snapshots (only the truth: those still open are named)."""
+    said = "terminated by %s before it finished" % (exc.args[0] if exc.args else "a signal")
+    left = sorted(uuid for uuid, unit in (ctx.record.open_snapshots.items() if ctx.record
+                                          else ()) if unit == vlog.unit)
+    if left:
+        return "%s; snapshot %s left (the next run destroys it)" % (said, ", ".join(left))
+    if vlog.snapshots:
+        return "%s; snapshot%s destroyed" % (said, "s" if len(vlog.snapshots) > 1 else "")
+    return said
 
 
 def failed_result(vm, vlog, message, began):
@@ -8580,7 +8622,7 @@ def newest_complete(vm_dir):
     store = LocalStore(os.path.dirname(vm_dir))
     complete = [b for b in reversed(store.backups(os.path.basename(vm_dir))) if b.complete]
     if not complete:
-        raise RestoreError("%s holds no complete backup" % vm_dir)
+        raise RestoreError(nothing_to_restore(vm_dir))
     groups = group_by_vm(complete)
     if len(groups) > 1:
         raise RestoreError("%s holds the backups of %d VMs (their names make one folder); "
@@ -8600,6 +8642,25 @@ def how_chosen(path, backup):
     if newest.path == backup.path:
         return "the newest complete backup in %s" % path
     return "the newest complete backup with disks in %s: newer ones are metadata-only" % path
+
+
+#: How many VM folders a message names before "...".
+NAMED_FOLDERS = 5
+
+
+def nothing_to_restore(vm_dir):
+    """Return why a folder with no complete backup gives nothing to restore: a backup_dir
+    (its subfolders hold backup folders) is said to be one, naming its first VM folders."""
+    top = LocalStore(vm_dir)
+    if backup_folders(vm_dir):
+        return "%s holds no complete backup" % vm_dir
+    vms = [name for name in top.vm_folders() if backup_folders(os.path.join(vm_dir, name))]
+    if not vms:
+        return "%s holds no complete backup" % vm_dir
+    more = ", ..." if len(vms) > NAMED_FOLDERS else ""
+    return "%s is a backup_dir, not a VM folder: give one of its VM folders (or a backup " \
+        "folder in one): %s%s (%d VM folders)" % (
+            vm_dir, ", ".join(printable(n) for n in vms[:NAMED_FOLDERS]), more, len(vms))
 
 
 def resolve_backup(path):
@@ -8874,6 +8935,28 @@ def restore_disk(transport, item, sr, attach_to=None):
     return vdi.ref, vdi.uuid
 
 
+def plug_restored(transport, vm_ref, vdi_ref, item):
+    """Plug a restored disk's link into its VM if the VM runs (a halted VM plugs it when it
+    starts); return False if the plug was refused (a warning: the disk is restored and
+    linked all the same)."""
+    xapi = transport.xapi
+    (vbd,) = xapi.call("VDI.get_VBDs", vdi_ref)
+    state = xapi.call("VM.get_power_state", vm_ref)
+    device = item.userdevice or "autodetect"
+    if state != "Running":
+        log.info("disk %r linked to the %s VM as device %s: plugged when it starts",
+                 item.name, state.lower(), device)
+        return True
+    try:
+        transport.plug_vbd(vbd)
+    except VmBackupError as exc:
+        log.warning("disk %r linked to the running VM as device %s but not plugged: %s "
+                    "(it is plugged when the VM next starts)", item.name, device, exc)
+        return False
+    log.info("disk %r plugged into the running VM as device %s", item.name, device)
+    return True
+
+
 def import_chain(transport, vdi, item):
     """Stream the disk of a delta-export point (its VHD chain, the full first, read as raw)
     into `vdi`; raise ChainBroken if a link is missing or wrong."""
@@ -8957,7 +9040,7 @@ def cmd_restore(argv):
     endpoint = parse_endpoint(config.server, config.tls_ca_file, config.tls_fingerprint,
                               config.tls_insecure)
     xapi = login(endpoint, config.username, password)
-    done = []
+    done, code = [], EXIT_OK
     try:
         sr_ref, sr = find_sr(xapi, args.sr)
         items = check_pool_for(xapi, items, backup_identity(backup, manifest), args)
@@ -8992,6 +9075,8 @@ def cmd_restore(argv):
                                            args.start)
                 else:
                     ref, uuid = restore_disk(transport, item, Obj(sr_ref, sr["uuid"]), attach)
+                    if attach is not None and not plug_restored(transport, attach, ref, item):
+                        code = EXIT_WARNING
                 log.info("restored %s %r (%s) in %.1fs", item.kind, item.name, uuid,
                          time.monotonic() - began)
                 done.append({"kind": item.kind, "name": item.name, "uuid": uuid,
@@ -9004,7 +9089,7 @@ def cmd_restore(argv):
         sys.stdout.write("restored %s %s %s\n" % (entry["kind"], entry["uuid"], printable(entry["name"])))
     if args.json:
         write_json(args.json, {"restored": done, "backup": folder})
-    return EXIT_OK
+    return code
 
 
 # === vmbackup/commands/verify.py ============================================
@@ -9498,8 +9583,8 @@ def back_up_vms(ctx, plans, status_log, results):
 
 def handed_back(plan, result, exc):
     """Return the VmResult a worker handed back: None for one stopped by the run's stop
-    request (like a VM cut by a signal in a run of one job), an error for any other
-    exception that got past backup_vm_safely."""
+    request before its VM began (a VM cut once begun is the error backup_vm_safely made
+    of it), an error for any other exception that got past backup_vm_safely."""
     if exc is None:
         return result
     if isinstance(exc, Terminated):
