@@ -721,3 +721,22 @@ def test_the_mails_commands_work_when_pasted(config_file, expected):
 def test_the_subject_names_the_pool(server, record_pool, expected):
     config = vmbackup.build_config(None, {"server": server})
     assert vmbackup.pool_name(config, record_pool) == expected
+
+
+@pytest.mark.parametrize("text, columns", [
+    ("web01", 5), ("日本語", 6), ("ünïcødé VM 日本語 ✓", 19), ("e\u0301", 1), ("", 0),
+], ids=["ascii", "wide", "mixed", "combining", "empty"])
+def test_display_width(text, columns):
+    assert vmbackup.display_width(text) == columns
+
+
+def test_mail_table_columns_line_up_for_wide_names():
+    """A VM named in CJK characters must not push its row's columns out of line."""
+    record = vmbackup.RunRecord()
+    for name in ("web01", "ünïcødé VM 日本語 ✓", "数据库服务器" * 5):
+        record.results.append(vmbackup.VmResult(name, "", "vm-export", "success", bytes=2 << 20))
+    lines = vmbackup.summary_table(record.outcome())
+    starts = {vmbackup.display_width(line[:line.index("vm-export" if "vm-export" in line else "MODE")])
+              for line in lines}
+    assert len(starts) == 1, lines
+    assert any(line.startswith("数据库") and "\u2026" in line for line in lines)

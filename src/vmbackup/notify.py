@@ -26,7 +26,7 @@ from vmbackup.errors import EXIT_OK, EXIT_WARNING, PROG, VmBackupError, log
 from vmbackup.logsinks import run_lines, sink_problems, write_problem
 from vmbackup.metrics import backup_history, metrics_text, write_metrics
 from vmbackup.report import exit_code_for, status_word, tally
-from vmbackup.util import free_space, human_size, one_line, printable
+from vmbackup.util import display_width, free_space, human_size, one_line, printable
 
 
 class MailFailed(VmBackupError):
@@ -84,14 +84,19 @@ def summary_table(outcome):
     for r in outcome.results:
         rows.append((printable(r.name), r.mode, r.status, human_size(r.bytes) if r.bytes else "-",
                      duration(r.seconds), one_line(r.message, 100) if r.message else ""))
-    widths = [min(40, max(len(row[i]) for row in rows)) for i in range(5)]
+    widths = [min(40, max(display_width(row[i]) for row in rows)) for i in range(5)]
     return [("  ".join(fit(cell, w) for cell, w in zip(row, widths)) + "  " + row[5]).rstrip()
             for row in rows]
 
 
 def fit(cell, width):
-    """Return `cell` padded to `width`, or cut to it with an ellipsis."""
-    return cell.ljust(width) if len(cell) <= width else cell[:width - 1] + "\u2026"
+    """Return `cell` padded to `width` columns, or cut to them with an ellipsis (a wide
+    character counts two columns, so the table's columns line up for any VM name)."""
+    if display_width(cell) <= width:
+        return cell + " " * (width - display_width(cell))
+    while display_width(cell) > width - 1:
+        cell = cell[:-1]
+    return cell + " " * (width - 1 - display_width(cell)) + "\u2026"
 
 
 def unit_lines(lines, unit):

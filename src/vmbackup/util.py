@@ -1,7 +1,7 @@
 """Small helpers every layer uses: value parsers, human sizes, printable names, durable writes.
 
 Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text/addresses, human_size, one_line,
-printable, mask_credentials, partial_file (write to .part, rename on success), fsync, write_text,
+display_width, printable, mask_credentials, partial_file (write to .part, rename on success), fsync, write_text,
 sha256_file, free_space.
 Imports: errors.
 """
@@ -9,6 +9,7 @@ Imports: errors.
 import hashlib
 import os
 import re
+import unicodedata
 
 
 
@@ -147,6 +148,13 @@ def one_line(text, limit=300):
 def printable(name):
     """Return a VM name safe to print on one line (control characters escaped)."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(name))
+
+
+def display_width(text):
+    """Return the columns `text` takes on a terminal: wide East Asian characters take two,
+    combining marks none (`display_width("日本") == 4`)."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
 
 
 class partial_file:
