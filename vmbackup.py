@@ -79,6 +79,7 @@ import threading
 import time
 import traceback
 import typing
+import unicodedata
 import urllib.parse
 import uuid as uuidlib
 import xml.dom.minidom
@@ -280,7 +281,7 @@ def xxh64_hex(data):
 # Small helpers every layer uses: value parsers, human sizes, printable names, durable writes.
 #
 # Owns: parse_bool/int/percent/rate/compress/umask/fingerprint/text/addresses, human_size, one_line,
-# printable, mask_credentials, partial_file (write to .part, rename on success), fsync, write_text,
+# display_width, printable, mask_credentials, partial_file (write to .part, rename on success), fsync, write_text,
 # sha256_file, free_space.
 # Imports: errors.
 
@@ -419,6 +420,13 @@ def one_line(text, limit=300):
 def printable(name):
     """Return a VM name safe to print on one line (control characters escaped)."""
     return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(name))
+
+
+def display_width(text):
+    """Return the columns `text` takes on a terminal: wide East Asian characters take two,
+    combining marks none (`display_width("日本") == 4`)."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF"
+               else 1 for c in text)
 
 
 class partial_file:
@@ -9947,14 +9955,19 @@ def summary_table(outcome):
     for r in outcome.results:
         rows.append((printable(r.name), r.mode, r.status, human_size(r.bytes) if r.bytes else "-",
                      duration(r.seconds), one_line(r.message, 100) if r.message else ""))
-    widths = [min(40, max(len(row[i]) for row in rows)) for i in range(5)]
+    widths = [min(40, max(display_width(row[i]) for row in rows)) for i in range(5)]
     return [("  ".join(fit(cell, w) for cell, w in zip(row, widths)) + "  " + row[5]).rstrip()
             for row in rows]
 
 
 def fit(cell, width):
-    """Return `cell` padded to `width`, or cut to it with an ellipsis."""
-    return cell.ljust(width) if len(cell) <= width else cell[:width - 1] + "\u2026"
+    """Return `cell` padded to `width` columns, or cut to them with an ellipsis (a wide
+    character counts two columns, so the table's columns line up for any VM name)."""
+    if display_width(cell) <= width:
+        return cell + " " * (width - display_width(cell))
+    while display_width(cell) > width - 1:
+        cell = cell[:-1]
+    return cell + " " * (width - 1 - display_width(cell)) + "\u2026"
 
 
 def unit_lines(lines, unit):
