@@ -1767,7 +1767,6 @@ class BackupFolder(typing.NamedTuple):
     manifest_error: typing.Optional[str]        # why backup.json is broken
     files: typing.Tuple[BackupFile, ...]        # the manifest's files, or (legacy) the folder's
     entries: typing.FrozenSet[str]              # every name in the folder
-    root_disk: typing.Optional[LegacyDisk]      # legacy only: legacy_root_disk
     disk_files: typing.Dict[str, typing.Optional[LegacyDisk]] = {}  # legacy only: legacy_disk_files
 
     def names_of(self, kind):
@@ -1839,7 +1838,7 @@ def read_backup_folder(path):
     name = os.path.basename(os.path.normpath(path))
     entries = frozenset(os.listdir(path))
     vm = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    manifest = error = root_disk = None
+    manifest = error = None
     if MANIFEST in entries:
         try:
             manifest = read_manifest(path)
@@ -1855,13 +1854,12 @@ def read_backup_folder(path):
                        if os.path.isfile(os.path.join(path, n)))
         mode = legacy_mode(file_kind(n) for n in names)
         disks = read_legacy_disks(path, entries)
-        root_disk = legacy_root_disk(disks)
         disk_files = legacy_disk_files(os.path.basename(os.path.dirname(os.path.abspath(path))),
                                        names, disks)
     complete = is_complete(entries) and (legacy or MANIFEST in entries)
     return BackupFolder(path, name, vm, parse_backup_name(name), complete, legacy, mode,
                         manifest, error, tuple(BackupFile(n, file_kind(n)) for n in names),
-                        entries, root_disk, disk_files)
+                        entries, disk_files)
 
 
 #: A run touches its lock's mtime this often (seconds) while it lives.

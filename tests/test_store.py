@@ -194,7 +194,7 @@ def folder_of(name, uuid):
     """A BackupFolder whose manifest names VM `uuid` (None: no manifest, as NAUbackup's)."""
     manifest = None if uuid is None else {"vm": {"name": "a_b", "uuid": uuid}}
     return vmbackup.BackupFolder("/b/a_b/" + name, name, "a_b", None, True, uuid is None,
-                                 "vm-export", manifest, None, (), frozenset(), None)
+                                 "vm-export", manifest, None, (), frozenset())
 
 
 @pytest.mark.parametrize("owners, groups", [
